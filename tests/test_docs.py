@@ -1,0 +1,80 @@
+"""The docs site: built offline from the notebooks, links resolve, and the tiling page renders in headless Chromium."""
+import os, re, shutil, subprocess, sys
+from html.parser import HTMLParser
+from pathlib import Path
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / 'tools'))
+import build_docs
+
+CHROMIUM_FLAGS = ['--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking',
+                  '--disable-component-update', '--disable-sync', '--no-first-run', '--disable-quic']
+
+class _Links(HTMLParser):
+    def __init__(self):
+        super().__init__(); self.hrefs, self.ids, self.imgs = [], set(), []
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if 'id' in a: self.ids.add(a['id'])
+        if tag == 'a' and a.get('href'): self.hrefs.append(a['href'])
+        if tag == 'img': self.imgs.append(a.get('src', ''))
+
+def _parse(path: Path) -> _Links:
+    p = _Links(); p.feed(path.read_text(encoding='utf-8')); return p
+
+@pytest.fixture(scope='module')
+def site():
+    out = ROOT / 'docs'
+    pages = build_docs.build(out)
+    return out, pages
+
+def test_every_sidebar_page_is_built(site):
+    out, pages = site
+    names = {p.name for p in pages}
+    assert {'index.html', 'core.html', 'tiling.html'} <= names, names
+    assert len(pages) == len(build_docs._sidebar(ROOT / 'nbs'))
+
+def test_internal_links_resolve(site):
+    out, pages = site
+    parsed = {p.name: _parse(p) for p in pages}
+    broken, checked = [], 0
+    for name, p in parsed.items():
+        for href in p.hrefs:
+            if re.match(r'^[a-z]+:', href) or href.startswith('#cell-id'): continue
+            page, _, anchor = href.partition('#')
+            page = page or name
+            checked += 1
+            if page not in parsed: broken.append(f'{name}: {href} (no page)')
+            elif anchor and anchor not in parsed[page].ids: broken.append(f'{name}: {href} (no anchor)')
+    assert checked > 10
+    assert not broken, broken
+
+def test_tiling_page_has_api_docs_and_a_figure(site):
+    out, _ = site
+    p = _parse(out / 'tiling.html')
+    for name in ('internvl_grid', 'hd_grid', 'minicpm_grid', 'plan_tiles', 'tile_image', 'load_image'):
+        assert name in p.ids, f'no API doc section for {name}'
+    assert any(src.startswith('data:image/png') for src in p.imgs), 'no figure on the tiling page'
+
+def _chromium():
+    return shutil.which('chromium') or shutil.which('chromium-browser')
+
+def test_tiling_page_renders_in_chromium(site, tmp_path):
+    exe = _chromium()
+    if exe is None:
+        if os.environ.get('CI'): pytest.fail('chromium is not installed (tools/ensure_chromium.sh installs it as root)')
+        pytest.skip('chromium is not installed')
+    out, _ = site
+    url = (out / 'tiling.html').resolve().as_uri()
+    shot = ROOT / 'artifacts' / 'docs_tiling.png'
+    shot.parent.mkdir(exist_ok=True)
+    common = CHROMIUM_FLAGS + [f'--user-data-dir={tmp_path / "profile"}']
+    dom = subprocess.run([exe, *common, '--dump-dom', url], capture_output=True, text=True, timeout=120).stdout
+    assert 'internvl_grid' in dom and '<img' in dom, 'the rendered DOM lacks the API docs or figures'
+    subprocess.run([exe, *common, f'--screenshot={shot}', '--window-size=1280,1600', '--hide-scrollbars', url],
+                   capture_output=True, timeout=120)
+    from PIL import Image, ImageStat
+    img = Image.open(shot).convert('L')
+    assert img.size == (1280, 1600)
+    assert ImageStat.Stat(img).stddev[0] > 5, 'the screenshot is blank'

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Create or update the project's virtual environment in .venv (idempotent; a second run takes seconds).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+stamp=.venv/.mmlit-setup
+want=$(cat settings.ini setup.py tools/setup.sh | sha256sum | cut -d' ' -f1)
+if [ -x .venv/bin/python ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && .venv/bin/python -c "import mmlit" 2>/dev/null; then
+  exit 0
+fi
+echo "setting up .venv ..."
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+.venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+  # The package itself only needs torch>=2.4. On a CPU machine pin the CPU build explicitly: an unpinned torch
+  # request resolves to a multi-GB CUDA build. Override with MMLIT_TORCH_SPEC (e.g. "torch==2.14.1" on a GPU box).
+  .venv/bin/pip install -q --disable-pip-version-check "${MMLIT_TORCH_SPEC:-torch==2.13.0}"
+fi
+.venv/bin/pip install -q --disable-pip-version-check -e ".[dev]"
+echo "$want" > "$stamp"
+echo "set-up done: $(.venv/bin/python -c 'import torch, transformers, mmlit; print("mmlit", mmlit.__version__, "torch", torch.__version__, "transformers", transformers.__version__)')"
