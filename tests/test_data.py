@@ -1,0 +1,340 @@
+"""mmlit.data: procedural tasks (determinism, disjoint splits, verifiable answers, chance levels), datasets,
+mixtures, filters and loss re-weighting (exact values, packing, the cross-process denominator on real gloo ranks)."""
+import json, math, subprocess, sys, textwrap
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
+from PIL import Image
+
+from mmlit.data import (COLOURS, SPLITS, TASKS, BarChart, ColourPosition, CompareCount, DigitSum, Mixture, ShapeCount,
+                        SmallWord, Task, VideoMotion, apply_filters, blind_accuracy, chart_geometry, digit_pool, draw_scene,
+                        heuristic_filter, image_hash, load_digit_images, loss_weights, make_task, mean_across_ranks,
+                        media, placeholders_match, repeat_indices, repetition_filter, repetition_score, sample_rng,
+                        score_filter, supervised_counts, to_dataset, weighted_loss, word_label)
+
+N = {"train": 300, "validation": 100, "test": 200}
+
+@pytest.fixture(scope="module")
+def drawn():
+    "Samples of every task and split, drawn once for the module."
+    return {name: {sp: list(make_task(name).stream(sp, N[sp])) for sp in SPLITS} for name in TASKS}
+
+# --- tasks -----------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", list(TASKS))
+def test_same_seed_same_sample_and_any_order(name):
+    a = [make_task(name).sample(i, "validation") for i in (7, 3)]
+    b = list(make_task(name).stream("validation", 8))
+    for s, i in zip(a, (7, 3)):
+        t = b[i]
+        assert [image_hash(x) for x in s["images"]] == [image_hash(x) for x in t["images"]]
+        assert s["conversation"] == t["conversation"] and s["meta"] == t["meta"] and s["id"] == t["id"]
+    other = make_task(name, seed=1).sample(7, "validation")
+    assert [image_hash(x) for x in other["images"]] != [image_hash(x) for x in a[0]["images"]]
+
+@pytest.mark.parametrize("name", list(TASKS))
+def test_splits_share_no_image(name, drawn):
+    hashes = {sp: {image_hash(im) for s in drawn[name][sp] for im in s["images"]} for sp in SPLITS}
+    assert not hashes["train"] & hashes["test"]
+    assert not hashes["train"] & hashes["validation"]
+    assert not hashes["validation"] & hashes["test"]
+
+@pytest.mark.parametrize("name", list(TASKS))
+def test_sample_format(name, drawn):
+    t = make_task(name)
+    for s in drawn[name]["train"][:100]:
+        assert placeholders_match(s), s["id"]
+        conv = s["conversation"]
+        assert [m["role"] for m in conv] == ["user", "assistant"] and conv[1]["content"] == s["answer"]
+        assert s["task"] == name and s["id"].startswith(f"{name}/train/0/")
+        assert all(isinstance(im, Image.Image) and im.mode == "RGB" for im in s["images"])
+        assert s["answer"] in t.answer_space and s["answer"] in s["meta"]["options"]
+        json.dumps(s["meta"])                       # the scene is JSON-serialisable
+        assert t.verify(s) and t.check(s["answer"].upper() + ".", s["answer"])
+        n_img = conv[0]["content"].count("<image>")
+        if s["video"]: assert media(s) == {"videos": [s["images"]]} and n_img == 0
+        else: assert media(s) == {"images": s["images"]} and n_img == len(s["images"])
+
+@pytest.mark.parametrize("name", list(TASKS))
+def test_chance_matches_the_blind_guesser(name, drawn):
+    t, ss = make_task(name), drawn[name]["train"]
+    tol = 3 * math.sqrt(t.chance * (1 - t.chance) / len(ss)) + 0.01
+    assert abs(blind_accuracy(ss) - t.chance) < tol
+    assert set(Counter(s["answer"] for s in ss)) <= set(t.answer_space)
+
+def test_uniform_answers_cover_the_answer_space(drawn):
+    for name in ("count", "bar_chart", "small_word", "compare_count"):
+        c = Counter(s["answer"] for s in drawn[name]["train"])
+        assert set(c) == set(make_task(name).answer_space), name
+
+# --- answers re-derived from the pixels and the scene ------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["count", "colour_position", "compare_count"])
+def test_scene_redraws_the_image(name, drawn):
+    t = make_task(name)
+    for s in drawn[name]["test"][:40]:
+        scenes = s["meta"]["scenes"] if name == "compare_count" else [s["meta"]["objects"]]
+        assert [image_hash(draw_scene(o, t.size)) for o in scenes] == [image_hash(im) for im in s["images"]]
+
+def test_colour_position_pixels(drawn):
+    for s in drawn["colour_position"]["test"]:
+        a = np.asarray(s["images"][0])
+        objs = s["meta"]["objects"]
+        for o in objs: assert tuple(a[o["y"], o["x"]]) == COLOURS[o["colour"]]
+        left_to_right = [o["colour"] for o in sorted(objs, key=lambda o: o["x"])]
+        q = s["conversation"][0]["content"]
+        if "What colour" in q:
+            pos = next(p for p in ("left", "middle", "right") if f"on the {p}?" in q)
+            assert s["answer"] == left_to_right[("left", "middle", "right").index(pos)]
+        else:
+            colour = q.split("Where is the ")[1].split()[0]
+            assert s["answer"] == ("left", "middle", "right")[left_to_right.index(colour)]
+
+def test_count_counts_the_named_shape(drawn):
+    for s in drawn["count"]["test"]:
+        shape = s["conversation"][0]["content"].split("How many ")[1].split("s are")[0]
+        assert int(s["answer"]) == sum(o["shape"] == shape for o in s["meta"]["objects"])
+
+def test_bar_heights_read_from_pixels(drawn):
+    for s in drawn["bar_chart"]["test"]:
+        m, a = s["meta"], np.asarray(s["images"][0])
+        g = chart_geometry(a.shape[1], len(m["values"]))
+        ph = g["bottom"] - g["top"]
+        for (x0, x1), v, c in zip(g["bars"], m["values"], m["colours"]):
+            col = a[g["top"]:g["bottom"], (x0 + x1) // 2]
+            height = int((col == np.array(COLOURS[c])).all(1).sum())
+            assert round(height / ph * m["max_value"]) == v
+        bar = s["conversation"][0]["content"].split("bar ")[1][0]
+        assert s["answer"] == str(m["values"][ord(bar) - 65])
+
+def test_digit_sum_from_sklearn_labels_and_split_pools(drawn):
+    from sklearn.datasets import load_digits
+    target = load_digits().target
+    pools = {sp: set(digit_pool(sp).tolist()) for sp in SPLITS}
+    assert sum(map(len, pools.values())) == len(target) == 1797
+    assert not (pools["train"] & pools["test"]) and not (pools["train"] & pools["validation"]) and not (pools["validation"] & pools["test"])
+    for sp in SPLITS:
+        for s in drawn["digit_sum"][sp]:
+            idx = s["meta"]["digit_indices"]
+            assert set(idx) <= pools[sp]
+            assert int(s["answer"]) == int(target[idx].sum())
+
+def test_digits_need_sklearn(monkeypatch):
+    load_digit_images.cache_clear()
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
+    with pytest.raises(ImportError, match="scikit-learn"): DigitSum().sample(0)
+    monkeypatch.undo(); load_digit_images.cache_clear()
+    assert DigitSum().sample(0)["answer"]
+
+def test_small_word_is_printed_where_meta_says(drawn):
+    for s in drawn["small_word"]["test"][:60]:
+        m, img = s["meta"], s["images"][0]
+        assert img.size == (1024, 768)
+        label = word_label(m["word"], m["font_size"])
+        assert image_hash(img.crop(tuple(m["box"]))) == image_hash(label)
+        assert s["answer"] == m["word"] and label.height <= 20
+
+def test_video_only_the_answer_moves(drawn):
+    for s in drawn["video_motion"]["test"][:60]:
+        f0, f1 = (np.asarray(s["images"][i]).astype(int) for i in (0, -1))
+        changed = (f0 != f1).any(-1)
+        colours = {tuple(p) for p in np.concatenate([f0[changed], f1[changed]])}
+        mover = next(o for o in s["meta"]["objects"] if o["shape"] == s["answer"])
+        assert changed.any() and colours <= {COLOURS[mover["colour"]], (246, 244, 238)}
+        assert len(set(mover["xs"])) > 1 and all(len(set(o["xs"])) == 1 for o in s["meta"]["objects"] if o is not mover)
+
+@pytest.mark.parametrize("frames", [4, 8])
+def test_video_lengths(frames):
+    s = VideoMotion(n_frames=frames).sample(0, "test")
+    assert len(s["images"]) == frames and s["video"] and s["conversation"][0]["content"].startswith("<video>\n")
+
+def test_three_image_comparison():
+    t = CompareCount(n_images=3)
+    s = t.sample(1)
+    assert len(s["images"]) == 3 and "Image-3: <image>" in s["conversation"][0]["content"] and t.chance == 1 / 3
+    assert t.verify(s)
+
+# --- bad data --------------------------------------------------------------------------------------------------------
+
+def test_bad_requests_raise_value_errors():
+    t = ShapeCount()
+    for call, msg in [(lambda: t.sample(0, "dev"), "unknown split"), (lambda: t.sample(-1), "non-negative"),
+                      (lambda: t.sample(1.5), "non-negative int"), (lambda: t.stream("eval"), "unknown split"),
+                      (lambda: t.stream("train", -2), "n must be"), (lambda: make_task("ocr"), "unknown task"),
+                      (lambda: CompareCount(n_images=5), "n_images"), (lambda: sample_rng("x", "train", 0, seed=-3), "seed"),
+                      (lambda: to_dataset(t, "train"), "needs n"), (lambda: Mixture([]), "at least one"),
+                      (lambda: Mixture([(t, -1)], n=5), "> 0"), (lambda: Mixture([(t, 1)], split="dev", n=5), "unknown split")]:
+        with pytest.raises(ValueError, match=msg): call()
+
+# --- datasets ----------------------------------------------------------------------------------------------------------
+
+def test_to_dataset_round_trip():
+    t = VideoMotion(n_frames=4)
+    ds = to_dataset(t, "test", 3)
+    assert len(ds) == 3 and ds[0]["video"] is True and len(ds[0]["images"]) == 4
+    row, s = ds[2], t.sample(2, "test")
+    assert [image_hash(im.convert("RGB")) for im in row["images"]] == [image_hash(im) for im in s["images"]]
+    assert json.loads(row["meta"]) == s["meta"] and t.verify(row) and row["conversation"] == s["conversation"]
+    ds2 = to_dataset(Mixture([(ShapeCount(), 1), (BarChart(), 0.5)], n=4))
+    assert Counter(ds2["task"]) == {"count": 4, "bar_chart": 2}
+
+# --- mixtures ----------------------------------------------------------------------------------------------------------
+
+@given(n=st.integers(0, 60), r=st.floats(0.01, 4.5), seed=st.integers(0, 1000))
+@settings(max_examples=150, deadline=None)
+def test_repeat_indices_counts(n, r, seed):
+    idx = repeat_indices(n, r, np.random.default_rng(seed))
+    whole, frac = int(r), r - int(r)
+    assert len(idx) == whole * n + round(frac * n)
+    c = Counter(idx.tolist())
+    assert all(whole <= k <= whole + 1 for k in c.values()) and (whole == 0 or len(c) == n)
+    assert (idx == repeat_indices(n, r, np.random.default_rng(seed))).all()
+
+def test_mixture_of_tasks_lists_and_datasets():
+    lst = [dict(ShapeCount().sample(i), id=f"L{i}") for i in range(10)]
+    ds = to_dataset(BarChart(), "validation", 6)
+    mix = Mixture([(ShapeCount(), 0.25), (lst, 2), (ds, 1.5)], n=20, split="test", seed=3)
+    assert {k: v["count"] for k, v in mix.counts.items()} == {"count": 5, "source1": 20, "source2": 9}
+    assert len(mix) == 34
+    got = Counter(s["id"] for s in mix)
+    assert all(got[f"L{i}"] == 2 for i in range(10))
+    assert sum(v for k, v in got.items() if k.startswith("bar_chart/validation")) == 9
+    assert all(k.startswith(("L", "bar_chart", "count/test/")) for k in got)
+    again = Mixture([(ShapeCount(), 0.25), (lst, 2), (ds, 1.5)], n=20, split="test", seed=3)
+    assert [s["id"] for s in again] == [s["id"] for s in mix]
+    assert [s["id"] for s in Mixture([(ShapeCount(), 0.25), (lst, 2), (ds, 1.5)], n=20, split="test", seed=4)] != [s["id"] for s in mix]
+    assert "source1" in mix.report()
+
+# --- filters -----------------------------------------------------------------------------------------------------------
+
+def test_repetition_score_by_hand():
+    assert repetition_score(" ".join(f"w{i}" for i in range(30))) == 0
+    # 11 words "a b ... j a": the only 10-grams are (a..j) and (b..j a): both distinct
+    assert repetition_score("a b c d e f g h i j a") == 0
+    # the 10-word phrase three times: 21 grams, all repeated
+    assert repetition_score(" ".join(["a b c d e f g h i j"] * 3)) == 1
+    # 20 distinct words then the first 10 again: grams 0 and 20 repeat; 2 of 21
+    words = [f"w{i}" for i in range(20)] + [f"w{i}" for i in range(10)]
+    assert repetition_score(" ".join(words)) == pytest.approx(2 / 21)
+    assert repetition_score("short text") == 0
+
+def test_filters_report_every_reason_and_keep_datasets(tmp_path):
+    ok = list(ShapeCount().stream("train", 5))
+    (tmp_path / "bad.png").write_bytes(b"nope")
+    bad = [dict(ok[0], id="long", conversation=[ok[0]["conversation"][0], {"role": "assistant", "content": "x" * 50}]),
+           dict(ok[1], id="path", images=[str(tmp_path / "bad.png")]),
+           dict(ok[2], id="loop", conversation=[ok[2]["conversation"][0], {"role": "assistant", "content": "one two three four five six seven eight nine ten " * 5}])]
+    kept, rep = apply_filters(ok[3:] + bad, [repetition_filter(0.4), heuristic_filter(max_answer_chars=40)])  # first reason wins
+    assert rep.reasons == Counter({"answer longer than 40 chars": 1, "image failed to load": 1, "repetition > 0.4": 1})
+    assert rep.n_in == 5 and rep.n_out == 2 and [i for i, _ in rep.removed] == ["long", "path", "loop"]
+    ds = to_dataset(ShapeCount(), "train", 6)
+    kept, rep = apply_filters(ds, [score_filter(lambda s: int(s["answer"]), 3, name="count")])
+    assert type(kept).__name__ == "Dataset" and all(int(a) >= 3 for a in kept["answer"])
+    assert rep.n_out == len(kept) and rep.reasons["count score < 3"] == 6 - len(kept)
+    with pytest.raises(ValueError, match="no samples left after filtering all 6"):
+        apply_filters(ds, [score_filter(lambda s: 0.0, 0.5)])
+
+# --- loss weights ------------------------------------------------------------------------------------------------------
+
+def _batch(lengths, pad=3, T=None):
+    T = T or max(lengths) + 2 * pad
+    lab = torch.full((len(lengths), T), -100)
+    for i, L in enumerate(lengths): lab[i, pad:pad + L] = torch.arange(L) % 7
+    return lab
+
+def test_weights_by_hand():
+    lab = _batch([1, 4, 9, 0])
+    x = torch.tensor([1., 4, 9, 0])
+    for mode, w in [("token", x.clamp(max=1) * 0 + 1), ("sample", 1 / x), ("square", 1 / x.sqrt())]:
+        lw = loss_weights(lab, mode)
+        for i in range(3): assert torch.allclose(lw[i][lab[i] != -100], w[i].expand(int(x[i])))
+        assert (lw[lab == -100] == 0).all() and (lw[3] == 0).all()
+    assert torch.allclose(loss_weights(lab, "sample").sum(1), torch.tensor([1., 1, 1, 0]))
+    assert torch.allclose(loss_weights(lab, "square").sum(1), torch.tensor([1., 2, 3, 0]))
+
+@given(lengths=st.lists(st.integers(0, 12), min_size=1, max_size=6), mode=st.sampled_from(["token", "sample", "square"]),
+       gap=st.integers(0, 3))
+@settings(max_examples=100, deadline=None)
+def test_packed_weights_equal_unpacked(lengths, mode, gap):
+    "Samples packed into one row (with prompt tokens between them) get the weights they get one per row."
+    rows = _batch(lengths, pad=gap)
+    packed, ids = [], []
+    for i, r in enumerate(rows): packed.append(r); ids.append(torch.full_like(r, i))
+    packed, ids = torch.cat(packed)[None], torch.cat(ids)[None]
+    w_rows, w_pack = loss_weights(rows, mode), loss_weights(packed, mode, ids)
+    assert torch.allclose(w_pack[0], w_rows.reshape(-1))
+    # two packed rows reusing the same sample numbers stay separate
+    two = loss_weights(torch.cat([packed, packed]), mode, torch.cat([ids, ids]))
+    assert torch.allclose(two, torch.cat([w_pack, w_pack]))
+    assert torch.equal(supervised_counts(packed, ids)[0], supervised_counts(rows).reshape(-1))
+
+@given(lengths=st.lists(st.integers(0, 10), min_size=1, max_size=5), seed=st.integers(0, 10_000))
+@settings(max_examples=60, deadline=None)
+def test_token_mode_is_plain_mean_ce(lengths, seed):
+    lab = _batch(lengths)
+    if (lab[:, 1:] != -100).sum() == 0: return
+    logits = torch.randn(*lab.shape, 7, generator=torch.Generator().manual_seed(seed))
+    ref = F.cross_entropy(logits[:, :-1].reshape(-1, 7), lab[:, 1:].reshape(-1))
+    assert torch.allclose(weighted_loss(logits, lab, mode="token"), ref, atol=1e-6)
+
+def test_weighted_loss_by_hand_and_gradients():
+    lab = _batch([1, 4])
+    ce = torch.zeros(lab.shape); ce[0, 3] = 2.; ce[1, 3:7] = torch.tensor([1., 1, 1, 9])
+    assert weighted_loss(ce, lab, mode="token").item() == pytest.approx(14 / 5)
+    assert weighted_loss(ce, lab, mode="sample").item() == pytest.approx((2 + 12 / 4) / 2)
+    assert weighted_loss(ce, lab, mode="square").item() == pytest.approx((2 + 12 / 2) / 3)
+    assert weighted_loss(ce, lab, mode="square", global_denominator=6.).item() == pytest.approx(8 / 6)
+    logits = torch.randn(2, lab.shape[1], 5, requires_grad=True)
+    empty = torch.full_like(lab, -100)
+    z = weighted_loss(logits, empty); z.backward()
+    assert z.item() == 0 and torch.isfinite(logits.grad).all()
+    with pytest.raises(ValueError, match="do not match"): weighted_loss(ce, lab, weights=torch.ones(2, 3))
+    with pytest.raises(ValueError, match="sample_ids"): loss_weights(lab, "square", sample_ids=torch.zeros(1, 3))
+    with pytest.raises(ValueError, match="unknown loss mode"): loss_weights(lab, "per_token")
+
+@given(lengths=st.lists(st.integers(0, 9), min_size=2, max_size=8), ranks=st.integers(2, 4), mode=st.sampled_from(["token", "sample", "square"]))
+@settings(max_examples=80, deadline=None)
+def test_global_denominator_matches_one_big_batch(lengths, ranks, mode):
+    lab = _batch(lengths)
+    if (lab != -100).sum() == 0: return
+    ce = torch.rand(lab.shape)
+    parts = [p for p in torch.arange(len(lengths)).tensor_split(ranks) if len(p)]
+    ws = [loss_weights(lab[p], mode) for p in parts]
+    den = torch.stack([w.sum() for w in ws]).sum() / len(parts)
+    per_rank = [weighted_loss(ce[p], lab[p], w, global_denominator=den) for p, w in zip(parts, ws)]
+    assert torch.allclose(sum(per_rank) / len(parts), weighted_loss(ce, lab, mode=mode), atol=1e-6)
+
+def test_mean_across_ranks_on_two_gloo_processes(tmp_path):
+    "Two real processes (gloo): each divides by mean_across_ranks(Σw); the averaged loss equals the one-process loss."
+    script = tmp_path / "ranks.py"
+    script.write_text(textwrap.dedent(f"""
+        import torch, torch.distributed as dist, torch.multiprocessing as mp
+        from mmlit.data import loss_weights, mean_across_ranks, weighted_loss
+        def batch():
+            g = torch.Generator().manual_seed(0)
+            lab = torch.full((4, 12), -100); ce = torch.rand(4, 12, generator=g)
+            for i, L in enumerate([1, 3, 6, 9]): lab[i, 2:2 + L] = 1
+            return lab, ce
+        def work(rank):
+            dist.init_process_group("gloo", init_method="file://{tmp_path}/rdv", rank=rank, world_size=2)
+            lab, ce = batch(); lab, ce = lab[2 * rank:2 * rank + 2], ce[2 * rank:2 * rank + 2]
+            w = loss_weights(lab, "square")
+            loss = weighted_loss(ce, lab, w, global_denominator=mean_across_ranks(w.sum()))
+            dist.all_reduce(loss); loss /= 2
+            if rank == 0: torch.save(loss, "{tmp_path}/loss.pt")
+            dist.destroy_process_group()
+        if __name__ == "__main__":
+            mp.spawn(work, nprocs=2)
+            lab, ce = batch()
+            ref = weighted_loss(ce, lab, mode="square")
+            got = torch.load("{tmp_path}/loss.pt", weights_only=True)
+            assert torch.allclose(got, ref), (got, ref)
+            print("OK", float(got), float(ref))
+    """))
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0 and "OK" in r.stdout, r.stderr[-2000:]
+    assert mean_across_ranks(torch.tensor(2.5)) == 2.5
