@@ -8,7 +8,7 @@ __all__ = ['STAGES', 'unshuffle_factor', 'pixel_unshuffle', 'MMProjector', 'patc
            'trainable_counts', 'set_trainable', 'lora_targets', 'add_lora', 'to_internvl', 'from_internvl',
            'mmlit_cache_dir', 'smollm2_gguf_path', 'load_smollm2']
 
-# %% ../nbs/03_model.ipynb #01c5e51c
+# %% ../nbs/03_model.ipynb #9ab3b57f
 import copy, importlib.util, os, shutil, tempfile
 from pathlib import Path
 from typing import Any, Literal  # used by the field annotations MMConfig inherits; the docs evaluate them in this module
@@ -22,10 +22,10 @@ from transformers.configuration_utils import SubConfigSpec
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
-# %% ../nbs/03_model.ipynb #b67d48bd
+# %% ../nbs/03_model.ipynb #58049f3f
 from .processing import IMG_START, IMG_END, IMG_CONTEXT
 
-# %% ../nbs/03_model.ipynb #af56404b
+# %% ../nbs/03_model.ipynb #b3d15eeb
 def unshuffle_factor(scale: float, # the downsample ratio, 1/k (0.5 merges 2×2 blocks)
                     ) -> int:
     "The block side k of a pixel-unshuffle scale 1/k; ValueError unless 1/scale is a whole number."
@@ -45,7 +45,7 @@ def pixel_unshuffle(x: torch.Tensor, # a token grid (N, H, W, C)
     y = x.reshape(n, h // k, k, w // k, k, c).permute(0, 1, 3, 2, 4, 5).reshape(n, h // k, w // k, k * k * c)
     return y if version == "v2" else y.transpose(1, 2).contiguous()
 
-# %% ../nbs/03_model.ipynb #ba0d296c
+# %% ../nbs/03_model.ipynb #bcb9642f
 class MMProjector(nn.Module):
     "LayerNorm(4C) → Linear(4C, hidden) → GELU → Linear(hidden, D): visual tokens into the LLM's embedding space."
     def __init__(self, in_dim: int, # channels of a merged visual token (4·C for scale 0.5)
@@ -60,7 +60,7 @@ class MMProjector(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear_2(self.act(self.linear_1(self.layer_norm(x))))
 
-# %% ../nbs/03_model.ipynb #583ad7fb
+# %% ../nbs/03_model.ipynb #ed438efa
 def _pair(x): return tuple(x) if isinstance(x, (list, tuple)) else (x, x)
 
 def patch_grid(vision_model: nn.Module, # a transformers vision model (SigLIP, CLIP, InternViT, ...)
@@ -78,7 +78,7 @@ def patch_grid(vision_model: nn.Module, # a transformers vision model (SigLIP, C
         raise ValueError(f"the vision encoder gave {t} tokens for a {gh}×{gw} patch grid (expected {gh * gw}, or {gh * gw + 1} with a CLS token)")
     return feats.reshape(n, gh, gw, c)
 
-# %% ../nbs/03_model.ipynb #eddcb13f
+# %% ../nbs/03_model.ipynb #9881a9e2
 def scatter_image_features(input_ids: torch.Tensor, # token ids (B, L)
                            inputs_embeds: torch.Tensor, # their embeddings (B, L, D)
                            image_features: torch.Tensor, # projected visual tokens (tiles, tokens per tile, D)
@@ -92,7 +92,7 @@ def scatter_image_features(input_ids: torch.Tensor, # token ids (B, L)
                          f"the {n_tiles} tiles give {n_tiles * per_tile} feature tokens ({per_tile} per tile)")
     return inputs_embeds.masked_scatter(mask[..., None], image_features.to(inputs_embeds.dtype))
 
-# %% ../nbs/03_model.ipynb #cb13d35e
+# %% ../nbs/03_model.ipynb #31167df8
 def weighted_lm_loss(logits: torch.Tensor, # (B, L, V)
                      labels: torch.Tensor, # (B, L) token ids to predict, -100 where not supervised
                      loss_weights: torch.Tensor | None = None, # (B, L) weight of each label token; None: all 1
@@ -107,7 +107,7 @@ def weighted_lm_loss(logits: torch.Tensor, # (B, L, V)
     w = (y != ignore_index).float() * (1.0 if loss_weights is None else loss_weights[:, 1:].float())
     return (ce * w.flatten()).sum() / w.sum().clamp(min=1e-12)
 
-# %% ../nbs/03_model.ipynb #4a8fe85a
+# %% ../nbs/03_model.ipynb #e1ccbbdd
 class MMConfig(PreTrainedConfig):
     "Configuration of an `MMModel`: a vision config, a text config and how they are glued."
     model_type = "mmlit"
@@ -127,7 +127,7 @@ class MMConfig(PreTrainedConfig):
         unshuffle_factor(self.downsample_ratio)
         if self.ps_version not in ("v1", "v2"): raise ValueError(f"ps_version must be 'v1' or 'v2', got {self.ps_version!r}")
 
-# %% ../nbs/03_model.ipynb #a3a31d5d
+# %% ../nbs/03_model.ipynb #128585f7
 class MMModel(PreTrainedModel, GenerationMixin):
     "Vision encoder → pixel unshuffle → MLP projector → scatter into the embeddings of a causal LM."
     config_class = MMConfig
@@ -196,6 +196,8 @@ class MMModel(PreTrainedModel, GenerationMixin):
                 raise ValueError(f"image tokens and image features do not match: the input holds {n} {IMG_CONTEXT} tokens but no pixel_values were given")
         if position_ids is None and attention_mask is not None and attention_mask.ndim == 2:
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -inputs_embeds.shape[1]:]
+        if use_cache is None and past_key_values is None and attention_mask is None and position_ids is not None:
+            use_cache = False   # packed rows: transformers isolates the samples only when no cache is being built
         out = self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
                                   past_key_values=past_key_values, use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs)
         loss = None if labels is None else weighted_lm_loss(out.logits, labels, loss_weights)
@@ -215,12 +217,12 @@ class MMModel(PreTrainedModel, GenerationMixin):
         if px is not None: model_kwargs["pixel_values"] = px
         return input_ids, model_kwargs
 
-# %% ../nbs/03_model.ipynb #254bf097
+# %% ../nbs/03_model.ipynb #6115bc10
 AutoConfig.register("mmlit", MMConfig, exist_ok=True)
 AutoModelForImageTextToText.register(MMConfig, MMModel, exist_ok=True)
 AutoModelForCausalLM.register(MMConfig, MMModel, exist_ok=True)
 
-# %% ../nbs/03_model.ipynb #5cb593b4
+# %% ../nbs/03_model.ipynb #dc9fff81
 def tiny_config(vocab_size: int = 1536, # LLM vocabulary (the tiny tokenizer's)
                 image_token_id: int | None = None, # id of `<IMG_CONTEXT>` (default: vocab_size - 1)
                 image_size: int = 64, # tile side in pixels
@@ -242,7 +244,7 @@ def tiny_config(vocab_size: int = 1536, # LLM vocabulary (the tiny tokenizer's)
                              tie_word_embeddings=True, bos_token_id=None, eos_token_id=None, pad_token_id=None)
     return MMConfig(vision_config=v, text_config=t, image_token_id=vocab_size - 1 if image_token_id is None else image_token_id, **kwargs)
 
-# %% ../nbs/03_model.ipynb #044cbf4e
+# %% ../nbs/03_model.ipynb #b0f30348
 def fit_to_tokenizer(model: MMModel, # the model; its embeddings grow in place when the tokenizer is longer
                      tokenizer, # any transformers tokenizer; the image tokens are added when missing
                     ) -> int:
@@ -257,7 +259,7 @@ def fit_to_tokenizer(model: MMModel, # the model; its embeddings grow in place w
     model.suppress_image_token()
     return model.config.image_token_id
 
-# %% ../nbs/03_model.ipynb #f8cbb245
+# %% ../nbs/03_model.ipynb #193c1e19
 def _load_vision(src) -> PreTrainedModel:
     if isinstance(src, PreTrainedModel): return src
     cfg = AutoConfig.from_pretrained(src)
@@ -288,7 +290,7 @@ def from_parts(cls, vision, # a vision model, or a local directory holding one (
 
 MMModel.from_parts = from_parts
 
-# %% ../nbs/03_model.ipynb #d32f1315
+# %% ../nbs/03_model.ipynb #4d915fbe
 STAGES = {"projector": ("projector",), "1": ("projector",),
           "vision+projector": ("vision_model", "projector"), "1.5": ("vision_model", "projector"),
           "all": ("vision_model", "projector", "language_model"), "2": ("vision_model", "projector", "language_model")}
@@ -308,7 +310,7 @@ def set_trainable(model: MMModel, # the model; changed in place
     for part in ("vision_model", "projector", "language_model"): getattr(model, part).requires_grad_(part in STAGES[key])
     return trainable_counts(model)
 
-# %% ../nbs/03_model.ipynb #6057d5f7
+# %% ../nbs/03_model.ipynb #211e94cf
 def lora_targets(model: MMModel, # the model
                  target: str = "llm", # "llm", "vision" or "both"
                 ) -> list[str]:
@@ -330,7 +332,7 @@ def add_lora(model: MMModel, # the model to adapt (wrapped, not copied)
     cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=lora_targets(model, target), modules_to_save=modules_to_save)
     return get_peft_model(model, cfg)
 
-# %% ../nbs/03_model.ipynb #43dbbd6e
+# %% ../nbs/03_model.ipynb #211efb4b
 _INTERNVL_NAMES = [("vision_model.", "model.vision_tower."), ("projector.", "model.multi_modal_projector."),
                    ("language_model.model.", "model.language_model."), ("language_model.lm_head.", "lm_head.")]
 
@@ -374,7 +376,7 @@ def from_internvl(hf_model, # a transformers `InternVLForConditionalGeneration`
     m.load_state_dict({_rename(k, False): v for k, v in hf_model.state_dict().items()})
     return m.train(hf_model.training)
 
-# %% ../nbs/03_model.ipynb #faaf0d47
+# %% ../nbs/03_model.ipynb #44162aaa
 def mmlit_cache_dir() -> Path:
     "Where mmlit caches converted weights: `$MMLIT_CACHE`, default `~/.cache/mmlit`."
     return Path(os.environ.get("MMLIT_CACHE", "~/.cache/mmlit")).expanduser()
@@ -387,7 +389,7 @@ def smollm2_gguf_path() -> Path:
     if not files: raise FileNotFoundError(f"no .gguf file in {Path(spec.origin).parent}")
     return files[0]
 
-# %% ../nbs/03_model.ipynb #2199a260
+# %% ../nbs/03_model.ipynb #0537a874
 def _convert_smollm2(dest: Path):
     gguf = smollm2_gguf_path()
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)

@@ -338,3 +338,123 @@ def test_mean_across_ranks_on_two_gloo_processes(tmp_path):
     r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=240)
     assert r.returncode == 0 and "OK" in r.stdout, r.stderr[-2000:]
     assert mean_across_ranks(torch.tensor(2.5)) == 2.5
+
+
+# --- packing -----------------------------------------------------------------------------------------------------------
+
+from mmlit.data import collate_packed, fits_rows, pack_indices, pack_stream, padding_fraction
+
+@given(sizes=st.lists(st.tuples(st.integers(1, 40), st.integers(0, 6)), min_size=0, max_size=30),
+       max_tokens=st.integers(40, 120), max_tiles=st.one_of(st.none(), st.integers(6, 12)))
+@settings(max_examples=200, deadline=None)
+def test_pack_indices_is_first_fit_within_caps(sizes, max_tokens, max_tiles):
+    lens, tiles = [n for n, _ in sizes], [t for _, t in sizes]
+    packs = pack_indices(lens, max_tokens, tiles, max_tiles)
+    assert sorted(i for p in packs for i in p) == list(range(len(sizes)))            # every sample exactly once
+    cap_t = max_tiles if max_tiles is not None else 10**9
+    for p in packs:
+        assert p == sorted(p) and p                                                   # arrival order kept, no empty pack
+        assert sum(lens[i] for i in p) <= max_tokens and sum(tiles[i] for i in p) <= cap_t
+    where = {i: k for k, p in enumerate(packs) for i in p}
+    for i in range(len(sizes)):                                                       # first fit: no earlier pack had room
+        for k in range(where[i]):
+            before = [j for j in packs[k] if j < i]
+            assert sum(lens[j] for j in before) + lens[i] > max_tokens or sum(tiles[j] for j in before) + tiles[i] > cap_t
+    assert fits_rows(sizes, len(packs), max_tokens, max_tiles) and (not packs or not fits_rows(sizes, len(packs) - 1, max_tokens, max_tiles))
+
+def test_pack_indices_rejects_oversized_samples():
+    with pytest.raises(ValueError, match=r"sample 2 has 50 tokens, more than max_tokens=40"): pack_indices([10, 20, 50], 40)
+    with pytest.raises(ValueError, match=r"sample 0 has 7 image tiles, more than max_tiles=6"): pack_indices([10], 40, [7], 6)
+    with pytest.raises(ValueError, match="lengths but"): pack_indices([10, 20], 40, [1])
+
+def _fake_sample(n_text, tiles, seed, ctx=6, per_tile=4):
+    "A processed-looking sample: text, then one image span per entry of `tiles`, supervised tail; tiles filled with its seed."
+    g = torch.Generator().manual_seed(seed)
+    parts, px = [torch.randint(10, 100, (n_text,), generator=g)], []
+    for t in tiles:
+        parts += [torch.tensor([4]), torch.full((t * per_tile,), ctx), torch.tensor([5])]
+        px.append(torch.full((t, 3, 8, 8), float(seed)))
+    ids = torch.cat(parts + [torch.randint(10, 100, (3,), generator=g)])
+    labels = torch.full_like(ids, -100); labels[-3:] = ids[-3:]
+    return dict(input_ids=ids, labels=labels, pixel_values=torch.cat(px) if px else torch.zeros(0, 3, 8, 8), num_tiles=list(tiles))
+
+@given(specs=st.lists(st.tuples(st.integers(1, 12), st.lists(st.integers(1, 3), max_size=2)), min_size=1, max_size=8))
+@settings(max_examples=100, deadline=None)
+def test_collate_packed_keeps_samples_whole_and_tiles_in_token_order(specs):
+    samples = [_fake_sample(n, t, seed=i) for i, (n, t) in enumerate(specs)]
+    b = collate_packed(samples, pad_token_id=0, max_tokens=64, max_tiles=6)
+    assert "attention_mask" not in b
+    for i, s in enumerate(samples):
+        r, at = (b["sample_ids"] == i).nonzero(as_tuple=True)
+        assert len(set(r.tolist())) == 1 and (at.diff() == 1).all()                   # one row, contiguous
+        assert torch.equal(b["input_ids"][r, at], s["input_ids"]) and torch.equal(b["position_ids"][r, at], torch.arange(len(at)))
+        assert b["labels"][r[0], at[0]] == -100 and torch.equal(b["labels"][r, at][1:], s["labels"][1:])
+    pad = b["sample_ids"] == -1
+    assert (b["labels"][pad] == -100).all() and (b["input_ids"][pad] == 0).all()
+    # the tiles come in the order their <IMG_CONTEXT> tokens appear, row by row: what masked_scatter expects
+    owner = b["sample_ids"][b["input_ids"] == 6].reshape(-1, 4)[:, 0]
+    assert torch.equal(owner.float(), b["pixel_values"][:, 0, 0, 0])
+    order = [int(i) for row in b["sample_ids"] for i in row.unique_consecutive() if i >= 0]   # samples in row-major order
+    assert b["num_images"].tolist() == [len(samples[i]["num_tiles"]) for i in order]
+    assert b["num_tiles"].tolist() == [t for i in order for t in samples[i]["num_tiles"]]
+    assert padding_fraction(b) == pytest.approx(pad.float().mean().item())
+
+def test_pack_stream_fills_rows_in_order():
+    samples = [_fake_sample(n, [1], seed=i) for i, n in enumerate([30, 5, 18, 40, 2, 25, 9, 33, 12, 1])]
+    batches = list(pack_stream(samples, 0, rows=2, max_tokens=64, max_tiles=3))
+    counts = [int(b["sample_ids"].max()) + 1 for b in batches]
+    starts = [sum(counts[:k]) for k in range(len(counts) + 1)]
+    assert starts[-1] == len(samples) and len(batches) > 2 and all(b["input_ids"].shape[0] <= 2 for b in batches)
+    size = lambda s: (len(s["input_ids"]), sum(s["num_tiles"]))
+    for k, b in enumerate(batches):
+        for i in range(counts[k]):       # batch k holds samples starts[k] .. starts[k+1]-1, in order
+            r, at = (b["sample_ids"] == i).nonzero(as_tuple=True)
+            assert torch.equal(b["input_ids"][r, at], samples[starts[k] + i]["input_ids"])
+        if k + 1 < len(batches):          # the sample opening the next batch did not fit into this one
+            assert not fits_rows([size(s) for s in samples[starts[k]:starts[k + 1] + 1]], 2, 64, 3)
+    with pytest.raises(ValueError, match="more than max_tokens=20"): list(pack_stream(samples, 0, rows=2, max_tokens=20))
+
+@pytest.fixture(scope="module")
+def packed_setup():
+    from mmlit.processing import MMProcessor
+    from mmlit.model import tiny_config
+    proc = MMProcessor.from_vision_config(tiny_config().vision_config, max_num=2)
+    raw = [make_task("compare_count", n_images=3).sample(0), make_task("count").sample(1), make_task("video_motion", n_frames=3).sample(2),
+           make_task("colour_position").sample(3)]
+    return proc, [proc.process(s["conversation"], **media(s)) for s in raw]
+
+@pytest.mark.parametrize("llm", ["llama", "qwen2"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_logits_equal_logits_alone(packed_setup, llm, attn):
+    "transformers' packed-sequence detection (position ids, no attention mask, no cache) isolates the samples of a row."
+    from mmlit.core import seed_everything
+    from mmlit.model import MMModel, fit_to_tokenizer, tiny_config
+    proc, processed = packed_setup
+    seed_everything(1); m = MMModel(tiny_config(text_model_type=llm, vision_hidden=64, text_hidden=64)).eval()
+    fit_to_tokenizer(m, proc.tokenizer); m.set_attn_implementation(attn)
+    b = collate_packed(processed, proc.pad_token_id, max_tokens=400)
+    assert b["input_ids"].shape[0] < len(processed)                                   # some samples really share a row
+    with torch.no_grad():
+        out = m(input_ids=b["input_ids"], pixel_values=b["pixel_values"], position_ids=b["position_ids"], use_cache=False).logits
+        default = m(input_ids=b["input_ids"], pixel_values=b["pixel_values"], position_ids=b["position_ids"]).logits
+        assert torch.equal(out, default)            # MMModel turns the cache off for packed rows by itself
+        for i, p in enumerate(processed):
+            alone = m(input_ids=p["input_ids"][None], pixel_values=p["pixel_values"]).logits[0]
+            r, at = (b["sample_ids"] == i).nonzero(as_tuple=True)
+            assert torch.allclose(out[r, at], alone, atol=1e-4), (i, (out[r, at] - alone).abs().max())
+
+@pytest.mark.parametrize("mode", ["token", "sample", "square"])
+def test_packed_loss_and_gradients_equal_padded(packed_setup, mode):
+    from mmlit.core import seed_everything
+    from mmlit.model import MMModel, fit_to_tokenizer, tiny_config
+    proc, processed = packed_setup
+    seed_everything(2); m = MMModel(tiny_config(vision_hidden=64, text_hidden=64)); fit_to_tokenizer(m, proc.tokenizer)
+    pad, pk = proc.collate(processed), collate_packed(processed, proc.pad_token_id, max_tokens=400)
+    grads = []
+    for b, kw in ((pad, dict(attention_mask=pad["attention_mask"])), (pk, dict(position_ids=pk["position_ids"]))):
+        m.zero_grad()
+        logits = m(input_ids=b["input_ids"], pixel_values=b["pixel_values"], use_cache=False, **kw).logits
+        loss = weighted_loss(logits, b["labels"], mode=mode, sample_ids=b.get("sample_ids")); loss.backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in m.parameters()]))
+    assert torch.allclose(grads[0][0], grads[1][0], atol=1e-5)
+    for a, z in zip(grads[0][1], grads[1][1]): assert torch.allclose(a, z, atol=1e-5, rtol=1e-4)
