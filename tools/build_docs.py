@@ -89,6 +89,12 @@ def build(out: Path = ROOT / 'docs', force: bool = True) -> list[Path]:
     for (path, nb, meta), (href, title) in zip(books, pages):
         body, _ = exporter.from_notebook_node(nb, resources={'metadata': {'name': title}})
         body = body.replace(site_url, '')   # nbdev's absolute doc links -> relative links within this site
+        # Pandoc attributes nbdev writes after its source links: turn them into real attributes
+        body = re.sub(r'<a href="([^"]+)"[^>]*>source</a>\{target="_blank" style="([^"]*)"\}',
+                      r'<a href="\1" target="_blank" style="\2">source</a>', body)
+        # Quarto lower-cases heading ids and nbdev's links expect that (`tiling.html#tileplan`); nbconvert keeps the case
+        body = re.sub(r'(<h[1-6][^>]*\bid=")([^"]+)"', lambda m: m.group(1) + m.group(2).lower() + '"', body)
+        body = re.sub(r'href="#([^"]+)"', lambda m: 'href="#' + m.group(1).lower() + '"', body)
         head = f'<h1 class="title">{html.escape(title)}</h1>' + (
             f'<p class="description">{html.escape(meta["description"])}</p>' if meta.get('description') else '')
         body = body.replace('</head>', f'<style>{CSS}</style></head>', 1)
