@@ -4,8 +4,10 @@
 setup:
 	@bash tools/setup.sh
 
+# The main job: train the default recipe through stages 1, 1.5 and 2 and evaluate it (report: runs/default/report.md).
+# --resume: a second `make run` continues an interrupted run, or only rewrites the report of a finished one.
 run: setup
-	.venv/bin/mmlit tile --out artifacts/tiles.png
+	.venv/bin/mmlit run --out runs/default --resume
 
 test: setup
 	@bash tools/test.sh

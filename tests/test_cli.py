@@ -1,12 +1,18 @@
-"""The `mmlit` console command, run as a user would run it."""
-import subprocess, sys
+"""The `mmlit` console command, run as a user would run it: `mmlit tile` and the main job `mmlit run`."""
+import json, os, signal, subprocess, sys, time
 from pathlib import Path
+import pytest
+import torch
 from PIL import Image
+from mmlit.cli import main, load_recipe, run_recipe, Recipe, shipped_recipes
 
 MMLIT = [str(Path(sys.executable).parent / 'mmlit')]
+ENV = {**os.environ, 'OMP_NUM_THREADS': '1'}
 
 def run(*args, cwd=None):
-    return subprocess.run(MMLIT + list(args), capture_output=True, text=True, timeout=300, cwd=cwd)
+    return subprocess.run(MMLIT + list(args), capture_output=True, text=True, timeout=300, cwd=cwd, env=ENV)
+
+# ---------------------------------------------------------------- mmlit tile
 
 def test_tile_bundled_photo_prints_every_rule(tmp_path):
     out = tmp_path / 'grids.png'
@@ -39,3 +45,195 @@ def test_tile_bad_inputs_fail_clearly(tmp_path):
 def test_unknown_rule_is_rejected():
     r = run('tile', '--rule', 'nonsense')
     assert r.returncode == 2 and 'invalid choice' in r.stderr
+
+# ---------------------------------------------------------------- mmlit run: the quick recipe end to end
+
+@pytest.fixture(scope='module')
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp('runs') / 'quick'
+    r = run('run', '--recipe', 'quick', '--out', str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out, r
+
+def _recipe(): return load_recipe('quick')
+
+def test_run_prints_progress_and_a_summary(quick_run):
+    out, r = quick_run
+    assert f'report: {out / "report.md"}' in r.stdout
+    assert 'accuracy after the last stage' in r.stdout and '| count |' in r.stdout
+    assert 'stage 1.5' in r.stderr and '100%|' in r.stderr      # tqdm progress bars of the stages
+
+def test_run_folder_contents(quick_run):
+    out, _ = quick_run
+    names = {p.name for p in out.iterdir()}
+    assert {'recipe.yaml', 'report.md', 'metrics.jsonl', 'loss.png', 'accuracy.png', 'run.log', 'model', 'stages'} <= names
+    for png in ('loss.png', 'accuracy.png'):
+        im = Image.open(out / png); im.load(); assert im.size[0] > 300 and im.size[1] > 200
+    assert Recipe.from_yaml((out / 'recipe.yaml').read_text()) == _recipe()
+    # checkpoints are cleaned up once a stage is finished: only the final model remains
+    assert not list(out.glob('stages/*/checkpoints')) and not list(out.glob('stages/*/final'))
+
+def test_report_has_every_task_and_stage(quick_run):
+    out, _ = quick_run
+    report = (out / 'report.md').read_text()
+    table = report.split('## Accuracy after each stage')[1].split('###')[0]
+    header = next(l for l in table.splitlines() if l.startswith('| task'))
+    assert header.startswith('| task | chance % | after stage 1 % | after stage 1.5 % | after stage 2 % |')
+    for task in ('count', 'colour_position', 'bar_chart', 'all'):
+        row = next(l for l in table.splitlines() if l.startswith(f'| {task} |'))
+        assert row.count('(') == 3 and '–' in row          # an accuracy with its interval per stage
+    assert '## Training' in report and 'loss: first → last' in report and 'Wall time' in report
+    assert 'No training sample was skipped.' in report
+    assert '```yaml\nname: quick' in report                  # the recipe used
+
+def test_metrics_jsonl(quick_run):
+    out, _ = quick_run
+    rows = [json.loads(l) for l in (out / 'metrics.jsonl').read_text().splitlines()]
+    rec = _recipe()
+    train = [r for r in rows if r['kind'] == 'train']
+    assert [r['step'] for r in train] == list(range(1, sum(s.steps for s in rec.stages) + 1))   # one axis over all stages
+    assert [r['stage'] for r in train] == [s.stage for s in rec.stages for _ in range(s.steps)]
+    assert all(r['loss'] > 0 for r in train)
+    evals = {(r['stage'], r['task']): r for r in rows if r['kind'] == 'eval'}
+    assert set(evals) == {(s.stage, t) for s in rec.stages for t in ('count', 'colour_position', 'bar_chart', 'all')}
+    assert all(r['n'] == rec.eval.n * (3 if r['task'] == 'all' else 1) and 0 <= r['ci_low'] <= r['accuracy'] <= r['ci_high'] <= 1
+               for r in evals.values())
+    # the short quick run learns the answer format: every answer of the last evaluation parses
+    assert evals[('2', 'all')]['unparsed'] == 0
+
+def test_final_checkpoint_loads_and_answers_as_evaluated(quick_run):
+    from mmlit.model import MMModel
+    from mmlit.processing import MMProcessor
+    from mmlit.eval import EvalResults, evaluate
+    out, _ = quick_run
+    rec = _recipe()
+    model, proc = MMModel.from_pretrained(out / 'model'), MMProcessor.from_pretrained(out / 'model')
+    again = evaluate(model, proc, [t.task() for t in rec.tasks], split=rec.eval.split, n=rec.eval.n,
+                     max_new_tokens=rec.eval.max_new_tokens, batch_size=rec.eval.batch_size, seed=rec.seed)
+    before = EvalResults.load(out / 'stages' / '3-stage2' / 'eval.json')
+    assert [r['prediction'] for r in again.records] == [r['prediction'] for r in before.records]
+
+def _logits(model_dir):
+    from mmlit.model import MMModel
+    from mmlit.processing import MMProcessor
+    from mmlit.data import make_task, media
+    model, proc = MMModel.from_pretrained(model_dir).eval(), MMProcessor.from_pretrained(model_dir)
+    s = make_task('count', size=64).sample(0, 'test')
+    b = proc.collate([proc.process(s['conversation'], **media(s))])
+    with torch.no_grad(): return model(**proc.model_inputs(b, labels=False)).logits
+
+def test_killed_run_resumes_to_identical_weights(quick_run, tmp_path):
+    "SIGKILL in the middle of stage 2, then --resume: the final model equals the uninterrupted run's, logits bit for bit."
+    out = tmp_path / 'killed'
+    p = subprocess.Popen(MMLIT + ['run', '--recipe', 'quick', '--out', str(out), '--quiet'], env=ENV,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ck = out / 'stages' / '3-stage2' / 'checkpoints' / 'step-000020'
+    deadline = time.time() + 240
+    while not ck.exists() and p.poll() is None and time.time() < deadline: time.sleep(0.02)
+    p.send_signal(signal.SIGKILL); p.wait()
+    assert ck.exists() and not (out / 'model').exists(), 'the run was not interrupted in stage 2'
+    r = run('run', '--recipe', 'quick', '--out', str(out))               # refused without --resume
+    assert r.returncode == 2 and 'already holds a run' in r.stderr and 'Traceback' not in r.stderr
+    r = run('run', '--out', str(out), '--resume', '--quiet')             # the recipe comes from the run folder
+    assert r.returncode == 0, r.stderr[-3000:]
+    timing = json.loads((out / 'stages' / '3-stage2' / 'timing.json').read_text())
+    assert 20 <= timing['resumed_at_step'] < 80
+    assert 'resuming' in (out / 'run.log').read_text()
+    assert torch.equal(_logits(out / 'model'), _logits(quick_run[0] / 'model'))
+    a, b = [[json.loads(l) for l in (d / 'metrics.jsonl').read_text().splitlines()] for d in (out, quick_run[0])]
+    key = lambda rows: [(r['step'], r['loss']) for r in rows if r['kind'] == 'train']
+    assert key(a) == key(b)                                             # the same losses, step for step
+
+# ---------------------------------------------------------------- mmlit run: refusals and errors (in process)
+
+
+def test_existing_folders_are_never_clobbered(quick_run, tmp_path, capsys):
+    out, _ = quick_run
+    before = (out / 'model' / 'model.safetensors').read_bytes()
+    assert main(['run', '--recipe', 'quick', '--out', str(out)]) == 2
+    assert 'already holds a run; use --resume' in capsys.readouterr().err
+    assert main(['run', '--recipe', 'quick', '--out', str(out), '--seed', '3', '--resume']) == 2
+    assert "differs from its recipe.yaml at {'seed': (0, 3)}" in capsys.readouterr().err
+    assert (out / 'model' / 'model.safetensors').read_bytes() == before
+    mine = tmp_path / 'mine'; mine.mkdir(); (mine / 'notes.txt').write_text('keep me')
+    assert main(['run', '--recipe', 'quick', '--out', str(mine), '--overwrite']) == 2
+    assert 'not an mmlit run folder' in capsys.readouterr().err and (mine / 'notes.txt').read_text() == 'keep me'
+    with pytest.raises(SystemExit): main(['run', '--resume', '--overwrite'])   # mutually exclusive
+
+def test_resume_of_a_finished_run_only_rewrites_the_report(quick_run, capsys):
+    out, _ = quick_run
+    weights = (out / 'model' / 'model.safetensors').read_bytes()
+    assert main(['run', '--out', str(out), '--resume', '--quiet']) == 0
+    assert 'every stage is finished' in (out / 'run.log').read_text()
+    assert (out / 'model' / 'model.safetensors').read_bytes() == weights
+    assert f'report: {out / "report.md"}' in capsys.readouterr().out
+
+@pytest.mark.parametrize('edit, message', [
+    (lambda t: t.replace('vision_layers: 2', 'vision_layer: 2'), "unknown recipe key 'model.vision_layer'"),
+    (lambda t: t.replace('steps: 80', 'steps: lots'), "stages[2].steps must be an integer, got 'lots'"),
+    (lambda t: t.replace('stage: "1.5"', 'stage: "3"'), "stages[1].stage must be one of ['1', '1.5', '2'], got '3'"),
+    (lambda t: t.replace('split: test', 'split: dev'), "eval.split must be one of"),
+    (lambda t: t.replace('size: 64}', 'size: 64, max_cnt: 3}', 1), "tasks[0].max_cnt is not a setting of task 'count'"),
+    (lambda t: t.replace('name: bar_chart', 'name: pie_chart'), "tasks[2].name 'pie_chart' is not a built-in task"),
+    (lambda t: t.replace('loss_mode: square', 'loss_mode: mean'), "loss_mode must be one of ('token', 'sample', 'square')"),
+    (lambda t: t + 'seed: 3\n', "duplicate key 'seed'"),
+    (lambda t: t.replace('tasks:', 'tasks: [oops'), 'is not valid YAML'),
+    (lambda t: t.replace('patch_size: 8', 'patch_size: 6'), 'model.image_size 32 must be a positive multiple of patch_size 6'),
+])
+def test_recipe_errors_name_the_key(tmp_path, capsys, edit, message):
+    f = tmp_path / 'bad.yaml'
+    f.write_text(edit(shipped_recipes()['quick'].read_text()))
+    assert main(['run', '--recipe', str(f), '--out', str(tmp_path / 'never')]) == 2
+    err = capsys.readouterr().err
+    assert message in err and str(f) in err and 'Traceback' not in err, err
+    assert not (tmp_path / 'never').exists()                       # nothing ran
+
+def test_recipes_round_trip_and_overrides(capsys):
+    for name in shipped_recipes():
+        r = load_recipe(name)
+        assert Recipe.from_yaml(r.to_yaml()) == r
+    assert main(['run', '--list-recipes']) == 0
+    assert [l.split()[0] for l in capsys.readouterr().out.splitlines()] == ['default', 'quick', 'smollm2']
+    assert main(['run', '--recipe', 'default', '--steps-scale', '0.1', '--tasks', 'count,digit_sum', '--seed', '7',
+                 '--eval-n', '20', '--print-recipe']) == 0
+    r = Recipe.from_yaml(capsys.readouterr().out)
+    assert [s.steps for s in r.stages] == [5, 5, 90] and [t.name for t in r.tasks] == ['count', 'digit_sum']
+    assert (r.seed, r.eval.n) == (7, 20)
+    assert r.model == load_recipe('default').model
+
+def _tiny(recipe: Recipe, **changes) -> Recipe:
+    "The recipe with 2, 2 and 4 steps and 4 test questions per task, plus `changes` at the top level."
+    d = recipe.to_dict()
+    for s, n in zip(d['stages'], (2, 2, 4)): s['steps'] = n
+    d['eval']['n'] = 4
+    return Recipe.from_dict({**d, **changes})
+
+def test_bad_samples_are_skipped_counted_and_reported(tmp_path):
+    "Samples longer than max_tokens (the long 'what colour' questions) are skipped with their reason, never silently."
+    report = run_recipe(_tiny(load_recipe('quick'), max_tokens=40), tmp_path / 'skips', progress=False).read_text()
+    section = report.split('Training samples skipped')[1].split('##')[0]
+    assert 'tokens > max_tokens=40' in section and 'stage 3 (2)' in section
+    assert 'tokens > max_tokens=40' in (tmp_path / 'skips' / 'run.log').read_text()
+    rows = [json.loads(l) for l in (tmp_path / 'skips' / 'metrics.jsonl').read_text().splitlines()]
+    assert max(r.get('skipped', 0) for r in rows) > 0
+
+def test_no_usable_sample_stops_with_a_clear_error(tmp_path, capsys):
+    f = tmp_path / 'short.yaml'
+    f.write_text(_tiny(load_recipe('quick'), max_tokens=16).to_yaml())
+    assert main(['run', '--recipe', str(f), '--out', str(tmp_path / 'empty'), '--quiet']) == 2
+    err = capsys.readouterr().err
+    assert 'no usable samples' in err and 'max_tokens=16' in err and 'Traceback' not in err
+    assert 'stopped: no usable samples' in (tmp_path / 'empty' / 'run.log').read_text()
+
+def test_smollm2_recipe_runs_with_lora(tmp_path):
+    "The shipped SmolLM2 recipe (pretrained LLM from the installed GGUF, LoRA in stage 2), a few steps of each stage."
+    pytest.importorskip('gguf')
+    d = _tiny(load_recipe('smollm2')).to_dict()
+    for s in d['stages']: s['batch_size'] = 2
+    d['eval'].update(n=2, max_new_tokens=2)
+    rec = Recipe.from_dict({**d, 'tasks': d['tasks'][:1], 'threads': 1})
+    report = run_recipe(rec, tmp_path / 'smol', progress=False).read_text()
+    assert '2 (LoRA)' in report and 'smollm2 backbone' in report
+    from mmlit.model import MMModel
+    m = MMModel.from_pretrained(tmp_path / 'smol' / 'model')
+    assert not hasattr(m, 'peft_config') and m.config.text_config.hidden_size == 576   # LoRA merged into SmolLM2-135M
