@@ -4,9 +4,9 @@
 
 # %% auto #0
 __all__ = ['STAGES', 'unshuffle_factor', 'pixel_unshuffle', 'MMProjector', 'patch_grid', 'scatter_image_features',
-           'weighted_lm_loss', 'MMConfig', 'MMModel', 'tiny_config', 'fit_to_tokenizer', 'from_parts',
-           'trainable_counts', 'set_trainable', 'lora_targets', 'add_lora', 'to_internvl', 'from_internvl',
-           'mmlit_cache_dir', 'smollm2_gguf_path', 'load_smollm2']
+           'weighted_lm_loss', 'MMConfig', 'MMModel', 'tiny_config', 'sincos_2d', 'init_sincos_positions',
+           'fit_to_tokenizer', 'from_parts', 'trainable_counts', 'set_trainable', 'lora_targets', 'add_lora',
+           'to_internvl', 'from_internvl', 'mmlit_cache_dir', 'smollm2_gguf_path', 'load_smollm2']
 
 # %% ../nbs/03_model.ipynb #9ab3b57f
 import copy, importlib.util, os, shutil, tempfile
@@ -243,6 +243,41 @@ def tiny_config(vocab_size: int = 1536, # LLM vocabulary (the tiny tokenizer's)
                              num_hidden_layers=text_layers, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
                              tie_word_embeddings=True, bos_token_id=None, eos_token_id=None, pad_token_id=None)
     return MMConfig(vision_config=v, text_config=t, image_token_id=vocab_size - 1 if image_token_id is None else image_token_id, **kwargs)
+
+# %% ../nbs/03_model.ipynb #8d36b13f
+def sincos_2d(rows: int, # patch rows
+              cols: int, # patch columns
+              dim: int, # channels (a multiple of 4)
+              base: float = 10000.0, # longest wavelength
+             ) -> torch.Tensor:
+    "Fixed 2-D sine-cosine position codes (rows·cols, dim), row-major: [sin x, cos x, sin y, cos y]."
+    if dim % 4: raise ValueError(f"dim must be a multiple of 4 for 2-D sine-cosine codes, got {dim}")
+    q = dim // 4; freq = base ** -(torch.arange(q, dtype=torch.float64) / q)
+    y, x = torch.meshgrid(torch.arange(rows, dtype=torch.float64), torch.arange(cols, dtype=torch.float64), indexing="ij")
+    ax, ay = x.reshape(-1, 1) * freq, y.reshape(-1, 1) * freq
+    return torch.cat([ax.sin(), ax.cos(), ay.sin(), ay.cos()], 1).float()
+
+# %% ../nbs/03_model.ipynb #269c1731
+def _position_table(vision_model: nn.Module) -> torch.Tensor:
+    emb = getattr(vision_model, "embeddings", None)
+    for name in ("position_embedding", "position_embeddings"):
+        p = getattr(emb, name, None)
+        if isinstance(p, nn.Embedding): return p.weight
+        if isinstance(p, torch.Tensor): return p
+    raise ValueError(f"{type(vision_model).__name__} has no learned position table at .embeddings.position_embedding(s)")
+
+def init_sincos_positions(vision_model: nn.Module, # a transformers ViT-style encoder (SigLIP, CLIP, InternViT)
+                          scale: float = 1.0, # amplitude of the codes
+                         ) -> torch.Tensor:
+    "Overwrite a from-scratch encoder's learned position table with 2-D sine-cosine codes (a CLS row, if any, gets zeros)."
+    w = _position_table(vision_model); n, c = w.shape[-2], w.shape[-1]
+    (ih, iw), (ph, pw) = _pair(vision_model.config.image_size), _pair(vision_model.config.patch_size)
+    rows, cols = ih // ph, iw // pw
+    if n not in (rows * cols, rows * cols + 1):
+        raise ValueError(f"position table has {n} rows; expected {rows * cols} patches ({rows}×{cols}), or one more with a CLS token")
+    codes = torch.cat([torch.zeros(n - rows * cols, c), sincos_2d(rows, cols, c)]) * scale
+    with torch.no_grad(): w.copy_(codes.reshape(w.shape).to(w.dtype))
+    return w
 
 # %% ../nbs/03_model.ipynb #b0f30348
 def fit_to_tokenizer(model: MMModel, # the model; its embeddings grow in place when the tokenizer is longer
