@@ -350,7 +350,7 @@ class GRPOConfig:
     reward_weights: list | None = None  # one weight per reward function (None: 1 each)
     suffix: str = ""  # appended to every question (e.g. a format instruction)
     seed: int = 0  # seeds all RNGs
-    cpu: bool = False  # force the CPU
+    cpu: bool = False  # force the CPU (always used when no GPU is present, so that torchrun / accelerate launch join the processes)
     save_every: int = 0  # checkpoint every this many steps (0: only at the end)
     keep_last: int = 2  # checkpoints kept
     log_every: int = 1  # a metrics line every this many steps
@@ -395,7 +395,7 @@ class GRPOTrainer:
         if cfg.reward_weights is not None and len(cfg.reward_weights) != len(self.reward_funcs):
             raise ValueError(f"{len(self.reward_funcs)} reward functions but {len(cfg.reward_weights)} reward_weights")
         base_model(model); sample_at(data, 0)   # a wrong model or data source fails here
-        self.accelerator = acc = Accelerator(cpu=cfg.cpu, mixed_precision="no")
+        self.accelerator = acc = Accelerator(cpu=cfg.cpu or not torch.cuda.is_available(), mixed_precision="no")
         seed_everything(cfg.seed)
         self.model = model.to(acc.device)
         self.ref = self._reference(model)

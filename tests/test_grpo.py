@@ -326,3 +326,50 @@ def test_config_and_resume_errors(tmp_path):
     with pytest.raises(ValueError, match="settings differ"): other.train(resume=True)
     with pytest.raises(ValueError, match="reward_weights"):
         GRPOTrainer(tiny()[0], proc, task, _cfg(tmp_path, reward_weights=[1.0, 2.0]))
+
+
+_MP_SCRIPT = r'''
+import json, sys, torch
+torch.set_num_threads(1)
+from mmlit.core import seed_everything
+from mmlit.model import MMModel, tiny_config, fit_to_tokenizer
+from mmlit.processing import MMProcessor, tiny_tokenizer
+from mmlit.data import make_task
+from mmlit.grpo import GRPOConfig, GRPOTrainer
+seed_everything(0)
+cfg = tiny_config(image_size=64, patch_size=8, vision_hidden=32, vision_layers=1, text_hidden=32, text_layers=1, vision_model_type="siglip_vision_model")
+tok = tiny_tokenizer(); m = MMModel(cfg); fit_to_tokenizer(m, tok)
+proc = MMProcessor.from_vision_config(cfg.vision_config, tok, max_num=1, use_thumbnail=False)
+seen = []
+def length_reward(prompts, completions, **kw):
+    return [float(len(c) % 5) for c in completions]
+c = GRPOConfig(output_dir=sys.argv[1], steps=2, prompts_per_step=2, group_size=4, max_new_tokens=6, lr=1e-2, seed=0, progress=False)
+tr = GRPOTrainer(m, proc, make_task("count"), c, [length_reward])
+orig = tr._advantages
+def spy(rewards):
+    adv, st = orig(rewards); seen.append(dict(local=rewards[:, 0].tolist(), reward=st["reward"], adv=adv.tolist())); return adv, st
+tr._advantages = spy
+tr.train()
+flat = torch.cat([p.detach().flatten() for p in m.parameters()])
+print("RESULT", json.dumps(dict(rank=tr.accelerator.process_index, world=tr.accelerator.num_processes, seen=seen,
+                                 params=[float(flat.sum()), float(flat.abs().sum())])))
+'''
+
+
+def test_two_processes_gather_rewards_and_stay_in_sync(tmp_path):
+    "torchrun with 2 processes: one world, rewards gathered before advantages, identical weights on both ranks after updates."
+    import json, os, subprocess, sys
+    script = tmp_path / "mp.py"; script.write_text(_MP_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script), str(tmp_path / "run")],
+                       capture_output=True, text=True, timeout=240, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = sorted((json.loads(l.split("RESULT ", 1)[1]) for l in r.stdout.splitlines() if l.startswith("RESULT ")), key=lambda d: d["rank"])
+    assert [d["world"] for d in res] == [2, 2]
+    for step in range(2):
+        a, b = res[0]["seen"][step], res[1]["seen"][step]
+        both = a["local"] + b["local"]
+        assert math.isclose(a["reward"], sum(both) / len(both), rel_tol=1e-6)   # the logged mean covers both ranks' rewards
+        assert a["reward"] == b["reward"]
+    assert any(abs(x) > 0 for d in res for st in d["seen"] for x in st["adv"])   # there was something to learn
+    assert res[0]["params"] == res[1]["params"]   # gradients were averaged: the ranks did not drift apart
