@@ -12,9 +12,11 @@ from .core import set_torch_threads
 from .tiling import load_image, tile_tensors, CLIP_MEAN, CLIP_STD
 
 # %% auto #0
-__all__ = ['BENCH_SIZES', 'timeit', 'bench_images', 'mmlit_internvl', 'hf_internvl_processor', 'hf_internvl', 'BenchResult',
-           'bench_tiling', 'tiny_bench_model', 'smollm2_bench_model', 'synthetic_batch', 'bench_generation',
-           'peak_memory_rise', 'bench_train_step', 'run_isolated', 'main']
+__all__ = ['BENCH_SIZES', 'GRPO_PROMPTS', 'timeit', 'bench_images', 'mmlit_internvl', 'hf_internvl_processor', 'hf_internvl',
+           'BenchResult', 'bench_tiling', 'tiny_bench_model', 'smollm2_bench_model', 'synthetic_batch',
+           'bench_generation', 'peak_memory_rise', 'bench_train_step', 'run_isolated', 'grpo_bench_model',
+           'grpo_id_reward', 'hf_internvl_grpo_processor', 'StepClock', 'bench_grpo_mmlit', 'bench_grpo_trl',
+           'bench_grpo', 'format_grpo', 'main']
 
 # %% ../nbs/12_bench.ipynb #6f0b7fd1
 def timeit(fn, # the function to time, called without arguments
@@ -196,13 +198,170 @@ def run_isolated(model_fn: str, # name of a model builder in this module
     if res.returncode != 0: raise RuntimeError(f"{bench_fn}({model_fn}()) failed:\n{res.stderr[-2000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])
 
+# %% ../nbs/12_bench.ipynb #c3dab0a5
+GRPO_PROMPTS = ["blue", "red", "cat", "sun", "tree", "two", "dog", "one", "box", "car", "sky", "sea"]
+
+def grpo_bench_model(seed: int = 0, tiles: int = 0):
+    "`tiny_bench_model()` fitted to the tiny tokenizer, and its processor (`max_num=tiles`, thumbnail on): (model, processor)."
+    from mmlit.model import fit_to_tokenizer
+    from mmlit.processing import MMProcessor, tiny_tokenizer
+    tok, model = tiny_tokenizer(), tiny_bench_model(seed)
+    fit_to_tokenizer(model, tok)
+    return model, MMProcessor.from_vision_config(model.config.vision_config, tok, max_num=max(1, tiles), use_thumbnail=True)
+
+def grpo_id_reward(prompts, completions, completion_ids=None, **kw) -> list[float]:
+    "A cheap deterministic reward both trainers call the same way: the share of completion ids divisible by 3."
+    return [sum(t % 3 == 0 for t in ids) / max(1, len(ids)) for ids in completion_ids]
+
+# %% ../nbs/12_bench.ipynb #cdde0701
+def _grpo_image(i: int, tiles: int, side: int):
+    "A seeded random-noise RGB image `tiles` tiles wide (one tile when `tiles` is 1)."
+    import numpy as np
+    return Image.fromarray(np.random.default_rng(i).integers(0, 256, (side, side * tiles, 3), dtype=np.uint8))
+
+def _grpo_samples(n: int, tiles: int = 0, side: int = 64) -> list[dict]:
+    "`n` chat samples cycling through `GRPO_PROMPTS` (mmlit's sample format), each with one image when `tiles` > 0."
+    out = []
+    for i in range(n):
+        text = GRPO_PROMPTS[i % len(GRPO_PROMPTS)]
+        content = [{"type": "image"}, {"type": "text", "text": text}] if tiles else text
+        out.append(dict(id=f"q{i}", task=None, answer=None, images=[_grpo_image(i, tiles, side)] if tiles else [],
+                        conversation=[{"role": "user", "content": content}]))
+    return out
+
+def hf_internvl_grpo_processor(proc, # the `MMProcessor` whose tokenizer, tiling and normalisation to copy
+                              tiles: int):
+    "transformers' `InternVLProcessor` producing the same prompt ids and pixels as `proc` (for TRL's VLM path)."
+    from transformers import GotOcr2ImageProcessorPil, InternVLProcessor
+    from mmlit.processing import CHAT_TEMPLATE
+    class _Processor(InternVLProcessor):   # no torchvision here: skip the (unused) video processor's class check
+        def check_argument_for_proper_class(self, name, arg): return
+    tok = proc.tokenizer
+    tok.start_image_token, tok.end_image_token, tok.context_image_token, tok.video_token = "<img>", "</img>", "<IMG_CONTEXT>", "<video>"
+    tok.start_image_token_id, tok.end_image_token_id, tok.context_image_token_id = tok.convert_tokens_to_ids(["<img>", "</img>", "<IMG_CONTEXT>"])
+    ip = GotOcr2ImageProcessorPil(crop_to_patches=True, min_patches=1, max_patches=max(1, tiles), use_thumbnail=True,
+                                  size={"height": proc.image_size, "width": proc.image_size}, image_mean=list(proc.image_mean), image_std=list(proc.image_std))
+    return _Processor(image_processor=ip, tokenizer=tok, image_seq_length=proc.tokens_per_tile,
+                      chat_template=CHAT_TEMPLATE.replace("'<image>\\n'", "'<IMG_CONTEXT>\\n'"))
+
+# %% ../nbs/12_bench.ipynb #fdbb4590
+class StepClock:
+    "Wall-clock and CPU seconds (this process, `time.process_time`) of each timed step; `start()` … `stop()` or `with clock:`."
+    def __init__(self): self.wall, self.cpu = [], []
+    def start(self): self._t = (time.perf_counter(), time.process_time())
+    def stop(self):
+        self.wall.append(time.perf_counter() - self._t[0]); self.cpu.append(time.process_time() - self._t[1])
+    def __enter__(self): self.start(); return self
+    def __exit__(self, *exc): self.stop()
+
+def _step_result(side, clock, lengths, P, G, warmup):
+    if len(clock.wall) <= warmup: raise ValueError(f"steps must exceed warmup ({warmup}) to time anything")
+    return dict(side=side, step_s=[round(t, 4) for t in clock.wall[warmup:]], cpu_s=[round(t, 4) for t in clock.cpu[warmup:]],
+                completions=P * G, completion_len=round(statistics.mean(lengths), 2), threads=torch.get_num_threads())
+
+def bench_grpo_mmlit(setup, # (model, processor) from `grpo_bench_model`
+                     prompts_per_step: int = 4, group_size: int = 8, max_new_tokens: int = 32, steps: int = 4, warmup: int = 1,
+                     tiles: int = 0, # 0: text prompts; k: one image of k tiles (+ thumbnail) per prompt
+                    ) -> dict:
+    "Full GRPO steps of mmlit's `GRPOTrainer`: wall and CPU seconds per step (after `warmup`), mean completion length."
+    import tempfile
+    from mmlit.grpo import GRPOConfig, GRPOTrainer
+    from mmlit.train import read_metrics
+    model, proc = setup
+    clock = StepClock()
+    with tempfile.TemporaryDirectory() as d:
+        cfg = GRPOConfig(output_dir=d, steps=steps, prompts_per_step=prompts_per_step, group_size=group_size,
+                         max_new_tokens=max_new_tokens, cpu=True, progress=False)
+        tr = GRPOTrainer(model, proc, _grpo_samples(steps * prompts_per_step, tiles, proc.image_size), cfg, [grpo_id_reward])
+        step = tr._train_step   # the whole step: collect (sample, score) → advantages → update
+        def timed():
+            with clock: return step()
+        tr._train_step = timed
+        tr.train()
+        rows = read_metrics(d)
+    return _step_result("mmlit", clock, [r["completion_len"] for r in rows[warmup:]], prompts_per_step, group_size, warmup)
+
+def bench_grpo_trl(setup, # (model, processor) from `grpo_bench_model`
+                   prompts_per_step: int = 4, group_size: int = 8, max_new_tokens: int = 32, steps: int = 4, warmup: int = 1,
+                   tiles: int = 0, # 0: text prompts (TRL trains `model.language_model`); k: images, TRL trains `to_internvl(model)`
+                  ) -> dict:
+    "Full GRPO steps of TRL's `GRPOTrainer` (no vLLM) on the same weights, prompts and reward: wall and CPU seconds per step, mean completion length."
+    import tempfile, warnings
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+    from mmlit.model import to_internvl
+    model, proc = setup
+    clock = StepClock()
+    class Clock(TrainerCallback):   # generation happens inside the step, in `training_step`
+        def on_step_begin(self, *a, **k): clock.start()
+        def on_step_end(self, *a, **k): clock.stop()
+    rows = []
+    for s in _grpo_samples(steps * prompts_per_step, tiles, proc.image_size):
+        text = s["conversation"][0]["content"]
+        rows.append({"prompt": [{"role": "user", "content": text[-1]["text"] if tiles else text}], **({"image": s["images"][0]} if tiles else {})})
+    if tiles: policy, processing, gen = to_internvl(model), hf_internvl_grpo_processor(proc, tiles), None   # TRL suppresses the image token for VLMs
+    else: policy, processing, gen = model.language_model, proc.tokenizer, {"suppress_tokens": [model.config.image_token_id]}
+    with tempfile.TemporaryDirectory() as d, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        args = GRPOConfig(output_dir=d, bf16=False, use_cpu=True, report_to=[], save_strategy="no", seed=0, disable_tqdm=True,
+                          max_completion_length=max_new_tokens, num_generations=group_size,
+                          per_device_train_batch_size=prompts_per_step * group_size, max_steps=steps, logging_steps=1,
+                          gradient_checkpointing=False, shuffle_dataset=False, generation_kwargs=gen)
+        tr = GRPOTrainer(model=policy, reward_funcs=grpo_id_reward, args=args, train_dataset=Dataset.from_list(rows),
+                         processing_class=processing, callbacks=[Clock()])
+        tr.train()
+    lengths = [h["completions/mean_length"] for h in tr.state.log_history if "completions/mean_length" in h]
+    return _step_result("trl", clock, lengths[warmup:], prompts_per_step, group_size, warmup)
+
+# %% ../nbs/12_bench.ipynb #56679f47
+def _run_grpo_side(side: str, threads: int, **kwargs) -> dict:
+    "`bench_grpo_<side>(grpo_bench_model(tiles=…), **kwargs)` in a fresh Python process (as `run_isolated`)."
+    import json, subprocess
+    code = (f"import json, torch; torch.set_num_threads({threads}); import mmlit.bench as b; "
+            f"print(json.dumps(b.bench_grpo_{side}(b.grpo_bench_model(tiles={kwargs.get('tiles', 0)!r}), **{kwargs!r})))")
+    res = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True)
+    if res.returncode != 0: raise RuntimeError(f"bench_grpo_{side} failed:\n{res.stderr[-2000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+def bench_grpo(rounds: int = 2, # fresh-process runs per side (alternating)
+               threads: int = 1, # torch threads in each child process
+               **kwargs, # prompts_per_step, group_size, max_new_tokens, steps, warmup, tiles
+              ) -> dict:
+    "Completions/s of a full GRPO step (rollout + update), mmlit against TRL, each side in fresh processes; with the ratio."
+    if importlib.util.find_spec("trl") is None: raise ImportError("the GRPO benchmark needs TRL: pip install 'trl>=1.0'")
+    runs = {"mmlit": [], "trl": []}
+    for _ in range(rounds):
+        for side in runs: runs[side].append(_run_grpo_side(side, threads, **kwargs))
+    out = {}
+    for side, rs in runs.items():
+        wall, cpu = (statistics.median([t for r in rs for t in r[k]]) for k in ("step_s", "cpu_s"))
+        n = rs[0]["completions"]
+        out[side] = dict(s_per_step=round(wall, 3), completions_per_s=round(n / wall, 2), cpu_s_per_step=round(cpu, 3),
+                         completions_per_cpu_s=round(n / cpu, 2), completion_len=round(statistics.mean(r["completion_len"] for r in rs), 2))
+    out["ratio"] = round(out["mmlit"]["completions_per_s"] / out["trl"]["completions_per_s"], 2)
+    out["ratio_cpu"] = round(out["mmlit"]["completions_per_cpu_s"] / out["trl"]["completions_per_cpu_s"], 2)
+    out["setup"] = dict(completions_per_step=runs["mmlit"][0]["completions"], threads=threads, rounds=rounds, **kwargs)
+    return out
+
+def format_grpo(res: dict) -> str:
+    "The `bench_grpo` result as a few lines."
+    lines = [f"== GRPO step (rollout + update), {res['setup']}"]
+    for side in ("mmlit", "trl"):
+        r = res[side]
+        lines.append(f"{side:<8}{r['completions_per_s']:8.2f} completions/s  {r['s_per_step']:.3f} s/step  "
+                     f"({r['cpu_s_per_step']:.3f} CPU s/step)  mean completion {r['completion_len']} tokens")
+    lines.append(f"ratio mmlit/trl = {res['ratio']:.2f}x wall-clock, {res['ratio_cpu']:.2f}x per CPU second")
+    return "\n".join(lines)
+
 # %% ../nbs/12_bench.ipynb #ff5bcd5d
 def main(argv: list[str] | None = None) -> None:
     "`python -m mmlit.bench`: run the benchmarks and print the figures."
     p = argparse.ArgumentParser(prog='python -m mmlit.bench')
     p.add_argument('--repeats', type=int, default=5)
     p.add_argument('--threads', type=int, default=None, help='torch threads (default: the cores available)')
-    p.add_argument('--only', choices=['tiling', 'model'], help='run one group of benchmarks')
+    p.add_argument('--only', choices=['tiling', 'model', 'grpo'], help='run one group of benchmarks')
     p.add_argument('--smollm2', action='store_true', help='also benchmark the SmolLM2-135M-backed model (minutes)')
     a = p.parse_args(argv)
     threads = set_torch_threads(a.threads)
@@ -212,6 +371,10 @@ def main(argv: list[str] | None = None) -> None:
         for m in models:
             for t in (1, 4): print(m, run_isolated(m, 'bench_generation', threads=threads, tiles=t))
             print(m, run_isolated(m, 'bench_train_step', threads=threads, batch=8 if m.startswith('tiny') else 4, steps=3))
+    if a.only in (None, 'grpo'):
+        if importlib.util.find_spec('trl') is None: print("GRPO benchmark skipped: it needs TRL (pip install 'trl>=1.0')")
+        else:
+            for tiles in (0, 4): print(format_grpo(bench_grpo(rounds=max(1, min(a.repeats, 3)), threads=threads, steps=5, tiles=tiles)))
 
 # %% ../nbs/12_bench.ipynb #b3ce26d4
 #| eval: false
