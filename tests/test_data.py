@@ -342,7 +342,7 @@ def test_mean_across_ranks_on_two_gloo_processes(tmp_path):
 
 # --- packing -----------------------------------------------------------------------------------------------------------
 
-from mmlit.data import collate_packed, fits_rows, pack_indices, pack_stream, padding_fraction
+from mmlit.data import PACK_STRATEGIES, check_packs, collate_packed, fits_rows, pack_indices, pack_stream, padding_fraction, take_rows
 
 @given(sizes=st.lists(st.tuples(st.integers(1, 40), st.integers(0, 6)), min_size=0, max_size=30),
        max_tokens=st.integers(40, 120), max_tiles=st.one_of(st.none(), st.integers(6, 12)))
@@ -378,11 +378,12 @@ def _fake_sample(n_text, tiles, seed, ctx=6, per_tile=4):
     labels = torch.full_like(ids, -100); labels[-3:] = ids[-3:]
     return dict(input_ids=ids, labels=labels, pixel_values=torch.cat(px) if px else torch.zeros(0, 3, 8, 8), num_tiles=list(tiles))
 
-@given(specs=st.lists(st.tuples(st.integers(1, 12), st.lists(st.integers(1, 3), max_size=2)), min_size=1, max_size=8))
+@given(specs=st.lists(st.tuples(st.integers(1, 12), st.lists(st.integers(1, 3), max_size=2)), min_size=1, max_size=8),
+       strategy=st.sampled_from(PACK_STRATEGIES))
 @settings(max_examples=100, deadline=None)
-def test_collate_packed_keeps_samples_whole_and_tiles_in_token_order(specs):
+def test_collate_packed_keeps_samples_whole_and_tiles_in_token_order(specs, strategy):
     samples = [_fake_sample(n, t, seed=i) for i, (n, t) in enumerate(specs)]
-    b = collate_packed(samples, pad_token_id=0, max_tokens=64, max_tiles=6)
+    b = collate_packed(samples, pad_token_id=0, max_tokens=64, max_tiles=6, strategy=strategy)
     assert "attention_mask" not in b
     for i, s in enumerate(samples):
         r, at = (b["sample_ids"] == i).nonzero(as_tuple=True)
@@ -413,6 +414,54 @@ def test_pack_stream_fills_rows_in_order():
         if k + 1 < len(batches):          # the sample opening the next batch did not fit into this one
             assert not fits_rows([size(s) for s in samples[starts[k]:starts[k + 1] + 1]], 2, 64, 3)
     with pytest.raises(ValueError, match="more than max_tokens=20"): list(pack_stream(samples, 0, rows=2, max_tokens=20))
+
+@given(sizes=st.lists(st.tuples(st.integers(1, 40), st.integers(0, 6)), min_size=0, max_size=30),
+       max_tokens=st.integers(40, 120), max_tiles=st.one_of(st.none(), st.integers(6, 12)))
+@settings(max_examples=200, deadline=None)
+def test_best_fit_decreasing_within_caps(sizes, max_tokens, max_tiles):
+    lens, tiles = [n for n, _ in sizes], [t for _, t in sizes]
+    packs = pack_indices(lens, max_tokens, tiles, max_tiles, strategy="best_fit_decreasing")
+    check_packs(packs, lens, tiles, max_tokens, max_tiles)                            # every sample once, within the caps
+    assert all(p == sorted(p) and p for p in packs) and [p[0] for p in packs] == sorted(p[0] for p in packs)
+    assert len(packs) >= -(-sum(lens) // max_tokens)
+    if max_tiles is None:   # any-fit: two packs at most half full would have been one
+        assert sum(sum(lens[i] for i in p) <= max_tokens / 2 for p in packs) <= 1
+
+def test_pack_indices_best_fit_by_hand():
+    assert pack_indices([3, 8, 2, 7], 10, strategy="best_fit_decreasing") == [[0, 3], [1, 2]]   # 8+2, 7+3
+    assert pack_indices([3, 8, 2, 7], 10) == [[0, 2], [1], [3]]                                 # first fit: 3+2, 8, 7
+    assert pack_indices([6, 5, 4, 4], 10, [1, 1, 1, 1], 1, strategy="best_fit_decreasing") == [[0], [1], [2], [3]]  # the tile cap rules
+    with pytest.raises(ValueError, match="unknown packing strategy"): pack_indices([1], 10, strategy="worst_fit")
+    assert take_rows([(3, 0), (8, 0), (2, 0), (7, 0), (5, 0)], rows=2, max_tokens=10) == [[0, 3], [1, 2]]
+
+def test_collate_packed_checks_given_packs():
+    samples = [_fake_sample(n, [1], seed=i) for i, n in enumerate([10, 20, 30])]
+    b = collate_packed(samples, 0, max_tokens=64, packs=[[0, 2], [1]])
+    assert b["input_ids"].shape[0] == 2 and set(b["sample_ids"][0].unique().tolist()) == {0, 2} and -1 in b["sample_ids"][1]
+    with pytest.raises(ValueError, match="exactly once"): collate_packed(samples, 0, 64, packs=[[0, 1]])
+    with pytest.raises(ValueError, match="exactly once"): collate_packed(samples, 0, 64, packs=[[0, 1, 1], [2]])
+    with pytest.raises(ValueError, match="row 0 holds"): collate_packed(samples, 0, 40, packs=[[0, 2], [1]])
+    with pytest.raises(ValueError, match="row 1 holds .* 2 tiles"): collate_packed(samples, 0, 200, max_tiles=1, packs=[[0], [1, 2]])
+
+@given(lens=st.lists(st.integers(1, 60), min_size=1, max_size=40), rows=st.integers(1, 3), buffer=st.integers(1, 12))
+@settings(max_examples=60, deadline=None)
+def test_pack_stream_with_buffer(lens, rows, buffer):
+    "Best-fit over a lookahead buffer: every sample once and whole, rows within the caps, no sample waits more than `buffer` batches."
+    samples = [_fake_sample(n, [1], seed=i) for i, n in enumerate(lens)]
+    key = {tuple(s["input_ids"].tolist()): i for i, s in enumerate(samples)}
+    seen = {}
+    for k, b in enumerate(pack_stream(samples, 0, rows=rows, max_tokens=80, max_tiles=3, buffer=buffer)):
+        assert b["input_ids"].shape[0] <= rows and b["input_ids"].shape[1] <= 80
+        for r in range(b["input_ids"].shape[0]):
+            assert int((b["input_ids"][r] == 6).sum()) <= 3 * 4                       # tiles per row (4 tokens each) within the cap
+        for j in range(int(b["sample_ids"].max()) + 1):
+            r, at = (b["sample_ids"] == j).nonzero(as_tuple=True)
+            i = key[tuple(b["input_ids"][r, at].tolist())]
+            assert i not in seen and torch.equal(b["position_ids"][r, at], torch.arange(len(at)))
+            seen[i] = k
+    assert sorted(seen) == list(range(len(lens)))
+    assert all(k <= max(i, buffer - 1) for i, k in seen.items())
+    with pytest.raises(ValueError, match="buffer >= 0"): list(pack_stream(samples, 0, rows=1, max_tokens=80, buffer=-1))
 
 @pytest.fixture(scope="module")
 def packed_setup():

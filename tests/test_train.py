@@ -246,3 +246,25 @@ def test_scale_up_reuses_what_fits(small, tmp_path):
         assert m.config.image_token_id == proc.img_context_token_id
     assert m2.projector.linear_2.out_features == 96
     with pytest.raises(ValueError, match="merge LoRA"): scale_up(stage_model(model(), "2", lora=True), same)
+
+
+def test_pack_buffer_resumes_exactly(small, tmp_path):
+    "Best-fit packing over a lookahead buffer: the waiting samples are saved with the checkpoint; a resumed run ends bit for bit the same."
+    proc, model, tasks = small
+    rc = dict(stage="2", steps=4, batch_size=2, packing=True, max_tokens=100, pack_buffer=12, save_every=2, progress=False)
+    Trainer(model(), proc, tasks, TrainConfig(output_dir=str(tmp_path / "straight"), **rc)).train()
+    def crash(m):
+        if len(read_metrics(tmp_path / "killed")) >= 3: raise RuntimeError("simulated crash")
+        return {}
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        Trainer(model(), proc, tasks, TrainConfig(output_dir=str(tmp_path / "killed"), eval_every=1, **rc), crash).train()
+    ck = latest_checkpoint(tmp_path / "killed"); assert ck.name == "step-000002"
+    waiting = json.loads((ck / "trainer_state.json").read_text())["ranks"][0]["stream"]["buffer"]
+    assert waiting and all(isinstance(p, int) for p in waiting)
+    Trainer(model(seed=7), proc, tasks, TrainConfig(output_dir=str(tmp_path / "killed"), **rc)).train(resume=True)
+    a = load_file(str(latest_checkpoint(tmp_path / "straight") / "model" / "model.safetensors"))
+    b = load_file(str(latest_checkpoint(tmp_path / "killed") / "model" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert all(r["skipped"] == 0 and r["slots"] <= 2 * 100 for r in read_metrics(tmp_path / "straight"))
+    with pytest.raises(ValueError, match="pack_buffer must be an int >= 0"): TrainConfig(pack_buffer=-1)
+
