@@ -66,8 +66,9 @@ def test_run_prints_progress_and_a_summary(quick_run):
 def test_run_folder_contents(quick_run):
     out, _ = quick_run
     names = {p.name for p in out.iterdir()}
-    assert {'recipe.yaml', 'report.md', 'metrics.jsonl', 'loss.png', 'accuracy.png', 'run.log', 'model', 'stages'} <= names
-    for png in ('loss.png', 'accuracy.png'):
+    assert {'recipe.yaml', 'report.md', 'metrics.jsonl', 'loss.png', 'reward.png', 'accuracy.png', 'run.log', 'model', 'stages'} <= names
+    assert sorted(p.name for p in (out / 'stages').iterdir()) == ['1-stage1', '2-stage1.5', '3-stage2', '4-stagegrpo']
+    for png in ('loss.png', 'reward.png', 'accuracy.png'):
         im = Image.open(out / png); im.load(); assert im.size[0] > 300 and im.size[1] > 200
     assert Recipe.from_yaml((out / 'recipe.yaml').read_text()) == _recipe()
     # checkpoints are cleaned up once a stage is finished: only the final model remains
@@ -78,10 +79,16 @@ def test_report_has_every_task_and_stage(quick_run):
     report = (out / 'report.md').read_text()
     table = report.split('## Accuracy after each stage')[1].split('###')[0]
     header = next(l for l in table.splitlines() if l.startswith('| task'))
-    assert header.startswith('| task | chance % | after stage 1 % | after stage 1.5 % | after stage 2 % |')
+    assert header.startswith('| task | chance % | after stage 1 % | after stage 1.5 % | after stage 2 % | after stage grpo % |')
     for task in ('count', 'colour_position', 'bar_chart', 'all'):
         row = next(l for l in table.splitlines() if l.startswith(f'| {task} |'))
-        assert row.count('(') == 3 and '–' in row          # an accuracy with its interval per stage
+        assert row.count('(') == 4 and '–' in row          # an accuracy with its interval per stage
+    training = report.split('## Training')[1].split('## The model')[0]
+    grpo_row = next(l for l in training.splitlines() if l.startswith('| 4 | grpo |'))
+    assert '| 4 × 4 |' in grpo_row and 'reward ' in grpo_row      # questions x answers, reward first -> last
+    assert '### GRPO' in training and '![GRPO curves](reward.png)' in training
+    row = next(l for l in training.split('### GRPO')[1].splitlines() if l.startswith('| 4 |'))
+    assert row.startswith('| 4 | 4 × 4 | 1.0 | 0.04 | dapo |')
     assert '## Training' in report and 'loss: first → last' in report and 'Wall time' in report
     assert 'No training sample was skipped.' in report
     assert '```yaml\nname: quick' in report                  # the recipe used
@@ -93,7 +100,13 @@ def test_metrics_jsonl(quick_run):
     train = [r for r in rows if r['kind'] == 'train']
     assert [r['step'] for r in train] == list(range(1, sum(s.steps for s in rec.stages) + 1))   # one axis over all stages
     assert [r['stage'] for r in train] == [s.stage for s in rec.stages for _ in range(s.steps)]
-    assert all(r['loss'] > 0 for r in train)
+    assert all(r['loss'] > 0 for r in train if r['stage'] != 'grpo')
+    grpo = [r for r in train if r['stage'] == 'grpo']
+    assert [r['stage_step'] for r in grpo] == [1, 2, 3] and [r['stage_index'] for r in grpo] == [4] * 3
+    for r in grpo:   # the GRPO stage's own metrics: rewards, zero-variance share, KL, clipping, answer length
+        assert 0 <= r['reward'] <= 1 and r['rewards/accuracy_reward/mean'] == r['reward']
+        assert 0 <= r['zero_var_frac'] <= 1 and 0 <= r['clip_region'] <= 1 and r['kl'] >= 0
+        assert 1 <= r['completion_len'] <= 4 and r['step_s'] > 0
     evals = {(r['stage'], r['task']): r for r in rows if r['kind'] == 'eval'}
     assert set(evals) == {(s.stage, t) for s in rec.stages for t in ('count', 'colour_position', 'bar_chart', 'all')}
     assert all(r['n'] == rec.eval.n * (3 if r['task'] == 'all' else 1) and 0 <= r['ci_low'] <= r['accuracy'] <= r['ci_high'] <= 1
@@ -110,7 +123,7 @@ def test_final_checkpoint_loads_and_answers_as_evaluated(quick_run):
     model, proc = MMModel.from_pretrained(out / 'model'), MMProcessor.from_pretrained(out / 'model')
     again = evaluate(model, proc, [t.task() for t in rec.tasks], split=rec.eval.split, n=rec.eval.n,
                      max_new_tokens=rec.eval.max_new_tokens, batch_size=rec.eval.batch_size, seed=rec.seed)
-    before = EvalResults.load(out / 'stages' / '3-stage2' / 'eval.json')
+    before = EvalResults.load(out / 'stages' / '4-stagegrpo' / 'eval.json')
     assert [r['prediction'] for r in again.records] == [r['prediction'] for r in before.records]
 
 def _logits(model_dir):
@@ -144,6 +157,48 @@ def test_killed_run_resumes_to_identical_weights(quick_run, tmp_path):
     key = lambda rows: [(r['step'], r['loss']) for r in rows if r['kind'] == 'train']
     assert key(a) == key(b)                                             # the same losses, step for step
 
+def _grpo_checkpoint(stage: Path) -> bool:
+    "True once the GRPO stage has written a checkpoint (or finished)."
+    try: return any(c.name.startswith('step-') for c in (stage / 'checkpoints').iterdir()) or (stage / 'final').is_dir()
+    except FileNotFoundError: return False
+
+def test_killed_in_grpo_stage_resumes_to_identical_weights(quick_run, tmp_path):
+    "SIGKILL during (or just after) the GRPO stage, then --resume: the final model and every GRPO metric equal the uninterrupted run's."
+    out = tmp_path / 'killed-grpo'
+    stage = out / 'stages' / '4-stagegrpo'
+    p = subprocess.Popen(MMLIT + ['run', '--recipe', 'quick', '--out', str(out), '--quiet'], env=ENV,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not _grpo_checkpoint(stage) and p.poll() is None and time.time() < deadline: time.sleep(0.01)
+    p.send_signal(signal.SIGKILL); p.wait()
+    assert _grpo_checkpoint(stage) and not (out / 'model').exists(), 'the run was not interrupted in the GRPO stage'
+    r = run('run', '--out', str(out), '--resume', '--quiet')
+    assert r.returncode == 0, r.stderr[-3000:]
+    timing = json.loads((stage / 'timing.json').read_text())
+    assert 1 <= timing['resumed_at_step'] <= 3
+    assert 'resuming' in (out / 'run.log').read_text()
+    assert torch.equal(_logits(out / 'model'), _logits(quick_run[0] / 'model'))
+    a, b = [[json.loads(l) for l in (d / 'metrics.jsonl').read_text().splitlines()] for d in (out, quick_run[0])]
+    key = lambda rows: [(r['step'], r['reward'], r['loss'], r['kl'], r['completion_len']) for r in rows if r['kind'] == 'train' and r['stage'] == 'grpo']
+    assert len(key(a)) == 3 and key(a) == key(b)                          # the same rollouts, step for step
+    evals = lambda rows: {(r['stage'], r['task']): r['accuracy'] for r in rows if r['kind'] == 'eval'}
+    assert evals(a) == evals(b)
+
+def test_default_recipe_ends_with_grpo_and_sincos_positions():
+    from mmlit.cli import GRPOStageRecipe, build_model
+    from mmlit.model import init_sincos_positions
+    r = load_recipe('default')
+    assert [s.stage for s in r.stages] == ['1', '1.5', '2', 'grpo'] and isinstance(r.stages[3], GRPOStageRecipe)
+    assert r.stages[3].rewards == ['accuracy'] and r.stages[3].num_generations >= 2
+    assert r.threads == 1 and r.model.sincos_positions
+    q = load_recipe('quick')
+    with_codes, _ = build_model(q)
+    plain, _ = build_model(Recipe.from_dict({**q.to_dict(), 'model': {**q.to_dict()['model'], 'sincos_positions': False}}))
+    pos = lambda m: m.vision_model.embeddings.position_embedding.weight
+    assert not torch.equal(pos(plain), pos(with_codes))
+    init_sincos_positions(plain.vision_model)                             # the only difference is the position table
+    assert all(torch.equal(x, y) for x, y in zip(plain.state_dict().values(), with_codes.state_dict().values()))
+
 # ---------------------------------------------------------------- mmlit run: refusals and errors (in process)
 
 
@@ -171,7 +226,18 @@ def test_resume_of_a_finished_run_only_rewrites_the_report(quick_run, capsys):
 @pytest.mark.parametrize('edit, message', [
     (lambda t: t.replace('vision_layers: 2', 'vision_layer: 2'), "unknown recipe key 'model.vision_layer'"),
     (lambda t: t.replace('steps: 80', 'steps: lots'), "stages[2].steps must be an integer, got 'lots'"),
-    (lambda t: t.replace('stage: "1.5"', 'stage: "3"'), "stages[1].stage must be one of ['1', '1.5', '2'], got '3'"),
+    (lambda t: t.replace('stage: "1.5"', 'stage: "3"'), "stages[1].stage must be one of ['1', '1.5', '2', 'grpo'], got '3'"),
+    (lambda t: t.replace('num_generations: 4', 'num_generations: 1'), "stages[3].num_generations must be >= 2"),
+    (lambda t: t.replace('num_generations: 4', 'num_generations: 4, lora: true'), "unknown recipe key 'stages[3].lora'"),
+    (lambda t: t.replace('num_generations: 4', 'num_generations: 4, group_size: 4'), "unknown recipe key 'stages[3].group_size'"),
+    (lambda t: t.replace('beta: 0.04', 'beta: -0.1'), "stages[3].beta must be >= 0, got -0.1"),
+    (lambda t: t.replace('beta: 0.04', 'beta: 0.04, loss_type: ppo'), "stages[3].loss_type must be one of ('grpo', 'bnpo', 'dr_grpo', 'dapo'), got 'ppo'"),
+    (lambda t: t.replace('beta: 0.04', 'beta: 0.04, rewards: [accuracy, brevity]'), "stages[3].rewards names 'brevity'; the rewards are ['accuracy', 'format']"),
+    (lambda t: t.replace('beta: 0.04', 'beta: 0.04, rewards: [accuracy, format], reward_weights: [1.0]'), "stages[3].reward_weights has 1 weights for 2 rewards"),
+    (lambda t: t.replace('beta: 0.04', 'beta: 0.04, tasks: [digit_sum]'), "stages[3].tasks[0] 'digit_sum' is not one of the recipe's tasks"),
+    (lambda t: t.replace('temperature: 1.0', 'temperature: 0'), "stages[3].temperature must be > 0"),
+    (lambda t: t.replace('steps: 3,', 'steps: 0,'), "stages[3].steps must be a positive integer, got 0"),
+    (lambda t: t.replace('sincos_positions: true', 'sincos_positions: yes please'), "model.sincos_positions must be true or false"),
     (lambda t: t.replace('split: test', 'split: dev'), "eval.split must be one of"),
     (lambda t: t.replace('size: 64}', 'size: 64, max_cnt: 3}', 1), "tasks[0].max_cnt is not a setting of task 'count'"),
     (lambda t: t.replace('name: bar_chart', 'name: pie_chart'), "tasks[2].name 'pie_chart' is not a built-in task"),
@@ -197,14 +263,14 @@ def test_recipes_round_trip_and_overrides(capsys):
     assert main(['run', '--recipe', 'default', '--steps-scale', '0.1', '--tasks', 'count,digit_sum', '--seed', '7',
                  '--eval-n', '20', '--print-recipe']) == 0
     r = Recipe.from_yaml(capsys.readouterr().out)
-    assert [s.steps for s in r.stages] == [5, 5, 90] and [t.name for t in r.tasks] == ['count', 'digit_sum']
+    assert [s.steps for s in r.stages] == [5, 5, 90, 6] and [t.name for t in r.tasks] == ['count', 'digit_sum']
     assert (r.seed, r.eval.n) == (7, 20)
     assert r.model == load_recipe('default').model
 
 def _tiny(recipe: Recipe, **changes) -> Recipe:
-    "The recipe with 2, 2 and 4 steps and 4 test questions per task, plus `changes` at the top level."
+    "The recipe with 2, 2, 4 (and 2 GRPO) steps and 4 test questions per task, plus `changes` at the top level."
     d = recipe.to_dict()
-    for s, n in zip(d['stages'], (2, 2, 4)): s['steps'] = n
+    for s, n in zip(d['stages'], (2, 2, 4, 2)): s['steps'] = n
     d['eval']['n'] = 4
     return Recipe.from_dict({**d, **changes})
 
