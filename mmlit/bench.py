@@ -189,11 +189,12 @@ def bench_train_step(model, batch: int = 8, text: int = 48, steps: int = 3, warm
 def run_isolated(model_fn: str, # name of a model builder in this module
                  bench_fn: str, # name of a benchmark in this module
                  threads: int = 1, # torch threads in the child process
+                 model_kwargs: dict | None = None, # arguments of the model builder
                  **kwargs) -> dict:
-    "Run `bench_fn(model_fn(), **kwargs)` in a fresh Python process (so peak memory is its own); returns the result."
+    "Run `bench_fn(model_fn(**model_kwargs), **kwargs)` in a fresh Python process (so peak memory is its own); returns the result."
     import json, subprocess
     code = (f"import json, torch; torch.set_num_threads({threads}); import mmlit.bench as b; "
-            f"print(json.dumps(b.{bench_fn}(b.{model_fn}(), **{kwargs!r})))")
+            f"print(json.dumps(b.{bench_fn}(b.{model_fn}(**{model_kwargs or {}!r}), **{kwargs!r})))")
     res = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True)
     if res.returncode != 0: raise RuntimeError(f"{bench_fn}({model_fn}()) failed:\n{res.stderr[-2000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])
@@ -317,13 +318,8 @@ def bench_grpo_trl(setup, # (model, processor) from `grpo_bench_model`
 
 # %% ../nbs/12_bench.ipynb #56679f47
 def _run_grpo_side(side: str, threads: int, **kwargs) -> dict:
-    "`bench_grpo_<side>(grpo_bench_model(tiles=…), **kwargs)` in a fresh Python process (as `run_isolated`)."
-    import json, subprocess
-    code = (f"import json, torch; torch.set_num_threads({threads}); import mmlit.bench as b; "
-            f"print(json.dumps(b.bench_grpo_{side}(b.grpo_bench_model(tiles={kwargs.get('tiles', 0)!r}), **{kwargs!r})))")
-    res = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True)
-    if res.returncode != 0: raise RuntimeError(f"bench_grpo_{side} failed:\n{res.stderr[-2000:]}")
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    "`bench_grpo_<side>(grpo_bench_model(tiles=…), **kwargs)` in a fresh Python process."
+    return run_isolated("grpo_bench_model", f"bench_grpo_{side}", threads, model_kwargs=dict(tiles=kwargs.get("tiles", 0)), **kwargs)
 
 def bench_grpo(rounds: int = 2, # fresh-process runs per side (alternating)
                threads: int = 1, # torch threads in each child process

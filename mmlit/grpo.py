@@ -22,8 +22,9 @@ from .processing import MMProcessor
 from .model import scatter_image_features
 from .data import Task, media
 from .eval import answer_tag, extract_answer, is_degenerate, prompt_conversation, score_answer
-from .train import (load_model_weights, latest_checkpoint, make_optimizer, make_scheduler, prune_checkpoints, quiet_saving,
-                         read_metrics, remove_stale_temps, rng_state, sample_at, set_rng_state, verify_checkpoint, write_checkpoint)
+from .train import (RunLog, _truncate_metrics, check_resumable, eval_on_main, load_model_weights, make_optimizer, make_scheduler,
+                         prune_checkpoints, quiet_saving, read_metrics, remove_stale_temps, resume_checkpoint, rng_state, sample_at,
+                         set_rng_state, verify_checkpoint, write_checkpoint)
 
 # %% auto #0
 __all__ = ['SCALES', 'LOSS_TYPES', 'zero_variance_groups', 'group_advantages', 'grpo_loss', 'completion_mask', 'base_model',
@@ -402,7 +403,6 @@ class GRPOTrainer:
         self.optimizer = make_optimizer(self.model, cfg)
         self.scheduler = make_scheduler(self.optimizer, _Sched(cfg.warmup_steps, cfg.optimizer_steps))
         self.step, self.pos = 0, acc.process_index
-        from mmlit.train import RunLog
         self.log = RunLog(self.out / "train.log", acc.process_index)
 
     def _reference(self, model):
@@ -542,11 +542,7 @@ def load(self: GRPOTrainer, path: str | Path, # a checkpoint directory written b
     "Verify a checkpoint and restore weights, optimizer, scheduler, RNG states and data positions; ValueError if it does not fit."
     path = Path(path); verify_checkpoint(path)
     state = json.loads((path / "trainer_state.json").read_text())
-    now = self.cfg.to_dict()
-    diff = {k: (state["config"].get(k), now[k]) for k in GRPOConfig.resume_keys if json.dumps(state["config"].get(k)) != json.dumps(now[k])}
-    if diff: raise ValueError(f"cannot resume from {path}: settings differ (checkpoint, now): {diff}")
-    if state["world_size"] != self.accelerator.num_processes:
-        raise ValueError(f"cannot resume from {path}: it was written by {state['world_size']} processes, this run has {self.accelerator.num_processes}")
+    check_resumable(path, state, self.cfg, self.accelerator.num_processes)
     load_model_weights(self.model, path / "model")
     self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
     self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
@@ -565,26 +561,19 @@ def _emit(self: GRPOTrainer, row: dict):
 def evaluate(self: GRPOTrainer) -> dict | None:
     "Run eval_fn on the main process (eval mode, no gradients) and log its result."
     if self.eval_fn is None: return None
-    res = None
-    if self.accelerator.is_main_process:
-        self.model.eval()
-        with torch.no_grad(): res = {k: float(v) for k, v in self.eval_fn(self.model).items()}
-        self.model.train(); self._emit({"kind": "eval", "step": self.step, **res})
-    self.accelerator.wait_for_everyone()
+    res = eval_on_main(self.accelerator, self.model, self.eval_fn)
+    if res is not None: self._emit({"kind": "eval", "step": self.step, **res})
     return res
 
 @patch
 def train(self: GRPOTrainer, resume: bool | str | Path | None = None, # True/"auto": newest checkpoint if any; a path: that one
          ) -> dict:
     "Run to `cfg.steps` rollout steps, resuming if asked; returns the last step's metrics (and the last evaluation)."
-    from mmlit.train import _truncate_metrics
     acc, c = self.accelerator, self.cfg
     if acc.is_main_process: self.out.mkdir(parents=True, exist_ok=True)
     acc.wait_for_everyone()
-    ck = latest_checkpoint(self.out) if resume in (True, "auto", "latest") else (Path(resume) if resume else None)
-    if ck is not None:
-        if not ck.exists(): raise ValueError(f"resume checkpoint {ck} does not exist")
-        self.load(ck)
+    ck = resume_checkpoint(self.out, resume)
+    if ck is not None: self.load(ck)
     if acc.is_main_process: _truncate_metrics(self.out / "metrics.jsonl", self.step); remove_stale_temps(self.out)
     bar = tqdm(total=c.steps, initial=self.step, disable=not (c.progress and acc.is_main_process), desc="grpo")
     last, ev = {}, None

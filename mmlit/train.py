@@ -30,7 +30,8 @@ __all__ = ['STAGE_LR', 'MANIFEST', 'stage_model', 'TrainConfig', 'make_optimizer
            'RunLog', 'TrainStream', 'next_micro_batch', 'batch_weights', 'forward_logits', 'file_sha256',
            'quiet_saving', 'write_checkpoint', 'verify_checkpoint', 'list_checkpoints', 'latest_checkpoint',
            'remove_stale_temps', 'prune_checkpoints', 'rng_state', 'set_rng_state', 'Trainer', 'load_model_weights',
-           'read_metrics', 'summarise_run', 'loss_eval_fn', 'plot_runs', 'scale_up']
+           'read_metrics', 'summarise_run', 'resume_checkpoint', 'check_resumable', 'eval_on_main', 'loss_eval_fn',
+           'plot_runs', 'scale_up']
 
 # %% ../nbs/05_train.ipynb #59ffbfc5
 STAGE_LR = {"1": 2e-4, "1.5": 1e-5, "2": 4e-5}  # InternVL 2.5's learning rate of each stage
@@ -466,11 +467,7 @@ def load(self: Trainer, path: str | Path, # a checkpoint directory written by `s
     "Verify a checkpoint and restore model, optimizer, scheduler, RNG states and data position; ValueError if it does not fit."
     path = Path(path); verify_checkpoint(path)
     state = json.loads((path / "trainer_state.json").read_text())
-    saved = lambda k: state["config"].get(k, TrainConfig.__dataclass_fields__[k].default)   # a key newer than the checkpoint: its default
-    diff = {k: (saved(k), getattr(self.cfg, k)) for k in TrainConfig.resume_keys if json.dumps(saved(k)) != json.dumps(getattr(self.cfg, k))}
-    if diff: raise ValueError(f"cannot resume from {path}: settings differ (checkpoint, now): {diff}")
-    if state["world_size"] != self.accelerator.num_processes:
-        raise ValueError(f"cannot resume from {path}: it was written by {state['world_size']} processes, this run has {self.accelerator.num_processes}")
+    check_resumable(path, state, self.cfg, self.accelerator.num_processes)
     load_model_weights(self.unwrapped, path / "model")
     self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
     self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
@@ -513,25 +510,48 @@ def _emit(self: Trainer, row: dict):
     if self.cfg.log_with: self.accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}, step=row["step"])
 
 # %% ../nbs/05_train.ipynb #b3df6598
-@patch
-def _resume_path(self: Trainer, resume) -> Path | None:
-    "The checkpoint `train(resume=...)` means, or None."
+def resume_checkpoint(out: Path, # the run's output directory
+                      resume, # None/False: none; True/"auto"/"latest": the newest in `out`; else a checkpoint path
+                     ) -> Path | None:
+    "The checkpoint `train(resume=...)` means, or None (shared by every trainer of mmlit)."
     if resume in (None, False): return None
-    if resume in (True, "auto", "latest"): return latest_checkpoint(self.out)
+    if resume in (True, "auto", "latest"): return latest_checkpoint(out)
     p = Path(resume)
     if not p.exists(): raise ValueError(f"resume checkpoint {p} does not exist")
     return p
+
+def check_resumable(path: Path, # the checkpoint being loaded
+                    state: dict, # its trainer_state.json
+                    cfg, # the run's config (a dataclass with `resume_keys`)
+                    num_processes: int, # processes of this run
+                   ):
+    "ValueError unless the checkpoint's settings and process count match this run (keys newer than the checkpoint: defaults)."
+    fields = type(cfg).__dataclass_fields__
+    saved = lambda k: state["config"].get(k, fields[k].default)
+    diff = {k: (saved(k), getattr(cfg, k)) for k in type(cfg).resume_keys if json.dumps(saved(k)) != json.dumps(getattr(cfg, k))}
+    if diff: raise ValueError(f"cannot resume from {path}: settings differ (checkpoint, now): {diff}")
+    if state["world_size"] != num_processes:
+        raise ValueError(f"cannot resume from {path}: it was written by {state['world_size']} processes, this run has {num_processes}")
+
+def eval_on_main(accelerator, # the run's Accelerator
+                 model: nn.Module, # the unwrapped model
+                 eval_fn, # model -> {name: number}
+                ) -> dict | None:
+    "Run `eval_fn` on the main process in eval mode without gradients (the others wait); None on the other processes."
+    res = None
+    if accelerator.is_main_process:
+        model.eval()
+        with torch.no_grad(): res = {k: float(v) for k, v in eval_fn(model).items()}
+        model.train()
+    accelerator.wait_for_everyone()
+    return res
 
 @patch
 def evaluate(self: Trainer) -> dict | None:
     "Run eval_fn on the main process (eval mode, no gradients) and log its result."
     if self.eval_fn is None: return None
-    res = None
-    if self.accelerator.is_main_process:
-        m = self.unwrapped; m.eval()
-        with torch.no_grad(): res = {k: float(v) for k, v in self.eval_fn(m).items()}
-        m.train(); self._emit({"kind": "eval", "step": self.step, **res})
-    self.accelerator.wait_for_everyone()
+    res = eval_on_main(self.accelerator, self.unwrapped, self.eval_fn)
+    if res is not None: self._emit({"kind": "eval", "step": self.step, **res})
     return res
 
 # %% ../nbs/05_train.ipynb #deb57dce
@@ -543,7 +563,7 @@ def train(self: Trainer, resume: bool | str | Path | None = None, # True/"auto":
     if acc.is_main_process: self.out.mkdir(parents=True, exist_ok=True)
     acc.wait_for_everyone()
     if cfg.log_with: acc.init_trackers(self.out.name, config={k: v for k, v in cfg.to_dict().items() if isinstance(v, (int, float, str, bool))})
-    ck = self._resume_path(resume)
+    ck = resume_checkpoint(self.out, resume)
     if ck is not None: self.load(ck)
     if acc.is_main_process: _truncate_metrics(self.out / "metrics.jsonl", self.step); remove_stale_temps(self.out)
     bar = tqdm(total=cfg.steps, initial=self.step, disable=not (cfg.progress and acc.is_main_process), desc=f"stage {cfg.stage}")
