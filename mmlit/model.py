@@ -135,7 +135,7 @@ class MMModel(PreTrainedModel, GenerationMixin):
     main_input_name = "input_ids"
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache"]  # the KV cache stays where it is when accelerate places the model
     _supports_sdpa = _supports_flash_attn = _supports_flex_attn = _supports_attention_backend = True
 
     def __init__(self, config: MMConfig):
@@ -177,7 +177,7 @@ class MMModel(PreTrainedModel, GenerationMixin):
                 pixel_values: torch.Tensor | None = None, # all tiles of the batch, in prompt order (tiles, 3, H, W)
                 labels: torch.LongTensor | None = None, # (B, L) targets, -100 where not supervised
                 position_ids: torch.LongTensor | None = None, # (B, L); default: from the attention mask
-                past_key_values=None, # KV cache (generation)
+                cache=None, # KV cache (`generate` passes it between steps)
                 inputs_embeds: torch.Tensor | None = None, # instead of `input_ids` (text only)
                 loss_weights: torch.Tensor | None = None, # (B, L) per-token loss weights (see `weighted_lm_loss`)
                 use_cache: bool | None = None, # return a KV cache
@@ -185,23 +185,25 @@ class MMModel(PreTrainedModel, GenerationMixin):
                 **kwargs, # passed to the language model
                ) -> CausalLMOutputWithPast:
         "Logits (and the weighted loss when labels are given) for a batch of prompts with images."
+        if "past_key_values" in kwargs:   # renamed in transformers 5; passed on, the LLM would ignore it
+            raise ValueError("pass the KV cache as cache=, not past_key_values= (renamed in transformers 5)")
         if (input_ids is None) == (inputs_embeds is None): raise ValueError("pass exactly one of input_ids and inputs_embeds")
         if inputs_embeds is None: inputs_embeds = self.get_input_embeddings()(input_ids)
         if pixel_values is not None:
             if input_ids is None: raise ValueError("pixel_values need input_ids, to find the image tokens")
             if self.config.image_token_id is None: raise ValueError("config.image_token_id is not set: call fit_to_tokenizer(model, tokenizer)")
             inputs_embeds = scatter_image_features(input_ids, inputs_embeds, self.get_image_features(pixel_values), self.config.image_token_id)
-        elif input_ids is not None and self.config.image_token_id is not None and (past_key_values is None or past_key_values.get_seq_length() == 0):
+        elif input_ids is not None and self.config.image_token_id is not None and (cache is None or cache.get_seq_length() == 0):
             if n := int((input_ids == self.config.image_token_id).sum()):
                 raise ValueError(f"image tokens and image features do not match: the input holds {n} {IMG_CONTEXT} tokens but no pixel_values were given")
         if position_ids is None and attention_mask is not None and attention_mask.ndim == 2:
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -inputs_embeds.shape[1]:]
-        if use_cache is None and past_key_values is None and attention_mask is None and position_ids is not None:
+        if use_cache is None and cache is None and attention_mask is None and position_ids is not None:
             use_cache = False   # packed rows: transformers isolates the samples only when no cache is being built
         out = self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
-                                  past_key_values=past_key_values, use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs)
+                                  cache=cache, use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs)
         loss = None if labels is None else weighted_lm_loss(out.logits, labels, loss_weights)
-        return CausalLMOutputWithPast(loss=loss, logits=out.logits, past_key_values=out.past_key_values,
+        return CausalLMOutputWithPast(loss=loss, logits=out.logits, cache=out.cache,
                                       hidden_states=out.hidden_states, attentions=out.attentions)
 
     def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):

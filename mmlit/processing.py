@@ -19,11 +19,11 @@ from .tiling import (IMAGENET_MEAN, IMAGENET_STD, MAX_PIXELS, multi_image_max_nu
 
 # %% auto #0
 __all__ = ['IMG_START', 'IMG_END', 'IMG_CONTEXT', 'IMAGE_PLACEHOLDER', 'VIDEO_PLACEHOLDER', 'IM_START', 'IM_END', 'PAD_TOKEN',
-           'BOS_TOKEN', 'IMAGE_TOKENS', 'IGNORE_INDEX', 'ROLES', 'TINY_SPECIAL_TOKENS', 'CHAT_TEMPLATE',
-           'PLACEHOLDER_RE', 'SQUARE_TILE_RULES', 'TOKEN_KINDS', 'tokens_per_tile', 'jpeg_compress', 'random_jpeg',
-           'image_pixels', 'tiny_corpus', 'build_tiny_tokenizer', 'tiny_tokenizer_path', 'add_mm_tokens',
-           'tiny_tokenizer', 'check_conversation', 'render_chat', 'image_span', 'video_span', 'expand_placeholders',
-           'tokenize_with_labels', 'MMProcessor', 'token_kinds', 'show_tokens']
+           'BOS_TOKEN', 'IMAGE_TOKENS', 'IGNORE_INDEX', 'ROLES', 'JPEG_MIN_TILE', 'TINY_SPECIAL_TOKENS',
+           'CHAT_TEMPLATE', 'PLACEHOLDER_RE', 'SQUARE_TILE_RULES', 'TOKEN_KINDS', 'tokens_per_tile', 'jpeg_compress',
+           'random_jpeg', 'jpeg_applies', 'image_pixels', 'tiny_corpus', 'build_tiny_tokenizer', 'tiny_tokenizer_path',
+           'add_mm_tokens', 'tiny_tokenizer', 'check_conversation', 'render_chat', 'image_span', 'video_span',
+           'expand_placeholders', 'tokenize_with_labels', 'MMProcessor', 'token_kinds', 'show_tokens']
 
 # %% ../nbs/02_processing.ipynb #0d4ea7e6
 IMG_START, IMG_END, IMG_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"  # an image span: start, one context token per visual feature, end
@@ -69,6 +69,17 @@ def random_jpeg(tiles: list[Image.Image], # the tiles of one or more images
     qualities = rng.integers(lo, hi + 1, size=len(tiles)).tolist()
     return [jpeg_compress(t, q) for t, q in zip(tiles, qualities)], qualities
 
+# %% ../nbs/02_processing.ipynb #3d9c5cb9
+JPEG_MIN_TILE = 224  # smallest tile side that gets random JPEG by default: 448-px tiles do, 64-px tiles don't
+
+def jpeg_applies(tile_size: int, # tile side S in pixels
+                 min_tile: int = JPEG_MIN_TILE, # smallest side that is compressed (0: every tile, as InternVL 2.5)
+                ) -> bool:
+    "Does random JPEG run on S×S tiles? Only when S >= `min_tile`; a negative or non-int `min_tile` is a ValueError."
+    if isinstance(min_tile, bool) or not isinstance(min_tile, (int, np.integer)) or min_tile < 0:
+        raise ValueError(f"jpeg_min_tile must be a non-negative int (0 compresses every tile), got {min_tile!r}")
+    return tile_size >= min_tile
+
 # %% ../nbs/02_processing.ipynb #5d7311ec
 def image_pixels(image, # a PIL image, a path or a binary file (anything `load_image` takes)
                  image_size: int = 448, # tile side S in pixels
@@ -77,12 +88,13 @@ def image_pixels(image, # a PIL image, a path or a binary file (anything `load_i
                  std: tuple = IMAGENET_STD, # per-channel std of the vision encoder
                  rng: np.random.Generator | None = None, # when given, JPEG-compress each tile with a random quality (training)
                  quality_range: tuple[int, int] = (75, 100), # JPEG quality range for `rng`
+                 jpeg_min_tile: int = JPEG_MIN_TILE, # tiles with a smaller side S are never compressed (0: always)
                  max_pixels: int = MAX_PIXELS, # refuse larger images (decompression bombs), checked before decoding
                  **rule_kwargs, # the rule's own settings, e.g. max_num, min_num, use_thumbnail
                 ) -> torch.Tensor:
-    "Load and tile an image by `rule`, JPEG-augment each tile when `rng` is given, normalise: a (tiles, 3, S, S) tensor."
+    "Load and tile an image by `rule`, JPEG-augment each tile when `rng` is given and S >= `jpeg_min_tile`, normalise."
     tiles = tile_image(image, rule=rule, max_pixels=max_pixels, image_size=image_size, **rule_kwargs)
-    if rng is not None: tiles, _ = random_jpeg(tiles, rng, quality_range)
+    if rng is not None and jpeg_applies(image_size, jpeg_min_tile): tiles, _ = random_jpeg(tiles, rng, quality_range)
     return tiles_to_tensor(tiles, image_size=image_size, mean=mean, std=std)
 
 # %% ../nbs/02_processing.ipynb #fdeaf01b
@@ -346,6 +358,7 @@ class MMProcessor:
                  image_mean: tuple = IMAGENET_MEAN, # per-channel mean of the vision encoder
                  image_std: tuple = IMAGENET_STD, # per-channel std of the vision encoder
                  jpeg_quality: tuple[int, int] = (75, 100), # per-tile random JPEG quality range used with train=True
+                 jpeg_min_tile: int = JPEG_MIN_TILE, # smaller tiles are never JPEG-compressed (0: all, as InternVL)
                  system_prompt: str | None = None, # system turn prepended to conversations that have none
                  max_length: int | None = None, # longest sequence; see `truncation`
                  truncation: str = "error", # "error": reject longer samples; "right": cut the end, never inside an image span
@@ -359,7 +372,7 @@ class MMProcessor:
         self.max_num, self.min_num, self.use_thumbnail, self.tile_kwargs = max_num, min_num, use_thumbnail, dict(tile_kwargs or {})
         self.image_mean, self.image_std, self.jpeg_quality = tuple(image_mean), tuple(image_std), tuple(jpeg_quality)
         self.system_prompt, self.max_length, self.truncation, self.max_pixels = system_prompt, max_length, truncation, max_pixels
-        self.video_segments, self.seed = video_segments, seed
+        self.video_segments, self.seed, self.jpeg_min_tile = video_segments, seed, jpeg_min_tile
         self._check_settings()
         self.rng = np.random.default_rng(seed)
 
@@ -368,6 +381,7 @@ class MMProcessor:
             raise ValueError(f"tile_rule {self.tile_rule!r} is not supported by MMProcessor (choose one of {SQUARE_TILE_RULES}): "
                              "'hd' needs 4KHD's newline/separator token layout and 'minicpm' crops of different sizes")
         plan_tiles(self.image_size, self.image_size, self.tile_rule, **self.tile_settings())   # bad tile settings fail here
+        jpeg_applies(self.image_size, self.jpeg_min_tile)   # a bad jpeg_min_tile fails here
         if self.tokens_per_tile < 1: raise ValueError(f"tokens_per_tile must be >= 1, got {self.tokens_per_tile}")
         if self.truncation not in ("error", "right"): raise ValueError(f"truncation must be 'error' or 'right', got {self.truncation!r}")
         if self.system_prompt is not None and (PLACEHOLDER_RE.search(self.system_prompt) or not isinstance(self.system_prompt, str)):
@@ -441,9 +455,10 @@ def num_image_tokens(self: MMProcessor, width: int, height: int, # image size in
 # %% ../nbs/02_processing.ipynb #a4f7695c
 @patch
 def _image_pixels(self: MMProcessor, image, rng, rule, **rule_kwargs):
-    "`image_pixels` with this processor's normalisation, JPEG range and pixel limit."
+    "`image_pixels` with this processor's normalisation, JPEG settings and pixel limit."
     return image_pixels(image, rule=rule, mean=self.image_mean, std=self.image_std, rng=rng,
-                        quality_range=self.jpeg_quality, max_pixels=self.max_pixels, **rule_kwargs)
+                        quality_range=self.jpeg_quality, jpeg_min_tile=self.jpeg_min_tile,
+                        max_pixels=self.max_pixels, **rule_kwargs)
 
 @patch
 def _video_frames(self: MMProcessor, video) -> list:
@@ -577,8 +592,9 @@ def to_dict(self: MMProcessor) -> dict:
     return dict(processor_class="MMProcessor", image_size=self.image_size, tokens_per_tile=self.tokens_per_tile,
                 tile_rule=self.tile_rule, max_num=self.max_num, min_num=self.min_num, use_thumbnail=self.use_thumbnail,
                 tile_kwargs=self.tile_kwargs, image_mean=list(self.image_mean), image_std=list(self.image_std),
-                jpeg_quality=list(self.jpeg_quality), system_prompt=self.system_prompt, max_length=self.max_length,
-                truncation=self.truncation, max_pixels=self.max_pixels, video_segments=self.video_segments, seed=self.seed)
+                jpeg_quality=list(self.jpeg_quality), jpeg_min_tile=int(self.jpeg_min_tile),
+                system_prompt=self.system_prompt, max_length=self.max_length, truncation=self.truncation,
+                max_pixels=self.max_pixels, video_segments=self.video_segments, seed=self.seed)
 
 @patch
 def save_pretrained(self: MMProcessor, save_directory: str | Path) -> Path:

@@ -173,6 +173,30 @@ def test_greedy_with_cache_equals_without(text, seed):
     assert a[:, -10:].unique().numel() > 2
 
 
+def test_cache_api_raises_no_future_warning_and_logs_no_deprecation():
+    "transformers 5 renamed past_key_values to cache: training forward, cached forward and generate use the new name."
+    import logging
+    from transformers.utils import logging as hf_logging
+    m = small(9); ids, mask, px, _ = batch(m, (1, 2), seed=9); labels = ids.clone(); labels[:, :ids.shape[1] - 8] = -100
+    logging.Logger.warning_once.cache_clear()   # a line logged once earlier in the session would hide a new one
+    lines = []; h = logging.Handler(); h.emit = lambda r: lines.append(r.getMessage()); hf_logging.get_logger().addHandler(h)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", FutureWarning)
+            m.train(); m(input_ids=ids, attention_mask=mask, pixel_values=px, labels=labels).loss.backward()
+            m.eval()
+            with torch.no_grad():
+                out = m(input_ids=ids, attention_mask=mask, pixel_values=px, use_cache=True)
+                a = m.generate(input_ids=ids, attention_mask=mask, pixel_values=px, max_new_tokens=8, do_sample=False)
+                b = m.generate(input_ids=ids, attention_mask=mask, pixel_values=px, max_new_tokens=8, do_sample=False, use_cache=False)
+    finally: hf_logging.get_logger().removeHandler(h)
+    assert not [x for x in lines if "deprecat" in x.lower()], lines
+    assert out.cache is not None and out.cache.get_seq_length() == ids.shape[1]
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="cache="):
+        m(input_ids=ids, attention_mask=mask, pixel_values=px, past_key_values=out.cache)
+
+
 def test_left_padded_batch_matches_each_sample_alone():
     m = small(3); ids, mask, px, rows = batch(m, (2, 1, 1), text=5, seed=4)
     rows[2] = rows[2][:-4]  # a shorter third sample

@@ -9,8 +9,9 @@ from PIL import Image
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-from mmlit.processing import (IGNORE_INDEX, IMAGE_TOKENS, IMG_CONTEXT, IMG_END, IMG_START, IM_END, IM_START, MMProcessor,
-                              add_mm_tokens, build_tiny_tokenizer, check_conversation, random_jpeg, render_chat,
+from mmlit.processing import (IGNORE_INDEX, IMAGE_TOKENS, IMG_CONTEXT, IMG_END, IMG_START, IM_END, IM_START, JPEG_MIN_TILE,
+                              MMProcessor, add_mm_tokens, build_tiny_tokenizer, check_conversation, image_pixels,
+                              jpeg_applies, random_jpeg, render_chat,
                               tiny_tokenizer, tiny_tokenizer_path, tokens_per_tile)
 from mmlit.tiling import IMAGENET_MEAN, IMAGENET_STD, plan_tiles, tile_image, tiles_to_tensor
 
@@ -43,6 +44,10 @@ def proc(): return MMProcessor(image_size=S, tokens_per_tile=TPT, max_num=4)
 
 @pytest.fixture(scope="module")
 def gproc(): return MMProcessor(gpt2_like(), image_size=S, tokens_per_tile=TPT, max_num=4)
+
+
+@pytest.fixture(scope="module")
+def jproc(): return MMProcessor(image_size=S, tokens_per_tile=TPT, max_num=4, jpeg_min_tile=0)  # JPEG on every tile, as InternVL
 
 
 QA = [{"role": "user", "content": "<image>\nWhat colour is the circle?"}, {"role": "assistant", "content": "Red."}]
@@ -239,8 +244,8 @@ def test_too_long_is_rejected_by_default(proc):
 
 
 # ---------------------------------------------------------------- JPEG augmentation
-def test_jpeg_reproducible_and_per_tile(proc):
-    img = photo(90, 40, seed=3)
+def test_jpeg_reproducible_and_per_tile(jproc):
+    proc, img = jproc, photo(90, 40, seed=3)
     a = proc(QA, images=img, train=True, seed=11)["pixel_values"]
     b = proc(QA, images=img, train=True, seed=11)["pixel_values"]
     c = proc(QA, images=img, train=True, seed=12)["pixel_values"]
@@ -251,15 +256,78 @@ def test_jpeg_reproducible_and_per_tile(proc):
     assert len(qualities) == len(a) and len(set(qualities)) > 1 and all(75 <= q <= 100 for q in qualities)
     qs = random_jpeg([img] * 2000, np.random.default_rng(0))[1]
     assert min(qs) == 75 and max(qs) == 100        # uniform over the inclusive range
-    p2 = MMProcessor(image_size=S, tokens_per_tile=TPT, max_num=4, seed=5)
-    p3 = MMProcessor(image_size=S, tokens_per_tile=TPT, max_num=4, seed=5)
+    p2 = MMProcessor(image_size=S, tokens_per_tile=TPT, max_num=4, seed=5, jpeg_min_tile=0)
+    p3 = MMProcessor(image_size=S, tokens_per_tile=TPT, max_num=4, seed=5, jpeg_min_tile=0)
     x2 = [p2(QA, images=img, train=True)["pixel_values"] for _ in range(2)]
     x3 = [p3(QA, images=img, train=True)["pixel_values"] for _ in range(2)]
     assert torch.equal(x2[0], x3[0]) and torch.equal(x2[1], x3[1]) and not torch.equal(x2[0], x2[1])
 
 
+def count_scene(size):
+    "A built-in count-task scene (small shapes on a plain background), the tiny models' kind of image."
+    from mmlit.data import make_task
+    return make_task("count", size=size).sample(0)["images"][0]
+
+
+def test_small_tiles_are_never_jpeg_compressed(proc, jproc):
+    "64-px tiles (the tiny models') stay clean with train=True by default; jpeg_min_tile=0 compresses them."
+    p64 = MMProcessor(image_size=64, tokens_per_tile=16, max_num=4)
+    j64 = MMProcessor(image_size=64, tokens_per_tile=16, max_num=4, jpeg_min_tile=0)
+    img = count_scene(64)
+    assert p64.jpeg_min_tile == JPEG_MIN_TILE == 224
+    clean = p64(QA, images=img)["pixel_values"]
+    for seed in (0, 1, None): assert torch.equal(p64(QA, images=img, train=True, seed=seed)["pixel_values"], clean)
+    assert torch.equal(j64(QA, images=img)["pixel_values"], clean)
+    assert not torch.equal(j64(QA, images=img, train=True, seed=0)["pixel_values"], clean)
+    x = photo(90, 40, seed=4)        # the 28-px test processors: the same rule
+    assert torch.equal(proc(QA, images=x, train=True, seed=0)["pixel_values"], proc(QA, images=x)["pixel_values"])
+    assert not torch.equal(jproc(QA, images=x, train=True, seed=0)["pixel_values"], jproc(QA, images=x)["pixel_values"])
+
+
+def test_large_tiles_are_jpeg_compressed():
+    "A 448-px tile (InternVL 2.5's size) is compressed with train=True under the default setting."
+    p = MMProcessor(image_size=448, tokens_per_tile=256, max_num=1)
+    img = count_scene(448)
+    a, clean = p(QA, images=img, train=True, seed=0)["pixel_values"], p(QA, images=img)["pixel_values"]
+    assert a.shape == clean.shape == (1, 3, 448, 448) and not torch.equal(a, clean)
+    assert torch.equal(a, p(QA, images=img, train=True, seed=0)["pixel_values"])
+
+
+@pytest.mark.parametrize("min_tile, compressed", [(0, True), (S - 1, True), (S, True), (S + 1, False), (JPEG_MIN_TILE, False)])
+def test_jpeg_min_tile_threshold_is_inclusive(min_tile, compressed):
+    img, rng = photo(60, 30, seed=5), np.random.default_rng
+    clean = image_pixels(img, image_size=S, max_num=2)
+    got = image_pixels(img, image_size=S, max_num=2, rng=rng(0), jpeg_min_tile=min_tile)
+    assert (not torch.equal(got, clean)) == compressed == jpeg_applies(S, min_tile)
+
+
+@pytest.mark.parametrize("bad", [-1, -224, 2.5, "224", None, True])
+def test_jpeg_min_tile_validated(bad):
+    with pytest.raises(ValueError, match="jpeg_min_tile must be a non-negative int"):
+        MMProcessor(image_size=S, tokens_per_tile=TPT, jpeg_min_tile=bad)
+
+
+@pytest.mark.parametrize("min_tile", [0, 64, JPEG_MIN_TILE, 1000])
+def test_jpeg_min_tile_round_trips(min_tile, tmp_path):
+    p = MMProcessor(image_size=S, tokens_per_tile=TPT, max_num=4, jpeg_min_tile=min_tile)
+    p.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / MMProcessor.config_name).read_text())["jpeg_min_tile"] == min_tile
+    q = MMProcessor.from_pretrained(tmp_path)
+    assert q.jpeg_min_tile == min_tile
+    x = photo(90, 40, seed=6)
+    assert torch.equal(p(QA, images=x, train=True, seed=2)["pixel_values"], q(QA, images=x, train=True, seed=2)["pixel_values"])
+    assert MMProcessor.from_pretrained(tmp_path, jpeg_min_tile=7).jpeg_min_tile == 7
+
+
+def test_processor_saved_before_jpeg_min_tile_loads_with_the_default(proc, tmp_path):
+    proc.save_pretrained(tmp_path)
+    f = tmp_path / MMProcessor.config_name
+    cfg = json.loads(f.read_text()); del cfg["jpeg_min_tile"]; f.write_text(json.dumps(cfg))
+    assert MMProcessor.from_pretrained(tmp_path).jpeg_min_tile == JPEG_MIN_TILE
+
+
 # ---------------------------------------------------------------- save / load
-@pytest.mark.parametrize("which", ["proc", "gproc"])
+@pytest.mark.parametrize("which", ["proc", "gproc", "jproc"])
 def test_save_load_round_trip(which, request, tmp_path):
     p = request.getfixturevalue(which)
     p.save_pretrained(tmp_path)
