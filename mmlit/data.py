@@ -6,7 +6,9 @@
 from __future__ import annotations
 import hashlib, itertools, json, math, re, zlib
 from collections import Counter
+from dataclasses import dataclass
 from functools import lru_cache
+from fastcore.basics import patch
 from typing import Callable, Iterable, Iterator
 import numpy as np
 import torch
@@ -14,15 +16,17 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
 # %% auto #0
-__all__ = ['SPLITS', 'IMAGE', 'VIDEO', 'COLOURS', 'SHAPES', 'BACKGROUND', 'POSITIONS', 'DIGIT_SPLIT', 'WORDS', 'TASKS',
-           'LOSS_MODES', 'PACK_STRATEGIES', 'user_prompt', 'media', 'check_split', 'sample_rng', 'shape_polygon',
-           'draw_scene', 'grid_positions', 'normalise_answer', 'Task', 'ShapeCount', 'ColourPosition', 'default_font',
-           'chart_geometry', 'draw_bar_chart', 'BarChart', 'load_digit_images', 'digit_pool', 'digit_image', 'DigitSum',
-           'word_label', 'SmallWord', 'CompareCount', 'VideoMotion', 'make_task', 'sample_strip', 'show_samples',
-           'image_hash', 'placeholders_match', 'blind_accuracy', 'dataset_features', 'to_dataset', 'repeat_indices',
-           'Mixture', 'repetition_score', 'response_text', 'repetition_filter', 'heuristic_filter', 'score_filter',
-           'FilterReport', 'apply_filters', 'supervised_counts', 'loss_weights', 'mean_across_ranks', 'weighted_loss',
-           'pack_indices', 'collate_packed', 'check_packs', 'padding_fraction', 'fits_rows', 'take_rows', 'pack_stream']
+__all__ = ['SPLITS', 'IMAGE', 'VIDEO', 'COLOURS', 'SHAPES', 'BACKGROUND', 'LEVELS', 'DEFAULT_LEVEL', 'POSITIONS', 'DIGIT_SPLIT',
+           'DIGIT_LAYOUTS', 'WORDS', 'TASKS', 'LOSS_MODES', 'PACK_STRATEGIES', 'user_prompt', 'media', 'check_split',
+           'sample_rng', 'shape_polygon', 'draw_scene', 'grid_positions', 'normalise_answer', 'sample_meta',
+           'check_level', 'Task', 'question_text', 'sample_strip', 'show_samples', 'level_samples', 'level_table',
+           'ShapeCount', 'ColourPosition', 'default_font', 'chart_geometry', 'draw_bar_chart', 'BarChart',
+           'load_digit_images', 'digit_pool', 'digit_image', 'DigitSum', 'word_label', 'SmallWord', 'CompareCount',
+           'VideoMotion', 'make_task', 'image_hash', 'placeholders_match', 'BlindBaseline', 'blind_baseline',
+           'task_blind_baseline', 'blind_accuracy', 'dataset_features', 'to_dataset', 'repeat_indices', 'Mixture',
+           'repetition_score', 'response_text', 'repetition_filter', 'heuristic_filter', 'score_filter', 'FilterReport',
+           'apply_filters', 'supervised_counts', 'loss_weights', 'mean_across_ranks', 'weighted_loss', 'pack_indices',
+           'collate_packed', 'check_packs', 'padding_fraction', 'fits_rows', 'take_rows', 'pack_stream']
 
 # %% ../nbs/04_data.ipynb #07c1b7b7
 SPLITS = ("train", "validation", "test")  # the three splits every task offers
@@ -117,32 +121,64 @@ def _number(s):
     try: return float(s)
     except ValueError: return None
 
+def sample_meta(sample: dict, # a sample; its `meta` a dict, or the JSON string a `datasets.Dataset` stores
+               ) -> dict:
+    "The scene of a sample, as a dict."
+    return json.loads(sample["meta"]) if isinstance(sample["meta"], str) else sample["meta"]
+
+# %% ../nbs/04_data.ipynb #0dd56936
+LEVELS = (0, 1, 2, 3)  # the difficulty levels of every built-in task, easiest first
+DEFAULT_LEVEL = 1  # the level whose settings are each built-in task's defaults (what `level=None` gives)
+
+def check_level(levels: dict, # a task's table: level → settings
+                level: int | None, # the level asked for (None: the defaults)
+                task: str = "task", # the task's name, for the error message
+               ) -> int | None:
+    "The effective level: `level` if it is a key of `levels`, DEFAULT_LEVEL for None (None when there are no levels)."
+    if level is None: return DEFAULT_LEVEL if levels else None
+    if isinstance(level, bool) or not isinstance(level, (int, np.integer)) or int(level) not in levels:
+        raise ValueError(f"unknown level {level!r} for task {task!r}; "
+                         f"its levels are {sorted(levels) or 'none'} (0 is the easiest)")
+    return int(level)
+
 # %% ../nbs/04_data.ipynb #d96ab983
 class Task:
     "Base of the procedural tasks: a seeded scene per (split, index), a question, and an answer derived from the scene."
     name: str = "task"  # registry name; also part of every sample's seed
     answer_space: tuple = ()  # every answer the task can give
     video: bool = False  # samples are one video (frames) instead of images
+    levels: dict = {}  # difficulty level → settings (constructor keywords); empty: the task has no levels
 
     def __init__(self, size: int = 224, # image side in pixels
                  seed: int = 0, # dataset seed: another seed gives another draw of the same task
+                 level: int | None = None, # difficulty level, a key of `levels` (None: the defaults, DEFAULT_LEVEL)
                 ):
         if not isinstance(size, int) or size < 32: raise ValueError(f"size must be an int >= 32 pixels, got {size!r}")
-        self.size, self.seed = size, seed
+        self.size, self.seed, self.overrides = size, seed, {}
+        self.level, self.level_given = check_level(self.levels, level, self.name), level is not None
+
+    def settings(self, **given) -> dict:
+        "The settings of the task's level, with the keywords given explicitly (not None) on top, kept as `overrides`."
+        self.overrides = {k: v for k, v in given.items() if v is not None}
+        return {**self.levels.get(self.level, {}), **self.overrides}
 
     @property
     def chance(self) -> float: raise NotImplementedError
     def make(self, rng: np.random.Generator, split: str) -> tuple[list, str, str, dict]: raise NotImplementedError
     def answer_from_meta(self, meta: dict) -> str: raise NotImplementedError
-    def __repr__(self): return f"{type(self).__name__}(size={self.size}, seed={self.seed}, chance={self.chance:.3f})"
+    def __repr__(self):
+        level = "" if self.level is None else f", level={self.level}"
+        overrides = "".join(f", {k}={v!r}" for k, v in self.overrides.items())
+        return f"{type(self).__name__}(size={self.size}, seed={self.seed}{level}{overrides}, chance={self.chance:.3f})"
 
     def sample(self, index: int, # index within the split (>= 0)
                split: str = "train", # 'train', 'validation' or 'test'
                seed: int | None = None, # dataset seed (default: the task's)
               ) -> dict:
-        "One sample: images, conversation, answer, task, split, id and the scene `meta`."
+        "One sample: images, conversation, answer, task, split, id and the scene `meta` (+ `level` when one was given)."
         seed = self.seed if seed is None else seed
         images, question, answer, meta = self.make(sample_rng(self.name, split, index, seed), split)
+        if self.level_given: meta = dict(meta, level=self.level)
         conv = [{"role": "user", "content": user_prompt(question, len(images), self.video)},
                 {"role": "assistant", "content": answer}]
         return dict(images=images, video=self.video, conversation=conv, answer=answer, task=self.name,
@@ -168,8 +204,61 @@ class Task:
 
     def verify(self, sample: dict) -> bool:
         "Does the sample's answer follow from its scene (re-derived independently of `make`)?"
-        meta = json.loads(sample["meta"]) if isinstance(sample["meta"], str) else sample["meta"]
+        meta = sample_meta(sample)
         return self.answer_from_meta(meta) == sample["answer"] and sample["answer"] in meta["options"]
+
+# %% ../nbs/04_data.ipynb #4a9d86dd
+def question_text(sample: dict, # a task sample
+                 ) -> str:
+    "The question a sample asks: its first user turn without the `<image>` / `Image-k: <image>` / `<video>` lines."
+    user = next(m["content"] for m in sample["conversation"] if m["role"] == "user")
+    return re.sub(r"(Image-\d+: )?<(image|video)>\n", "", user)
+
+def sample_strip(sample: dict, # a task sample
+                 height: int = 160, # height of the strip in pixels
+                ) -> Image.Image:
+    "The sample's images (or frames) resized to one height and laid side by side with a 4 px gap."
+    ims = [im.resize((max(1, round(im.width * height / im.height)), height)) for im in sample["images"]]
+    out = Image.new("RGB", (sum(i.width for i in ims) + 4 * (len(ims) - 1), height), "white")
+    x = 0
+    for im in ims: out.paste(im, (x, 0)); x += im.width + 4
+    return out
+
+def show_samples(samples: list[dict], # samples to draw
+                 ncols: int = 4, # panels per row
+                 width: float = 4.0, # inches per panel
+                ):
+    "A matplotlib figure with one panel per sample: its images, the question and the answer (and the level, if any)."
+    import matplotlib.pyplot as plt, textwrap
+    nrows = math.ceil(len(samples) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(width * ncols, width * .95 * nrows), squeeze=False)
+    for ax in axes.flat: ax.axis("off")
+    for ax, s in zip(axes.flat, samples):
+        ax.imshow(sample_strip(s)); level = sample_meta(s).get("level")
+        head = s["task"] + ("" if level is None else f" · level {level}")
+        ax.set_title(head + "\n" + textwrap.fill(question_text(s), 44) + f"\n→ {s['answer']}", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+# %% ../nbs/04_data.ipynb #390c85d7
+def level_samples(cls: type, # a task class with `levels`
+                  index: int = 0, # the sample's index
+                  split: str = "train", # the split
+                  **kwargs, # other settings of the task (size, seed, …)
+                 ) -> list[dict]:
+    "Sample `index` of `split` at every level of a task class, easiest first."
+    return [cls(level=level, **kwargs).sample(index, split) for level in sorted(cls.levels)]
+
+def level_table(cls: type, # a task class with `levels`
+               ) -> str:
+    "A markdown table of a task class's levels: each level's settings, its chance and the size of its answer space."
+    keys = list(cls.levels[DEFAULT_LEVEL])
+    rows = ["| level | " + " | ".join(f"`{k}`" for k in keys) + " | chance | answers |", "|---" * (len(keys) + 3) + "|"]
+    for level, row in sorted(cls.levels.items()):
+        t, name = cls(level=level), f"{level} (default)" if level == DEFAULT_LEVEL else str(level)
+        cells = [name] + [str(row[k]) for k in keys] + [f"{t.chance:.3f}", str(len(t.answer_space))]
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
 
 # %% ../nbs/04_data.ipynb #3136ddc6
 def _objects(rng, shapes, size, cells=4, colours=None):
@@ -180,16 +269,37 @@ def _objects(rng, shapes, size, cells=4, colours=None):
 
 def _plural(shape): return shape + "s"
 
+def _check_grid(max_count, max_distractors, cells):
+    "ValueError unless 1 <= max_count, 0 <= max_distractors and both fit one shape per cell of a cells × cells grid."
+    fits = isinstance(cells, int) and cells >= 1 and max_count + max_distractors <= cells * cells
+    if not (fits and 1 <= max_count and 0 <= max_distractors):
+        raise ValueError(f"need 1 <= max_count, 0 <= max_distractors and max_count + max_distractors <= cells² "
+                         f"(cells an int >= 1), got max_count={max_count}, max_distractors={max_distractors}, "
+                         f"cells={cells}")
+
+# %% ../nbs/04_data.ipynb #31db4818
 class ShapeCount(Task):
-    "Count the shapes of one kind among distractors (1–6 of them, uniform): chance 1/max_count."
+    "Count the shapes of one kind among distractors (1..max_count of them, uniform): chance 1/max_count."
     name = "count"
-    def __init__(self, size: int = 224, seed: int = 0, max_count: int = 6, # counts are uniform in 1..max_count
-                 max_distractors: int = 4, # up to this many shapes of other kinds
+    levels = {0: dict(max_count=3, max_distractors=2, cells=3, n_kinds=2),
+              1: dict(max_count=6, max_distractors=4, cells=4, n_kinds=6),
+              2: dict(max_count=9, max_distractors=6, cells=5, n_kinds=6),
+              3: dict(max_count=12, max_distractors=10, cells=6, n_kinds=6)}  # level → settings (level 1: the defaults)
+    def __init__(self, size: int = 224, seed: int = 0,
+                 max_count: int | None = None, # counts are uniform in 1..max_count
+                 max_distractors: int | None = None, # up to this many shapes of other kinds
+                 cells: int | None = None, # shapes sit in a cells × cells grid, one a cell: fewer cells, bigger shapes
+                 n_kinds: int | None = None, # shape kinds a scene may hold: the target's and n_kinds - 1 others (2..6)
+                 level: int | None = None, # difficulty 0..3 (None: the defaults, which are level 1)
                 ):
-        super().__init__(size, seed)
-        if not 1 <= max_count or max_count + max_distractors > 16: raise ValueError(f"need 1 <= max_count and max_count + max_distractors <= 16, got {max_count}, {max_distractors}")
-        self.max_count, self.max_distractors = max_count, max_distractors
-        self.answer_space = tuple(str(k) for k in range(1, max_count + 1))
+        super().__init__(size, seed, level)
+        s = self.settings(max_count=max_count, max_distractors=max_distractors, cells=cells, n_kinds=n_kinds)
+        self.max_count, self.max_distractors = s["max_count"], s["max_distractors"]
+        self.cells, self.n_kinds = s["cells"], s["n_kinds"]
+        _check_grid(self.max_count, self.max_distractors, self.cells)
+        if not 2 <= self.n_kinds <= len(SHAPES):
+            raise ValueError(f"n_kinds must be in 2..{len(SHAPES)}, got {self.n_kinds}")
+        self.answer_space = tuple(str(k) for k in range(1, self.max_count + 1))
 
     @property
     def chance(self): return 1 / self.max_count
@@ -198,8 +308,10 @@ class ShapeCount(Task):
         target = SHAPES[rng.integers(len(SHAPES))]
         k, nd = int(rng.integers(1, self.max_count + 1)), int(rng.integers(0, self.max_distractors + 1))
         others = [s for s in SHAPES if s != target]
+        if self.n_kinds < len(SHAPES):   # keep n_kinds - 1 of the other kinds
+            others = [others[i] for i in sorted(rng.choice(len(others), self.n_kinds - 1, replace=False))]
         shapes = [target] * k + [others[i] for i in rng.integers(len(others), size=nd)]
-        objs = _objects(rng, shapes, self.size)
+        objs = _objects(rng, shapes, self.size, self.cells)
         meta = dict(question_type="count", target=target, objects=objs, options=list(self.answer_space))
         return [draw_scene(objs, self.size)], f"How many {_plural(target)} are there? Answer with a number.", str(k), meta
 
@@ -212,36 +324,90 @@ class ColourPosition(Task):
     "What colour is the shape on the left/middle/right, or where is the <colour> <shape>? Chance ½·⅙ + ½·⅓ = 0.25."
     name = "colour_position"
     answer_space = tuple(sorted(COLOURS)) + POSITIONS
+    levels = {0: dict(radius=(.32, .44), n_distractors=0), 1: dict(radius=(.22, .32), n_distractors=0),
+              2: dict(radius=(.14, .22), n_distractors=3),
+              3: dict(radius=(.10, .16), n_distractors=6)}  # level → settings (level 1: the defaults)
     def __init__(self, size: int = 224, seed: int = 0, p_colour: float = 0.5, # share of 'what colour' questions
+                 radius: tuple[float, float] | None = None, # shapes' radius range, as a share of a third of the width
+                 n_distractors: int | None = None, # extra shapes in the main ones' colours (0..12): questions name kinds
+                 level: int | None = None, # difficulty 0..3 (None: the defaults, which are level 1)
                 ):
-        super().__init__(size, seed)
+        super().__init__(size, seed, level)
         if not 0 <= p_colour <= 1: raise ValueError(f"p_colour must be in [0, 1], got {p_colour}")
-        self.p_colour = p_colour
+        s = self.settings(radius=radius, n_distractors=n_distractors)
+        self.p_colour, self.radius, self.n_distractors = p_colour, tuple(s["radius"]), s["n_distractors"]
+        if len(self.radius) != 2 or not 0 < self.radius[0] <= self.radius[1] < .5:
+            raise ValueError(f"radius must be (low, high) with 0 < low <= high < 0.5 (shares of a third of the width), "
+                             f"got {s['radius']}")
+        if not isinstance(self.n_distractors, int) or not 0 <= self.n_distractors <= 12:
+            raise ValueError(f"n_distractors must be an int in 0..12, got {self.n_distractors!r}")
 
     @property
     def chance(self): return self.p_colour / len(COLOURS) + (1 - self.p_colour) / len(POSITIONS)
 
-    def make(self, rng, split):
-        colours = [list(COLOURS)[i] for i in rng.choice(len(COLOURS), size=3, replace=False)]
-        shapes, third = [SHAPES[i] for i in rng.integers(len(SHAPES), size=3)], self.size / 3
-        objs = []
-        for col, (c, s) in enumerate(zip(colours, shapes)):
-            r = int(third * rng.uniform(.22, .32)); m = third / 2 - r - 1
-            objs.append(dict(shape=s, colour=c, x=int((col + .5) * third + rng.uniform(-m, m)), y=int(rng.uniform(r + 2, self.size - r - 2)), r=r))
-        if rng.random() < self.p_colour:
-            p = int(rng.integers(3)); opts = sorted(COLOURS)
-            q = f"What colour is the shape on the {POSITIONS[p]}? Answer with one of: {', '.join(opts)}."
-            meta = dict(question_type="colour_of", position=POSITIONS[p], objects=objs, options=opts)
-        else:
-            o = objs[int(rng.integers(3))]
-            q = f"Where is the {o['colour']} {o['shape']}? Answer left, middle or right."
-            meta = dict(question_type="position_of", colour=o["colour"], objects=objs, options=list(POSITIONS))
-        return [draw_scene(objs, self.size)], q, self.answer_from_meta(meta), meta
+# %% ../nbs/04_data.ipynb #9547abe4
+@patch
+def _in_thirds(self: ColourPosition, rng, colours, shapes):
+    "One shape per third of the width, anywhere in its column (the layout without distractors)."
+    third, (lo, hi), objs = self.size / 3, self.radius, []
+    for col, (c, s) in enumerate(zip(colours, shapes)):
+        r = int(third * rng.uniform(lo, hi)); m = third / 2 - r - 1
+        objs.append(dict(shape=s, colour=c, x=int((col + .5) * third + rng.uniform(-m, m)), y=int(rng.uniform(r + 2, self.size - r - 2)), r=r))
+    return objs
 
-    def answer_from_meta(self, meta):
-        by_x = sorted(meta["objects"], key=lambda o: o["x"])
-        if meta["question_type"] == "colour_of": return by_x[POSITIONS.index(meta["position"])]["colour"]
-        return POSITIONS[[o["colour"] for o in by_x].index(meta["colour"])]
+@patch
+def _on_grid(self: ColourPosition, rng, colours, shapes):
+    "Main shapes, one per column in a random row, and distractors in other cells: (main objects, distractors)."
+    rows = max(3, math.ceil((3 + self.n_distractors) / 3)); w, h = self.size / 3, self.size / rows
+    def place(col, row, colour, shape):
+        r = int(min(w, h) * rng.uniform(*self.radius))
+        x = (col + .5) * w + rng.uniform(-1, 1) * (w / 2 - r - 1)
+        y = (row + .5) * h + rng.uniform(-1, 1) * (h / 2 - r - 1)
+        return dict(shape=shape, colour=colour, x=int(x), y=int(y), r=r)
+    main_rows = [int(v) for v in rng.integers(rows, size=3)]
+    objs = [place(c, main_rows[c], colours[c], shapes[c]) for c in range(3)]
+    free, extra = [(c, r) for c in range(3) for r in range(rows) if r != main_rows[c]], []
+    for k in rng.choice(len(free), size=self.n_distractors, replace=False):
+        (col, row), colour = free[k], colours[int(rng.integers(3))]
+        # not the kind of its column's main shape, nor the kind of the main shape of its colour: questions stay unique
+        kinds = [s for s in SHAPES if s != shapes[col] and s != shapes[colours.index(colour)]]
+        extra.append(place(col, row, colour, kinds[int(rng.integers(len(kinds)))]))
+    return objs, extra
+
+# %% ../nbs/04_data.ipynb #d4b543e4
+@patch
+def make(self: ColourPosition, rng, split):
+    colours = [list(COLOURS)[i] for i in rng.choice(len(COLOURS), size=3, replace=False)]
+    shapes = [SHAPES[i] for i in rng.integers(len(SHAPES), size=3)]
+    if self.n_distractors: objs, extra = self._on_grid(rng, colours, shapes)
+    else: objs, extra = self._in_thirds(rng, colours, shapes), []
+    if rng.random() < self.p_colour:
+        p = int(rng.integers(3)); opts, shape = sorted(COLOURS), shapes[p]
+        what = shape if extra else "shape"
+        q = f"What colour is the {what} on the {POSITIONS[p]}? Answer with one of: {', '.join(opts)}."
+        meta = dict(question_type="colour_of", position=POSITIONS[p], objects=objs, options=opts)
+    else:
+        o = objs[int(rng.integers(3))]; shape = o["shape"]
+        q = f"Where is the {o['colour']} {o['shape']}? Answer left, middle or right."
+        meta = dict(question_type="position_of", colour=o["colour"], objects=objs, options=list(POSITIONS))
+    if extra: meta.update(shape=shape, distractors=extra, size=self.size)
+    return [draw_scene(objs + extra, self.size)], q, self.answer_from_meta(meta), meta
+
+@patch
+def answer_from_meta(self: ColourPosition, meta):
+    if "distractors" in meta: return _answer_among_all(meta)
+    by_x = sorted(meta["objects"], key=lambda o: o["x"])
+    if meta["question_type"] == "colour_of": return by_x[POSITIONS.index(meta["position"])]["colour"]
+    return POSITIONS[[o["colour"] for o in by_x].index(meta["colour"])]
+
+def _answer_among_all(meta):
+    "With distractors: the answer of the one shape, among all in the scene, that fits the question (None if not one)."
+    third, every = meta["size"] / 3, meta["objects"] + meta["distractors"]
+    column = lambda o: POSITIONS[min(2, int(o["x"] // third))]
+    if meta["question_type"] == "colour_of":
+        fits = [o["colour"] for o in every if o["shape"] == meta["shape"] and column(o) == meta["position"]]
+    else: fits = [column(o) for o in every if o["colour"] == meta["colour"] and o["shape"] == meta["shape"]]
+    return fits[0] if len(fits) == 1 else None
 
 # %% ../nbs/04_data.ipynb #8ea89ce1
 @lru_cache(maxsize=None)
@@ -265,11 +431,12 @@ def draw_bar_chart(values: list[int], # one integer per bar
                    colours: list[str], # colour name per bar
                    max_value: int = 10, # the top of the y axis
                    size: int = 224, # chart side in pixels
+                   grid_step: int = 2, # value units between grid lines (and tick labels)
                   ) -> Image.Image:
-    "A bar chart drawn with Pillow: grid lines every 2 units, tick labels, bars labelled A, B, …."
+    "A bar chart drawn with Pillow: grid lines every `grid_step` units, tick labels, bars labelled A, B, …."
     g, img = chart_geometry(size, len(values)), Image.new("RGB", (size, size), "white")
     d, font, ph = ImageDraw.Draw(img), default_font(max(8, size // 22)), g["bottom"] - g["top"]
-    for v in range(0, max_value + 1, 2):
+    for v in range(0, max_value + 1, grid_step):
         y = g["bottom"] - v / max_value * ph
         d.line((g["left"], y, g["right"], y), fill=(215, 215, 215)); d.text((g["left"] - 3, y), str(v), fill="black", font=font, anchor="rm")
     for i, (v, c) in enumerate(zip(values, colours)):
@@ -283,13 +450,23 @@ def draw_bar_chart(values: list[int], # one integer per bar
 class BarChart(Task):
     "Read one bar's integer value (0..max_value, uniform) off a Pillow bar chart: chance 1/(max_value+1)."
     name = "bar_chart"
-    def __init__(self, size: int = 224, seed: int = 0, max_value: int = 10, # values are uniform in 0..max_value
-                 n_bars: tuple[int, int] = (3, 6), # bars per chart, inclusive range
+    levels = {0: dict(max_value=5, n_bars=(2, 3), grid_step=1), 1: dict(max_value=10, n_bars=(3, 6), grid_step=2),
+              2: dict(max_value=15, n_bars=(5, 8), grid_step=5),
+              3: dict(max_value=20, n_bars=(6, 10), grid_step=10)}  # level → settings (level 1: the defaults)
+    def __init__(self, size: int = 224, seed: int = 0,
+                 max_value: int | None = None, # values are uniform in 0..max_value
+                 n_bars: tuple[int, int] | None = None, # bars per chart, inclusive range
+                 grid_step: int | None = None, # value units between grid lines (1..max_value)
+                 level: int | None = None, # difficulty 0..3 (None: the defaults, which are level 1)
                 ):
-        super().__init__(size, seed)
-        if max_value < 1 or not 1 <= n_bars[0] <= n_bars[1] <= 26: raise ValueError(f"need max_value >= 1 and 1 <= n_bars <= 26, got {max_value}, {n_bars}")
-        self.max_value, self.n_bars = max_value, tuple(n_bars)
-        self.answer_space = tuple(str(v) for v in range(max_value + 1))
+        super().__init__(size, seed, level)
+        s = self.settings(max_value=max_value, n_bars=n_bars, grid_step=grid_step)
+        self.max_value, self.n_bars, self.grid_step = s["max_value"], tuple(s["n_bars"]), s["grid_step"]
+        if self.max_value < 1 or not 1 <= self.n_bars[0] <= self.n_bars[1] <= 26:
+            raise ValueError(f"need max_value >= 1 and 1 <= n_bars <= 26, got {self.max_value}, {self.n_bars}")
+        if not isinstance(self.grid_step, int) or not 1 <= self.grid_step <= self.max_value:
+            raise ValueError(f"grid_step must be an int in 1..max_value={self.max_value}, got {self.grid_step!r}")
+        self.answer_space = tuple(str(v) for v in range(self.max_value + 1))
 
     @property
     def chance(self): return 1 / (self.max_value + 1)
@@ -300,7 +477,7 @@ class BarChart(Task):
         colours = [list(COLOURS)[i] for i in rng.integers(len(COLOURS), size=n)]
         q = int(rng.integers(n))
         meta = dict(question_type="bar_value", values=values, colours=colours, bar=chr(65 + q), max_value=self.max_value, options=list(self.answer_space))
-        img = draw_bar_chart(values, colours, self.max_value, self.size)
+        img = draw_bar_chart(values, colours, self.max_value, self.size, self.grid_step)
         return [img], f"What is the value of bar {chr(65 + q)}? Answer with a number.", str(values[q]), meta
 
     def answer_from_meta(self, meta): return str(meta["values"][ord(meta["bar"]) - 65])
@@ -332,25 +509,53 @@ def digit_image(index: int, # index into `load_digit_images()`
     g = (255 - load_digit_images()[0][index] * (255 / 16)).astype(np.uint8)
     return Image.fromarray(g, "L").resize((side, side), Image.BILINEAR).convert("RGB")
 
+# digits → (their centres, the range of their side, x jitter, y jitter), all as shares of the image side
+DIGIT_LAYOUTS = {1: ((.5,), (.34, .40), .03, .15), 2: ((.27, .73), (.34, .40), .03, .15),
+                 3: ((.19, .5, .81), (.19, .23), .02, .08), 4: ((.155, .385, .615, .845), (.14, .17), .015, .06)}
+
 class DigitSum(Task):
-    "The sum of two handwritten digits (sklearn's digits, split by image): chance 0.1 (always guessing 9)."
+    "The sum of 1–4 handwritten digits (sklearn's digits, split by image): chance = the most likely sum's probability."
     name = "digit_sum"
-    answer_space = tuple(str(v) for v in range(19))
-    chance = 0.1
+    levels = {0: dict(n_digits=1), 1: dict(n_digits=2), 2: dict(n_digits=3), 3: dict(n_digits=4)}  # level → settings
+    def __init__(self, size: int = 224, seed: int = 0, n_digits: int | None = None, # digits to add, 1..4 (one: read it)
+                 level: int | None = None, # difficulty 0..3 (None: the defaults, which are level 1)
+                ):
+        super().__init__(size, seed, level)
+        self.n_digits = self.settings(n_digits=n_digits)["n_digits"]
+        if self.n_digits not in DIGIT_LAYOUTS:
+            raise ValueError(f"n_digits must be in 1..{len(DIGIT_LAYOUTS)}, got {self.n_digits!r}")
+        self.answer_space = tuple(str(v) for v in range(9 * self.n_digits + 1))
+
+    @property
+    def chance(self):
+        "The probability of the most likely sum of n_digits uniform digits (0.1 for one or two)."
+        ways = np.ones(1, dtype=np.int64)
+        for _ in range(self.n_digits): ways = np.convolve(ways, np.ones(10, dtype=np.int64))
+        return int(ways.max()) / 10 ** self.n_digits
 
     def make(self, rng, split):
         pool, labels = digit_pool(split), load_digit_images()[1]
-        ab = [int(v) for v in rng.integers(10, size=2)]
+        ab = [int(v) for v in rng.integers(10, size=self.n_digits)]
         idx = [int(rng.choice(pool[labels[pool] == v])) for v in ab]
-        S, side = self.size, int(self.size * rng.uniform(.34, .40))
+        centres, (lo, hi), jx, jy = DIGIT_LAYOUTS[self.n_digits]
+        S, side = self.size, int(self.size * rng.uniform(lo, hi))
         img = Image.new("RGB", (S, S), "white")
-        for k, i in enumerate(idx):
-            x = int((.27 if k == 0 else .73) * S - side / 2 + rng.uniform(-.03, .03) * S)
-            img.paste(digit_image(i, side), (x, int(S / 2 - side / 2 + rng.uniform(-.15, .15) * S)))
-        d = ImageDraw.Draw(img); c, a = S // 2, max(3, S // 28)
-        d.line((c - a, c, c + a, c), fill="black", width=max(1, S // 90)); d.line((c, c - a, c, c + a), fill="black", width=max(1, S // 90))
+        for c, i in zip(centres, idx):
+            x = int(c * S - side / 2 + rng.uniform(-jx, jx) * S)
+            img.paste(digit_image(i, side), (x, int(S / 2 - side / 2 + rng.uniform(-jy, jy) * S)))
+        self._plus_signs(ImageDraw.Draw(img), centres)
         meta = dict(question_type="digit_sum", digit_indices=idx, options=list(self.answer_space))
-        return [img], "What is the sum of the two digits? Answer with a number.", str(sum(ab)), meta
+        return [img], self._question(), str(sum(ab)), meta
+
+    def _plus_signs(self, d, centres):
+        "A plus sign half-way between each pair of neighbouring digits."
+        S = self.size; a, w, y = max(3, S // (14 * max(2, len(centres)))), max(1, S // 90), S // 2
+        for x in (int(S * (p + q) / 2) for p, q in zip(centres, centres[1:])):
+            d.line((x - a, y, x + a, y), fill="black", width=w); d.line((x, y - a, x, y + a), fill="black", width=w)
+
+    def _question(self):
+        if self.n_digits == 1: return "What is the digit? Answer with a number."
+        return f"What is the sum of the {('two', 'three', 'four')[self.n_digits - 2]} digits? Answer with a number."
 
     def answer_from_meta(self, meta): return str(int(sum(load_digit_images()[1][i] for i in meta["digit_indices"])))
 
@@ -373,16 +578,34 @@ def word_label(word: str, # the text
 class SmallWord(Task):
     "Read a small word (10 px font) placed at random in a large cluttered image: chance 1/len(words)."
     name = "small_word"
+    levels = {0: dict(font_size=20, n_clutter=20, n_decoys=2), 1: dict(font_size=10, n_clutter=60, n_decoys=6),
+              2: dict(font_size=8, n_clutter=90, n_decoys=10),
+              3: dict(font_size=7, n_clutter=120, n_decoys=14)}  # level → settings (level 1: the defaults)
     def __init__(self, size: int = 1024, seed: int = 0, height: int | None = None, # image height (default 3/4 of `size`)
-                 font_size: int = 10, # word height in pixels
-                 n_clutter: int = 60, # random shapes and lines drawn behind the word
-                 n_decoys: int = 6, # blank labels like the word's, so the label alone does not give the place away
+                 font_size: int | None = None, # word height in pixels (>= 4)
+                 n_clutter: int | None = None, # random shapes and lines drawn behind the word
+                 n_decoys: int | None = None, # blank labels like the word's: the label alone does not give the place away
                  words: tuple = WORDS, # the vocabulary
+                 level: int | None = None, # difficulty 0..3 (None: the defaults, which are level 1)
                 ):
-        super().__init__(size, seed)
-        self.height, self.font_size, self.n_clutter, self.n_decoys = height or size * 3 // 4, font_size, n_clutter, n_decoys
+        super().__init__(size, seed, level)
+        s = self.settings(font_size=font_size, n_clutter=n_clutter, n_decoys=n_decoys)
+        self.height = height or size * 3 // 4
+        self.font_size, self.n_clutter, self.n_decoys = s["font_size"], s["n_clutter"], s["n_decoys"]
         if len(set(words)) < 2: raise ValueError(f"need at least two distinct words, got {words!r}")
         self.words = self.answer_space = tuple(words)
+        self._check_fits()
+
+    def _check_fits(self):
+        "ValueError unless font_size >= 4, the counts are >= 0 and every label (and decoy, 1.6× as wide) fits the image."
+        if self.font_size < 4 or self.n_clutter < 0 or self.n_decoys < 0:
+            raise ValueError(f"need font_size >= 4, n_clutter >= 0 and n_decoys >= 0, "
+                             f"got {self.font_size}, {self.n_clutter}, {self.n_decoys}")
+        labels = [word_label(w, self.font_size) for w in self.words]
+        w, h = max(x.width for x in labels) * (1.6 if self.n_decoys else 1), max(x.height for x in labels)
+        if w >= self.size or h >= self.height:
+            raise ValueError(f"{self.font_size} px labels need {w:.0f}×{h} px (decoys included), "
+                             f"more than the {self.size}×{self.height} image")
 
     @property
     def chance(self): return 1 / len(self.words)
@@ -415,26 +638,40 @@ class SmallWord(Task):
 
 # %% ../nbs/04_data.ipynb #ad34fd9d
 class CompareCount(Task):
-    "Which of 2–3 images has the most circles? Answer 'Image-k': chance 1/n_images."
+    "Which of 2–4 images has the most circles? Answer 'Image-k': chance 1/n_images."
     name = "compare_count"
-    def __init__(self, size: int = 224, seed: int = 0, n_images: int = 2, # images per sample (2 or 3)
+    levels = {0: dict(n_images=2, max_count=4, max_distractors=0, cells=3),
+              1: dict(n_images=2, max_count=6, max_distractors=3, cells=4),
+              2: dict(n_images=3, max_count=8, max_distractors=5, cells=4),
+              3: dict(n_images=4, max_count=10, max_distractors=8, cells=5)}  # level → settings (level 1: the defaults)
+    def __init__(self, size: int = 224, seed: int = 0, n_images: int | None = None, # images per sample (2..4)
                  shape: str = "circle", # the shape to count
+                 max_count: int | None = None, # the images hold different numbers of the shape, in 1..max_count
+                 max_distractors: int | None = None, # up to this many shapes of other kinds per image
+                 cells: int | None = None, # shapes sit in a cells × cells grid, one a cell: fewer cells, bigger shapes
+                 level: int | None = None, # difficulty 0..3 (None: the defaults, which are level 1)
                 ):
-        super().__init__(size, seed)
-        if n_images not in (2, 3): raise ValueError(f"n_images must be 2 or 3, got {n_images}")
+        super().__init__(size, seed, level)
+        s = self.settings(n_images=n_images, max_count=max_count, max_distractors=max_distractors, cells=cells)
+        self.n_images, self.max_count = s["n_images"], s["max_count"]
+        self.max_distractors, self.cells = s["max_distractors"], s["cells"]
+        if self.n_images not in (2, 3, 4): raise ValueError(f"n_images must be 2, 3 or 4, got {self.n_images}")
         if shape not in SHAPES: raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
-        self.n_images, self.shape = n_images, shape
-        self.answer_space = tuple(f"Image-{i + 1}" for i in range(n_images))
+        if self.max_count < self.n_images:
+            raise ValueError(f"max_count must be >= n_images (the counts differ), got {self.max_count} < {self.n_images}")
+        _check_grid(self.max_count, self.max_distractors, self.cells)
+        self.shape, self.answer_space = shape, tuple(f"Image-{i + 1}" for i in range(self.n_images))
 
     @property
     def chance(self): return 1 / self.n_images
 
     def make(self, rng, split):
-        counts = [int(c) + 1 for c in rng.choice(6, size=self.n_images, replace=False)]
+        counts = [int(c) + 1 for c in rng.choice(self.max_count, size=self.n_images, replace=False)]
         others, scenes = [s for s in SHAPES if s != self.shape], []
         for k in counts:
-            nd = int(rng.integers(0, 4))
-            scenes.append(_objects(rng, [self.shape] * k + [others[i] for i in rng.integers(len(others), size=nd)], self.size))
+            nd = int(rng.integers(0, self.max_distractors + 1))
+            shapes = [self.shape] * k + [others[i] for i in rng.integers(len(others), size=nd)]
+            scenes.append(_objects(rng, shapes, self.size, self.cells))
         opts = list(self.answer_space)
         q = (f"Which image has more {_plural(self.shape)}? Answer Image-1 or Image-2." if self.n_images == 2 else
              f"Which image has the most {_plural(self.shape)}? Answer {', '.join(opts[:-1])} or {opts[-1]}.")
@@ -451,13 +688,27 @@ class VideoMotion(Task):
     name = "video_motion"
     video = True
     answer_space = SHAPES
+    levels = {0: dict(n_objects=2, travel=(.5, .9)), 1: dict(n_objects=3, travel=(.5, .9)),
+              2: dict(n_objects=4, travel=(.2, .4)), 3: dict(n_objects=6, travel=(.06, .15))}  # level → settings
     def __init__(self, size: int = 224, seed: int = 0, n_frames: int = 6, # frames per video
-                 n_objects: int = 3, # shapes per video, one of which moves
+                 n_objects: int | None = None, # shapes per video, one of which moves (2..6)
+                 travel: tuple[float, float] | None = None, # the mover's path range, as a share of its lane's free width
+                 level: int | None = None, # difficulty 0..3 (None: the defaults, which are level 1)
                 ):
-        super().__init__(size, seed)
+        super().__init__(size, seed, level)
         if not 2 <= n_frames <= 32: raise ValueError(f"n_frames must be in 2..32, got {n_frames}")
-        if not 2 <= n_objects <= 4: raise ValueError(f"n_objects must be in 2..4, got {n_objects}")
-        self.n_frames, self.n_objects = n_frames, n_objects
+        s = self.settings(n_objects=n_objects, travel=travel)
+        self.n_frames, self.n_objects, self.travel = n_frames, s["n_objects"], tuple(s["travel"])
+        if not 2 <= self.n_objects <= len(SHAPES):
+            raise ValueError(f"n_objects must be in 2..{len(SHAPES)}, got {self.n_objects}")
+        if len(self.travel) != 2 or not 0 < self.travel[0] <= self.travel[1] <= 1:
+            raise ValueError(f"travel must be (low, high) with 0 < low <= high <= 1, got {s['travel']}")
+        if self.travel[0] * self._room() <= 1:
+            raise ValueError(f"the moving shape could travel only {self.travel[0] * self._room():.1f} px "
+                             f"(travel {self.travel} of {self._room()} px); raise travel or size")
+
+    def _radius(self): return int(min(self.size / self.n_objects * .35, self.size * .09))
+    def _room(self): return self.size - 2 * self._radius() - 4  # the free width a shape's centre can move in
 
     @property
     def chance(self): return 1 / self.n_objects
@@ -466,11 +717,11 @@ class VideoMotion(Task):
         S, F, n = self.size, self.n_frames, self.n_objects
         shapes = [SHAPES[i] for i in rng.choice(len(SHAPES), size=n, replace=False)]
         colours = [list(COLOURS)[i] for i in rng.choice(len(COLOURS), size=n, replace=False)]
-        lane, mover, objs = S / n, int(rng.integers(n)), []
+        lane, mover, objs, r, room = S / n, int(rng.integers(n)), [], self._radius(), self._room()
         for k, lk in enumerate(rng.permutation(n)):
-            r = int(min(lane * .35, S * .09)); y = int((lk + .5) * lane)
+            y = int((lk + .5) * lane)
             if k == mover:
-                room = S - 2 * r - 4; travel = rng.uniform(.5, .9) * room
+                travel = rng.uniform(*self.travel) * room
                 x0 = r + 2 + rng.uniform(0, room - travel); step = travel / (F - 1)
                 if rng.random() < .5: x0, step = x0 + travel, -step
                 xs = [int(round(x0 + step * f)) for f in range(F)]
@@ -493,33 +744,6 @@ def make_task(name: str, # a key of `TASKS`
     if name not in TASKS: raise ValueError(f"unknown task {name!r}; expected one of {sorted(TASKS)}")
     return TASKS[name](**kwargs)
 
-# %% ../nbs/04_data.ipynb #6c45da48
-def sample_strip(sample: dict, # a task sample
-                 height: int = 160, # height of the strip in pixels
-                ) -> Image.Image:
-    "The sample's images (or frames) resized to one height and laid side by side with a 4 px gap."
-    ims = [im.resize((max(1, round(im.width * height / im.height)), height)) for im in sample["images"]]
-    out = Image.new("RGB", (sum(i.width for i in ims) + 4 * (len(ims) - 1), height), "white")
-    x = 0
-    for im in ims: out.paste(im, (x, 0)); x += im.width + 4
-    return out
-
-def show_samples(samples: list[dict], # samples to draw
-                 ncols: int = 4, # panels per row
-                 width: float = 4.0, # inches per panel
-                ):
-    "A matplotlib figure with one panel per sample: its images, the question and the answer."
-    import matplotlib.pyplot as plt, textwrap
-    nrows = math.ceil(len(samples) / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(width * ncols, width * .95 * nrows), squeeze=False)
-    for ax in axes.flat: ax.axis("off")
-    for ax, s in zip(axes.flat, samples):
-        ax.imshow(sample_strip(s))
-        q = re.sub(r"(Image-\d: )?<(image|video)>\n", "", s["conversation"][0]["content"])
-        ax.set_title(f"{s['task']}\n" + textwrap.fill(q, 44) + f"\n→ {s['answer']}", fontsize=8)
-    fig.tight_layout()
-    return fig
-
 # %% ../nbs/04_data.ipynb #dec6a690
 def image_hash(img: Image.Image) -> str:
     "A content hash of an image (mode, size and pixels)."
@@ -531,23 +755,76 @@ def placeholders_match(sample: dict) -> bool:
     if sample.get("video"): return text.count(VIDEO) == 1 and text.count(IMAGE) == 0 and len(sample["images"]) >= 1
     return text.count(IMAGE) == len(sample["images"]) and text.count(VIDEO) == 0
 
+# %% ../nbs/04_data.ipynb #70a4ed4e
+@dataclass
+class BlindBaseline:
+    "How well the question alone predicts the answer: fitted on train samples, scored on test samples."
+    accuracy: float  # share of test samples whose answer is the most probable option of their question
+    loss: float  # mean cross-entropy -ln p(answer | question) over the test samples, in nats
+    uniform_loss: float  # mean ln(number of options): the loss of a uniform guess over the options
+    n_train: int  # samples the answer frequencies were counted on
+    n_test: int  # samples scored
+    unseen: int  # test questions never seen in train, scored with the frequencies of their question type
+
+def _answer_counts(train, key):
+    "Answer counts per question key and per question type, and the number of samples counted."
+    by_key, by_type, n = {}, {}, 0
+    for s in train:
+        by_key.setdefault(key(s), Counter())[s["answer"]] += 1
+        by_type.setdefault(sample_meta(s)["question_type"], Counter())[s["answer"]] += 1; n += 1
+    return by_key, by_type, n
+
+def _most_probable(counts: Counter, opts: list) -> str:
+    "The option counted most often; a tie goes to the answer counted first, then to the option listed first."
+    first = {a: i for i, a in enumerate(counts)}
+    return min(opts, key=lambda o: (-counts[o], first.get(o, len(first)), opts.index(o)))
+
+def blind_baseline(train: Iterable[dict], # samples the answer frequencies are fitted on
+                   test: Iterable[dict], # samples they are scored on
+                   key: Callable[[dict], str] = question_text, # what counts as the same question (default: its text)
+                  ) -> BlindBaseline:
+    "Accuracy and loss (nats) of the best image-blind predictor: per question, add-one smoothed answer frequencies."
+    by_key, by_type, n_train = _answer_counts(train, key)
+    if not n_train: raise ValueError("blind_baseline needs train samples, got none")
+    hits, nll, uniform, unseen, n = 0, 0.0, 0.0, 0, 0
+    for s in test:
+        m, k = sample_meta(s), key(s)
+        counts, unseen = by_key.get(k) or by_type.get(m["question_type"], Counter()), unseen + (k not in by_key)
+        opts = list(m["options"])
+        if s["answer"] not in opts:
+            raise ValueError(f"sample {s.get('id', n)}: answer {s['answer']!r} is not one of its options {opts}")
+        c = [counts[o] + 1 for o in opts]
+        hits += _most_probable(counts, opts) == s["answer"]; nll -= math.log(c[opts.index(s["answer"])] / sum(c))
+        uniform += math.log(len(opts)); n += 1
+    if not n: raise ValueError("blind_baseline needs test samples, got none")
+    return BlindBaseline(hits / n, nll / n, uniform / n, n_train, n, unseen)
+
+# %% ../nbs/04_data.ipynb #fe56de93
+def task_blind_baseline(task: Task, # the task to measure
+                        n_train: int = 2000, # train samples the answer frequencies are fitted on
+                        n_test: int = 400, # samples of `split` they are scored on
+                        split: str = "test", # 'validation' or 'test'
+                       ) -> BlindBaseline:
+    "The image-blind baseline of a task: fitted on `n_train` train samples, scored on `n_test` samples of `split`."
+    if check_split(split) == 0:
+        raise ValueError("split must be 'validation' or 'test': the baseline is scored on samples it was not fitted on")
+    return blind_baseline(task.stream("train", n_train), task.stream(split, n_test))
+
 # %% ../nbs/04_data.ipynb #069b04f6
+def _answer_position(sample):
+    "A sample reduced to its question type and the position of its answer among its options."
+    m = sample_meta(sample)
+    return dict(answer=str(m["options"].index(sample["answer"])),
+                meta=dict(question_type=m["question_type"], options=[str(i) for i in range(len(m["options"]))]))
+
 def blind_accuracy(samples: Iterable[dict], # samples of one task (`meta` with question_type and options)
                   ) -> float:
     "Cross-fitted accuracy of the best image-blind guess per question type (the most often right option position)."
-    rows = []
-    for s in samples:
-        m = json.loads(s["meta"]) if isinstance(s["meta"], str) else s["meta"]
-        rows.append((m["question_type"], m["options"].index(s["answer"])))
+    rows = [_answer_position(s) for s in samples]
     if len(rows) < 2: raise ValueError(f"blind_accuracy needs at least two samples, got {len(rows)}")
-    hits = 0
-    for h in (0, 1):
-        fit: dict = {}
-        for i, (q, pos) in enumerate(rows):
-            if i % 2 != h: fit.setdefault(q, Counter())[pos] += 1
-        best = {q: c.most_common(1)[0][0] for q, c in fit.items()}
-        hits += sum(best.get(q, 0) == pos for i, (q, pos) in enumerate(rows) if i % 2 == h)
-    return hits / len(rows)
+    qtype, (even, odd) = (lambda r: r["meta"]["question_type"]), (rows[0::2], rows[1::2])
+    fits = blind_baseline(odd, even, qtype), blind_baseline(even, odd, qtype)
+    return sum(round(b.accuracy * b.n_test) for b in fits) / len(rows)
 
 # %% ../nbs/04_data.ipynb #aaaf9947
 def _datasets():

@@ -1,6 +1,6 @@
 """mmlit.data: procedural tasks (determinism, disjoint splits, verifiable answers, chance levels), datasets,
 mixtures, filters and loss re-weighting (exact values, packing, the cross-process denominator on real gloo ranks)."""
-import json, math, subprocess, sys, textwrap
+import inspect, itertools, json, math, re, subprocess, sys, textwrap
 from collections import Counter
 
 import numpy as np
@@ -10,11 +10,13 @@ import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 from PIL import Image
 
-from mmlit.data import (COLOURS, SPLITS, TASKS, BarChart, ColourPosition, CompareCount, DigitSum, Mixture, ShapeCount,
-                        SmallWord, Task, VideoMotion, apply_filters, blind_accuracy, chart_geometry, digit_pool, draw_scene,
-                        heuristic_filter, image_hash, load_digit_images, loss_weights, make_task, mean_across_ranks,
-                        media, placeholders_match, repeat_indices, repetition_filter, repetition_score, sample_rng,
-                        score_filter, supervised_counts, to_dataset, weighted_loss, word_label)
+from mmlit.data import (COLOURS, DEFAULT_LEVEL, LEVELS, SPLITS, TASKS, BarChart, BlindBaseline, ColourPosition,
+                        CompareCount, DigitSum, Mixture, ShapeCount, SmallWord, Task, VideoMotion, apply_filters,
+                        blind_accuracy, blind_baseline, chart_geometry, digit_pool, draw_scene, heuristic_filter,
+                        image_hash, load_digit_images, loss_weights, make_task, mean_across_ranks, media,
+                        placeholders_match, question_text, repeat_indices, repetition_filter, repetition_score,
+                        sample_rng, score_filter, supervised_counts, task_blind_baseline, to_dataset, weighted_loss,
+                        word_label)
 
 N = {"train": 300, "validation": 100, "test": 200}
 
@@ -169,6 +171,196 @@ def test_bad_requests_raise_value_errors():
                       (lambda: to_dataset(t, "train"), "needs n"), (lambda: Mixture([]), "at least one"),
                       (lambda: Mixture([(t, -1)], n=5), "> 0"), (lambda: Mixture([(t, 1)], split="dev", n=5), "unknown split")]:
         with pytest.raises(ValueError, match=msg): call()
+
+# --- difficulty levels -------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def levelled():
+    "Train samples of every task at every level, drawn once for the module."
+    n = lambda name: 40 if name == "small_word" else 150
+    return {name: {level: list(make_task(name, level=level).stream("train", n(name))) for level in LEVELS} for name in TASKS}
+
+def _rising(xs): return all(a < b for a, b in zip(xs, xs[1:]))
+def _falling(xs): return _rising([-x for x in xs])
+def _mean(xs): return float(np.mean(list(xs)))
+
+@pytest.mark.parametrize("name", list(TASKS))
+def test_every_level_draws_verified_samples(name, levelled):
+    for level in LEVELS:
+        t = make_task(name, level=level)
+        assert t.level == level and f"level={level}," in repr(t) and t.overrides == {}
+        for s in levelled[name][level]:
+            assert t.verify(s) and placeholders_match(s), s["id"]
+            assert s["answer"] in t.answer_space and set(s["meta"]["options"]) <= set(t.answer_space)
+            assert s["meta"]["level"] == level
+            assert json.loads(json.dumps(s["meta"])) == s["meta"]
+
+@pytest.mark.parametrize("name", list(TASKS))
+def test_chance_at_every_level_matches_the_blind_guesser(name, levelled):
+    for level in LEVELS:
+        t, ss = make_task(name, level=level), levelled[name][level]
+        tol = 3 * math.sqrt(t.chance * (1 - t.chance) / len(ss)) + 0.02
+        assert abs(blind_accuracy(ss) - t.chance) < tol, (level, blind_accuracy(ss), t.chance)
+
+@pytest.mark.parametrize("name", list(TASKS))
+def test_the_default_level_is_the_task_without_a_level(name):
+    for i in (0, 5):
+        a, b = make_task(name).sample(i, "validation"), make_task(name, level=DEFAULT_LEVEL).sample(i, "validation")
+        assert [image_hash(x) for x in a["images"]] == [image_hash(x) for x in b["images"]]
+        assert a["conversation"] == b["conversation"]
+        assert "level" not in a["meta"] and b["meta"] == dict(a["meta"], level=DEFAULT_LEVEL)
+    t, cls = make_task(name), TASKS[name]
+    assert t.level == DEFAULT_LEVEL and all(getattr(t, k) == v for k, v in cls.levels[DEFAULT_LEVEL].items())
+    params = inspect.signature(cls.__init__).parameters     # what a recipe's task entry is checked against
+    assert "level" in params and set(cls.levels[DEFAULT_LEVEL]) <= set(params) and sorted(cls.levels) == list(LEVELS)
+
+def test_chance_and_answer_space_never_grow_easier(levelled):
+    for name in TASKS:
+        ts = [make_task(name, level=level) for level in LEVELS]
+        assert all(a.chance >= b.chance for a, b in zip(ts, ts[1:])), name
+        assert all(len(a.answer_space) <= len(b.answer_space) for a, b in zip(ts, ts[1:])), name
+
+def test_levels_get_harder_in_the_intended_direction(levelled):
+    L = levelled
+    count = [L["count"][lv] for lv in LEVELS]
+    assert _rising([max(int(s["answer"]) for s in ss) for ss in count])                              # more to count
+    assert _falling([_mean(o["r"] for s in ss for o in s["meta"]["objects"]) for ss in count])         # smaller shapes
+    assert _rising([_mean(len(s["meta"]["objects"]) - int(s["answer"]) for s in ss) for ss in count])  # more distractors
+    assert max(len({o["shape"] for o in s["meta"]["objects"]}) for s in count[0]) == 2      # one other kind at level 0
+    cp = [L["colour_position"][lv] for lv in LEVELS]
+    assert _falling([_mean(o["r"] for s in ss for o in s["meta"]["objects"]) for ss in cp])
+    assert [max(len(s["meta"].get("distractors", [])) for s in ss) for ss in cp] == [0, 0, 3, 6]
+    bars = [L["bar_chart"][lv] for lv in LEVELS]
+    assert _rising([max(int(s["answer"]) for s in ss) for ss in bars])
+    assert _rising([_mean(len(s["meta"]["values"]) for s in ss) for ss in bars])
+    assert _rising([make_task("bar_chart", level=lv).grid_step for lv in LEVELS])
+    assert [{len(s["meta"]["digit_indices"]) for s in L["digit_sum"][lv]} for lv in LEVELS] == [{1}, {2}, {3}, {4}]
+    letter_width = lambda s: (s["meta"]["box"][2] - s["meta"]["box"][0]) / len(s["answer"])
+    assert _falling([_mean(letter_width(s) for s in L["small_word"][lv]) for lv in LEVELS])
+    assert _rising([make_task("small_word", level=lv).n_decoys for lv in LEVELS])
+    cmp = [L["compare_count"][lv] for lv in LEVELS]
+    assert [len(ss[0]["images"]) for ss in cmp] == [2, 2, 3, 4]
+    assert _rising([_mean(len(sc) for s in ss for sc in s["meta"]["scenes"]) for ss in cmp])
+    assert _falling([_mean(o["r"] for s in ss[:40] for sc in s["meta"]["scenes"] for o in sc) for ss in cmp[1:]])
+    video = [L["video_motion"][lv] for lv in LEVELS]
+    assert [len(ss[0]["meta"]["objects"]) for ss in video] == [2, 3, 4, 6]
+    travelled = lambda s: max(abs(o["xs"][-1] - o["xs"][0]) for o in s["meta"]["objects"])
+    assert _falling([_mean(travelled(s) for s in ss) for ss in video[1:]])
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_pixels_agree_with_the_scene_at_every_level(level, levelled):
+    L = levelled
+    for name in ("count", "compare_count"):
+        for s in L[name][level][:30]:
+            scenes = s["meta"]["scenes"] if name == "compare_count" else [s["meta"]["objects"]]
+            assert [image_hash(draw_scene(o, 224)) for o in scenes] == [image_hash(im) for im in s["images"]]
+    for s in L["bar_chart"][level][:60]:
+        m, a = s["meta"], np.asarray(s["images"][0])
+        g = chart_geometry(a.shape[1], len(m["values"])); ph = g["bottom"] - g["top"]
+        for (x0, x1), v, c in zip(g["bars"], m["values"], m["colours"]):
+            height = int((a[g["top"]:g["bottom"], (x0 + x1) // 2] == np.array(COLOURS[c])).all(1).sum())
+            assert round(height / ph * m["max_value"]) == v
+    for s in L["small_word"][level][:10]:
+        label = word_label(s["meta"]["word"], s["meta"]["font_size"])
+        assert image_hash(s["images"][0].crop(tuple(s["meta"]["box"]))) == image_hash(label)
+    for s in L["video_motion"][level][:30]:
+        f0, f1 = (np.asarray(s["images"][i]).astype(int) for i in (0, -1))
+        mover = next(o for o in s["meta"]["objects"] if o["shape"] == s["answer"])
+        assert {tuple(p) for p in f0[(f0 != f1).any(-1)]} <= {COLOURS[mover["colour"]], (246, 244, 238)}
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_colour_position_answers_read_from_the_pixels(level, levelled):
+    "The shape a question names is found by its colour and kind in the pixels, among the distractors too, and only once."
+    for s in levelled["colour_position"][level]:
+        a, m, q = np.asarray(s["images"][0]), s["meta"], question_text(s)
+        every = m["objects"] + m.get("distractors", [])
+        assert all(tuple(a[o["y"], o["x"]]) == COLOURS[o["colour"]] for o in every)
+        assert image_hash(draw_scene(every, 224)) == image_hash(s["images"][0])
+        third = lambda o: ("left", "middle", "right")[o["x"] * 3 // 224]
+        if q.startswith("What colour"):
+            kind, pos = re.match(r"What colour is the (\w+) on the (\w+)\?", q).groups()
+            fits = [o for o in every if (kind == "shape" or o["shape"] == kind) and third(o) == pos]
+            assert len(fits) == 1 and COLOURS[s["answer"]] == tuple(a[fits[0]["y"], fits[0]["x"]])
+        else:
+            colour, kind = re.match(r"Where is the (\w+) (\w+)\?", q).groups()
+            fits = [o for o in every if tuple(a[o["y"], o["x"]]) == COLOURS[colour] and o["shape"] == kind]
+            assert len(fits) == 1 and third(fits[0]) == s["answer"]
+
+def test_levels_are_checked_and_keywords_override_them():
+    with pytest.raises(ValueError, match=r"unknown level 4 for task 'count'; its levels are \[0, 1, 2, 3\]"):
+        make_task("count", level=4)
+    with pytest.raises(ValueError, match="unknown level True"): make_task("count", level=True)
+    t = make_task("count", level=3, max_count=4)
+    assert (t.max_count, t.cells, t.level, t.overrides, t.chance) == (4, 6, 3, {"max_count": 4}, 0.25)
+    assert t.answer_space == ("1", "2", "3", "4")
+    assert t.sample(0)["meta"]["level"] == 3 and "level=3, max_count=4," in repr(t)
+    assert make_task("colour_position", radius=[.1, .2]).radius == (.1, .2)            # YAML gives lists
+    assert make_task("bar_chart", level=0, n_bars=[2, 4]).n_bars == (2, 4)
+    for call, msg in [(lambda: ShapeCount(level=3, cells=4), "cells²"), (lambda: ShapeCount(n_kinds=7), "n_kinds"),
+                      (lambda: ColourPosition(radius=(.2, .1)), "radius"),
+                      (lambda: ColourPosition(n_distractors=-1), "n_distractors"),
+                      (lambda: BarChart(grid_step=0), "grid_step"), (lambda: DigitSum(n_digits=0), "n_digits"),
+                      (lambda: SmallWord(size=128, font_size=40), "image"), (lambda: SmallWord(n_decoys=-1), "n_decoys"),
+                      (lambda: CompareCount(n_images=4, max_count=3), "max_count must be >= n_images"),
+                      (lambda: CompareCount(max_count=14), "cells²"), (lambda: VideoMotion(n_objects=7), "n_objects"),
+                      (lambda: VideoMotion(travel=(.5, .2)), "travel"),
+                      (lambda: VideoMotion(size=32, travel=(.01, .02)), "could travel only")]:
+        with pytest.raises(ValueError, match=msg): call()
+
+def test_digit_sum_chance_is_the_most_likely_sum():
+    for n in (1, 2, 3, 4):
+        sums = Counter(sum(d) for d in itertools.product(range(10), repeat=n))
+        assert DigitSum(n_digits=n).chance == max(sums.values()) / 10 ** n
+
+# --- the image-blind baseline ------------------------------------------------------------------------------------------
+
+def _qa(q, a, opts, qtype="q"):
+    conv = [{"role": "user", "content": f"<image>\n{q}"}, {"role": "assistant", "content": a}]
+    return dict(conversation=conv, answer=a, meta=dict(question_type=qtype, options=opts))
+
+def test_blind_baseline_of_uniform_counts_is_chance_and_ln6():
+    b = task_blind_baseline(make_task("count"), n_train=3000, n_test=1500)
+    assert abs(b.accuracy - 1 / 6) < 3 * math.sqrt(1 / 6 * 5 / 6 / 1500) + 0.005, b
+    assert abs(b.loss - math.log(6)) < 0.03 and b.uniform_loss == pytest.approx(math.log(6)) and b.unseen == 0, b
+    assert (b.n_train, b.n_test) == (3000, 1500)
+
+def test_blind_baseline_when_the_question_decides_the_answer():
+    train = [_qa(f"What is {k} + 1?", str(k + 1), [str(i) for i in range(12)]) for k in range(10)] * 300
+    b = blind_baseline(train, train[:100])
+    assert b.accuracy == 1 and b.loss < 0.05 and b.unseen == 0          # p = 301 / 312 per question
+    assert blind_baseline(train, train[:100], key=lambda s: "one question").accuracy == pytest.approx(0.1)
+
+def test_blind_baseline_falls_back_on_the_question_type():
+    train = [_qa("Q1", "a", ["a", "b"], "t")] * 3 + [_qa("Q2", "b", ["a", "b"], "t")]
+    b = blind_baseline(train, [_qa("Q3", "a", ["a", "b"], "t"), _qa("Q4", "b", ["a", "b"], "other")])
+    # Q3: type t counted a 3 times and b once, so p(a) = 4/6; Q4: its type was never seen: uniform, first option 'a' guessed
+    assert b.unseen == 2 and b.accuracy == 0.5 and b.loss == pytest.approx(-(math.log(4 / 6) + math.log(1 / 2)) / 2)
+
+def test_blind_baseline_reads_datasets_and_refuses_bad_input():
+    ds = to_dataset(ShapeCount(), "train", 30)
+    assert blind_baseline(ds, ds).n_test == 30 and isinstance(blind_baseline(ds, ds), BlindBaseline)
+    for call, msg in [(lambda: blind_baseline([], ds), "needs train samples"),
+                      (lambda: blind_baseline(ds, []), "needs test samples"),
+                      (lambda: blind_baseline(ds, [_qa("Q", "7", ["1", "2"])]), "'7' is not one of its options"),
+                      (lambda: task_blind_baseline(ShapeCount(), 10, 10, "train"), "split must be 'validation' or 'test'")]:
+        with pytest.raises(ValueError, match=msg): call()
+
+def _blind_accuracy_by_hand(samples):
+    "The cross-fitted best option position per question type, counted directly (as before blind_baseline existed)."
+    rows = [(s["meta"]["question_type"], s["meta"]["options"].index(s["answer"])) for s in samples]
+    hits = 0
+    for h in (0, 1):
+        fit = {}
+        for i, (q, pos) in enumerate(rows):
+            if i % 2 != h: fit.setdefault(q, Counter())[pos] += 1
+        best = {q: c.most_common(1)[0][0] for q, c in fit.items()}
+        hits += sum(best.get(q, 0) == pos for i, (q, pos) in enumerate(rows) if i % 2 == h)
+    return hits / len(rows)
+
+def test_blind_accuracy_equals_the_direct_count(drawn, levelled):
+    for name in TASKS:
+        assert blind_accuracy(drawn[name]["train"]) == _blind_accuracy_by_hand(drawn[name]["train"]), name
+        assert blind_accuracy(levelled[name][3]) == _blind_accuracy_by_hand(levelled[name][3]), name
 
 # --- datasets ----------------------------------------------------------------------------------------------------------
 
