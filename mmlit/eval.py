@@ -6,6 +6,7 @@
 from __future__ import annotations
 import itertools, json, math, os, re, tempfile, time, unicodedata, zlib
 from collections import Counter
+from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from statistics import NormalDist
@@ -14,14 +15,15 @@ import numpy as np
 import torch
 from fastcore.basics import patch
 from .data import TASKS, Task, make_task, media, repetition_score
-from .processing import MMProcessor
+from .processing import IGNORE_INDEX, MMProcessor
 
 # %% auto #0
 __all__ = ['MAX_ANSWER_CHARS', 'MAX_REPETITION', 'ANSWER_KINDS', 'answer_tag', 'last_boxed', 'answer_phrase', 'last_number',
            'option_letter', 'short_text', 'repeated_char_share', 'is_degenerate', 'explicit_answer', 'extract_answer',
            'normalize_answer', 'answers_match', 'score_answer', 'wilson_interval', 'binom_cdf',
            'clopper_pearson_interval', 'proportion_ci', 'pass_at_k', 'pass_ks', 'times_chance', 'prompt_conversation',
-           'question_text', 'check_compatible', 'generate_texts', 'EvalResults', 'evaluate', 'plot_accuracy']
+           'question_text', 'check_compatible', 'generate_texts', 'EvalResults', 'evaluate', 'plot_accuracy',
+           'end_of_turn_ids', 'answer_span', 'answer_nll', 'GroundingVerdict', 'grounding_verdict']
 
 # %% ../nbs/06_eval.ipynb #856894e3
 MAX_ANSWER_CHARS = 10_000  # longer outputs are not scored (None): a huge output must never earn a reward
@@ -574,3 +576,125 @@ def plot_accuracy(results_by_stage: dict[str, EvalResults] | EvalResults, # {sta
     ax.set_xticks(x, tasks, rotation=20, ha="right"); ax.set_ylim(0, 1.05); ax.set_ylabel("accuracy")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
     return ax
+
+# %% ../nbs/06_eval.ipynb #fe3884d1
+def end_of_turn_ids(processor: MMProcessor, # the processor whose chat template closes each turn
+                   ) -> set[int]:
+    "Token ids that close an assistant turn: the processor's `<|im_end|>` and the tokenizer's eos."
+    return {processor.eot_token_id, processor.tokenizer.eos_token_id} - {None}
+
+def answer_span(processor: MMProcessor, # the processor that made `processed`
+                processed: dict, # `processor.process(...)` of a conversation that ends with the reference answer
+               ) -> tuple[int, int]:
+    "[start, stop) of the reference answer's tokens: the last run of supervised labels, without the end-of-turn token(s) closing it."
+    ids, sup = processed["input_ids"], (processed["labels"] != IGNORE_INDEX).tolist()
+    if not any(sup): raise ValueError("the processed sample has no supervised tokens: its conversation must end with the reference answer")
+    stop = len(sup) - sup[::-1].index(True)
+    start = stop
+    while start > 0 and sup[start - 1]: start -= 1
+    ends = end_of_turn_ids(processor)
+    if int(ids[stop - 1]) not in ends: raise ValueError(f"the answer ends with token {int(ids[stop - 1])}, not an end-of-turn token: the sample was truncated")
+    while stop > start and int(ids[stop - 1]) in ends: stop -= 1
+    if stop == start: raise ValueError("the reference answer has no tokens besides the end of turn")
+    return start, stop
+
+# %% ../nbs/06_eval.ipynb #dcd70da9
+def _answer_inputs(processor, sample):
+    "((processed sample, answer span), None), or (None, the reason the sample could not be processed)."
+    try:
+        p = processor.process(sample["conversation"], **media(sample))
+        return (p, answer_span(processor, p)), None
+    except Exception as e: return None, f"{type(e).__name__}: {e}"   # an unreadable image, a truncated answer: NaN, not a crash
+
+def _batch_nll(model, processor, prepared):
+    "Summed answer −log p (nats) of each (processed sample, span) of a batch, from one teacher-forced forward pass."
+    batch = processor.collate([p for p, _ in prepared])   # right padding: a token keeps its index
+    dev = _model_device(model)
+    logits = model(**{k: v.to(dev) for k, v in processor.model_inputs(batch, labels=False).items()}).logits   # (B, L, V)
+    rows = torch.cat([torch.full((b - a,), i) for i, (_, (a, b)) in enumerate(prepared)])   # one entry per answer token
+    pos = torch.cat([torch.arange(a, b) for _, (a, b) in prepared])
+    logp = logits[rows.to(dev), (pos - 1).to(dev)].float().log_softmax(-1)   # token t is predicted at t - 1
+    nll = -logp.gather(1, batch["input_ids"][rows, pos].to(dev)[:, None])[:, 0]
+    return torch.zeros(len(prepared), dtype=torch.float64).index_add_(0, rows, nll.double().cpu()).tolist()
+
+# %% ../nbs/06_eval.ipynb #5b634708
+def answer_nll(model, # an MMModel, a peft-wrapped one, or anything whose forward returns `.logits`
+               processor: MMProcessor, # the processor the samples go through
+               samples: Iterable[dict], # task samples whose conversation ends with the reference assistant answer
+               batch_size: int = 32, # samples per forward pass
+              ) -> list[float]:
+    "Teacher-forced −ln p(reference answer | prompt, images) in nats per sample, end of turn excluded; NaN where processing fails."
+    if batch_size < 1: raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    samples = list(samples)
+    for i, s in enumerate(samples):
+        if not s["conversation"] or s["conversation"][-1]["role"] != "assistant":
+            raise ValueError(f"sample {s.get('id', i)!r} does not end with an assistant turn: answer_nll scores the reference answer it ends with")
+    was_training, out = getattr(model, "training", False), []
+    if hasattr(model, "eval"): model.eval()
+    try:
+        with torch.no_grad():
+            for s0 in range(0, len(samples), batch_size):
+                prep = [_answer_inputs(processor, s) for s in samples[s0:s0 + batch_size]]
+                good = [p for p, e in prep if e is None]
+                nll = iter(_batch_nll(model, processor, good) if good else [])
+                out += [math.nan if e else next(nll) for _, e in prep]
+    finally:
+        if hasattr(model, "train"): model.train(was_training)
+    return out
+
+# %% ../nbs/06_eval.ipynb #97836ad3
+@dataclass
+class GroundingVerdict:
+    "Does a model use the image? Its accuracy interval against the image-blind one, its answer loss against the blind loss."
+    accuracy: float  # the model's accuracy, correct / n
+    interval: tuple[float, float]  # its Wilson interval
+    blind_accuracy: float  # the image-blind predictor's accuracy
+    blind_interval: tuple[float, float]  # its Wilson interval
+    loss: float  # the model's mean answer loss in nats (the mean of `answer_nll`)
+    blind_loss: float  # the blind predictor's mean answer loss in nats
+    above_blind: bool  # the accuracy interval lies entirely above the blind one
+    below_blind_loss: bool  # loss < blind_loss
+
+    @property
+    def grounded(self) -> bool:
+        "Both tests passed."
+        return self.above_blind and self.below_blind_loss
+
+# %% ../nbs/06_eval.ipynb #e46ddca5
+def _loss_pair(a: float, b: float) -> tuple[str, str]:
+    "Two losses with 2 decimals, or more when 2 would print two different losses the same."
+    for d in (2, 3, 4):
+        sa, sb = f"{a:.{d}f}", f"{b:.{d}f}"
+        if sa != sb or a == b: break
+    return sa, sb
+
+@patch(as_prop=True)
+def sentence(self: GroundingVerdict) -> str:
+    "The verdict in one plain sentence, with the numbers behind it."
+    f = lambda x: f"{100 * x:.1f}"
+    acc = f"{f(self.accuracy)} % ({f(self.interval[0])}–{f(self.interval[1])}) vs {f(self.blind_accuracy)} % blind ({f(self.blind_interval[0])}–{f(self.blind_interval[1])})"
+    loss, blind = _loss_pair(self.loss, self.blind_loss)
+    if self.grounded: return f"grounded: {acc}, answer loss {loss} < {blind} blind"
+    if self.above_blind: return f"not grounded: answer loss {loss} is not below the blind {blind}, although the accuracy {acc} is above"
+    where = "lies below" if self.interval[1] < self.blind_interval[0] else "overlaps"
+    why = f"the accuracy interval {where} the blind one, {acc}"
+    return f"not grounded: {why}" + ("" if self.below_blind_loss else f"; answer loss {loss} is not below the blind {blind}")
+
+@patch
+def __str__(self: GroundingVerdict) -> str: return self.sentence
+
+# %% ../nbs/06_eval.ipynb #918eac7a
+def grounding_verdict(correct: int, # questions the model got right
+                      n: int, # questions it was asked
+                      blind_accuracy: float, # the image-blind predictor's accuracy (`BlindBaseline.accuracy`)
+                      blind_n: int, # questions the blind predictor was scored on (`BlindBaseline.n_test`)
+                      loss: float, # the model's mean answer loss in nats (mean of `answer_nll`)
+                      blind_loss: float, # the blind predictor's mean answer loss in nats (`BlindBaseline.loss`)
+                      confidence: float = 0.95, # level of both intervals
+                     ) -> GroundingVerdict:
+    "Grounded iff the model's Wilson interval lies entirely above the blind accuracy's and its answer loss is below the blind loss."
+    if not 0 <= blind_accuracy <= 1: raise ValueError(f"blind_accuracy must be in [0, 1], got {blind_accuracy}")
+    iv = wilson_interval(correct, n, confidence)
+    blind_iv = wilson_interval(min(blind_n, blind_accuracy * blind_n), blind_n, confidence)
+    return GroundingVerdict(correct / n if n else math.nan, iv, blind_accuracy, blind_iv, loss, blind_loss,
+                            above_blind=iv[0] > blind_iv[1], below_blind_loss=loss < blind_loss)

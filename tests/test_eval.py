@@ -1,6 +1,7 @@
 """mmlit.eval: answer extraction (table-driven, adversarial, properties), normalisation, intervals against SciPy and
 exact coverage, pass@k against brute force, and the harness with stand-in models and the real tiny model."""
 import hashlib, io, itertools, json, math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -8,10 +9,11 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from mmlit.data import TASKS, make_task, media
-from mmlit.eval import (EvalResults, answer_tag, is_degenerate, repeated_char_share, answers_match, binom_cdf, check_compatible, clopper_pearson_interval,
-                        evaluate, extract_answer, last_boxed, last_number, normalize_answer, option_letter, pass_at_k,
-                        pass_ks, plot_accuracy, prompt_conversation, proportion_ci, score_answer, wilson_interval)
-from mmlit.model import MMModel, fit_to_tokenizer, tiny_config
+from mmlit.eval import (EvalResults, answer_nll, answer_span, answer_tag, is_degenerate, repeated_char_share, answers_match, binom_cdf,
+                        check_compatible, clopper_pearson_interval, evaluate, extract_answer, grounding_verdict, last_boxed, last_number,
+                        normalize_answer, option_letter, pass_at_k, pass_ks, plot_accuracy, prompt_conversation, proportion_ci,
+                        score_answer, wilson_interval)
+from mmlit.model import MMModel, add_lora, fit_to_tokenizer, tiny_config
 from mmlit.processing import MMProcessor
 
 
@@ -356,3 +358,88 @@ def test_real_tiny_model_greedy_is_deterministic_and_sampling_seeded(proc, tiny)
     kw = dict(tasks=["count"], n=2, greedy=False, num_samples=3, temperature=1.5, max_new_tokens=5)
     s1, s2 = evaluate(tiny, proc, seed=3, **kw), evaluate(tiny, proc, seed=3, **kw)
     assert s1.records == s2.records and len(s1.records) == 6
+
+# --- answer loss and the grounding verdict -----------------------------------------------------------------------------
+
+class LogitsLM(torch.nn.Module):
+    "A stand-in forward: logits from a function of the input ids."
+    def __init__(self, fn): super().__init__(); self.fn = fn
+    def forward(self, input_ids, attention_mask=None, pixel_values=None): return SimpleNamespace(logits=self.fn(input_ids))
+
+def _uniform(proc): return LogitsLM(lambda ids: torch.zeros(*ids.shape, len(proc.tokenizer)))
+def _peeking(proc): return LogitsLM(lambda ids: 40.0 * torch.nn.functional.one_hot(ids.roll(-1, 1), len(proc.tokenizer)).float())
+
+def test_answer_span_excludes_only_the_end_of_turn(proc, samples):
+    for s in samples:
+        x = proc.process(s["conversation"], **media(s))
+        a, b = answer_span(proc, x)
+        sup = (x["labels"] != -100).nonzero().flatten().tolist()
+        assert sup == list(range(a, b + 1)) and int(x["input_ids"][b]) == proc.eot_token_id
+        assert proc.tokenizer.decode(x["input_ids"][a:b]) == s["answer"]
+        assert x["input_ids"][a:b].tolist() == proc.tokenizer(s["answer"], add_special_tokens=False)["input_ids"]
+
+def test_answer_span_last_turn_and_refusals(proc, samples):
+    s = samples[0]
+    x = proc.process(s["conversation"] + [{"role": "user", "content": "Why?"}, {"role": "assistant", "content": "I counted."}], **media(s))
+    assert proc.tokenizer.decode(x["input_ids"][slice(*answer_span(proc, x))]) == "I counted."
+    y = proc.process(s["conversation"], **media(s)); a, b = answer_span(proc, y)
+    with pytest.raises(ValueError, match="truncated"): answer_span(proc, dict(y, input_ids=y["input_ids"][:b], labels=y["labels"][:b]))
+    with pytest.raises(ValueError, match="no supervised tokens"):
+        answer_span(proc, proc.process(prompt_conversation(s), add_generation_prompt=True, **media(s)))
+
+def test_answer_nll_stand_ins(proc, samples):
+    V = len(proc.tokenizer)
+    n_tok = [len(proc.tokenizer(s["answer"], add_special_tokens=False)["input_ids"]) for s in samples]
+    assert answer_nll(_uniform(proc), proc, samples, batch_size=5) == pytest.approx([k * math.log(V) for k in n_tok], abs=1e-4)
+    assert answer_nll(_peeking(proc), proc, samples) == pytest.approx([0.0] * len(samples), abs=1e-6)
+
+def test_answer_nll_errors_are_nan_not_crashes(proc, samples):
+    bad = [dict(samples[0], images=["/nonexistent/x.png"]), samples[1], dict(samples[2], images=[io.BytesIO(b"junk")])]
+    out = answer_nll(_uniform(proc), proc, bad, batch_size=2)
+    assert math.isnan(out[0]) and math.isnan(out[2]) and math.isfinite(out[1])
+    assert all(math.isnan(x) for x in answer_nll(_uniform(proc), proc, [bad[0]]))   # a batch with no good sample
+    with pytest.raises(ValueError, match="does not end with an assistant turn"):
+        answer_nll(_uniform(proc), proc, [dict(samples[0], conversation=prompt_conversation(samples[0]))])
+    with pytest.raises(ValueError, match="batch_size"): answer_nll(_uniform(proc), proc, samples, batch_size=0)
+
+def test_answer_nll_tiny_model(proc, tiny, samples):
+    tiny.train()
+    one, seven = answer_nll(tiny, proc, samples, batch_size=1), answer_nll(tiny, proc, samples, batch_size=7)
+    assert tiny.training                                                 # the caller's mode is restored
+    assert all(math.isfinite(x) and x > 0 for x in one)
+    assert max(abs(a - b) for a, b in zip(one, seven)) < 1e-5            # batching and padding change nothing
+
+def test_answer_nll_peft_model_matches_base_at_init(proc, samples):
+    torch.manual_seed(1)
+    m = MMModel(tiny_config()); fit_to_tokenizer(m, proc.tokenizer)
+    base = answer_nll(m, proc, samples[:4])
+    pm = add_lora(m); pm.train()
+    lora = answer_nll(pm, proc, samples[:4])
+    assert pm.training and lora == pytest.approx(base, abs=1e-5)       # LoRA's B starts at zero: the same model
+
+def test_grounding_verdict_branches():
+    yes = grounding_verdict(244, 400, 0.165, 400, 1.02, 1.80)
+    assert (yes.above_blind, yes.below_blind_loss, yes.grounded) == (True, True, True) and yes.sentence.startswith("grounded: 61.0 %")
+    overlap = grounding_verdict(20, 100, 0.165, 400, 1.02, 1.80)
+    assert (overlap.above_blind, overlap.below_blind_loss, overlap.grounded) == (False, True, False)
+    assert "overlaps the blind one" in overlap.sentence and "loss" not in overlap.sentence
+    below = grounding_verdict(2, 100, 0.165, 400, 1.9, 1.80)
+    assert "lies below the blind one" in below.sentence and "answer loss 1.90 is not below the blind 1.80" in below.sentence
+    loss = grounding_verdict(244, 400, 0.165, 400, 1.80, 1.80)         # equal loss is not below
+    assert (loss.above_blind, loss.below_blind_loss, loss.grounded) == (True, False, False)
+    assert loss.sentence.startswith("not grounded: answer loss 1.80 is not below the blind 1.80") and str(loss) == loss.sentence
+    assert not grounding_verdict(244, 400, 0.165, 400, float("nan"), 1.80).grounded
+    lo, hi = grounding_verdict(10, 40, 0.3, 200, 1.0, 1.5).blind_interval
+    assert (lo, hi) == wilson_interval(60, 200)
+    with pytest.raises(ValueError, match="blind_accuracy"): grounding_verdict(1, 2, -0.1, 10, 1.0, 1.0)
+
+@settings(max_examples=400, deadline=None)
+@given(st.integers(1, 400), st.integers(1, 400), st.integers(1, 30), st.integers(1, 30), st.data(),
+       st.floats(0, 5, allow_nan=False), st.floats(0, 5, allow_nan=False))
+def test_more_questions_never_undo_grounding(n, blind_n, m, blind_m, data, loss, blind_loss):
+    "The same accuracies measured on more questions: a grounded verdict stays grounded."
+    k, blind_k = data.draw(st.integers(0, n)), data.draw(st.integers(0, blind_n))
+    small = grounding_verdict(k, n, blind_k / blind_n, blind_n, loss, blind_loss)
+    large = grounding_verdict(k * m, n * m, blind_k / blind_n, blind_n * blind_m, loss, blind_loss)
+    assert large.interval[0] >= small.interval[0] - 1e-12 and large.blind_interval[1] <= small.blind_interval[1] + 1e-12
+    assert not small.grounded or large.grounded
