@@ -9,6 +9,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from importlib.resources import files
 from pathlib import Path
+import numpy as np
 import yaml
 from transformers import AutoModel
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
@@ -16,20 +17,21 @@ from .tiling import load_image, plan_tiles, draw_plan, RULES
 from .core import seed_everything, set_torch_threads
 from .processing import MMProcessor, SQUARE_TILE_RULES, tiny_tokenizer, tokens_per_tile
 from .model import MMModel, tiny_config, fit_to_tokenizer, load_smollm2, init_sincos_positions, set_trainable
-from .data import TASKS, SPLITS, LOSS_MODES, Mixture, make_task
+from .data import TASKS, SPLITS, LOSS_MODES, Mixture, make_task, blind_baseline, BlindBaseline
 from .train import (STAGE_LR, MANIFEST, Trainer, TrainConfig, RunLog, read_metrics, plot_runs, write_checkpoint,
                          verify_checkpoint, quiet_saving, load_model_weights, latest_checkpoint)
-from .eval import EvalResults, evaluate, plot_accuracy
+from .eval import EvalResults, evaluate, plot_accuracy, answer_nll, grounding_verdict
 from .grpo import GRPOConfig, GRPOTrainer, LOSS_TYPES, SCALES, accuracy_reward, format_reward
 
 # %% auto #0
-__all__ = ['BACKBONES', 'REWARDS', 'RECIPE_FILE', 'GRPO_CURVES', 'sample_photo', 'tile_table', 'format_table', 'draw_rules',
-           'tile_command', 'check_value', 'from_plain', 'to_plain', 'ModelRecipe', 'ProcessorRecipe', 'TaskRecipe',
-           'StageRecipe', 'GRPOStageRecipe', 'EvalRecipe', 'Recipe', 'shipped_recipes', 'load_recipe',
+__all__ = ['BACKBONES', 'REWARDS', 'RECIPE_FILE', 'BLIND_FILE', 'GRPO_CURVES', 'sample_photo', 'tile_table', 'format_table',
+           'draw_rules', 'tile_command', 'check_value', 'from_plain', 'to_plain', 'ModelRecipe', 'ProcessorRecipe',
+           'TaskRecipe', 'StageRecipe', 'GRPOStageRecipe', 'EvalRecipe', 'Recipe', 'shipped_recipes', 'load_recipe',
            'apply_overrides', 'build_model', 'TaskSamples', 'Window', 'samples_per_stage', 'train_mixture',
            'grpo_prompts', 'recipe_diff', 'prepare_run_dir', 'stage_dir', 'stage_config', 'skipped_reasons',
-           'train_stage', 'save_model', 'grpo_config', 'train_grpo_stage', 'run_stages', 'run_metrics', 'write_metrics',
-           'stage_results', 'plot_grpo', 'plot_run', 'accuracy_table', 'training_table', 'grpo_table',
+           'train_stage', 'save_model', 'grpo_config', 'train_grpo_stage', 'answer_loss_fn', 'blind_baselines',
+           'run_stages', 'run_metrics', 'write_metrics', 'stage_results', 'plot_grpo', 'plot_answer_loss', 'plot_run',
+           'accuracy_table', 'stage_answer_loss', 'grounding', 'grounding_table', 'training_table', 'grpo_table',
            'skipped_section', 'write_report', 'run_recipe', 'run_command', 'build_parser', 'main']
 
 # %% ../nbs/11_cli.ipynb #c8a623df
@@ -310,9 +312,13 @@ class EvalRecipe:
     split: str = "test"  # the split the questions come from
     max_new_tokens: int = 8  # generation budget per answer
     batch_size: int = 16  # questions per generate call
+    curve_n: int = 48  # validation questions per task whose answer loss is drawn during supervised stages (0: no curve)
+    curve_points: int = 10  # answer-loss points per supervised stage
+    blind_n: int = 2000  # training questions the image-blind baseline is fitted on
 
     def __post_init__(self):
-        _positive(self, "n", "max_new_tokens", "batch_size")
+        _positive(self, "n", "max_new_tokens", "batch_size", "curve_points", "blind_n")
+        if not isinstance(self.curve_n, int) or self.curve_n < 0: raise ValueError(f"curve_n must be an integer >= 0, got {self.curve_n!r}")
         if self.split not in SPLITS: raise ValueError(f"split must be one of {SPLITS}, got {self.split!r}")
 
 # %% ../nbs/11_cli.ipynb #a3404f4e
@@ -535,7 +541,8 @@ def stage_config(recipe: Recipe, i: int, out: str | Path, progress: bool = True)
     return TrainConfig(output_dir=str(stage_dir(out, recipe, i)), stage=s.stage, lr=s.lr, steps=s.steps, batch_size=s.batch_size,
                        grad_accum=s.grad_accum, warmup_ratio=s.warmup_ratio, loss_mode=recipe.loss_mode, packing=recipe.packing,
                        max_tokens=recipe.max_tokens, lora=s.lora, lora_r=s.lora_r, lora_alpha=s.lora_alpha, seed=recipe.seed + i,
-                       save_every=recipe.save_every, keep_last=1, progress=progress)
+                       save_every=recipe.save_every, keep_last=1, progress=progress,
+                       eval_every=max(1, s.steps // recipe.eval.curve_points) if recipe.eval.curve_n else 0)
 
 _SKIP = re.compile(r"\] skip position \d+: (.*)$")
 
@@ -556,9 +563,10 @@ def train_stage(model: MMModel, # the model the previous stage left (trained in 
                 data, # this stage's window of the training mixture
                 cfg: TrainConfig, # the stage's settings (`stage_config`)
                 log: RunLog, # the run log
+                eval_fn=None, # called every `cfg.eval_every` steps (`answer_loss_fn`); None: none
                ) -> MMModel:
     "Train one stage (resuming from its last checkpoint if any); the trained model, LoRA adapters merged."
-    t0, tr = time.perf_counter(), Trainer(model, processor, data, cfg)
+    t0, tr = time.perf_counter(), Trainer(model, processor, data, cfg, eval_fn=eval_fn)
     res = tr.train(resume=True)
     d = Path(cfg.output_dir)
     skips = skipped_reasons(d)
@@ -607,6 +615,30 @@ def train_grpo_stage(model: MMModel, # the model the previous stage left (traine
     _update_json(d / "timing.json", train_s=time.perf_counter() - t0, resumed_at_step=start, trainable=trainable, skipped=0)
     return tr.model
 
+# %% ../nbs/11_cli.ipynb #a60c154a
+BLIND_FILE = "blind.json"  # the image-blind baselines of a run, in its folder
+
+def answer_loss_fn(processor: MMProcessor, # the processor matching the model
+                   recipe: Recipe, # the run's recipe: its tasks and `eval.curve_n`
+                   split: str = "validation", # where the questions come from
+                  ) -> typing.Callable:
+    "An `eval_fn`: mean answer loss (nats) per task on `eval.curve_n` fixed questions, as `answer_loss/<task>`."
+    samples = {t.name: list(t.task().stream(split, recipe.eval.curve_n)) for t in recipe.tasks}
+    def fn(model) -> dict:
+        return {f"answer_loss/{k}": float(np.nanmean(answer_nll(model, processor, v))) for k, v in samples.items()}
+    return fn
+
+def blind_baselines(recipe: Recipe, # the run's recipe: its tasks, `eval.split`, `eval.n` and `eval.blind_n`
+                    out: str | Path | None = None, # a run folder: read `blind.json` from it, or write it there
+                   ) -> dict[str, BlindBaseline]:
+    "Task → its image-blind baseline on the run's evaluation questions, fitted on `eval.blind_n` training questions."
+    f = Path(out) / BLIND_FILE if out is not None else None
+    if f is not None and f.is_file(): return {k: BlindBaseline(**v) for k, v in json.loads(f.read_text()).items()}
+    res = {t.name: blind_baseline(t.task().stream("train", recipe.eval.blind_n), t.task().stream(recipe.eval.split, recipe.eval.n))
+           for t in recipe.tasks}
+    if f is not None: _write_text(f, json.dumps({k: dataclasses.asdict(v) for k, v in res.items()}, indent=1))
+    return res
+
 # %% ../nbs/11_cli.ipynb #4c674b54
 def _rm(path: Path):
     "Delete a folder: renamed aside first, so it is never seen half-deleted."
@@ -622,18 +654,22 @@ def run_stages(model: MMModel, processor: MMProcessor, recipe: Recipe, out: str 
         log(f"stages up to {first + 1} ({recipe.stages[first].stage}) are finished: continuing from {dirs[first] / 'final'}")
     mix, starts = None, [sum(samples_per_stage(recipe)[:i]) for i in range(len(recipe.stages))]
     eval_tasks = [t.task() for t in recipe.tasks]
+    curve = answer_loss_fn(processor, recipe) if recipe.eval.curve_n else None
     for i in range(first, len(recipe.stages)):
         d, s = dirs[i], recipe.stages[i]
         if not (d / "final" / MANIFEST).is_file():
             if s.stage == "grpo": model = train_grpo_stage(model, processor, grpo_prompts(recipe, i), grpo_config(recipe, i, out, progress), s.rewards, log)
             else:
                 mix = mix or train_mixture(recipe)
-                model = train_stage(model, processor, Window(mix, starts[i]), stage_config(recipe, i, out, progress), log)
+                model = train_stage(model, processor, Window(mix, starts[i]), stage_config(recipe, i, out, progress), log, curve)
             save_model(model, None, d / "final")
         if not (d / "eval.json").is_file():
             t0 = time.perf_counter()
             res = evaluate(model, processor, eval_tasks, split=recipe.eval.split, n=recipe.eval.n, max_new_tokens=recipe.eval.max_new_tokens,
                            batch_size=recipe.eval.batch_size, seed=recipe.seed)
+            losses = {t.name: float(np.nanmean(answer_nll(model, processor, list(t.stream(recipe.eval.split, recipe.eval.n)))))
+                      for t in eval_tasks}
+            _update_json(d / "answer_loss.json", **losses)
             _update_json(d / "timing.json", eval_s=time.perf_counter() - t0); res.save(d / "eval.json")
             summ = res.summary()
             log(f"after stage {s.stage}: " + ", ".join(f"{k} {v['accuracy']:.1%}" for k, v in summ.items()))
@@ -692,6 +728,21 @@ def plot_grpo(runs: dict, # label → GRPO stage folder
     axs[0][0].legend(fontsize=7); fig.tight_layout()
     return fig
 
+def plot_answer_loss(rows: list[dict], # run_metrics rows with `answer_loss/<task>` keys (on the run's step axis)
+                     blind: dict[str, BlindBaseline], # task → its image-blind baseline (dashed line)
+                     ax, # a matplotlib axes
+                    ):
+    "Held-out answer loss per task over the run's steps, each with its image-blind loss as a dashed line."
+    for j, task in enumerate(blind):
+        pts = [(r["step"], r[f"answer_loss/{task}"]) for r in rows if f"answer_loss/{task}" in r]
+        if not pts: continue
+        line, = ax.plot(*zip(*pts), "o-", ms=3, label=task, color=f"C{j}")
+        ax.axhline(blind[task].loss, color=line.get_color(), ls="--", lw=1)
+    top = 1.6 * max(b.loss for b in blind.values())
+    ax.set_ylim(0, top); ax.set_xlabel("optimizer step"); ax.set_ylabel("answer loss (nats)")
+    ax.set_title("held-out answer loss; dashed: the image-blind loss", fontsize=10); ax.legend(fontsize=7)
+    return ax
+
 def plot_run(out: str | Path, recipe: Recipe) -> list[Path]:
     "Draw `loss.png` (training loss of the supervised stages), `reward.png` (GRPO curves) and `accuracy.png` (per task and stage vs chance)."
     import matplotlib; import matplotlib.pyplot as plt
@@ -701,8 +752,12 @@ def plot_run(out: str | Path, recipe: Recipe) -> list[Path]:
     if grpo := {f"{i + 1}: GRPO": stage_dir(out, recipe, i) for i in done if recipe.stages[i].stage == "grpo"}:
         fig = plot_grpo(grpo); fig.savefig(out / "reward.png", dpi=110); plt.close(fig); paths.append(out / "reward.png")
     if runs:
-        ax = plot_runs(runs, eval_key=None); ax.set_title(f"{recipe.name}: training loss ({recipe.loss_mode} averaging)")
-        ax.figure.tight_layout(); ax.figure.savefig(out / "loss.png", dpi=110); plt.close(ax.figure); paths.append(out / "loss.png")
+        curves = [r for r in run_metrics(out, recipe) if r.get("kind") == "eval" and any(k.startswith("answer_loss/") for k in r)]
+        fig, axs = plt.subplots(1, 2 if curves else 1, figsize=(13 if curves else 7, 3.4), squeeze=False)
+        plot_runs(runs, eval_key=None, ax=axs[0][0]); axs[0][0].set_title(f"training loss ({recipe.loss_mode} averaging)", fontsize=10)
+        if curves: plot_answer_loss(curves, blind_baselines(recipe, out), axs[0][1])
+        fig.suptitle(recipe.name, fontsize=10); fig.tight_layout(); fig.savefig(out / "loss.png", dpi=110); plt.close(fig)
+        paths.append(out / "loss.png")
     if res := stage_results(out, recipe):
         ax = plot_accuracy(res); ax.set_title(f"{recipe.name}: accuracy on {recipe.eval.n} {recipe.eval.split} questions per task (95 % CI)")
         ax.figure.tight_layout(); ax.figure.savefig(out / "accuracy.png", dpi=110); plt.close(ax.figure); paths.append(out / "accuracy.png")
@@ -720,6 +775,34 @@ def accuracy_table(results: dict[str, EvalResults]) -> str:
         ch = next((s[t]["chance"] for s in summ.values() if t in s), None)
         cells = [f"{_pct(s[t]['accuracy'])} ({_pct(s[t]['ci_low'])}–{_pct(s[t]['ci_high'])})" if t in s else "–" for s in summ.values()]
         lines.append(f"| {t} | {_pct(ch)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+def stage_answer_loss(out: str | Path, recipe: Recipe, i: int) -> dict[str, float]:
+    "Task → the answer loss after stage `i` (empty when not measured)."
+    f = stage_dir(out, recipe, i) / "answer_loss.json"
+    return json.loads(f.read_text()) if f.is_file() else {}
+
+def grounding(out: str | Path, recipe: Recipe) -> dict[str, dict]:
+    "Task → chance, blind baseline, the model's accuracy and answer loss after the last evaluated stage, and the verdict."
+    last = [i for i in range(len(recipe.stages)) if (stage_dir(out, recipe, i) / "eval.json").is_file()]
+    if not last: return {}
+    res, losses, blind = EvalResults.load(stage_dir(out, recipe, last[-1]) / "eval.json").summary(), stage_answer_loss(out, recipe, last[-1]), blind_baselines(recipe, out)
+    rows = {}
+    for t in recipe.tasks:
+        s, b, loss = res[t.name], blind[t.name], losses.get(t.name, float("nan"))
+        v = grounding_verdict(s["correct"], s["n"], b.accuracy, b.n_test, loss, b.loss)
+        rows[t.name] = dict(chance=s["chance"], accuracy=s["accuracy"], ci=v.interval, blind_accuracy=b.accuracy, blind_ci=v.blind_interval,
+                            loss=loss, blind_loss=b.loss, grounded=v.grounded, sentence=v.sentence, x_chance=s["x_chance"])
+    return rows
+
+def grounding_table(rows: dict[str, dict]) -> str:
+    "Markdown: per task chance, the image-blind baseline, the model (accuracy with 95 % interval, answer loss) and the verdict."
+    lines = ["| task | chance % | blind % (95 % CI) | model % (95 % CI) | × chance | blind loss | answer loss | grounded |",
+             "|---|---:|---:|---:|---:|---:|---:|---|"]
+    for t, r in rows.items():
+        lines.append(f"| {t} | {_pct(r['chance'])} | {_pct(r['blind_accuracy'])} ({_pct(r['blind_ci'][0])}–{_pct(r['blind_ci'][1])}) | "
+                     f"{_pct(r['accuracy'])} ({_pct(r['ci'][0])}–{_pct(r['ci'][1])}) | {r['x_chance']:.2f} | {r['blind_loss']:.3f} | "
+                     f"{r['loss']:.3f} | {'yes' if r['grounded'] else 'no'} |")
     return "\n".join(lines)
 
 def _first_last(rows, k) -> str: return f"{rows[0][k]:.3f} → {sum(r[k] for r in rows[-10:]) / len(rows[-10:]):.3f}" if rows else "–"
@@ -790,13 +873,19 @@ def write_report(out: str | Path, # the run folder
              f"Exact match on {recipe.eval.n} held-out `{recipe.eval.split}` questions per task (greedy decoding); in brackets the 95 % "
              "Wilson interval. Chance is the accuracy of guessing uniformly among each question's options; `all` pools every question.",
              accuracy_table(res) if res else "No evaluation yet.", "![accuracy per task and stage](accuracy.png)" if res else "",
+             "### Does the model use the image?",
+             "Against the image-blind baseline (the best answer from the question alone, fitted on "
+             f"{recipe.eval.blind_n} training questions per task, scored on the same test questions): a task is grounded when the "
+             "model's 95 % interval lies above the blind one and its answer loss (−ln p(answer), nats) is below the blind loss.",
+             grounding_table(g) if (g := grounding(out, recipe)) else "",
+             "\n".join(f"- **{t}**: {r['sentence']}" for t, r in g.items()) if g else "",
              "### After the last stage, in detail", last.table() if last else "",
              "## Training", training_table(out, recipe), "![training loss](loss.png)" if any(s.stage != "grpo" for s in recipe.stages) else "",
              skipped_section(out, recipe), *(_grpo_section(out, recipe) if any(s.stage == "grpo" for s in recipe.stages) else []),
              "## The model", f"The final model and its processor are in `model/` (safetensors, with a SHA-256 manifest `{MANIFEST}`):",
              f"```python\nfrom mmlit.model import MMModel\nfrom mmlit.processing import MMProcessor\n"
              f"model = MMModel.from_pretrained(\"{out / 'model'}\")\nprocessor = MMProcessor.from_pretrained(\"{out / 'model'}\")\n```",
-             "Files: `recipe.yaml`, `metrics.jsonl` (`mmlit.train.read_metrics`), `loss.png`, `reward.png` (GRPO), `accuracy.png`, `run.log`, "
+             "Files: `recipe.yaml`, `metrics.jsonl` (`mmlit.train.read_metrics`), `blind.json`, `loss.png`, `reward.png` (GRPO), `accuracy.png`, `run.log`, "
              "`stages/N-stageS/` (per-stage `metrics.jsonl`, `train.log` and `eval.json` with every answer: `mmlit.eval.EvalResults.load`).",
              "## Recipe", f"```yaml\n{recipe.to_yaml()}```"]
     p = out / "report.md"; _write_text(p, "\n\n".join(x for x in parts if x) + "\n")
@@ -849,6 +938,7 @@ def run_command(args: argparse.Namespace) -> int:
     report = run_recipe(recipe, out, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
     last = list(stage_results(out, recipe).values())[-1]
     print(f"\naccuracy after the last stage ({recipe.eval.n} {recipe.eval.split} questions per task):\n{last.table()}\n")
+    print("against the image-blind baseline:\n" + grounding_table(g := grounding(out, recipe)) + "\n" + "\n".join(f"{t}: {r['sentence']}" for t, r in g.items()) + "\n")
     print(f"done in {time.perf_counter() - t0:.0f} s\nreport: {report}\nmodel:  {out / 'model'}")
     return 0
 
