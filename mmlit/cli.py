@@ -28,11 +28,12 @@ __all__ = ['BACKBONES', 'REWARDS', 'RECIPE_FILE', 'BLIND_FILE', 'GRPO_CURVES', '
            'draw_rules', 'tile_command', 'check_value', 'from_plain', 'to_plain', 'ModelRecipe', 'ProcessorRecipe',
            'TaskRecipe', 'StageRecipe', 'GRPOStageRecipe', 'EvalRecipe', 'Recipe', 'shipped_recipes', 'load_recipe',
            'apply_overrides', 'build_model', 'TaskSamples', 'Window', 'samples_per_stage', 'train_mixture',
-           'grpo_prompts', 'recipe_diff', 'prepare_run_dir', 'stage_dir', 'stage_config', 'skipped_reasons',
-           'train_stage', 'save_model', 'grpo_config', 'train_grpo_stage', 'answer_loss_fn', 'blind_baselines',
-           'run_stages', 'run_metrics', 'write_metrics', 'stage_results', 'plot_grpo', 'plot_answer_loss', 'plot_run',
-           'accuracy_table', 'stage_answer_loss', 'grounding', 'grounding_table', 'training_table', 'grpo_table',
-           'skipped_section', 'write_report', 'run_recipe', 'run_command', 'build_parser', 'main']
+           'stage_mixture', 'grpo_prompts', 'recipe_diff', 'prepare_run_dir', 'stage_dir', 'stage_config',
+           'skipped_reasons', 'train_stage', 'save_model', 'grpo_config', 'train_grpo_stage', 'answer_loss_fn',
+           'blind_baselines', 'run_stages', 'run_metrics', 'write_metrics', 'stage_results', 'plot_grpo',
+           'plot_answer_loss', 'plot_run', 'accuracy_table', 'stage_answer_loss', 'grounding', 'grounding_table',
+           'training_table', 'grpo_table', 'skipped_section', 'write_report', 'run_recipe', 'run_command',
+           'build_parser', 'main']
 
 # %% ../nbs/11_cli.ipynb #c8a623df
 def sample_photo() -> Path:
@@ -239,6 +240,7 @@ class StageRecipe:
     lora: bool = False  # stage 2 only: LoRA adapters on the LLM (+ the projector) instead of every weight
     lora_r: int = 8  # LoRA rank
     lora_alpha: int = 16  # LoRA scaling numerator
+    data: list[TaskRecipe] | None = None  # this stage's own training tasks (captions, easier levels, ...); null: the recipe's tasks
 
     @staticmethod
     def _pick(d):
@@ -251,6 +253,7 @@ class StageRecipe:
         if self.lr is not None and not self.lr > 0: raise ValueError(f"lr must be > 0 (or null for InternVL's rate), got {self.lr}")
         if not 0 <= self.warmup_ratio < 1: raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.lora and self.stage != "2": raise ValueError(f"lora: true is for stage 2, got stage {self.stage!r}")
+        if self.data is not None and not self.data: raise ValueError("data must list at least one task (or be null: the recipe's tasks)")
 
     @property
     def peak_lr(self) -> float: return STAGE_LR[self.stage] if self.lr is None else self.lr
@@ -458,8 +461,8 @@ class Window:
     def __getitem__(self, k: int) -> dict: return self.seq[(self.start + k) % len(self.seq)]
 
 def samples_per_stage(recipe: Recipe) -> list[int]:
-    "Samples each supervised stage reads from the mixture (padded batches; packed rows hold several, so a lower bound); 0 for GRPO."
-    return [0 if s.stage == "grpo" else s.steps * s.batch_size * s.grad_accum for s in recipe.stages]
+    "Samples each supervised stage reads from the run's mixture (padded batches; packed rows hold several, so a lower bound); 0 for GRPO and for a stage with its own `data`."
+    return [0 if s.stage == "grpo" or s.data else s.steps * s.batch_size * s.grad_accum for s in recipe.stages]
 
 def _task_counts(recipe: Recipe) -> dict[str, int]:
     "Task → samples of it in the supervised training mixture."
@@ -472,6 +475,33 @@ def train_mixture(recipe: Recipe) -> Mixture:
     n = _task_counts(recipe)
     return Mixture([(TaskSamples(t.task(), n[t.name]), 1.0) for t in recipe.tasks], seed=recipe.seed)
 
+def _data_counts(recipe: Recipe, i: int) -> list[int]:
+    "Samples of each `data` entry that supervised stage `i` reads."
+    s = recipe.stages[i]
+    need, total = s.steps * s.batch_size * s.grad_accum * (4 if recipe.packing else 1), sum(t.weight for t in s.data)
+    return [math.ceil(need * t.weight / total) for t in s.data]
+
+def _used_before(recipe: Recipe, i: int) -> Counter:
+    "Task name → training samples of it read before stage `i` (the run's mixture, earlier `data` stages and GRPO stages)."
+    used = Counter(_task_counts(recipe))
+    for j in range(i):
+        s = recipe.stages[j]
+        if s.stage == "grpo": used.update(_grpo_share(recipe, j))
+        elif s.data: used.update(Counter({t.name: 0 for t in s.data}) + Counter(dict(_data_entries(recipe, j))))
+    return used
+
+def _data_entries(recipe: Recipe, j: int) -> list[tuple[str, int]]:
+    return [(t.name, n) for t, n in zip(recipe.stages[j].data, _data_counts(recipe, j))]
+
+def stage_mixture(recipe: Recipe, # the recipe
+                  i: int, # the index of a supervised stage with its own `data`
+                 ) -> Mixture:
+    "The samples of stage `i`'s own `data`: each entry's share of the stage, from indices no earlier stage read, shuffled."
+    used, parts = _used_before(recipe, i), []
+    for t, n in zip(recipe.stages[i].data, _data_counts(recipe, i)):
+        parts.append((TaskSamples(t.task(), n, start=used[t.name]), 1.0)); used[t.name] += n
+    return Mixture(parts, seed=recipe.seed + i)
+
 def _grpo_share(recipe: Recipe, i: int) -> dict[str, int]:
     "Task → questions GRPO stage `i` may ask (with dynamic sampling, room for every refill)."
     s = recipe.stages[i]
@@ -483,10 +513,7 @@ def grpo_prompts(recipe: Recipe, # the recipe
                  i: int, # the index of a GRPO stage in recipe.stages
                 ) -> Mixture:
     "The questions of GRPO stage `i`: training samples of its tasks no earlier stage read, weighted as in the recipe, shuffled."
-    start = _task_counts(recipe)
-    for j in range(i):
-        if recipe.stages[j].stage == "grpo": start = {k: v + _grpo_share(recipe, j).get(k, 0) for k, v in start.items()}
-    n = _grpo_share(recipe, i)
+    start, n = _used_before(recipe, i), _grpo_share(recipe, i)
     return Mixture([(TaskSamples(t.task(), n[t.name], start=start[t.name]), 1.0) for t in recipe.tasks if t.name in n], seed=recipe.seed + i)
 
 # %% ../nbs/11_cli.ipynb #c5cbad0a
@@ -660,8 +687,9 @@ def run_stages(model: MMModel, processor: MMProcessor, recipe: Recipe, out: str 
         if not (d / "final" / MANIFEST).is_file():
             if s.stage == "grpo": model = train_grpo_stage(model, processor, grpo_prompts(recipe, i), grpo_config(recipe, i, out, progress), s.rewards, log)
             else:
-                mix = mix or train_mixture(recipe)
-                model = train_stage(model, processor, Window(mix, starts[i]), stage_config(recipe, i, out, progress), log, curve)
+                if s.data: data = stage_mixture(recipe, i)
+                else: mix = mix or train_mixture(recipe); data = Window(mix, starts[i])
+                model = train_stage(model, processor, data, stage_config(recipe, i, out, progress), log, curve)
             save_model(model, None, d / "final")
         if not (d / "eval.json").is_file():
             t0 = time.perf_counter()

@@ -16,21 +16,23 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
 # %% auto #0
-__all__ = ['SPLITS', 'IMAGE', 'VIDEO', 'COLOURS', 'SHAPES', 'BACKGROUND', 'LEVELS', 'DEFAULT_LEVEL', 'POSITIONS', 'DIGIT_SPLIT',
-           'DIGIT_LAYOUTS', 'WORDS', 'TASKS', 'LOSS_MODES', 'PACK_STRATEGIES', 'user_prompt', 'media', 'check_split',
-           'sample_rng', 'shape_polygon', 'draw_scene', 'grid_positions', 'normalise_answer', 'sample_meta',
-           'check_level', 'Task', 'question_text', 'sample_strip', 'show_samples', 'level_samples', 'level_table',
-           'ShapeCount', 'ColourPosition', 'default_font', 'chart_geometry', 'draw_bar_chart', 'BarChart',
-           'load_digit_images', 'digit_pool', 'digit_image', 'DigitSum', 'word_label', 'SmallWord', 'CompareCount',
-           'VideoMotion', 'make_task', 'image_hash', 'placeholders_match', 'BlindBaseline', 'blind_baseline',
-           'task_blind_baseline', 'blind_accuracy', 'dataset_features', 'to_dataset', 'repeat_indices', 'Mixture',
-           'repetition_score', 'response_text', 'repetition_filter', 'heuristic_filter', 'score_filter', 'FilterReport',
-           'apply_filters', 'supervised_counts', 'loss_weights', 'mean_across_ranks', 'weighted_loss', 'pack_indices',
-           'collate_packed', 'check_packs', 'padding_fraction', 'fits_rows', 'take_rows', 'pack_stream']
+__all__ = ['SPLITS', 'IMAGE', 'VIDEO', 'CAPTION_PROMPT', 'COLOURS', 'SHAPES', 'BACKGROUND', 'LEVELS', 'DEFAULT_LEVEL',
+           'POSITIONS', 'DIGIT_SPLIT', 'DIGIT_LAYOUTS', 'WORDS', 'TASKS', 'LOSS_MODES', 'PACK_STRATEGIES',
+           'user_prompt', 'media', 'check_split', 'sample_rng', 'shape_polygon', 'draw_scene', 'grid_positions',
+           'normalise_answer', 'sample_meta', 'check_level', 'Task', 'question_text', 'sample_strip', 'show_samples',
+           'level_samples', 'level_table', 'ShapeCount', 'ColourPosition', 'default_font', 'chart_geometry',
+           'draw_bar_chart', 'BarChart', 'load_digit_images', 'digit_pool', 'digit_image', 'DigitSum', 'word_label',
+           'SmallWord', 'CompareCount', 'VideoMotion', 'make_task', 'image_hash', 'placeholders_match', 'BlindBaseline',
+           'blind_baseline', 'task_blind_baseline', 'blind_accuracy', 'dataset_features', 'to_dataset',
+           'repeat_indices', 'Mixture', 'repetition_score', 'response_text', 'repetition_filter', 'heuristic_filter',
+           'score_filter', 'FilterReport', 'apply_filters', 'supervised_counts', 'loss_weights', 'mean_across_ranks',
+           'weighted_loss', 'pack_indices', 'collate_packed', 'check_packs', 'padding_fraction', 'fits_rows',
+           'take_rows', 'pack_stream']
 
 # %% ../nbs/04_data.ipynb #07c1b7b7
 SPLITS = ("train", "validation", "test")  # the three splits every task offers
 IMAGE, VIDEO = "<image>", "<video>"  # the placeholders a conversation holds (expanded later by the processor)
+CAPTION_PROMPT = "Describe the image."  # the question of every caption sample (see *Dense captions*)
 
 def user_prompt(question: str, # the question text
                 n_images: int = 1, # images shown with it (ignored for a video)
@@ -152,9 +154,13 @@ class Task:
     def __init__(self, size: int = 224, # image side in pixels
                  seed: int = 0, # dataset seed: another seed gives another draw of the same task
                  level: int | None = None, # difficulty level, a key of `levels` (None: the defaults, DEFAULT_LEVEL)
+                 captions: bool = False, # samples are the scene's caption (`describe`) instead of its question
                 ):
         if not isinstance(size, int) or size < 32: raise ValueError(f"size must be an int >= 32 pixels, got {size!r}")
-        self.size, self.seed, self.overrides = size, seed, {}
+        if not isinstance(captions, bool): raise ValueError(f"captions must be True or False, got {captions!r}")
+        if captions and type(self).describe is Task.describe:
+            raise ValueError(f"task {self.name!r} cannot write captions: {type(self).__name__} has no describe(meta)")
+        self.size, self.seed, self.overrides, self.captions = size, seed, {}, captions
         self.level, self.level_given = check_level(self.levels, level, self.name), level is not None
 
     def settings(self, **given) -> dict:
@@ -163,12 +169,18 @@ class Task:
         return {**self.levels.get(self.level, {}), **self.overrides}
 
     @property
-    def chance(self) -> float: raise NotImplementedError
+    def question_chance(self) -> float: raise NotImplementedError
+    @property
+    def chance(self) -> float:
+        "The questions' chance level; 0 for captions (free text for training, never scored by multiple choice)."
+        return 0.0 if self.captions else self.question_chance
     def make(self, rng: np.random.Generator, split: str) -> tuple[list, str, str, dict]: raise NotImplementedError
     def answer_from_meta(self, meta: dict) -> str: raise NotImplementedError
+    def describe(self, meta: dict) -> str: raise NotImplementedError
     def __repr__(self):
         level = "" if self.level is None else f", level={self.level}"
-        overrides = "".join(f", {k}={v!r}" for k, v in self.overrides.items())
+        shown = {**self.overrides, **({"captions": True} if self.captions else {})}
+        overrides = "".join(f", {k}={v!r}" for k, v in shown.items())
         return f"{type(self).__name__}(size={self.size}, seed={self.seed}{level}{overrides}, chance={self.chance:.3f})"
 
     def sample(self, index: int, # index within the split (>= 0)
@@ -179,10 +191,12 @@ class Task:
         seed = self.seed if seed is None else seed
         images, question, answer, meta = self.make(sample_rng(self.name, split, index, seed), split)
         if self.level_given: meta = dict(meta, level=self.level)
+        if self.captions: meta = dict(meta, captioned=True); question, answer = CAPTION_PROMPT, self.describe(meta)
         conv = [{"role": "user", "content": user_prompt(question, len(images), self.video)},
                 {"role": "assistant", "content": answer}]
+        sid = f"{self.name}/{split}/{seed}/{index}" + ("/caption" if self.captions else "")
         return dict(images=images, video=self.video, conversation=conv, answer=answer, task=self.name,
-                    split=split, id=f"{self.name}/{split}/{seed}/{index}", meta=meta)
+                    split=split, id=sid, meta=meta)
 
     def stream(self, split: str = "train", # the split to draw from
                n: int | None = None, # number of samples (None: endless)
@@ -203,8 +217,9 @@ class Task:
         return pn is not None and an is not None and pn == an
 
     def verify(self, sample: dict) -> bool:
-        "Does the sample's answer follow from its scene (re-derived independently of `make`)?"
+        "Does the sample's answer (or caption) follow from its scene (re-derived independently of `make`)?"
         meta = sample_meta(sample)
+        if meta.get("captioned"): return self.describe(meta) == sample["answer"]
         return self.answer_from_meta(meta) == sample["answer"] and sample["answer"] in meta["options"]
 
 # %% ../nbs/04_data.ipynb #4a9d86dd
@@ -236,7 +251,8 @@ def show_samples(samples: list[dict], # samples to draw
     for ax, s in zip(axes.flat, samples):
         ax.imshow(sample_strip(s)); level = sample_meta(s).get("level")
         head = s["task"] + ("" if level is None else f" · level {level}")
-        ax.set_title(head + "\n" + textwrap.fill(question_text(s), 44) + f"\n→ {s['answer']}", fontsize=8)
+        text = [head, textwrap.fill(question_text(s), 44), textwrap.fill(f"→ {s['answer']}", 44)]
+        ax.set_title("\n".join(text), fontsize=8)
     fig.tight_layout()
     return fig
 
@@ -291,8 +307,9 @@ class ShapeCount(Task):
                  cells: int | None = None, # shapes sit in a cells × cells grid, one a cell: fewer cells, bigger shapes
                  n_kinds: int | None = None, # shape kinds a scene may hold: the target's and n_kinds - 1 others (2..6)
                  level: int | None = None, # difficulty 0..3 (None: the defaults, which are level 1)
+                 captions: bool = False, # samples are the scene's caption instead of its question
                 ):
-        super().__init__(size, seed, level)
+        super().__init__(size, seed, level, captions)
         s = self.settings(max_count=max_count, max_distractors=max_distractors, cells=cells, n_kinds=n_kinds)
         self.max_count, self.max_distractors = s["max_count"], s["max_distractors"]
         self.cells, self.n_kinds = s["cells"], s["n_kinds"]
@@ -302,7 +319,7 @@ class ShapeCount(Task):
         self.answer_space = tuple(str(k) for k in range(1, self.max_count + 1))
 
     @property
-    def chance(self): return 1 / self.max_count
+    def question_chance(self): return 1 / self.max_count
 
     def make(self, rng, split):
         target = SHAPES[rng.integers(len(SHAPES))]
@@ -331,8 +348,9 @@ class ColourPosition(Task):
                  radius: tuple[float, float] | None = None, # shapes' radius range, as a share of a third of the width
                  n_distractors: int | None = None, # extra shapes in the main ones' colours (0..12): questions name kinds
                  level: int | None = None, # difficulty 0..3 (None: the defaults, which are level 1)
+                 captions: bool = False, # samples are the scene's caption instead of its question
                 ):
-        super().__init__(size, seed, level)
+        super().__init__(size, seed, level, captions)
         if not 0 <= p_colour <= 1: raise ValueError(f"p_colour must be in [0, 1], got {p_colour}")
         s = self.settings(radius=radius, n_distractors=n_distractors)
         self.p_colour, self.radius, self.n_distractors = p_colour, tuple(s["radius"]), s["n_distractors"]
@@ -343,7 +361,7 @@ class ColourPosition(Task):
             raise ValueError(f"n_distractors must be an int in 0..12, got {self.n_distractors!r}")
 
     @property
-    def chance(self): return self.p_colour / len(COLOURS) + (1 - self.p_colour) / len(POSITIONS)
+    def question_chance(self): return self.p_colour / len(COLOURS) + (1 - self.p_colour) / len(POSITIONS)
 
 # %% ../nbs/04_data.ipynb #9547abe4
 @patch
@@ -400,10 +418,13 @@ def answer_from_meta(self: ColourPosition, meta):
     if meta["question_type"] == "colour_of": return by_x[POSITIONS.index(meta["position"])]["colour"]
     return POSITIONS[[o["colour"] for o in by_x].index(meta["colour"])]
 
+def _column(o, size):
+    "The third of the image (left, middle or right) that holds an object's centre."
+    return POSITIONS[min(2, int(o["x"] // (size / 3)))]
+
 def _answer_among_all(meta):
     "With distractors: the answer of the one shape, among all in the scene, that fits the question (None if not one)."
-    third, every = meta["size"] / 3, meta["objects"] + meta["distractors"]
-    column = lambda o: POSITIONS[min(2, int(o["x"] // third))]
+    every, column = meta["objects"] + meta["distractors"], lambda o: _column(o, meta["size"])
     if meta["question_type"] == "colour_of":
         fits = [o["colour"] for o in every if o["shape"] == meta["shape"] and column(o) == meta["position"]]
     else: fits = [column(o) for o in every if o["colour"] == meta["colour"] and o["shape"] == meta["shape"]]
@@ -458,8 +479,9 @@ class BarChart(Task):
                  n_bars: tuple[int, int] | None = None, # bars per chart, inclusive range
                  grid_step: int | None = None, # value units between grid lines (1..max_value)
                  level: int | None = None, # difficulty 0..3 (None: the defaults, which are level 1)
+                 captions: bool = False, # samples are the scene's caption instead of its question
                 ):
-        super().__init__(size, seed, level)
+        super().__init__(size, seed, level, captions)
         s = self.settings(max_value=max_value, n_bars=n_bars, grid_step=grid_step)
         self.max_value, self.n_bars, self.grid_step = s["max_value"], tuple(s["n_bars"]), s["grid_step"]
         if self.max_value < 1 or not 1 <= self.n_bars[0] <= self.n_bars[1] <= 26:
@@ -469,7 +491,7 @@ class BarChart(Task):
         self.answer_space = tuple(str(v) for v in range(self.max_value + 1))
 
     @property
-    def chance(self): return 1 / (self.max_value + 1)
+    def question_chance(self): return 1 / (self.max_value + 1)
 
     def make(self, rng, split):
         n = int(rng.integers(self.n_bars[0], self.n_bars[1] + 1))
@@ -519,15 +541,16 @@ class DigitSum(Task):
     levels = {0: dict(n_digits=1), 1: dict(n_digits=2), 2: dict(n_digits=3), 3: dict(n_digits=4)}  # level → settings
     def __init__(self, size: int = 224, seed: int = 0, n_digits: int | None = None, # digits to add, 1..4 (one: read it)
                  level: int | None = None, # difficulty 0..3 (None: the defaults, which are level 1)
+                 captions: bool = False, # samples are the scene's caption instead of its question
                 ):
-        super().__init__(size, seed, level)
+        super().__init__(size, seed, level, captions)
         self.n_digits = self.settings(n_digits=n_digits)["n_digits"]
         if self.n_digits not in DIGIT_LAYOUTS:
             raise ValueError(f"n_digits must be in 1..{len(DIGIT_LAYOUTS)}, got {self.n_digits!r}")
         self.answer_space = tuple(str(v) for v in range(9 * self.n_digits + 1))
 
     @property
-    def chance(self):
+    def question_chance(self):
         "The probability of the most likely sum of n_digits uniform digits (0.1 for one or two)."
         ways = np.ones(1, dtype=np.int64)
         for _ in range(self.n_digits): ways = np.convolve(ways, np.ones(10, dtype=np.int64))
@@ -587,8 +610,9 @@ class SmallWord(Task):
                  n_decoys: int | None = None, # blank labels like the word's: the label alone does not give the place away
                  words: tuple = WORDS, # the vocabulary
                  level: int | None = None, # difficulty 0..3 (None: the defaults, which are level 1)
+                 captions: bool = False, # samples are the scene's caption instead of its question
                 ):
-        super().__init__(size, seed, level)
+        super().__init__(size, seed, level, captions)
         s = self.settings(font_size=font_size, n_clutter=n_clutter, n_decoys=n_decoys)
         self.height = height or size * 3 // 4
         self.font_size, self.n_clutter, self.n_decoys = s["font_size"], s["n_clutter"], s["n_decoys"]
@@ -608,7 +632,7 @@ class SmallWord(Task):
                              f"more than the {self.size}×{self.height} image")
 
     @property
-    def chance(self): return 1 / len(self.words)
+    def question_chance(self): return 1 / len(self.words)
 
     def _clutter(self, rng, d):
         W, H, cols = self.size, self.height, list(COLOURS.values())
@@ -650,8 +674,9 @@ class CompareCount(Task):
                  max_distractors: int | None = None, # up to this many shapes of other kinds per image
                  cells: int | None = None, # shapes sit in a cells × cells grid, one a cell: fewer cells, bigger shapes
                  level: int | None = None, # difficulty 0..3 (None: the defaults, which are level 1)
+                 captions: bool = False, # samples are the scene's caption instead of its question
                 ):
-        super().__init__(size, seed, level)
+        super().__init__(size, seed, level, captions)
         s = self.settings(n_images=n_images, max_count=max_count, max_distractors=max_distractors, cells=cells)
         self.n_images, self.max_count = s["n_images"], s["max_count"]
         self.max_distractors, self.cells = s["max_distractors"], s["cells"]
@@ -663,7 +688,7 @@ class CompareCount(Task):
         self.shape, self.answer_space = shape, tuple(f"Image-{i + 1}" for i in range(self.n_images))
 
     @property
-    def chance(self): return 1 / self.n_images
+    def question_chance(self): return 1 / self.n_images
 
     def make(self, rng, split):
         counts = [int(c) + 1 for c in rng.choice(self.max_count, size=self.n_images, replace=False)]
@@ -694,8 +719,9 @@ class VideoMotion(Task):
                  n_objects: int | None = None, # shapes per video, one of which moves (2..6)
                  travel: tuple[float, float] | None = None, # the mover's path range, as a share of its lane's free width
                  level: int | None = None, # difficulty 0..3 (None: the defaults, which are level 1)
+                 captions: bool = False, # samples are the scene's caption instead of its question
                 ):
-        super().__init__(size, seed, level)
+        super().__init__(size, seed, level, captions)
         if not 2 <= n_frames <= 32: raise ValueError(f"n_frames must be in 2..32, got {n_frames}")
         s = self.settings(n_objects=n_objects, travel=travel)
         self.n_frames, self.n_objects, self.travel = n_frames, s["n_objects"], tuple(s["travel"])
@@ -711,7 +737,7 @@ class VideoMotion(Task):
     def _room(self): return self.size - 2 * self._radius() - 4  # the free width a shape's centre can move in
 
     @property
-    def chance(self): return 1 / self.n_objects
+    def question_chance(self): return 1 / self.n_objects
 
     def make(self, rng, split):
         S, F, n = self.size, self.n_frames, self.n_objects
@@ -755,6 +781,59 @@ def placeholders_match(sample: dict) -> bool:
     if sample.get("video"): return text.count(VIDEO) == 1 and text.count(IMAGE) == 0 and len(sample["images"]) >= 1
     return text.count(IMAGE) == len(sample["images"]) and text.count(VIDEO) == 0
 
+# %% ../nbs/04_data.ipynb #987413c1
+def _how_many(k: int, shape: str) -> str: return f"{k} {shape if k == 1 else _plural(shape)}"
+
+@patch
+def describe(self: ShapeCount, meta: dict) -> str:
+    "Every shape kind in the scene with its count, in `SHAPES` order: '2 circles, 1 star, 3 hexagons.'"
+    n = Counter(o["shape"] for o in meta["objects"])
+    return ", ".join(_how_many(n[s], s) for s in SHAPES if n[s]) + "."
+
+# %% ../nbs/04_data.ipynb #3e3d3c19
+def _placed(meta: dict) -> list[tuple[str, dict]]:
+    "(place, object) for every shape of a colour_position scene: left to right, then top to bottom in a column."
+    if "distractors" not in meta: return list(zip(POSITIONS, sorted(meta["objects"], key=lambda o: o["x"])))
+    every = [(_column(o, meta["size"]), o) for o in meta["objects"] + meta["distractors"]]
+    return sorted(every, key=lambda p: (POSITIONS.index(p[0]), p[1]["y"], p[1]["x"]))
+
+@patch
+def describe(self: ColourPosition, meta: dict) -> str:
+    "Every shape as 'colour shape place', left to right: 'red star left, green circle middle, blue square right.'"
+    return ", ".join(f"{o['colour']} {o['shape']} {place}" for place, o in _placed(meta)) + "."
+
+# %% ../nbs/04_data.ipynb #44167913
+@patch
+def describe(self: BarChart, meta: dict) -> str:
+    "Every bar's value, in order: 'A 3, B 7, C 0.'"
+    return ", ".join(f"{chr(65 + i)} {v}" for i, v in enumerate(meta["values"])) + "."
+
+@patch
+def describe(self: DigitSum, meta: dict) -> str:
+    "The digits as written, with their plus signs: '3 + 5.' (one digit: '3.')."
+    return " + ".join(str(int(load_digit_images()[1][i])) for i in meta["digit_indices"]) + "."
+
+@patch
+def describe(self: SmallWord, meta: dict) -> str:
+    "The word: 'The word is cat.'"
+    return f"The word is {meta['word']}."
+
+# %% ../nbs/04_data.ipynb #cbcff276
+def _and(words: list[str]) -> str: return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
+
+@patch
+def describe(self: CompareCount, meta: dict) -> str:
+    "How many of the compared shape each image holds: 'Image-1: 3 circles, Image-2: 1 circle.'"
+    counts = [sum(o["shape"] == meta["shape"] for o in sc) for sc in meta["scenes"]]
+    return ", ".join(f"Image-{k + 1}: {_how_many(c, meta['shape'])}" for k, c in enumerate(counts)) + "."
+
+@patch
+def describe(self: VideoMotion, meta: dict) -> str:
+    "The shape that moves, then the others (alphabetically) that stay: 'star moves; circle and square stay.'"
+    mover = self.answer_from_meta(meta)
+    still = sorted(o["shape"] for o in meta["objects"] if o["shape"] != mover)
+    return f"{mover} moves; {_and(still)} {'stays' if len(still) == 1 else 'stay'}."
+
 # %% ../nbs/04_data.ipynb #70a4ed4e
 @dataclass
 class BlindBaseline:
@@ -791,6 +870,8 @@ def blind_baseline(train: Iterable[dict], # samples the answer frequencies are f
         m, k = sample_meta(s), key(s)
         counts, unseen = by_key.get(k) or by_type.get(m["question_type"], Counter()), unseen + (k not in by_key)
         opts = list(m["options"])
+        if m.get("captioned"):
+            raise ValueError(f"sample {s.get('id', n)} is a caption: free text for training, no options to guess among")
         if s["answer"] not in opts:
             raise ValueError(f"sample {s.get('id', n)}: answer {s['answer']!r} is not one of its options {opts}")
         c = [counts[o] + 1 for o in opts]

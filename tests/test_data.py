@@ -1,6 +1,6 @@
 """mmlit.data: procedural tasks (determinism, disjoint splits, verifiable answers, chance levels), datasets,
 mixtures, filters and loss re-weighting (exact values, packing, the cross-process denominator on real gloo ranks)."""
-import inspect, itertools, json, math, re, subprocess, sys, textwrap
+import hashlib, inspect, itertools, json, math, re, subprocess, sys, textwrap
 from collections import Counter
 
 import numpy as np
@@ -10,13 +10,14 @@ import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 from PIL import Image
 
-from mmlit.data import (COLOURS, DEFAULT_LEVEL, LEVELS, SPLITS, TASKS, BarChart, BlindBaseline, ColourPosition,
-                        CompareCount, DigitSum, Mixture, ShapeCount, SmallWord, Task, VideoMotion, apply_filters,
+from mmlit.data import (CAPTION_PROMPT, COLOURS, DEFAULT_LEVEL, LEVELS, SHAPES, SPLITS, TASKS, BarChart, BlindBaseline,
+                        ColourPosition, CompareCount, DigitSum, Mixture, ShapeCount, SmallWord, Task, VideoMotion,
+                        apply_filters,
                         blind_accuracy, blind_baseline, chart_geometry, digit_pool, draw_scene, heuristic_filter,
                         image_hash, load_digit_images, loss_weights, make_task, mean_across_ranks, media,
                         placeholders_match, question_text, repeat_indices, repetition_filter, repetition_score,
-                        sample_rng, score_filter, supervised_counts, task_blind_baseline, to_dataset, weighted_loss,
-                        word_label)
+                        sample_rng, score_filter, supervised_counts, task_blind_baseline, to_dataset, user_prompt,
+                        weighted_loss, word_label)
 
 N = {"train": 300, "validation": 100, "test": 200}
 
@@ -311,6 +312,148 @@ def test_digit_sum_chance_is_the_most_likely_sum():
     for n in (1, 2, 3, 4):
         sums = Counter(sum(d) for d in itertools.product(range(10), repeat=n))
         assert DigitSum(n_digits=n).chance == max(sums.values()) / 10 ** n
+
+# --- dense captions ---------------------------------------------------------------------------------------------------
+
+def _caption_pairs(name):
+    "(question task, caption task, question sample, caption sample) at every level and split, a few indices each."
+    n = 2 if name == "small_word" else 4
+    for level in LEVELS:
+        q, c = make_task(name, level=level), make_task(name, level=level, captions=True)
+        for split in SPLITS:
+            for i in range(n): yield q, c, q.sample(i, split), c.sample(i, split)
+
+@pytest.mark.parametrize("name", list(TASKS))
+def test_caption_samples_show_the_question_scene(name):
+    for q, c, a, b in _caption_pairs(name):
+        assert [image_hash(x) for x in b["images"]] == [image_hash(x) for x in a["images"]], b["id"]
+        assert b["meta"] == dict(a["meta"], captioned=True) and "captioned" not in a["meta"]
+        same = ("task", "split", "video")
+        assert b["id"] == a["id"] + "/caption" and [b[k] for k in same] == [a[k] for k in same]
+        user = user_prompt(CAPTION_PROMPT, len(a["images"]), a["video"])
+        assert b["conversation"] == [{"role": "user", "content": user}, {"role": "assistant", "content": b["answer"]}]
+        assert placeholders_match(b) and question_text(b) == CAPTION_PROMPT
+        assert b["answer"] == q.describe(a["meta"]) and b["answer"].endswith(".") and len(b["answer"]) < 200
+        assert c.verify(b) and q.verify(b) and q.verify(a) and c.verify(a), b["id"]
+        assert not c.verify(dict(b, answer=b["answer"][:-1] + " x.")) and not q.verify(dict(b, answer=a["answer"]))
+        assert c.check(" " + b["answer"].upper().rstrip("."), b["answer"])
+        assert json.loads(json.dumps(b["meta"])) == b["meta"]
+    assert c.chance == 0.0 and q.chance > 0 and c.answer_space == q.answer_space and c.level == q.level
+
+def _answer_from_caption(name, caption, question, meta):
+    "The answer to a question sample, read off the caption alone (and the question's text)."
+    parts = caption.rstrip(".").split(", ")
+    if name == "count":
+        kind = re.match(r"How many (\w+)s are", question).group(1)
+        return next((p.split()[0] for p in parts if p.split()[1].rstrip("s") == kind), "0")
+    if name == "colour_position":
+        triples = [p.split() for p in parts]
+        if question.startswith("What colour"):
+            kind, pos = re.match(r"What colour is the (\w+) on the (\w+)\?", question).groups()
+            fits = [c for c, s, p in triples if (kind == "shape" or s == kind) and p == pos]
+        else:
+            colour, kind = re.match(r"Where is the (\w+) (\w+)\?", question).groups()
+            fits = [p for c, s, p in triples if c == colour and s == kind]
+        assert len(fits) == 1, (caption, question)
+        return fits[0]
+    if name == "bar_chart": return dict(p.split() for p in parts)[re.search(r"value of bar (\w)", question).group(1)]
+    if name == "digit_sum": return str(sum(int(d) for d in caption.rstrip(".").split(" + ")))
+    if name == "small_word": return caption.rstrip(".").split()[-1]
+    if name == "compare_count":
+        counts = [int(p.split(": ")[1].split()[0]) for p in parts]
+        return f"Image-{counts.index(max(counts)) + 1}"
+    if name == "video_motion": return caption.split()[0]
+
+@pytest.mark.parametrize("name", list(TASKS))
+def test_every_caption_answers_its_scenes_question(name):
+    "The caption holds the answer to the question asked about the same scene, at every level."
+    for q, c, a, b in _caption_pairs(name):
+        read = _answer_from_caption(name, b["answer"], question_text(a), a["meta"])
+        assert read == a["answer"], (b["answer"], question_text(a), a["answer"])
+
+def test_captions_name_what_the_pixels_show():
+    "count: every kind and its count, in SHAPES order; colour_position: every shape's colour at its centre, its third."
+    for level in LEVELS:
+        singular = {**{k: k for k in SHAPES}, **{k + "s": k for k in SHAPES}}
+        for s in make_task("count", level=level, captions=True).stream("test", 30):
+            objs = s["meta"]["objects"]
+            assert image_hash(draw_scene(objs, 224)) == image_hash(s["images"][0])      # the scene is the picture
+            n, pairs = Counter(o["shape"] for o in objs), [p.split() for p in s["answer"].rstrip(".").split(", ")]
+            assert [singular[w] for _, w in pairs] == [k for k in SHAPES if n[k]], s["answer"]
+            assert all(int(k) == n[singular[w]] and (w in SHAPES) == (k == "1") for k, w in pairs), s["answer"]
+        for s in make_task("colour_position", level=level, captions=True).stream("test", 30):
+            a, m = np.asarray(s["images"][0]), s["meta"]
+            every = m["objects"] + m.get("distractors", [])
+            triples = Counter(tuple(p.split()) for p in s["answer"].rstrip(".").split(", "))
+            seen = Counter((next(c for c, rgb in COLOURS.items() if rgb == tuple(a[o["y"], o["x"]])), o["shape"],
+                            ("left", "middle", "right")[o["x"] * 3 // 224]) for o in every)
+            assert triples == seen, (s["answer"], seen)
+
+def test_captions_by_hand():
+    one = lambda shape, colour="red", x=0, y=0: dict(shape=shape, colour=colour, x=x, y=y, r=9)
+    shapes = ("hexagon", "circle", "star", "hexagon", "circle", "hexagon")
+    assert ShapeCount().describe(dict(objects=[one(k) for k in shapes])) == "2 circles, 1 star, 3 hexagons."
+    main = [one("circle", "green", 110, 50), one("star", "red", 30, 90), one("square", "blue", 200, 20)]
+    assert ColourPosition().describe(dict(objects=main)) == "red star left, green circle middle, blue square right."
+    extra = [one("hexagon", "red", 40, 10), one("diamond", "blue", 220, 100)]
+    assert (ColourPosition().describe(dict(objects=main, distractors=extra, size=224))
+            == "red hexagon left, red star left, green circle middle, blue square right, blue diamond right.")
+    assert BarChart().describe(dict(values=[3, 7, 0])) == "A 3, B 7, C 0."
+    labels = load_digit_images()[1]
+    first = lambda d: int(np.flatnonzero(labels == d)[0])
+    assert DigitSum().describe(dict(digit_indices=[first(3), first(5)])) == "3 + 5."
+    assert DigitSum().describe(dict(digit_indices=[first(7)])) == "7."
+    assert SmallWord().describe(dict(word="cat")) == "The word is cat."
+    scenes = [[one("circle")] * 3 + [one("star")], [one("circle")]]
+    assert CompareCount().describe(dict(shape="circle", scenes=scenes)) == "Image-1: 3 circles, Image-2: 1 circle."
+    moving = lambda shape, xs: dict(shape=shape, colour="red", xs=xs, y=0, r=9)
+    objs = [moving("square", [5] * 3), moving("star", [5, 9, 13]), moving("circle", [40] * 3)]
+    assert VideoMotion().describe(dict(objects=objs)) == "star moves; circle and square stay."
+
+def test_the_captions_setting():
+    for bad in ("yes", 1, 0, None, np.bool_(True)):
+        with pytest.raises(ValueError, match="captions must be True or False"): make_task("count", captions=bad)
+    for name, cls in TASKS.items():    # recipes check a task entry's keys against the signature
+        params = list(inspect.signature(cls.__init__).parameters)
+        assert params[-2:] == ["level", "captions"], name
+        assert make_task(name, captions=False).captions is False and make_task(name, level=0, captions=True).captions
+    t = ShapeCount(96, 2, 4, 1, 3, 3, 2)           # positional arguments keep their places
+    got = (t.size, t.seed, t.max_count, t.max_distractors, t.cells, t.n_kinds, t.level, t.captions)
+    assert got == (96, 2, 4, 1, 3, 3, 2, False)
+    assert repr(make_task("bar_chart", level=3, max_value=12, captions=True)) == \
+        "BarChart(size=224, seed=0, level=3, max_value=12, captions=True, chance=0.000)"
+    with pytest.raises(ValueError, match="Task has no describe"): Task(captions=True)
+
+def test_question_samples_are_unchanged_by_captions():
+    "A digest of the text and scene of question samples (not the pixels), taken before captions existed."
+    rows = [[s["id"], s["conversation"], s["answer"], s["meta"]]
+            for name in TASKS for level in (None, 0, 3) for split in SPLITS
+            for s in make_task(name, level=level).stream(split, 2 if name == "small_word" else 3)]
+    assert hashlib.sha1(json.dumps(rows, sort_keys=True).encode()).hexdigest()[:16] == "63fd29409d62c958"
+    for name in TASKS:                               # captions=False is the task without the setting
+        a, b = make_task(name).sample(4, "test"), make_task(name, captions=False).sample(4, "test")
+        assert [image_hash(x) for x in a["images"]] == [image_hash(x) for x in b["images"]]
+        assert (a["id"], a["conversation"], a["meta"]) == (b["id"], b["conversation"], b["meta"])
+        assert a["id"] == f"{name}/test/0/4"
+
+def test_a_task_and_its_captions_mix_without_duplicate_ids():
+    for name, level in (("count", None), ("colour_position", 2), ("video_motion", 3)):
+        q, c = make_task(name, level=level), make_task(name, level=level, captions=True)
+        mix = Mixture([(q, 1), (c, 0.5)], n=20, seed=0)
+        ids = [s["id"] for s in mix]
+        assert len(ids) == 30 == len(set(ids)) and sum(i.endswith("/caption") for i in ids) == 10
+        assert {k: v["count"] for k, v in mix.counts.items()} == {name: 20, f"{name}#1": 10}
+        by_id = {s["id"]: s for s in mix}
+        for i in ids:
+            if not i.endswith("/caption") and i + "/caption" in by_id:   # twins show the same scene
+                assert by_id[i + "/caption"]["meta"] == dict(by_id[i]["meta"], captioned=True)
+
+def test_captions_round_trip_through_datasets_and_refuse_the_blind_baseline():
+    t = ColourPosition(level=3, captions=True)
+    ds = to_dataset(t, "validation", 3)
+    assert all(t.verify(r) and ColourPosition().verify(r) for r in ds)
+    assert ds[1]["id"] == "colour_position/validation/0/1/caption" and json.loads(ds[1]["meta"])["captioned"] is True
+    with pytest.raises(ValueError, match="is a caption"): blind_baseline(t.stream("train", 5), t.stream("test", 5))
 
 # --- the image-blind baseline ------------------------------------------------------------------------------------------
 
