@@ -24,16 +24,16 @@ from .eval import EvalResults, evaluate, plot_accuracy, answer_nll, grounding_ve
 from .grpo import GRPOConfig, GRPOTrainer, LOSS_TYPES, SCALES, accuracy_reward, format_reward
 
 # %% auto #0
-__all__ = ['BACKBONES', 'REWARDS', 'RECIPE_FILE', 'BLIND_FILE', 'GRPO_CURVES', 'sample_photo', 'tile_table', 'format_table',
-           'draw_rules', 'tile_command', 'check_value', 'from_plain', 'to_plain', 'ModelRecipe', 'ProcessorRecipe',
-           'TaskRecipe', 'StageRecipe', 'GRPOStageRecipe', 'EvalRecipe', 'Recipe', 'shipped_recipes', 'load_recipe',
-           'apply_overrides', 'build_model', 'TaskSamples', 'Window', 'samples_per_stage', 'train_mixture',
-           'stage_mixture', 'grpo_prompts', 'recipe_diff', 'prepare_run_dir', 'stage_dir', 'stage_config',
-           'skipped_reasons', 'train_stage', 'save_model', 'grpo_config', 'train_grpo_stage', 'answer_loss_fn',
-           'blind_baselines', 'run_stages', 'run_metrics', 'write_metrics', 'stage_results', 'plot_grpo',
-           'plot_answer_loss', 'plot_run', 'accuracy_table', 'stage_answer_loss', 'grounding', 'grounding_table',
-           'training_table', 'grpo_table', 'skipped_section', 'write_report', 'run_recipe', 'run_command',
-           'build_parser', 'main']
+__all__ = ['BACKBONES', 'REWARDS', 'RECIPE_FILE', 'BLIND_FILE', 'LEVELS_FILE', 'GRPO_CURVES', 'sample_photo', 'tile_table',
+           'format_table', 'draw_rules', 'tile_command', 'check_value', 'from_plain', 'to_plain', 'ModelRecipe',
+           'ProcessorRecipe', 'TaskRecipe', 'StageRecipe', 'GRPOStageRecipe', 'EvalRecipe', 'Recipe', 'shipped_recipes',
+           'load_recipe', 'apply_overrides', 'build_model', 'TaskSamples', 'Window', 'samples_per_stage',
+           'train_mixture', 'stage_mixture', 'grpo_prompts', 'recipe_diff', 'prepare_run_dir', 'stage_dir',
+           'stage_config', 'skipped_reasons', 'train_stage', 'save_model', 'grpo_config', 'train_grpo_stage',
+           'answer_loss_fn', 'blind_baselines', 'level_ladder', 'plot_ladder', 'run_stages', 'run_metrics',
+           'write_metrics', 'stage_results', 'plot_grpo', 'plot_answer_loss', 'plot_run', 'accuracy_table',
+           'stage_answer_loss', 'grounding', 'grounding_table', 'training_table', 'grpo_table', 'skipped_section',
+           'ladder_section', 'write_report', 'run_recipe', 'run_summary', 'run_command', 'build_parser', 'main']
 
 # %% ../nbs/11_cli.ipynb #c8a623df
 def sample_photo() -> Path:
@@ -318,10 +318,12 @@ class EvalRecipe:
     curve_n: int = 48  # validation questions per task whose answer loss is drawn during supervised stages (0: no curve)
     curve_points: int = 10  # answer-loss points per supervised stage
     blind_n: int = 2000  # training questions the image-blind baseline is fitted on
+    level_n: int = 0  # after the last stage: test questions per task at each difficulty level 0-3 (the ladder; 0: none)
 
     def __post_init__(self):
         _positive(self, "n", "max_new_tokens", "batch_size", "curve_points", "blind_n")
-        if not isinstance(self.curve_n, int) or self.curve_n < 0: raise ValueError(f"curve_n must be an integer >= 0, got {self.curve_n!r}")
+        for k in ("curve_n", "level_n"):
+            if not isinstance(getattr(self, k), int) or getattr(self, k) < 0: raise ValueError(f"{k} must be an integer >= 0, got {getattr(self, k)!r}")
         if self.split not in SPLITS: raise ValueError(f"split must be one of {SPLITS}, got {self.split!r}")
 
 # %% ../nbs/11_cli.ipynb #a3404f4e
@@ -666,6 +668,37 @@ def blind_baselines(recipe: Recipe, # the run's recipe: its tasks, `eval.split`,
     if f is not None: _write_text(f, json.dumps({k: dataclasses.asdict(v) for k, v in res.items()}, indent=1))
     return res
 
+# %% ../nbs/11_cli.ipynb #1588ed28
+LEVELS_FILE = "levels.json"  # accuracy per task and difficulty level of a run's final model
+
+def level_ladder(model: MMModel, # the final model
+                 processor: MMProcessor, # its processor
+                 recipe: Recipe, # the run's recipe: its tasks (their settings, level replaced) and eval settings
+                 levels=(0, 1, 2, 3), # the levels to ask at
+                ) -> dict[str, dict[int, dict]]:
+    "Task → level → the evaluation summary (accuracy, interval, chance, n) on `eval.level_n` test questions at that level."
+    ask = lambda task: evaluate(model, processor, [task], split=recipe.eval.split, n=recipe.eval.level_n, max_new_tokens=recipe.eval.max_new_tokens,
+                                batch_size=recipe.eval.batch_size, seed=recipe.seed).summary()[task.name]
+    return {t.name: {lv: ask(t.task(level=lv)) for lv in levels} for t in recipe.tasks}
+
+def plot_ladder(ladder: dict[str, dict[int, dict]], # `level_ladder`'s result (levels as ints or strings)
+                trained: dict[str, int] | None = None, # task → the level it trained on (marked)
+               ):
+    "Accuracy per difficulty level, one line per task with its 95 % interval, each level's chance dotted; returns the axes."
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6.5, 3.4))
+    for j, (task, by) in enumerate(ladder.items()):
+        lv = sorted(int(k) for k in by); s = [by[k if k in by else str(k)] for k in lv]
+        acc = [100 * x["accuracy"] for x in s]
+        ax.errorbar(lv, acc, yerr=[[a - 100 * x["ci_low"] for a, x in zip(acc, s)], [100 * x["ci_high"] - a for a, x in zip(acc, s)]],
+                    fmt="o-", capsize=3, color=f"C{j}", label=task)
+        ax.plot(lv, [100 * x["chance"] for x in s], ":", color=f"C{j}")
+        if trained and task in trained: ax.plot([trained[task]], [acc[lv.index(trained[task])]], "s", ms=11, mfc="none", color=f"C{j}")
+    ax.set_xticks(sorted({int(k) for by in ladder.values() for k in by})); ax.set_xlabel("difficulty level"); ax.set_ylabel("accuracy %")
+    ax.set_ylim(0, 100); ax.legend(fontsize=8); ax.set_title("accuracy per level (dotted: chance; square: the trained level)", fontsize=9)
+    fig.tight_layout()
+    return ax
+
 # %% ../nbs/11_cli.ipynb #4c674b54
 def _rm(path: Path):
     "Delete a folder: renamed aside first, so it is never seen half-deleted."
@@ -786,6 +819,9 @@ def plot_run(out: str | Path, recipe: Recipe) -> list[Path]:
         if curves: plot_answer_loss(curves, blind_baselines(recipe, out), axs[0][1])
         fig.suptitle(recipe.name, fontsize=10); fig.tight_layout(); fig.savefig(out / "loss.png", dpi=110); plt.close(fig)
         paths.append(out / "loss.png")
+    if (out / LEVELS_FILE).is_file():
+        ax = plot_ladder(json.loads((out / LEVELS_FILE).read_text()), {t.name: t.task().level for t in recipe.tasks})
+        ax.figure.savefig(out / "levels.png", dpi=110); plt.close(ax.figure); paths.append(out / "levels.png")
     if res := stage_results(out, recipe):
         ax = plot_accuracy(res); ax.set_title(f"{recipe.name}: accuracy on {recipe.eval.n} {recipe.eval.split} questions per task (95 % CI)")
         ax.figure.tight_layout(); ax.figure.savefig(out / "accuracy.png", dpi=110); plt.close(ax.figure); paths.append(out / "accuracy.png")
@@ -876,6 +912,17 @@ def skipped_section(out: str | Path, recipe: Recipe) -> str:
     if not lines: return "No training sample was skipped."
     return "Training samples skipped (they failed to load or tokenise, or were too long; details in `stages/*/train.log`):\n\n" + "\n".join(lines)
 
+def ladder_section(out: str | Path, recipe: Recipe) -> list[str]:
+    "Markdown: the final model's accuracy per task and difficulty level, with each level's chance, and levels.png."
+    ladder = json.loads((Path(out) / LEVELS_FILE).read_text())
+    levels = sorted({int(k) for by in ladder.values() for k in by})
+    lines = ["| task | " + " | ".join(f"level {lv} % (chance)" for lv in levels) + " |", "|---|" + "---:|" * len(levels)]
+    for t, by in ladder.items():
+        lines.append(f"| {t} (trained at {make_task(t, **next(x.kwargs for x in recipe.tasks if x.name == t)).level}) | "
+                     + " | ".join(f"{_pct(by[str(lv)]['accuracy'])} ({_pct(by[str(lv)]['chance'])})" for lv in levels) + " |")
+    return ["### Accuracy per difficulty level", f"The final model on {recipe.eval.level_n} `{recipe.eval.split}` questions per task and level "
+            "(level 1 is each task's default):", "\n".join(lines), "![accuracy per level](levels.png)"]
+
 def _grpo_section(out, recipe) -> list[str]:
     return ["### GRPO", "Per rollout step (first step → mean of the last 10): the mean reward of the sampled answers; the share of "
             "questions whose answers all got the same reward (no learning signal); the KL to the model the stage started from "
@@ -907,6 +954,7 @@ def write_report(out: str | Path, # the run folder
              "model's 95 % interval lies above the blind one and its answer loss (−ln p(answer), nats) is below the blind loss.",
              grounding_table(g) if (g := grounding(out, recipe)) else "",
              "\n".join(f"- **{t}**: {r['sentence']}" for t, r in g.items()) if g else "",
+             *(ladder_section(out, recipe) if (out / LEVELS_FILE).is_file() else []),
              "### After the last stage, in detail", last.table() if last else "",
              "## Training", training_table(out, recipe), "![training loss](loss.png)" if any(s.stage != "grpo" for s in recipe.stages) else "",
              skipped_section(out, recipe), *(_grpo_section(out, recipe) if any(s.stage == "grpo" for s in recipe.stages) else []),
@@ -939,11 +987,24 @@ def run_recipe(recipe: Recipe, # what to run
         except ValueError as e: log(f"stopped: {e}"); raise
         save_model(model, proc, final); _rm(stage_dir(out, recipe, len(recipe.stages) - 1) / "final")
         log(f"final model in {final}")
+    if recipe.eval.level_n and not (out / LEVELS_FILE).is_file():
+        _write_text(out / LEVELS_FILE, json.dumps(level_ladder(model, proc, recipe), indent=1))
     write_metrics(out, recipe); plot_run(out, recipe)
     info = dict(parameters=sum(p.numel() for p in model.parameters()), tokens_per_tile=proc.tokens_per_tile, device=str(model.device),
                 threads=threads, wall_s=time.perf_counter() - t0, resumed=resumed)
+    _update_json(out / "run.json", **info)
     p = write_report(out, recipe, info); log(f"report {p}")
     return p
+
+def run_summary(out: str | Path, # a finished run folder
+               ) -> dict:
+    "A finished run in a few numbers: recipe, seed, seconds (wall, training, evaluation) and the grounding row of each task."
+    out = Path(out)
+    recipe = Recipe.from_yaml((out / RECIPE_FILE).read_text(), str(out / RECIPE_FILE))
+    timing = [json.loads(f.read_text()) for i in range(len(recipe.stages)) if (f := stage_dir(out, recipe, i) / "timing.json").is_file()]
+    info = json.loads((out / "run.json").read_text()) if (out / "run.json").is_file() else {}
+    return dict(recipe=recipe.name, seed=recipe.seed, wall_s=info.get("wall_s"), train_s=sum(t.get("train_s", 0) for t in timing),
+                eval_s=sum(t.get("eval_s", 0) for t in timing), tasks=grounding(out, recipe))
 
 # %% ../nbs/11_cli.ipynb #ebda3bbd
 def _task_list(s: str) -> list[str]: return [t.strip() for t in s.split(",") if t.strip()]
