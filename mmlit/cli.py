@@ -1004,7 +1004,8 @@ def run_summary(out: str | Path, # a finished run folder
     timing = [json.loads(f.read_text()) for i in range(len(recipe.stages)) if (f := stage_dir(out, recipe, i) / "timing.json").is_file()]
     info = json.loads((out / "run.json").read_text()) if (out / "run.json").is_file() else {}
     return dict(recipe=recipe.name, seed=recipe.seed, wall_s=info.get("wall_s"), train_s=sum(t.get("train_s", 0) for t in timing),
-                eval_s=sum(t.get("eval_s", 0) for t in timing), tasks=grounding(out, recipe))
+                eval_s=sum(t.get("eval_s", 0) for t in timing), tasks=grounding(out, recipe),
+                levels=json.loads((out / LEVELS_FILE).read_text()) if (out / LEVELS_FILE).is_file() else None)
 
 # %% ../nbs/11_cli.ipynb #ebda3bbd
 def _task_list(s: str) -> list[str]: return [t.strip() for t in s.split(",") if t.strip()]
