@@ -690,7 +690,7 @@ def plot_ladder(ladder: dict[str, dict[int, dict]], # `level_ladder`'s result (l
     for j, (task, by) in enumerate(ladder.items()):
         lv = sorted(int(k) for k in by); s = [by[k if k in by else str(k)] for k in lv]
         acc = [100 * x["accuracy"] for x in s]
-        ax.errorbar(lv, acc, yerr=[[a - 100 * x["ci_low"] for a, x in zip(acc, s)], [100 * x["ci_high"] - a for a, x in zip(acc, s)]],
+        ax.errorbar(lv, acc, yerr=[[max(0, a - 100 * x["ci_low"]) for a, x in zip(acc, s)], [max(0, 100 * x["ci_high"] - a) for a, x in zip(acc, s)]],
                     fmt="o-", capsize=3, color=f"C{j}", label=task)
         ax.plot(lv, [100 * x["chance"] for x in s], ":", color=f"C{j}")
         if trained and task in trained: ax.plot([trained[task]], [acc[lv.index(trained[task])]], "s", ms=11, mfc="none", color=f"C{j}")
@@ -740,13 +740,17 @@ def run_stages(model: MMModel, processor: MMProcessor, recipe: Recipe, out: str 
     return model
 
 # %% ../nbs/11_cli.ipynb #b9f61647
+def _curve_kind(r: dict) -> dict:
+    "A stage's held-out answer-loss line is kind 'answer_loss' in the run's metrics (kind 'eval' is one line per task and stage)."
+    return {"kind": "answer_loss"} if r.get("kind") == "eval" and any(k.startswith("answer_loss/") for k in r) else {}
+
 def run_metrics(out: str | Path, recipe: Recipe) -> list[dict]:
     "Every training step of every stage on one step axis, and one evaluation line per stage and task."
     rows, offset = [], 0
     for i, s in enumerate(recipe.stages):
         d, tag = stage_dir(out, recipe, i), dict(stage=s.stage, stage_index=i + 1)
         if (d / "metrics.jsonl").is_file():
-            rows += [{**r, **tag, "stage_step": r["step"], "step": offset + r["step"]} for r in read_metrics(d, kind=None)]
+            rows += [{**r, **tag, "stage_step": r["step"], "step": offset + r["step"], **_curve_kind(r)} for r in read_metrics(d, kind=None)]
         if (d / "eval.json").is_file():
             for task, summ in EvalResults.load(d / "eval.json").summary().items():
                 rows.append(dict(kind="eval", **tag, step=offset + s.steps, task=task, **summ))
@@ -813,7 +817,7 @@ def plot_run(out: str | Path, recipe: Recipe) -> list[Path]:
     if grpo := {f"{i + 1}: GRPO": stage_dir(out, recipe, i) for i in done if recipe.stages[i].stage == "grpo"}:
         fig = plot_grpo(grpo); fig.savefig(out / "reward.png", dpi=110); plt.close(fig); paths.append(out / "reward.png")
     if runs:
-        curves = [r for r in run_metrics(out, recipe) if r.get("kind") == "eval" and any(k.startswith("answer_loss/") for k in r)]
+        curves = [r for r in run_metrics(out, recipe) if r.get("kind") == "answer_loss"]
         fig, axs = plt.subplots(1, 2 if curves else 1, figsize=(13 if curves else 7, 3.4), squeeze=False)
         plot_runs(runs, eval_key=None, ax=axs[0][0]); axs[0][0].set_title(f"training loss ({recipe.loss_mode} averaging)", fontsize=10)
         if curves: plot_answer_loss(curves, blind_baselines(recipe, out), axs[0][1])
