@@ -489,11 +489,9 @@ def _used_before(recipe: Recipe, i: int) -> Counter:
     for j in range(i):
         s = recipe.stages[j]
         if s.stage == "grpo": used.update(_grpo_share(recipe, j))
-        elif s.data: used.update(Counter({t.name: 0 for t in s.data}) + Counter(dict(_data_entries(recipe, j))))
+        elif s.data:
+            for t, n in zip(s.data, _data_counts(recipe, j)): used[t.name] += n   # a task may be listed twice (questions, captions)
     return used
-
-def _data_entries(recipe: Recipe, j: int) -> list[tuple[str, int]]:
-    return [(t.name, n) for t, n in zip(recipe.stages[j].data, _data_counts(recipe, j))]
 
 def stage_mixture(recipe: Recipe, # the recipe
                   i: int, # the index of a supervised stage with its own `data`
