@@ -351,8 +351,9 @@ def spy(rewards):
 tr._advantages = spy
 tr.train()
 flat = torch.cat([p.detach().flatten() for p in m.parameters()])
-print("RESULT", json.dumps(dict(rank=tr.accelerator.process_index, world=tr.accelerator.num_processes, seen=seen,
-                                 params=[float(flat.sum()), float(flat.abs().sum())])))
+# one file per rank: two processes printing long lines to one pipe can interleave them
+open(f"{sys.argv[1]}.rank{tr.accelerator.process_index}.json", "w").write(json.dumps(dict(rank=tr.accelerator.process_index,
+     world=tr.accelerator.num_processes, seen=seen, params=[float(flat.sum()), float(flat.abs().sum())])))
 '''
 
 
@@ -364,7 +365,7 @@ def test_two_processes_gather_rewards_and_stay_in_sync(tmp_path):
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script), str(tmp_path / "run")],
                        capture_output=True, text=True, timeout=240, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
-    res = sorted((json.loads(l.split("RESULT ", 1)[1]) for l in r.stdout.splitlines() if l.startswith("RESULT ")), key=lambda d: d["rank"])
+    res = sorted((json.loads(f.read_text()) for f in tmp_path.glob("run.rank*.json")), key=lambda d: d["rank"])
     assert [d["world"] for d in res] == [2, 2]
     for step in range(2):
         a, b = res[0]["seen"][step], res[1]["seen"][step]
