@@ -724,10 +724,10 @@ def run_stages(model: MMModel, processor: MMProcessor, recipe: Recipe, out: str 
             save_model(model, None, d / "final")
         if not (d / "eval.json").is_file():
             t0 = time.perf_counter()
-            res = evaluate(model, processor, eval_tasks, split=recipe.eval.split, n=recipe.eval.n, max_new_tokens=recipe.eval.max_new_tokens,
-                           batch_size=recipe.eval.batch_size, seed=recipe.seed)
-            losses = {t.name: float(np.nanmean(answer_nll(model, processor, list(t.stream(recipe.eval.split, recipe.eval.n)))))
-                      for t in eval_tasks}
+            qs = {t.name: list(t.stream(recipe.eval.split, recipe.eval.n)) for t in eval_tasks}   # drawn once: answers and answer loss
+            res = evaluate(model, processor, [(t, qs[t.name]) for t in eval_tasks], split=recipe.eval.split, n=recipe.eval.n,
+                           max_new_tokens=recipe.eval.max_new_tokens, batch_size=recipe.eval.batch_size, seed=recipe.seed)
+            losses = {t.name: float(np.nanmean(answer_nll(model, processor, qs[t.name]))) for t in eval_tasks}
             _update_json(d / "answer_loss.json", **losses)
             _update_json(d / "timing.json", eval_s=time.perf_counter() - t0); res.save(d / "eval.json")
             summ = res.summary()
