@@ -424,6 +424,7 @@ def apply_overrides(recipe: Recipe, # the recipe to start from (unchanged)
         d["tasks"] = [have.get(t, {"name": t}) for t in tasks]
         for s in d["stages"]:   # a GRPO stage keeps the tasks it names that are still there (none left: all of them)
             if s.get("tasks"): s["tasks"] = [t for t in s["tasks"] if t in tasks] or None
+            if s.get("data"): s["data"] = [t for t in s["data"] if t["name"] in tasks] or None   # likewise a stage's own data
     return Recipe.from_dict(d)
 
 # %% ../nbs/11_cli.ipynb #f6c6d234

@@ -8,6 +8,7 @@ import base64, dataclasses, hashlib, json, math, os, random, shutil, tempfile, t
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Callable
 import numpy as np
@@ -26,12 +27,12 @@ from .data import (LOSS_MODES, Task, collate_packed, fits_rows, loss_weights, me
                    take_rows, weighted_loss)
 
 # %% auto #0
-__all__ = ['STAGE_LR', 'MANIFEST', 'stage_model', 'TrainConfig', 'make_optimizer', 'make_scheduler', 'sample_at', 'source_size',
-           'RunLog', 'TrainStream', 'next_micro_batch', 'batch_weights', 'forward_logits', 'file_sha256',
+__all__ = ['STAGE_LR', 'MANIFEST', 'BASE_RECIPE', 'stage_model', 'TrainConfig', 'make_optimizer', 'make_scheduler', 'sample_at',
+           'source_size', 'RunLog', 'TrainStream', 'next_micro_batch', 'batch_weights', 'forward_logits', 'file_sha256',
            'quiet_saving', 'write_checkpoint', 'verify_checkpoint', 'list_checkpoints', 'latest_checkpoint',
            'remove_stale_temps', 'prune_checkpoints', 'rng_state', 'set_rng_state', 'Trainer', 'load_model_weights',
            'read_metrics', 'summarise_run', 'resume_checkpoint', 'check_resumable', 'eval_on_main', 'loss_eval_fn',
-           'plot_runs', 'scale_up']
+           'plot_runs', 'scale_up', 'base_model_dir', 'load_base']
 
 # %% ../nbs/05_train.ipynb #59ffbfc5
 STAGE_LR = {"1": 2e-4, "1.5": 1e-5, "2": 4e-5}  # InternVL 2.5's learning rate of each stage
@@ -635,3 +636,22 @@ def scale_up(trained: MMModel, # a model whose vision encoder was trained (stage
         old = getattr(trained.projector, name); shapes = lambda m: [p.shape for p in m.parameters()]
         if shapes(mod) and shapes(mod) == shapes(old): mod.load_state_dict(old.state_dict()); reused.append(f"projector.{name}")
     return new, reused
+
+# %% ../nbs/05_train.ipynb #8d077fc2
+BASE_RECIPE = "base"  # the shipped recipe that trains the base model (`mmlit run --recipe base`)
+
+def base_model_dir() -> Path:
+    "Where the base model ships inside the package (the `model` folder of a `mmlit run --recipe base` run)."
+    return Path(str(resources.files("mmlit"))) / "assets" / "base"
+
+def load_base(path: str | Path | None = None, # a `model` folder written by `mmlit run` (default: the shipped base model)
+             ) -> tuple[MMModel, MMProcessor]:
+    "The base model for the post-training chapters and its processor, checked against their manifest, in eval mode."
+    d = Path(path) if path is not None else base_model_dir()
+    if not (d / MANIFEST).is_file():
+        raise ValueError(f"no model in {d} (its {MANIFEST} manifest is missing): train one with "
+                         f"`mmlit run --recipe {BASE_RECIPE} --out runs/base` and pass runs/base/model")
+    verify_checkpoint(d)
+    model = MMModel.from_pretrained(d).eval()
+    return model, MMProcessor.from_pretrained(d)
+

@@ -217,8 +217,14 @@ def test_killed_in_grpo_stage_resumes_to_identical_weights(quick_run, tmp_path):
 def test_default_recipe_ends_with_grpo_on_a_resnet_encoder():
     from mmlit.cli import GRPOStageRecipe, build_model
     r = load_recipe('default')
-    assert [s.stage for s in r.stages] == ['1', '1.5', '2', 'grpo'] and isinstance(r.stages[3], GRPOStageRecipe)
-    assert r.stages[3].rewards == ['accuracy'] and r.stages[3].num_generations >= 2
+    assert [s.stage for s in r.stages] == ['1', '1.5', '2', '2', 'grpo'] and isinstance(r.stages[4], GRPOStageRecipe)
+    assert r.stages[4].rewards == ['accuracy'] and r.stages[4].num_generations >= 2
+    first, mix = r.stages[2].data, r.stages[3].data       # stage 2 starts on the binding task with its captions, then mixes
+    assert {(t.name, t.kwargs.get('captions', False)) for t in first} == {('colour_position', False), ('colour_position', True)}
+    assert {t.name for t in mix} == {t.name for t in r.tasks} and any(t.kwargs.get('captions') for t in mix)
+    base = load_recipe('base')                             # the base model's recipe: the same model and data, longer, no GRPO
+    assert base.model == r.model and base.tasks == r.tasks and all(s.stage != 'grpo' for s in base.stages)
+    assert sum(s.steps for s in base.stages) > sum(s.steps for s in r.stages[:4])
     assert r.threads == 1 and r.model.vision_model_type == 'resnet' and not r.model.sincos_positions
     model, proc = build_model(r)
     assert type(model.vision_model).__name__ == 'ResNetModel' and model.tokens_per_tile == proc.tokens_per_tile == 16
@@ -240,11 +246,12 @@ def test_recipes_round_trip_and_overrides(capsys):
         r = load_recipe(name)
         assert Recipe.from_yaml(r.to_yaml()) == r
     assert main(['run', '--list-recipes']) == 0
-    assert [l.split()[0] for l in capsys.readouterr().out.splitlines()] == ['default', 'quick', 'smollm2']
+    assert [l.split()[0] for l in capsys.readouterr().out.splitlines()] == ['base', 'default', 'quick', 'smollm2']
     assert main(['run', '--recipe', 'default', '--steps-scale', '0.1', '--tasks', 'count,digit_sum', '--seed', '7',
                  '--eval-n', '20', '--print-recipe']) == 0
     r = Recipe.from_yaml(capsys.readouterr().out)
-    assert [s.steps for s in r.stages] == [2, 2, 200, 4] and [t.name for t in r.tasks] == ['count', 'digit_sum']
+    assert [s.steps for s in r.stages] == [2, 2, 60, 140, 4] and [t.name for t in r.tasks] == ['count', 'digit_sum']
+    assert r.stages[2].data is None and [t.name for t in r.stages[3].data] == ['count']   # stage data keeps the chosen tasks
     assert (r.seed, r.eval.n) == (7, 20)
     assert r.model == load_recipe('default').model
 
