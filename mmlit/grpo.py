@@ -29,7 +29,8 @@ from .train import (RunLog, _truncate_metrics, check_resumable, eval_on_main, lo
 # %% auto #0
 __all__ = ['SCALES', 'LOSS_TYPES', 'zero_variance_groups', 'group_advantages', 'grpo_loss', 'completion_mask', 'base_model',
            'prompt_batch', 'prompt_embeddings', 'sample_completions', 'completion_logps', 'format_reward',
-           'accuracy_reward', 'score_completions', 'RolloutGroup', 'rollout', 'assemble', 'GRPOConfig', 'GRPOTrainer']
+           'accuracy_reward', 'score_completions', 'RolloutGroup', 'rollout', 'assemble', 'policy_train_mode',
+           'GRPOConfig', 'GRPOTrainer']
 
 # %% ../nbs/07_grpo.ipynb #d3b51795
 SCALES = ("group", "batch", "none")  # how `group_advantages` scales the centred rewards
@@ -322,6 +323,16 @@ def assemble(groups: list[RolloutGroup], # the groups of one generation batch
     return dict(prompts=prompt_batch(processor, [g.sample for g in groups], suffix), completion_ids=comp, completion_mask=mask,
                 truncated=trunc, rewards=torch.cat([g.rewards for g in groups]), lengths=torch.tensor([len(c) for c in ids]))
 
+# %% ../nbs/07_grpo.ipynb #336aa20e
+def policy_train_mode(model: nn.Module, # the policy (an MMModel, a peft model or an accelerate-wrapped one)
+                     ) -> nn.Module:
+    "Train mode, except BatchNorm layers, which keep using (and keep) their running statistics."
+    model.train()
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm): m.eval()
+    return model
+
+
 # %% ../nbs/07_grpo.ipynb #fce33c35
 @dataclass
 class GRPOConfig:
@@ -487,7 +498,7 @@ def _sync_gradients(self: GRPOTrainer):
 def _train_step(self: GRPOTrainer) -> dict:
     "One rollout step: collect, score, advantages, μ optimizer steps; returns the step's metrics."
     acc, c, t0 = self.accelerator, self.cfg, time.perf_counter()
-    self.model.eval(); groups, st = self.collect(); self.model.train()
+    self.model.eval(); groups, st = self.collect(); policy_train_mode(self.model)
     b = assemble(groups, self.processor, self.processor.eot_token_id, c.mask_truncated, c.suffix)
     t_roll = time.perf_counter() - t0
     adv, rst = self._advantages(b["rewards"])
