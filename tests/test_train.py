@@ -268,3 +268,13 @@ def test_pack_buffer_resumes_exactly(small, tmp_path):
     assert all(r["skipped"] == 0 and r["slots"] <= 2 * 100 for r in read_metrics(tmp_path / "straight"))
     with pytest.raises(ValueError, match="pack_buffer must be an int >= 0"): TrainConfig(pack_buffer=-1)
 
+
+def test_shipped_base_model_loads_and_sees():
+    "The base model of the post-training chapters ships with the package, passes its manifest check and uses the image."
+    from mmlit.train import load_base, base_model_dir
+    from mmlit.eval import evaluate
+    from mmlit.data import make_task
+    model, proc = load_base()
+    assert (base_model_dir() / "model.safetensors").is_file() and not model.training
+    res = evaluate(model, proc, [make_task("colour_position", p_colour=1.0)], split="test", n=48, max_new_tokens=8, batch_size=48)
+    assert res.accuracy() > 0.6           # chance is 1/6: well above it only if it reads the colours off the image
