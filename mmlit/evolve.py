@@ -26,7 +26,8 @@ from .grpo import accuracy_reward, base_model, policy_train_mode, prompt_embeddi
 __all__ = ['THINK_SUFFIX', 'RATIONALES', 'SELECT_STRATEGIES', 'VARIANTS', 'TEMPERATURES', 'count_steps', 'caption_steps',
            'gold_steps', 'format_response', 'response_steps', 'step_truth', 'with_response', 'with_rationale',
            'pass_at_k', 'reward_pass_at_k', 'select_responses', 'tag_accuracy', 'sample_groups', 'sft_loss',
-           'EvolveConfig', 'SelfEvolver', 'step_ends', 'prefix_prompts', 'mc_step_labels', 'ProcessRewardModel']
+           'EvolveConfig', 'SelfEvolver', 'step_ends', 'prefix_prompts', 'mc_step_labels', 'ProcessRewardModel',
+           'RationaleData', 'prm_dataset', 'train_prm']
 
 # %% ../nbs/08_evolve.ipynb #8b9abb01
 THINK_SUFFIX = " Think step by step."  # appended to a question when the model should reason before it answers
@@ -238,12 +239,14 @@ class SelfEvolver:
                  cfg: EvolveConfig, # the settings
                  prm: "ProcessRewardModel | None" = None, # scores steps; needed by select="top" and the temperature search
                  reward_funcs: list[Callable] | None = None, # TRL-signature checkers (default: `tag_accuracy`)
-                 heldout: list[dict] | None = None, # labelled held-out prompts for the per-round metrics and the temperature search
+                 heldout: list[dict] | None = None, # labelled held-out prompts for the per-round metrics
+                 tune: list[dict] | None = None, # labelled prompts for the temperature search (default: `heldout`)
                 ):
         if not prompts: raise ValueError("the prompt pool is empty")
         if (cfg.select == "top" or cfg.auto_temperature) and prm is None:
             raise ValueError("select='top' and auto_temperature need a process reward model (prm=...)")
         self.model, self.processor, self.cfg, self.prm, self.heldout = model, processor, cfg, prm, heldout or []
+        self.tune = tune or self.heldout
         self.reward_funcs, self.out = reward_funcs or [tag_accuracy], Path(cfg.output_dir)
         self.pool = list(prompts); random.Random(cfg.seed).shuffle(self.pool)
         self.per_round = max(1, round(cfg.round_fraction * len(self.pool)))
@@ -284,7 +287,7 @@ def _train_on(self: SelfEvolver, data: list[dict]) -> float:
         loss = sft_loss(self.model, self.processor, batch, cfg.loss_mode)
         loss.backward()
         if cfg.max_grad_norm is not None: torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], cfg.max_grad_norm)
-        self.optimizer.step(); self.scheduler.step(); self.optimizer.zero_grad(); losses.append(float(loss))
+        self.optimizer.step(); self.scheduler.step(); self.optimizer.zero_grad(); losses.append(float(loss.detach()))
     self.model.eval()
     return float(np.mean(losses))
 
@@ -305,14 +308,14 @@ def measure(self: SelfEvolver, temperature: float | None = None, # sampling temp
 
 @patch
 def pick_temperature(self: SelfEvolver) -> tuple[float, dict]:
-    "The grid temperature with the highest held-out Reward-Pass@2 (ties: the lowest), and every value measured."
+    "The grid temperature with the highest Reward-Pass@2 on the tuning prompts (ties: the lowest), and every value measured."
     rp = {T: self.measure_reward_pass(T) for T in self.cfg.temperatures}
     return max(rp, key=lambda T: (rp[T], -T)), rp
 
 @patch
 def measure_reward_pass(self: SelfEvolver, temperature: float) -> float:
-    "Held-out Reward-Pass@2 of K responses sampled at `temperature`."
-    groups, correct = sample_groups(self.model, self.processor, self.heldout, self.cfg.k, temperature, self.cfg.max_new_tokens,
+    "Reward-Pass@2 on the tuning prompts of K responses sampled at `temperature`."
+    groups, correct = sample_groups(self.model, self.processor, self.tune, self.cfg.k, temperature, self.cfg.max_new_tokens,
                                     self.reward_funcs, suffix=self.cfg.suffix)
     return reward_pass_at_k(correct, self._scores(groups), 2)
 
@@ -321,7 +324,7 @@ def measure_reward_pass(self: SelfEvolver, temperature: float) -> float:
 def run_round(self: SelfEvolver) -> dict:
     "One round: (maybe pick a temperature,) sample, select, SFT, measure; returns its metrics row."
     cfg, t0, row = self.cfg, time.perf_counter(), {"round": self.round + 1}
-    if cfg.auto_temperature and self.round % cfg.auto_every == 0 and self.heldout:
+    if cfg.auto_temperature and self.round % cfg.auto_every == 0 and self.tune:
         self.temperature, rp = self.pick_temperature(); row["temperature_search"] = {str(k): v for k, v in rp.items()}
     self._start_round()
     prompts, t1 = self.round_prompts(self.round), time.perf_counter()
@@ -506,5 +509,53 @@ def fit(self: ProcessRewardModel, features: torch.Tensor, # (n, D) step features
     torch.manual_seed(seed); opt, hist = torch.optim.Adam(self.head.parameters(), lr=lr), []
     for _ in range(epochs):
         loss = F.binary_cross_entropy_with_logits(self.head(features).flatten(), labels.float())
-        opt.zero_grad(); loss.backward(); opt.step(); hist.append(float(loss))
+        opt.zero_grad(); loss.backward(); opt.step(); hist.append(float(loss.detach()))
     return hist
+
+# %% ../nbs/08_evolve.ipynb #3f586fce
+class RationaleData:
+    "Warm-up data: sample i of the tasks (in turn), with its gold reasoning as the answer turn; an indexable sequence."
+    def __init__(self, tasks: list[Task], # tasks with a rationale writer or a caption
+                 n: int, # samples
+                 split: str = "train", # the split drawn from
+                 suffix: str = THINK_SUFFIX, # appended to the questions
+                ):
+        if not tasks or n < 1: raise ValueError(f"need tasks and n >= 1, got {len(tasks)} tasks and n={n}")
+        self.tasks, self.n, self.split, self.suffix = list(tasks), n, split, suffix
+    def __len__(self): return self.n
+    def __getitem__(self, i: int) -> dict:
+        if not 0 <= i < self.n: raise IndexError(i)
+        t = self.tasks[i % len(self.tasks)]
+        return with_rationale(t, t.sample(i // len(self.tasks), self.split), self.suffix)
+
+# %% ../nbs/08_evolve.ipynb #9fca5b42
+def prm_dataset(prm: ProcessRewardModel, # the PRM whose frozen model gives the features
+                policy: nn.Module, # the model that wrote the responses and finishes the prefixes
+                groups: list, # rollout groups (chapter 07's `RolloutGroup`)
+                tasks: dict[str, Task], # task name → the task object the samples came from
+                n: int = 4, # Monte-Carlo finishes per step
+                max_new_tokens: int = 64, # their budget
+               ) -> dict:
+    "Step features (n_steps, D), Monte-Carlo labels and scene truth for every step of every response in `groups`."
+    items = [(g.sample, c) for g in groups for c in g.completions]
+    labels = mc_step_labels(policy, prm.processor, items, n, max_new_tokens=max_new_tokens, suffix=prm.suffix)
+    feats = [f for g in groups for f in prm.step_features(g.sample, g.completions)]
+    truth = [step_truth(tasks[s["task"]], s, [t for t, _ in step_ends(prm.processor, c)]) for s, c in items]
+    return dict(features=torch.cat(feats), labels=torch.tensor([v for l in labels for v in l]),
+                truth=torch.tensor([v for t in truth for v in t]))
+
+def train_prm(model: nn.Module, # the policy: it writes the responses, finishes the prefixes, and a frozen copy gives the features
+              processor, # its processor
+              prompts: list[dict], # labelled prompts
+              tasks: dict[str, Task], # task name → the task object the prompts came from
+              k: int = 4, # responses per prompt
+              n: int = 4, # Monte-Carlo finishes per step
+              max_new_tokens: int = 64, # response budget
+              seed: int = 0, # seeds the sampling and the head
+             ) -> tuple[ProcessRewardModel, dict, list[float]]:
+    "Sample k responses per prompt at T = 1, label every step by Monte-Carlo finishes, fit a value head: (prm, its data, the fit's losses)."
+    seed_everything(seed)
+    groups, _ = sample_groups(model, processor, prompts, k, 1.0, max_new_tokens)
+    prm = ProcessRewardModel(model, processor)
+    data = prm_dataset(prm, model, groups, tasks, n, max_new_tokens)
+    return prm, data, prm.fit(data["features"], data["labels"], seed=seed)
