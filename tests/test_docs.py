@@ -91,3 +91,10 @@ def test_readme_quick_start_has_the_two_commands_ci_runs():
     assert cmds == ['make run', 'make test']
     ci = [l.strip() for l in (ROOT / '.ci' / 'run').read_text().splitlines() if l.strip() and not l.startswith('#')]
     assert ci[-1] == cmds[1], 'CI must run exactly the README test command'
+
+def test_readme_links_work_off_the_site():
+    "The README is read on the repository and the package index, where a relative `cli.html` has no target."
+    readme = (ROOT / 'README.md').read_text()
+    relative = re.findall(r'\]\((?!https?://|#)([^)]+\.html[^)]*)\)', readme)
+    assert not relative, f"relative page links in README.md: {relative}"
+    assert '](https://mmlit.github.io/mmlit/cli.html)' in readme
