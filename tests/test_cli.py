@@ -291,3 +291,145 @@ def test_smollm2_recipe_runs_with_lora(tmp_path):
     from mmlit.model import MMModel
     m = MMModel.from_pretrained(tmp_path / 'smol' / 'model')
     assert not hasattr(m, 'peft_config') and m.config.text_config.hidden_size == 576   # LoRA merged into SmolLM2-135M
+
+# ---------------------------------------------------------------- a self-evolution stage (stage: evolve)
+
+def _evolve_recipe(**evolve) -> Recipe:
+    "quick's model and tasks; stages 1 and 2 (a few steps), then a tiny evolve stage (changed by `evolve`)."
+    d = load_recipe('quick').to_dict()
+    stage = dict(stage='evolve', warmup_steps=2, warmup_batch_size=4, rounds=2, prompts=8, k=2, steps_per_round=1, batch_size=4,
+                 select='all', max_new_tokens=12, heldout=2, **evolve)
+    d['stages'] = [{'stage': '1', 'steps': 2, 'lr': 1e-3, 'batch_size': 8}, {'stage': '2', 'steps': 4, 'lr': 3e-3, 'batch_size': 8}, stage]
+    d['eval']['n'] = 4
+    return Recipe.from_dict({**d, 'name': 'evolve-tiny'})
+
+def _evolve_error(base: dict | None = None, **change) -> str:
+    "The error of the tiny evolve recipe (or of `base`, its plain dict) after `change` to the evolve stage."
+    d = base or _evolve_recipe().to_dict(); d['stages'][2].update(change)
+    with pytest.raises(ValueError) as e: Recipe.from_dict(d)
+    return str(e.value)
+
+def test_evolve_stage_parses_and_rejects_bad_values(monkeypatch):
+    from mmlit.cli import EvolveStageRecipe, apply_overrides
+    r = _evolve_recipe()
+    s = r.stages[2]
+    assert isinstance(s, EvolveStageRecipe) and s.stage == 'evolve' and Recipe.from_yaml(r.to_yaml()) == r
+    assert (s.steps, s.peak_lr) == (2 + 2 * 1, s.lr)                       # warm-up + rounds x steps per round
+    bad = {'rounds': (0, "stages[2].rounds must be a positive integer, got 0"),
+           'k': ('many', "stages[2].k must be an integer, got 'many'"),
+           'keep': (3, "stages[2].keep must be <= k (responses per question), got keep=3 and k=2"),
+           'round_fraction': (1.5, "stages[2].round_fraction must be in (0, 1], got 1.5"),
+           'warmup_steps': (-1, "stages[2].warmup_steps must be an integer >= 0, got -1"),
+           'heldout': (-2, "stages[2].heldout must be an integer >= 0, got -2"),
+           'prm_prompts': (-1, "stages[2].prm_prompts must be an integer >= 0, got -1"),
+           'lr': (0, "stages[2].lr must be > 0, got 0.0"),
+           'warmup_lr': (-1e-3, "stages[2].warmup_lr must be > 0, got -0.001"),
+           'temperature': (0, "stages[2].temperature must be > 0, got 0.0"),
+           'tasks': ([], "stages[2].tasks must name at least one task"),
+           'variant': ('rft', "stages[2].variant must be one of ('continuous', 'iterative', 'restem'), got 'rft'"),
+           'select': ('best', "stages[2].select must be one of ('top', 'random', 'all'), got 'best'")}
+    for key, (value, message) in bad.items():
+        assert _evolve_error(**{key: value}).startswith(message), (key, _evolve_error(**{key: value}))
+    assert _evolve_error(select='top').startswith("stages[2].select 'top' ranks the right responses by a process reward model: set prm_prompts > 0")
+    assert 'set prm_prompts > 0 and heldout > 0' in _evolve_error(auto_temperature=True, prm_prompts=4, heldout=0)
+    for key in ('steps', 'num_generations', 'lora'):                         # derived, or another kind of stage's key
+        assert _evolve_error(**{key: 2}).startswith(f"unknown recipe key 'stages[2].{key}'; the keys of stages[2] are ['stage', 'warmup_steps'")
+    assert _evolve_error(tasks=['digit_sum']) == "stages[2].tasks[0] 'digit_sum' is not one of the recipe's tasks ['count', 'colour_position', 'bar_chart']"
+    from mmlit.data import Task, make_task
+    base = r.to_dict()
+    monkeypatch.setattr(type(make_task('bar_chart')), 'describe', Task.describe)   # a task without gold reasoning
+    assert _evolve_error(base).startswith("stages[2] (evolve) would train on task 'bar_chart', which has no gold reasoning")
+    assert Recipe.from_dict({**base, 'stages': [{**base['stages'][2], 'tasks': ['count']}]}).stages[0].tasks == ['count']
+    monkeypatch.undo()
+    scaled = apply_overrides(r, steps_scale=2).stages[2]                      # --steps-scale: the rounds and the warm-up
+    assert (scaled.rounds, scaled.warmup_steps, scaled.steps_per_round) == (4, 4, 1)
+
+def test_evolve_stage_reads_questions_no_other_stage_read():
+    from mmlit.cli import evolve_data, evolve_heldout, grpo_prompts, train_mixture, eval_settings
+    from mmlit.evolve import THINK_SUFFIX
+    d = _evolve_recipe(prm_prompts=6).to_dict()
+    d['stages'].append({'stage': 'grpo', 'steps': 2, 'prompts_per_step': 3})
+    r = Recipe.from_dict(d)
+    ed, mix = evolve_data(r, 2), train_mixture(r)
+    ids = lambda seq: [seq[k]['id'] for k in range(len(seq))]
+    parts = [ids(mix), ids(ed['warmup']), ids(ed['prm']), ids(ed['pool']), ids(grpo_prompts(r, 3))]
+    assert [len(p) for p in parts[1:4]] == [8 + 1, 6, 9]                     # each split over 3 equal-weight tasks, rounded up
+    assert len(set().union(*parts)) == sum(len(p) for p in parts)             # no question is read twice
+    w = ed['warmup'][0]['conversation']
+    assert w[0]['content'].endswith(THINK_SUFFIX) and w[1]['content'].startswith('<think>\n') and w[1]['content'].endswith('</answer>')
+    held, tune = evolve_heldout(r, 2)
+    assert len(held) == 3 * 2 and tune == [] and {q['split'] for q in held} == {'validation'}
+    assert eval_settings(r, 1)['suffix'] == '' and eval_settings(r, 3) == dict(suffix=THINK_SUFFIX, kind='tag', max_new_tokens=12)
+
+def _parity_reward(prompts, completions, **columns):
+    "A stand-in checker for the tiny untrained model (which never writes an <answer> tag): right when the response has an even length."
+    return [float(len(c) % 2 == 0) for c in completions]
+
+@pytest.fixture(scope='module')
+def evolve_run(tmp_path_factory):
+    "`mmlit run` of the tiny evolve recipe, its checker replaced so that some responses are right (the loop trains)."
+    out = tmp_path_factory.mktemp('runs') / 'evolve'
+    f = out.parent / 'evolve.yaml'; f.write_text(_evolve_recipe().to_yaml())
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr('mmlit.evolve.tag_accuracy', _parity_reward)
+        assert main(['run', '--recipe', str(f), '--out', str(out), '--quiet']) == 0
+    return out, f
+
+def test_evolve_run_report_and_stage_folder(evolve_run):
+    from mmlit.eval import EvalResults
+    from mmlit.evolve import THINK_SUFFIX
+    out, _ = evolve_run
+    stage = out / 'stages' / '3-stageevolve'
+    rounds = [json.loads(l) for l in (stage / 'metrics.jsonl').read_text().splitlines()]
+    assert [r['round'] for r in rounds] == [0, 1, 2] and all(0 <= r['greedy'] <= 1 and 'pass_at_k' in r for r in rounds)
+    assert all(r['kept'] > 0 and r['sft_loss'] > 0 for r in rounds[1:])       # the loop trained on the responses it kept
+    assert len((stage / 'warmup' / 'metrics.jsonl').read_text().splitlines()) == 2   # the warm-up's two steps
+    assert json.loads((stage / 'timing.json').read_text())['resumed_at_round'] == 0
+    ev = EvalResults.load(stage / 'eval.json')                                # evaluated with reasoning, the stage's budget
+    assert (ev.config['suffix'], ev.config['max_new_tokens']) == (THINK_SUFFIX, 12) and {m['kind'] for m in ev.tasks.values()} == {'tag'}
+    report = (out / 'report.md').read_text()
+    assert 'From stage 3 (evolve) on, the model reasons before it answers' in report
+    section = report.split('### Self-evolution')[1].split('## The model')[0]
+    assert '![self-evolution curves](evolve.png)' in section and '| round | T | greedy % | count % |' in section
+    assert [l.split('|')[1].strip() for l in section.splitlines() if l.startswith('| ') and l[2].isdigit()] == ['0', '1', '2']
+    assert next(l for l in report.splitlines() if l.startswith('| 3 | evolve | 4 |'))
+    im = Image.open(out / 'evolve.png'); im.load(); assert im.size[0] > 600
+    rows = [json.loads(l) for l in (out / 'metrics.jsonl').read_text().splitlines()]
+    evo = [r for r in rows if r['kind'] == 'evolve']                           # round r at step 6 + 2 + r on the run's axis
+    assert [(r['round'], r['step'], r['stage_step']) for r in evo] == [(0, 8, 2), (1, 9, 3), (2, 10, 4)]
+    assert [r['step'] for r in rows if r['kind'] == 'train'] == list(range(1, 9))   # stages 1, 2 and the warm-up
+
+def test_evolve_run_interrupted_resumes_without_redoing_rounds(evolve_run, tmp_path, monkeypatch):
+    "Stopped after the loop's first round: its checkpoint is in the stage folder; --resume runs round 2 only and ends as the uninterrupted run."
+    from safetensors.torch import load_file
+    from mmlit.evolve import SelfEvolver
+    done, f = evolve_run
+    out, stage = tmp_path / 'evolve', tmp_path / 'evolve' / 'stages' / '3-stageevolve'
+    monkeypatch.setattr('mmlit.evolve.tag_accuracy', _parity_reward)
+    save = SelfEvolver.save
+    def save_then_stop(self):
+        p = save(self)
+        if self.round == 1: raise RuntimeError('stopped after round 1')
+        return p
+    monkeypatch.setattr(SelfEvolver, 'save', save_then_stop)
+    with pytest.raises(RuntimeError, match='stopped after round 1'): main(['run', '--recipe', str(f), '--out', str(out), '--quiet'])
+    assert (stage / 'checkpoints' / 'step-000001' / 'model.safetensors').is_file() and not (out / 'model').exists()
+    first = (stage / 'metrics.jsonl').read_text().splitlines()
+    monkeypatch.setattr(SelfEvolver, 'save', save)
+    assert main(['run', '--out', str(out), '--resume', '--quiet']) == 0
+    lines = (stage / 'metrics.jsonl').read_text().splitlines()
+    assert lines[:2] == first and len(lines) == 3                              # rounds 0 and 1 untouched, round 2 added
+    assert json.loads((stage / 'timing.json').read_text())['resumed_at_round'] == 1
+    assert 'stage evolve: 1 rounds' in (out / 'run.log').read_text()
+    a, b = load_file(str(out / 'model' / 'model.safetensors')), load_file(str(done / 'model' / 'model.safetensors'))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)   # as if never stopped
+    same = lambda l: {k: v for k, v in json.loads(l).items() if not k.endswith('_s') and k != 'responses_per_s'}
+    assert [same(l) for l in lines] == [same(l) for l in (done / 'stages' / '3-stageevolve' / 'metrics.jsonl').read_text().splitlines()]
+
+def test_evolve_run_resumed_when_finished_redoes_nothing(evolve_run):
+    out, _ = evolve_run
+    stage = out / 'stages' / '3-stageevolve'
+    before = (stage / 'metrics.jsonl').read_text(), (stage / 'eval.json').read_text()
+    assert main(['run', '--out', str(out), '--resume', '--quiet']) == 0
+    assert ((stage / 'metrics.jsonl').read_text(), (stage / 'eval.json').read_text()) == before
+    assert 'every stage is finished' in (out / 'run.log').read_text() and '### Self-evolution' in (out / 'report.md').read_text()
