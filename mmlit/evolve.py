@@ -200,6 +200,7 @@ class EvolveConfig:
     auto_every: int = 2  # rounds between temperature searches
     max_new_tokens: int = 64  # response budget
     steps_per_round: int = 20  # SFT optimizer steps per round
+    explore_prompts: int | None = None  # held-out prompts (spread evenly) whose K samples give Pass@K and Reward-Pass@2 (None: all)
     batch_size: int = 8  # responses per SFT step
     lr: float = 1e-4  # peak learning rate
     warmup_ratio: float = 0.05  # share of the (run's or round's) steps with a linear warm-up
@@ -218,6 +219,8 @@ class EvolveConfig:
         for n in ("rounds", "k", "keep", "auto_every", "max_new_tokens", "steps_per_round", "batch_size"):
             if not isinstance(getattr(self, n), int) or getattr(self, n) < 1: raise ValueError(f"{n} must be a positive int, got {getattr(self, n)!r}")
         if not self.temperature > 0 or not all(t > 0 for t in self.temperatures): raise ValueError("temperatures must be > 0")
+        if self.explore_prompts is not None and (not isinstance(self.explore_prompts, int) or self.explore_prompts < 1):
+            raise ValueError(f"explore_prompts must be a positive int or None, got {self.explore_prompts!r}")
         self.temperatures = tuple(self.temperatures)
 
     def to_dict(self) -> dict: return {**dataclasses.asdict(self), "temperatures": list(self.temperatures)}
@@ -298,7 +301,9 @@ def measure(self: SelfEvolver, temperature: float | None = None, # sampling temp
     "On the held-out prompts: greedy accuracy, and Pass@K and Reward-Pass@2 of K responses sampled at `temperature`."
     if not self.heldout: return {}
     cfg, T = self.cfg, temperature or self.temperature
-    groups, correct = sample_groups(self.model, self.processor, self.heldout, cfg.k, T, cfg.max_new_tokens, self.reward_funcs, suffix=cfg.suffix)
+    n = len(self.heldout) if cfg.explore_prompts is None else min(cfg.explore_prompts, len(self.heldout))
+    some = self.heldout[::math.ceil(len(self.heldout) / n)]
+    groups, correct = sample_groups(self.model, self.processor, some, cfg.k, T, cfg.max_new_tokens, self.reward_funcs, suffix=cfg.suffix)
     greedy = sample_groups(self.model, self.processor, self.heldout, 1, 1e-4, cfg.max_new_tokens, self.reward_funcs, suffix=cfg.suffix)[1][:, 0]
     row = dict(greedy=float(greedy.float().mean()), pass_at_k=pass_at_k(correct))
     if self.prm is not None: row["reward_pass_at_2"] = reward_pass_at_k(correct, self._scores(groups), 2)
@@ -322,16 +327,16 @@ def measure_reward_pass(self: SelfEvolver, temperature: float) -> float:
 # %% ../nbs/08_evolve.ipynb #0719f6c8
 @patch
 def run_round(self: SelfEvolver) -> dict:
-    "One round: (maybe pick a temperature,) sample, select, SFT, measure; returns its metrics row."
+    "One round: (maybe pick a temperature,) sample with the current policy, select, start the variant's round, SFT, measure."
     cfg, t0, row = self.cfg, time.perf_counter(), {"round": self.round + 1}
     if cfg.auto_temperature and self.round % cfg.auto_every == 0 and self.tune:
         self.temperature, rp = self.pick_temperature(); row["temperature_search"] = {str(k): v for k, v in rp.items()}
-    self._start_round()
     prompts, t1 = self.round_prompts(self.round), time.perf_counter()
     groups, correct = sample_groups(self.model, self.processor, prompts, cfg.k, self.temperature, cfg.max_new_tokens, self.reward_funcs, suffix=cfg.suffix)
     t_roll = time.perf_counter() - t1
     keep = select_responses(correct, self._scores(groups) if cfg.select == "top" else None, cfg.keep, cfg.select, self.rng)
     data = [with_response(g.sample, g.texts[j], cfg.suffix) for g, js in zip(groups, keep) for j in js]
+    self._start_round()   # after sampling: ReST-EM trains the initial model on what the latest policy wrote
     row.update(temperature=self.temperature, prompts=len(prompts), train_correct=float(correct.float().mean()),
                train_pass_at_k=pass_at_k(correct), kept=len(data), responses_per_s=correct.numel() / t_roll, rollout_s=t_roll)
     row["sft_loss"] = self._train_on(data)

@@ -200,3 +200,18 @@ def test_prm_scores_steps_and_mc_labels_are_shares(tmp_path):
     torch.manual_seed(0)
     labels = mc_step_labels(model, proc, [(s, good)], n=2, max_new_tokens=4)
     assert len(labels[0]) == len(gold_steps(task, s)) and all(v in (0.0, 0.5, 1.0) for v in labels[0])
+
+
+def test_restem_samples_with_the_latest_policy_then_trains_the_initial_model(tmp_path, monkeypatch):
+    import mmlit.evolve as E
+    ev = _evolver(tmp_path, "restem")
+    seen, real = [], E.sample_groups
+    def spy(model, *a, **kw):
+        seen.append(sum(float(p.sum()) for p in model.parameters())); return real(model, *a, **kw)
+    monkeypatch.setattr(E, "sample_groups", spy)
+    total = lambda: sum(float(p.sum()) for p in ev.model.parameters())
+    init = total()
+    ev.cfg.explore_prompts = None; ev.heldout = []   # no held-out sampling: every spy call is a round's rollout
+    ev.run_round(); after1 = total()
+    ev.run_round()
+    assert seen[0] == pytest.approx(init) and seen[1] == pytest.approx(after1) and after1 != pytest.approx(init)
