@@ -207,9 +207,9 @@ def test_restem_samples_with_the_latest_policy_then_trains_the_initial_model(tmp
     ev = _evolver(tmp_path, "restem")
     seen, real = [], E.sample_groups
     def spy(model, *a, **kw):
-        seen.append(sum(float(p.sum()) for p in model.parameters())); return real(model, *a, **kw)
+        seen.append(sum(float(p.detach().sum()) for p in model.parameters())); return real(model, *a, **kw)
     monkeypatch.setattr(E, "sample_groups", spy)
-    total = lambda: sum(float(p.sum()) for p in ev.model.parameters())
+    total = lambda: sum(float(p.detach().sum()) for p in ev.model.parameters())
     init = total()
     ev.cfg.explore_prompts = None; ev.heldout = []   # no held-out sampling: every spy call is a round's rollout
     ev.run_round(); after1 = total()
