@@ -32,13 +32,14 @@ __all__ = ['BACKBONES', 'REWARDS', 'RECIPE_FILE', 'BLIND_FILE', 'LEVELS_FILE', '
            'ProcessorRecipe', 'TaskRecipe', 'StageRecipe', 'GRPOStageRecipe', 'EvalRecipe', 'has_rationale',
            'EvolveStageRecipe', 'Recipe', 'shipped_recipes', 'load_recipe', 'apply_overrides', 'build_model',
            'TaskSamples', 'Window', 'samples_per_stage', 'train_mixture', 'stage_mixture', 'grpo_prompts',
-           'recipe_diff', 'prepare_run_dir', 'stage_dir', 'stage_config', 'skipped_reasons', 'train_stage',
-           'save_model', 'grpo_config', 'train_grpo_stage', 'WithRationale', 'evolve_data', 'evolve_heldout',
-           'evolve_config', 'warmup_config', 'eval_settings', 'train_evolve_stage', 'answer_loss_fn', 'blind_baselines',
-           'level_ladder', 'plot_ladder', 'run_stages', 'run_metrics', 'write_metrics', 'stage_results', 'plot_grpo',
-           'plot_answer_loss', 'plot_run', 'plot_evolve', 'accuracy_table', 'stage_answer_loss', 'grounding',
-           'grounding_table', 'training_table', 'grpo_table', 'evolve_table', 'skipped_section', 'ladder_section',
-           'write_report', 'run_recipe', 'run_summary', 'run_command', 'build_parser', 'main']
+           'recipe_diff', 'prepare_run_dir', 'stage_dir', 'stage_config', 'skipped_reasons', 'eval_settings',
+           'train_stage', 'save_model', 'grpo_config', 'train_grpo_stage', 'WithRationale', 'evolve_data',
+           'evolve_heldout', 'evolve_config', 'warmup_config', 'train_evolve_stage', 'answer_loss_fn',
+           'blind_baselines', 'level_ladder', 'plot_ladder', 'run_stages', 'run_metrics', 'write_metrics',
+           'stage_results', 'plot_grpo', 'plot_answer_loss', 'plot_run', 'plot_evolve', 'accuracy_table',
+           'stage_answer_loss', 'grounding', 'grounding_table', 'training_table', 'grpo_table', 'evolve_table',
+           'skipped_section', 'ladder_section', 'write_report', 'run_recipe', 'run_summary', 'run_command',
+           'build_parser', 'main']
 
 # %% ../nbs/11_cli.ipynb #c8a623df
 def sample_photo() -> Path:
@@ -376,9 +377,11 @@ class EvolveStageRecipe:
         if self.variant not in VARIANTS: raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
         for n in ("lr", "warmup_lr", "temperature"):
             if not getattr(self, n) > 0: raise ValueError(f"{n} must be > 0, got {getattr(self, n)}")
-        if self.select == "top" and not self.prm_prompts: raise ValueError("select 'top' ranks the right responses by a process reward model: set prm_prompts > 0")
+        if self.select == "top" and not self.prm_prompts:
+            raise ValueError("select 'top' ranks the right responses by a process reward model: set prm_prompts > 0")
         if self.auto_temperature and not (self.prm_prompts and self.heldout):
-            raise ValueError(f"auto_temperature searches by the PRM's Reward-Pass@2 on validation questions: set prm_prompts > 0 and heldout > 0, got {self.prm_prompts} and {self.heldout}")
+            raise ValueError(f"auto_temperature searches by the PRM's Reward-Pass@2 on validation questions: "
+                             f"set prm_prompts > 0 and heldout > 0, got {self.prm_prompts} and {self.heldout}")
         if self.tasks is not None and not self.tasks: raise ValueError("tasks must name at least one task (or be null: all the recipe's tasks)")
 
     @property
@@ -484,7 +487,8 @@ def apply_overrides(recipe: Recipe, # the recipe to start from (unchanged)
         if not steps_scale > 0: raise ValueError(f"--steps-scale must be > 0, got {steps_scale}")
         for s in d["stages"]:
             if s["stage"] != "evolve": s["steps"] = max(1, round(s["steps"] * steps_scale)); continue
-            s["rounds"], s["warmup_steps"] = max(1, round(s["rounds"] * steps_scale)), math.ceil(s["warmup_steps"] * steps_scale)   # evolve: rounds and warm-up
+            s["rounds"] = max(1, round(s["rounds"] * steps_scale))   # an evolve stage: its rounds and its warm-up
+            s["warmup_steps"] = math.ceil(s["warmup_steps"] * steps_scale)
     if tasks is not None:
         have = {t["name"]: t for t in d["tasks"]}
         d["tasks"] = [have.get(t, {"name": t}) for t in tasks]
@@ -653,6 +657,13 @@ def _update_json(path: Path, **kv):
     d = json.loads(path.read_text()) if path.is_file() else {}
     _write_text(path, json.dumps({**d, **kv}, indent=1))
 
+# %% ../nbs/11_cli.ipynb #4c27df2b
+def eval_settings(recipe: Recipe, i: int) -> dict:
+    "How the evaluation after stage `i` asks: as `eval` says, or from the first evolve stage on with reasoning (suffix, tag, budget)."
+    ev = [s for s in recipe.stages[:i + 1] if s.stage == "evolve"]
+    if not ev: return dict(suffix="", kind="auto", max_new_tokens=recipe.eval.max_new_tokens)
+    return dict(suffix=THINK_SUFFIX, kind="tag", max_new_tokens=ev[-1].max_new_tokens)
+
 # %% ../nbs/11_cli.ipynb #19d8293d
 def train_stage(model: MMModel, # the model the previous stage left (trained in place)
                 processor: MMProcessor, # the processor matching it
@@ -689,6 +700,7 @@ def grpo_config(recipe: Recipe, i: int, out: str | Path, progress: bool = True) 
                       temperature=s.temperature, top_p=s.top_p, max_new_tokens=s.max_new_tokens, loss_type=s.loss_type,
                       scale_rewards=s.scale_rewards, eps_low=s.eps_low, eps_high=s.eps_high, beta=s.beta, mask_truncated=s.mask_truncated,
                       dynamic_sampling=s.dynamic_sampling, reward_weights=s.reward_weights, seed=recipe.seed + i,
+                      suffix=eval_settings(recipe, i)["suffix"],   # after an evolve stage the questions ask for reasoning
                       save_every=s.save_every or recipe.save_every, keep_last=1, progress=progress)
 
 def train_grpo_stage(model: MMModel, # the model the previous stage left (trained in place)
@@ -731,7 +743,7 @@ class WithRationale:
 def evolve_data(recipe: Recipe, # the recipe
                 i: int, # the index of an evolve stage in recipe.stages
                ) -> dict:
-    "Evolve stage `i`'s 'warmup' samples (gold reasoning), 'prm' questions and question 'pool': training samples no earlier stage read, shuffled (None: empty)."
+    "Evolve stage `i`'s 'warmup' samples (gold reasoning), 'prm' questions and 'pool': unread training samples, shuffled (None: empty)."
     used, tasks, out = _used_before(recipe, i), {t.name: t.task() for t in recipe.tasks}, {}
     for j, (part, n) in enumerate(_evolve_share(recipe, i).items()):
         src = [(TaskSamples(tasks[t], c, start=used[t]), 1.0) for t, c in n.items() if c]
@@ -741,7 +753,7 @@ def evolve_data(recipe: Recipe, # the recipe
     return out
 
 def evolve_heldout(recipe: Recipe, i: int) -> tuple[list[dict], list[dict]]:
-    "Evolve stage `i`'s held-out questions (the first `heldout` validation questions per task) and, with auto_temperature, the search's (the next `heldout`)."
+    "Evolve stage `i`'s held-out questions (the first `heldout` validation ones per task) and, with auto_temperature, the search's (the next)."
     s = recipe.stages[i]
     ts = [t.task() for t in recipe.tasks if s.tasks is None or t.name in s.tasks]
     held = [q for t in ts for q in TaskSamples(t, s.heldout, "validation")]
@@ -763,12 +775,6 @@ def warmup_config(recipe: Recipe, i: int, out: str | Path, progress: bool = True
                        batch_size=s.warmup_batch_size, loss_mode=recipe.loss_mode, packing=recipe.packing, max_tokens=recipe.max_tokens,
                        seed=recipe.seed + i, save_every=recipe.save_every, keep_last=1, progress=progress)
 
-def eval_settings(recipe: Recipe, i: int) -> dict:
-    "How the evaluation after stage `i` asks: from the first evolve stage on with reasoning (`THINK_SUFFIX`, the `<answer>` tag, the latest evolve stage's budget), before it as `eval` says."
-    ev = [s for s in recipe.stages[:i + 1] if s.stage == "evolve"]
-    if not ev: return dict(suffix="", kind="auto", max_new_tokens=recipe.eval.max_new_tokens)
-    return dict(suffix=THINK_SUFFIX, kind="tag", max_new_tokens=ev[-1].max_new_tokens)
-
 # %% ../nbs/11_cli.ipynb #9f9248fc
 def _warm_up(model: MMModel, processor: MMProcessor, data, cfg: TrainConfig, log: RunLog) -> tuple[MMModel, int]:
     "The warm-up on gold reasoning, resumed from its checkpoints (a finished one only reloads its weights); the model and the step it resumed at."
@@ -777,15 +783,19 @@ def _warm_up(model: MMModel, processor: MMProcessor, data, cfg: TrainConfig, log
     if res["steps_this_run"]: log(f"stage evolve, warm-up: {res['steps_this_run']} steps on gold reasoning, final loss {res['loss']:.4f}")
     return tr.unwrapped.eval(), cfg.steps - res["steps_this_run"]
 
-def _stage_prm(model: MMModel, processor: MMProcessor, prompts, tasks: dict, s: EvolveStageRecipe, seed: int, d: Path, log: RunLog) -> ProcessRewardModel:
+def _stage_prm(model: MMModel, processor: MMProcessor, prompts, tasks: dict, s: EvolveStageRecipe, seed: int, d: Path,
+               log: RunLog) -> ProcessRewardModel:
     "The stage's process reward model: read back from `prm.safetensors` in the stage folder, or fitted by `train_prm` and saved there."
     f = d / "prm.safetensors"
     if f.is_file():
         prm = ProcessRewardModel(model, processor); prm.head.load_state_dict(load_file(str(f))); return prm
     t0 = time.perf_counter()
     try: prm, data, losses = train_prm(model, processor, list(prompts), tasks, max_new_tokens=s.max_new_tokens, seed=seed)
-    except ValueError as e: raise ValueError(f"stage evolve: the process reward model could not be fitted ({e}); is the warm-up long enough to teach the <think> format?") from None
-    _update_json(d / "prm.json", steps=len(data["labels"]), mean_label=float(data["labels"].mean()), fit_loss=[losses[0], losses[-1]], fit_s=time.perf_counter() - t0)
+    except ValueError as e:
+        raise ValueError(f"stage evolve: the process reward model could not be fitted ({e}); is the warm-up long enough to teach "
+                         "the <think> format?") from None
+    _update_json(d / "prm.json", steps=len(data["labels"]), mean_label=float(data["labels"].mean()), fit_loss=[losses[0], losses[-1]],
+                 fit_s=time.perf_counter() - t0)
     tmp = d / "prm.safetensors.tmp"; save_file({k: v.contiguous() for k, v in prm.head.state_dict().items()}, str(tmp)); os.replace(tmp, f)
     log(f"stage evolve: a process reward model fitted on {len(data['labels'])} reasoning steps, loss {losses[0]:.3f} → {losses[-1]:.3f}")
     return prm
@@ -817,7 +827,7 @@ def train_evolve_stage(model: MMModel, # the model the previous stage left (trai
     start = int(ck.name.split("-")[1]) if ck is not None else 0
     ev = SelfEvolver(model, processor, list(data["pool"]), evolve_config(recipe, i, out, progress), prm=prm, heldout=held, tune=tune or None)
     rows = ev.train(resume=True)
-    log(f"stage evolve: {s.rounds - start} rounds in {time.perf_counter() - t0:.1f} s; {_round_line(rows)}")
+    log(f"stage evolve: {s.rounds - start} rounds ({time.perf_counter() - t0:.1f} s with the warm-up and the PRM); {_round_line(rows)}")
     _update_json(d / "timing.json", train_s=time.perf_counter() - t0, resumed_at_step=warm_at + start * s.steps_per_round, resumed_at_round=start,
                  trainable=trainable, skipped=sum(skipped_reasons(d / "warmup").values()))
     return ev.model
@@ -1040,7 +1050,8 @@ def plot_evolve(runs: dict, # label → evolve stage folder
             pts = [(r["round"], 100 * r[k]) for r in rows if k in r]
             if pts: ax.plot(*zip(*pts), fmt, ms=4, label=pre + name)
         for k in dict.fromkeys(k for r in rows for k in r if k.startswith("greedy_")): curve(a, k, "o-", k[len("greedy_"):])
-        curve(a, "greedy", "k--", "all"); curve(b, "pass_at_k", "o-", "Pass@K"); curve(b, "reward_pass_at_2", "s-", "Reward-Pass@2"); curve(b, "greedy", "k--", "greedy")
+        curve(a, "greedy", "k--", "all"); curve(b, "greedy", "k--", "greedy")
+        curve(b, "pass_at_k", "o-", "Pass@K"); curve(b, "reward_pass_at_2", "s-", "Reward-Pass@2")
         c.plot(*zip(*[(r["round"], r["kept"]) for r in rows if "kept" in r] or [(0, 0)]), "o-", ms=4, label=label)
     for ax, title in ((a, "held-out greedy accuracy per task %"), (b, "held-out Pass@K, Reward-Pass@2 %"), (c, "right responses kept to train on")):
         ax.set_title(title, fontsize=9); ax.set_xlabel("round"); ax.legend(fontsize=7); ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -1140,15 +1151,17 @@ def _evolve_trend(out, recipe, i) -> tuple[str, int]:
     return (f"greedy {g[0]:.3f} → {g[-1]:.3f}" if g else "–"), warm + sum(s.steps_per_round * s.batch_size for r in rows if r.get("kept"))
 
 def evolve_table(rows: list[dict]) -> str:
-    "Markdown: one row per round of an evolve stage (round 0: before the loop): temperature, greedy accuracy (all and per task), Pass@K, Reward-Pass@2, kept responses, SFT loss, speed."
+    "Markdown: per round (0: before the loop) temperature, greedy accuracy (all, per task), Pass@K, Reward-Pass@2, kept, SFT loss, speed."
     tasks = [k[len("greedy_"):] for k in dict.fromkeys(k for r in rows for k in r if k.startswith("greedy_"))]
     rp = any("reward_pass_at_2" in r for r in rows)
-    head = ["round", "T", "greedy %", *(f"{t} %" for t in tasks), "Pass@K %", *(["Reward-Pass@2 %"] if rp else []), "kept", "SFT loss", "responses/s", "round s"]
+    head = ["round", "T", "greedy %", *(f"{t} %" for t in tasks), "Pass@K %", *(["Reward-Pass@2 %"] if rp else []),
+            "kept", "SFT loss", "responses/s", "round s"]
     num = lambda r, k, f: "–" if r.get(k) is None or r[k] != r[k] else format(r[k], f)
     lines = ["| " + " | ".join(head) + " |", "|" + "---:|" * len(head)]
     for r in rows:
-        cells = [str(r["round"]), num(r, "temperature", "g"), _pct(r.get("greedy")), *(_pct(r.get(f"greedy_{t}")) for t in tasks), _pct(r.get("pass_at_k")),
-                 *([_pct(r.get("reward_pass_at_2"))] if rp else []), num(r, "kept", "d"), num(r, "sft_loss", ".3f"), num(r, "responses_per_s", ".0f"), num(r, "round_s", ".1f")]
+        cells = [str(r["round"]), num(r, "temperature", "g"), _pct(r.get("greedy")), *(_pct(r.get(f"greedy_{t}")) for t in tasks),
+                 _pct(r.get("pass_at_k")), *([_pct(r.get("reward_pass_at_2"))] if rp else []), num(r, "kept", "d"),
+                 num(r, "sft_loss", ".3f"), num(r, "responses_per_s", ".0f"), num(r, "round_s", ".1f")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -1156,7 +1169,8 @@ def evolve_table(rows: list[dict]) -> str:
 def skipped_section(out: str | Path, recipe: Recipe) -> str:
     "Markdown: the training samples each stage skipped, by reason (or a line saying none was)."
     lines = [f"- stage {i + 1} ({s.stage}): " + "; ".join(f"{n} × {r}" for r, n in c.most_common())
-             for i, s in enumerate(recipe.stages) if (c := skipped_reasons(stage_dir(out, recipe, i)) + skipped_reasons(stage_dir(out, recipe, i) / "warmup"))]
+             for i, s in enumerate(recipe.stages)
+             if (c := skipped_reasons(stage_dir(out, recipe, i)) + skipped_reasons(stage_dir(out, recipe, i) / "warmup"))]   # + an evolve warm-up's
     if not lines: return "No training sample was skipped."
     return "Training samples skipped (they failed to load or tokenise, or were too long; details in `stages/*/train.log`):\n\n" + "\n".join(lines)
 
@@ -1222,10 +1236,13 @@ def _reasoning_note(recipe: Recipe) -> str:
     "The report's sentence on how the questions are asked from the first evolve stage on (empty without one)."
     ev = [i for i, s in enumerate(recipe.stages) if s.stage == "evolve"]
     if not ev: return ""
+    evolve_tasks = [s.tasks for s in recipe.stages if s.stage == "evolve"]
+    untrained = [t.name for t in recipe.tasks if all(ts is not None and t.name not in ts for ts in evolve_tasks)]   # no evolve stage's
     return (f"From stage {ev[0] + 1} (evolve) on, the model reasons before it answers: every question ends with \"{THINK_SUFFIX.strip()}\", "
             f"the answer is read from the `<answer>` tag only (no tag: wrong) and the budget is the evolve stage's `max_new_tokens` "
             f"({eval_settings(recipe, ev[0])['max_new_tokens']}) instead of `eval.max_new_tokens` ({recipe.eval.max_new_tokens}), which would cut the "
-            "reasoning off" + (", also in the level ladder" if recipe.eval.level_n else "") + ". The answer loss stays −ln p(answer) after the bare question.")
+            "reasoning off" + (", also in the level ladder" if recipe.eval.level_n else "") + ". The answer loss stays −ln p(answer) after the bare question."
+            + (f" {', '.join(untrained)}: asked the same way, though no evolve stage trained on {'it' if len(untrained) == 1 else 'them'}." if untrained else ""))
 
 def _evolve_section(out, recipe) -> list[str]:
     "Markdown: per evolve stage its settings, the PRM's fit and the table of rounds, then evolve.png."

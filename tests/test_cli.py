@@ -420,7 +420,7 @@ def test_evolve_run_interrupted_resumes_without_redoing_rounds(evolve_run, tmp_p
     lines = (stage / 'metrics.jsonl').read_text().splitlines()
     assert lines[:2] == first and len(lines) == 3                              # rounds 0 and 1 untouched, round 2 added
     assert json.loads((stage / 'timing.json').read_text())['resumed_at_round'] == 1
-    assert 'stage evolve: 1 rounds' in (out / 'run.log').read_text()
+    assert 'stage evolve: 1 rounds (' in (out / 'run.log').read_text()
     a, b = load_file(str(out / 'model' / 'model.safetensors')), load_file(str(done / 'model' / 'model.safetensors'))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)   # as if never stopped
     same = lambda l: {k: v for k, v in json.loads(l).items() if not k.endswith('_s') and k != 'responses_per_s'}
