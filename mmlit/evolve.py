@@ -109,7 +109,7 @@ def _check_table(correct, scores=None):
 def pass_at_k(correct) -> float:
     "(N, K) bool → the share of queries with at least one correct response."
     c, _ = _check_table(correct)
-    return float(c.any(1).float().mean()) if len(c) else float("nan")
+    return float(c.any(1).double().mean()) if len(c) else float("nan")
 
 # %% ../nbs/08_evolve.ipynb #6b9f85e6
 def _top(s: torch.Tensor, k: int) -> torch.Tensor:
@@ -123,7 +123,7 @@ def reward_pass_at_k(correct, # (N, K) bool: is response j to query i right?
     "The share of queries whose k highest-scored responses include a correct one."
     c, s = _check_table(correct, scores)
     if k < 1: raise ValueError(f"k must be >= 1, got {k}")
-    return float(c.gather(1, _top(s, k)).any(1).float().mean()) if len(c) else float("nan")
+    return float(c.gather(1, _top(s, k)).any(1).double().mean()) if len(c) else float("nan")
 
 # %% ../nbs/08_evolve.ipynb #7f2aab26
 SELECT_STRATEGIES = ("top", "random", "all")  # how `select_responses` picks among the correct responses
@@ -194,6 +194,7 @@ class EvolveConfig:
     k: int = 8  # responses sampled per prompt
     select: str = "top"  # "top" (needs a PRM), "random" or "all": see `select_responses`
     keep: int = 2  # correct responses kept per prompt ("top", "random")
+    min_process_reward: float | None = None  # also drop correct responses whose process reward is below this (needs a PRM)
     temperature: float = 1.0  # sampling temperature (the starting one with `auto_temperature`)
     auto_temperature: bool = False  # every `auto_every` rounds pick the temperature maximising Reward-Pass@2
     temperatures: tuple = TEMPERATURES  # the grid searched
@@ -246,8 +247,8 @@ class SelfEvolver:
                  tune: list[dict] | None = None, # labelled prompts for the temperature search (default: `heldout`)
                 ):
         if not prompts: raise ValueError("the prompt pool is empty")
-        if (cfg.select == "top" or cfg.auto_temperature) and prm is None:
-            raise ValueError("select='top' and auto_temperature need a process reward model (prm=...)")
+        if (cfg.select == "top" or cfg.auto_temperature or cfg.min_process_reward is not None) and prm is None:
+            raise ValueError("select='top', auto_temperature and min_process_reward need a process reward model (prm=...)")
         self.model, self.processor, self.cfg, self.prm, self.heldout = model, processor, cfg, prm, heldout or []
         self.tune = tune or self.heldout
         self.reward_funcs, self.out = reward_funcs or [tag_accuracy], Path(cfg.output_dir)
@@ -334,7 +335,9 @@ def run_round(self: SelfEvolver) -> dict:
     prompts, t1 = self.round_prompts(self.round), time.perf_counter()
     groups, correct = sample_groups(self.model, self.processor, prompts, cfg.k, self.temperature, cfg.max_new_tokens, self.reward_funcs, suffix=cfg.suffix)
     t_roll = time.perf_counter() - t1
-    keep = select_responses(correct, self._scores(groups) if cfg.select == "top" else None, cfg.keep, cfg.select, self.rng)
+    scores = self._scores(groups) if cfg.select == "top" or cfg.min_process_reward is not None else None
+    ok = correct if cfg.min_process_reward is None else correct & (scores >= cfg.min_process_reward)
+    keep = select_responses(ok, scores, cfg.keep, cfg.select, self.rng)
     data = [with_response(g.sample, g.texts[j], cfg.suffix) for g, js in zip(groups, keep) for j in js]
     self._start_round()   # after sampling: ReST-EM trains the initial model on what the latest policy wrote
     row.update(temperature=self.temperature, prompts=len(prompts), train_correct=float(correct.float().mean()),

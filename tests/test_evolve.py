@@ -215,3 +215,21 @@ def test_restem_samples_with_the_latest_policy_then_trains_the_initial_model(tmp
     ev.run_round(); after1 = total()
     ev.run_round()
     assert seen[0] == pytest.approx(init) and seen[1] == pytest.approx(after1) and after1 != pytest.approx(init)
+
+
+class ConstantPRM:
+    "A stand-in process reward model: every response gets the same process reward."
+    def __init__(self, v): self.v = v
+    def process_rewards(self, sample, responses): return [self.v] * len(responses)
+
+
+@pytest.mark.parametrize("v, kept_some", [(0.2, False), (0.9, True)])
+def test_min_process_reward_drops_low_scored_correct_responses(tmp_path, v, kept_some):
+    model, proc = tiny()
+    pool = list(make_task("colour_position", size=32, seed=3).stream("train", 8))
+    cfg = EvolveConfig(output_dir=str(tmp_path), rounds=1, round_fraction=0.5, k=3, select="all", min_process_reward=0.5,
+                       steps_per_round=1, batch_size=2, max_new_tokens=5, progress=False)
+    row = SelfEvolver(model, proc, pool, cfg, prm=ConstantPRM(v), reward_funcs=[every_other]).run_round()
+    assert row["train_correct"] > 0 and (row["kept"] > 0) == kept_some
+    with pytest.raises(ValueError, match="min_process_reward need a process reward model"):
+        SelfEvolver(model, proc, pool, cfg, reward_funcs=[every_other])
