@@ -12,12 +12,13 @@ from .data import COLOURS, SHAPES, TASKS, Task, draw_scene, sample_meta, shape_p
 
 # %% auto #0
 __all__ = ['REWARD_VARIANTS', 'PHOTO_SPLITS', 'JIGSAW_SOURCES', 'CAMERA', 'SKY', 'GROUND', 'OBJECT_COLOURS', 'MARKERS',
-           'JIGSAW_TASKS', 'WARMUP_SETTINGS', 'JIGSAW_GRPO', 'is_permutation', 'jigsaw_reward', 'parse_order',
-           'format_order', 'jigsaw_reward_func', 'order_format_reward', 'order_from_keys', 'JigsawTask', 'load_photo',
-           'photo_crop', 'procedural_picture', 'ImageJigsaw', 'show_jigsaw', 'clip_times', 'moving_shapes',
-           'video_frame', 'VideoJigsaw', 'project', 'ground_depth', 'place_objects', 'render_depth_scene',
-           'pick_points', 'draw_markers', 'DepthJigsaw', 'jigsaw_mixture', 'order_scores', 'jigsaw_eval_fn', 'warmup',
-           'grpo']
+           'JIGSAW_TASKS', 'WARMUP_SETTINGS', 'JIGSAW_GRPO', 'PROBE', 'FORMAT_WEIGHT', 'is_permutation',
+           'jigsaw_reward', 'parse_order', 'format_order', 'jigsaw_reward_func', 'order_format_reward',
+           'order_from_keys', 'JigsawTask', 'load_photo', 'photo_crop', 'procedural_picture', 'ImageJigsaw',
+           'show_jigsaw', 'clip_times', 'moving_shapes', 'video_frame', 'VideoJigsaw', 'project', 'ground_depth',
+           'place_objects', 'render_depth_scene', 'pick_points', 'draw_markers', 'DepthJigsaw', 'jigsaw_mixture',
+           'order_scores', 'jigsaw_eval_fn', 'warmup', 'grpo', 'probe_scores', 'held_out', 'jigsaw_warmup_run',
+           'jigsaw_grpo_seed', 'answer_position_nll']
 
 # %% ../nbs/10_jigsaw.ipynb #j006
 REWARD_VARIANTS = ("paper", "code")  # the paper's rule; the released code's (partial credit only for K > 4)
@@ -208,8 +209,7 @@ class ImageJigsaw(JigsawTask):
         pic, where = photo_crop(rng, split, g * t) if self.source == "photo" else procedural_picture(rng, g * t)
         tiles = [pic.crop((c * t, r * t, (c + 1) * t, (r + 1) * t)) for r in range(g) for c in range(g)]
         keys = [int(i) for i in rng.permutation(g * g)]   # shown tile j is the picture's tile keys[j]
-        q = (f"The {g * g} images are the tiles of one picture cut into a {g}x{g} grid, shuffled. Which tile goes where? "
-             "Answer with the tile numbers in reading order (left to right, top to bottom), separated by commas.")
+        q = f"The tiles of a {g}x{g} picture, shuffled. Tile numbers in reading order?"
         meta = dict(question_type="jigsaw_image", source=self.source, grid=g, keys=keys, **where)
         return [tiles[k] for k in keys], q, self.answer_from_meta(meta), meta
 
@@ -286,10 +286,7 @@ class VideoJigsaw(JigsawTask):
         objs, times = moving_shapes(rng, S), clip_times(K, F, self.trim)
         keys = [int(i) for i in rng.permutation(K)]   # shown clip j is the video's clip keys[j]
         frames = [video_frame(objs, t, S) for k in keys for t in times[k]]
-        span = lambda j: f"{j * F + 1}-{j * F + F}" if F > 1 else f"{j + 1}"
-        q = (f"The video's {K * F} frames are {K} clips of {F} frames, shuffled: "
-             + ", ".join(f"clip {j} is frames {span(j)}" for j in range(K))
-             + ". Answer with the clip numbers in time order, separated by commas.")
+        q = f"{K} shuffled clips of {F} frames each (clip 0 = frames 1-{F}, clip 1 = frames {F + 1}-{2 * F}, ...). Clips in time order?"
         meta = dict(question_type="jigsaw_video", clips=K, frames_per_clip=F, keys=keys, objects=objs, times=[times[k] for k in keys])
         return frames, q, self.answer_from_meta(meta), meta
 
@@ -437,8 +434,7 @@ class DepthJigsaw(JigsawTask):
             pts = pick_points(rng, depth, ids, self.points, self.min_px, self.min_gap)
             if pts is not None: break
         names = ", ".join(f"{i} {MARKERS[i]}" for i in range(self.points))
-        q = (f"{self.points} points are marked: {names}. Order them from nearest to farthest from the camera. "
-             "Answer with the point numbers separated by commas.")
+        q = f"Points {names}. Order near to far?"
         meta = dict(question_type="jigsaw_depth", objects=objs, points=[[u, v] for u, v, _ in pts], keys=[d for *_, d in pts])
         return [draw_markers(img, pts)], q, self.answer_from_meta(meta), meta
 
@@ -478,8 +474,8 @@ def jigsaw_eval_fn(processor, # the processor
     return eval_fn
 
 # %% ../nbs/10_jigsaw.ipynb #j059
-WARMUP_SETTINGS = dict(stage="2", steps=60, batch_size=8, lr=1e-3, warmup_ratio=0.1)  # the supervised warm-up
-JIGSAW_GRPO = dict(steps=24, prompts_per_step=10, group_size=8, max_new_tokens=18, lr=1e-4, warmup_ratio=0.1,
+WARMUP_SETTINGS = dict(stage="2", steps=300, batch_size=8, lr=1e-3, warmup_ratio=0.05)  # the supervised warm-up
+JIGSAW_GRPO = dict(steps=12, prompts_per_step=8, group_size=8, max_new_tokens=18, lr=1e-3, warmup_ratio=0.1,
                    temperature=1.0, loss_type="dapo", beta=0.0)  # GRPO on the mixture: no KL, T = 1, as the paper
 
 def warmup(model, processor, # the model to train (in place) and its processor
@@ -510,3 +506,74 @@ def grpo(model, processor, # the policy (trained in place) and its processor
     rows = read_metrics(out)
     return dict(reward=[r["reward"] for r in rows], zero_var=[r["zero_var_frac"] for r in rows],
                 evals=[{k: v for k, v in e.items() if k != "kind"} for e in read_metrics(out, "eval")])
+
+# %% ../nbs/10_jigsaw.ipynb #j061
+PROBE = (("colour_position", 3), ("count", 0), ("bar_chart", 0))  # the transfer probe: built-in task, level
+FORMAT_WEIGHT = 0.1  # the weight of `order_format_reward` beside the order reward
+
+def probe_scores(model, processor, # the model and its processor
+                 n: int = 200, # test questions per probe task
+                ) -> dict:
+    "Greedy test accuracy on each probe task (dataset seed 0): {'task Lk': accuracy}."
+    from mmlit.data import make_task
+    from mmlit.eval import evaluate
+    tasks = [make_task(name, level=level) for name, level in PROBE]
+    return {f"{t.name} L{t.level}": evaluate(model, processor, [(t, list(t.stream("test", n)))], max_new_tokens=8,
+                                             batch_size=50).accuracy() for t in tasks}
+
+def held_out(n: int = 50, # test questions per kind
+            ) -> dict:
+    "The jigsaw test questions, kind → (task, samples), dataset seed 0."
+    return {k: (t, list(t.stream("test", n))) for k, t in jigsaw_mixture(0).items()}
+
+# %% ../nbs/10_jigsaw.ipynb #j062
+def jigsaw_warmup_run(out: str | Path, # the run's folder (the model is saved in its last checkpoint)
+                      **settings, # over WARMUP_SETTINGS
+                     ) -> tuple:
+    "Step 1: the warm-up from the base model; (model, {'loss', 'after': jigsaw scores, 'probe': base and warmed-up probe})."
+    import copy
+    from mmlit.train import load_base
+    base, proc = load_base()
+    res = dict(probe=dict(base=probe_scores(base, proc)))
+    warm, res["loss"] = warmup(copy.deepcopy(base), proc, list(jigsaw_mixture(2000).values()), 0, out, **settings)
+    res["after"], res["probe"]["warm-up"] = jigsaw_eval_fn(proc, held_out())(warm), probe_scores(warm, proc)
+    return warm, res
+
+def jigsaw_grpo_seed(warm, # the warmed-up model (copied, not changed)
+                     seed: int, # the seed of the three runs
+                     out: str | Path, # a folder for the runs
+                     **settings, # over JIGSAW_GRPO (e.g. fewer steps)
+                    ) -> dict:
+    "Steps 2–3 for one seed: GRPO graded and all-or-nothing from the warm-up, the control from the base model, the probe."
+    import copy
+    from mmlit.data import make_task
+    from mmlit.grpo import accuracy_reward
+    from mmlit.train import load_base
+    base, proc = load_base()
+    out, steps, ev = Path(out), settings.get("steps", JIGSAW_GRPO["steps"]), jigsaw_eval_fn(proc, held_out())
+    res, data = dict(seed=seed, probe={}, runs={}), list(jigsaw_mixture(1000 + seed).values())
+    for name, gamma in (("graded", 0.2), ("exact", 0.0)):
+        m = copy.deepcopy(warm)
+        res["runs"][name] = grpo(m, proc, data, [jigsaw_reward_func(gamma), order_format_reward], seed, out / name, ev,
+                                 reward_weights=[1.0, FORMAT_WEIGHT], eval_every=max(1, steps // 2), **settings)
+        res["probe"][f"jigsaw GRPO ({name})"] = probe_scores(m, proc)
+    ctrl = [make_task(t, level=l, seed=1000 + seed) for t, l in PROBE]
+    res["runs"]["control"] = grpo(base, proc, ctrl, [accuracy_reward], seed, out / "control", max_new_tokens=8, **settings)
+    res["probe"]["probe-task GRPO"] = probe_scores(base, proc)
+    return res
+
+# %% ../nbs/10_jigsaw.ipynb #j069
+def answer_position_nll(model, processor, # the model and its processor
+                        samples: list[dict], # jigsaw samples of one K
+                       ) -> list[float]:
+    "Mean loss (nats) of the number at each place of the answer, the right earlier numbers given (teacher forcing)."
+    import torch
+    from mmlit.data import media
+    from mmlit.train import forward_logits
+    b = processor.collate([processor.process(s["conversation"], **media(s)) for s in samples])
+    model.eval()
+    with torch.no_grad(): logits = forward_logits(model, b)
+    lp, tgt = torch.log_softmax(logits[:, :-1].float(), -1), b["labels"][:, 1:]
+    nll = -lp.gather(-1, tgt.clamp(min=0)[..., None]).squeeze(-1)
+    rows = [nll[i][tgt[i] != -100][0:-1:2] for i in range(len(samples))]   # the numbers, not the commas nor the end
+    return torch.stack(rows).mean(0).tolist()

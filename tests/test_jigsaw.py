@@ -1,12 +1,13 @@
-"Property and integration tests of mmlit.jigsaw: the graded reward, answer parsing, TRL-signature rewards, the tasks, GRPO."
+"Tests of mmlit.jigsaw: the graded reward, answer parsing, TRL-signature rewards, the tasks, the renderer, GRPO."
 import itertools, math
 import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 from mmlit.data import TASKS, make_task, media
-from mmlit.jigsaw import (JIGSAW_TASKS, DepthJigsaw, ImageJigsaw, VideoJigsaw, clip_times, format_order, is_permutation,
-                          jigsaw_reward, jigsaw_reward_func, order_format_reward, order_from_keys, parse_order,
+from mmlit.jigsaw import (JIGSAW_TASKS, DepthJigsaw, ImageJigsaw, VideoJigsaw, answer_position_nll, clip_times,
+                          format_order, is_permutation, jigsaw_mixture, jigsaw_reward, jigsaw_reward_func,
+                          order_format_reward, order_from_keys, parse_order,
                           project, render_depth_scene, place_objects)
 
 torch.set_num_threads(1)
@@ -33,9 +34,11 @@ def test_valid_non_exact_earns_gamma_share(truth, rnd, gamma):
 @given(perms, st.data())
 def test_invalid_answers_earn_zero(truth, data):
     k = len(truth)
-    dup = list(truth); i, j = data.draw(st.tuples(st.integers(0, k - 1), st.integers(0, k - 1)).filter(lambda t: t[0] != t[1]))
+    i, j = data.draw(st.tuples(st.integers(0, k - 1), st.integers(0, k - 1)).filter(lambda t: t[0] != t[1]))
+    dup = list(truth)
     dup[i] = dup[j]
-    out_of_range = list(truth); out_of_range[data.draw(st.integers(0, k - 1))] = data.draw(st.sampled_from([k, k + 3, -1]))
+    out_of_range = list(truth)
+    out_of_range[data.draw(st.integers(0, k - 1))] = data.draw(st.sampled_from([k, k + 3, -1]))
     for pred in (dup, out_of_range, list(truth)[:-1], list(truth) + [k], None, [], "0123"):
         for variant in ("paper", "code"): assert jigsaw_reward(pred, list(truth), variant=variant) == 0.0
 
@@ -47,7 +50,10 @@ def test_reward_rejects_bad_truth_and_variant():
 
 
 # ---------------------------------------------------------------- parsing
-@given(perms, st.sampled_from(["{}", "<answer>{}</answer>", "\\boxed{{{}}}", "[{}]", "  {}  ", "<answer>\\boxed{{{}}}</answer>"]),
+WRAPS = ["{}", "<answer>{}</answer>", "\\boxed{{{}}}", "[{}]", "  {}  ", "<answer>\\boxed{{{}}}</answer>"]
+
+
+@given(perms, st.sampled_from(WRAPS),
        st.sampled_from([" ", ",", ", "]))
 def test_parse_accepts_the_written_forms(order, wrap, sep):
     assert parse_order(wrap.format(sep.join(map(str, order)))) == list(order)
@@ -67,7 +73,8 @@ def test_trl_signature_rewards():
     assert order_format_reward(["q"] * 5, outs, answer=ans) == [1.0, 1.0, 0.0, 0.0, 1.0]
     assert jigsaw_reward_func()(["q"], ["0,1"], answer=[None]) == [None]
     with pytest.raises(ValueError, match="answer"): jigsaw_reward_func()(["q"], ["0,1"])
-    with pytest.raises(ValueError, match="2 completions but 1"): order_format_reward(["q"] * 2, ["0,1"] * 2, answer=["0,1"])
+    with pytest.raises(ValueError, match="2 completions but 1"):
+        order_format_reward(["q"] * 2, ["0,1"] * 2, answer=["0,1"])
 
 
 # ---------------------------------------------------------------- tasks
@@ -83,7 +90,8 @@ def test_samples_verify_and_are_reproducible(name, level):
     for split in ("train", "test"):
         for i in range(4):
             s = t.sample(i, split)
-            assert t.verify(s) and t.check(s["answer"], s["answer"]) and is_permutation(parse_order(s["answer"]), t.pieces)
+            assert t.verify(s) and t.check(s["answer"], s["answer"])
+            assert is_permutation(parse_order(s["answer"]), t.pieces)
             assert s["answer"] == make_task(name, level=level).sample(i, split)["answer"]
     assert t.chance == pytest.approx(1 / math.factorial(t.pieces))
 
@@ -101,12 +109,14 @@ def test_image_tiles_rebuild_the_picture():
     from mmlit.data import sample_rng
     pic, _ = procedural_picture(sample_rng(t.name, "train", 5, 0), 64)
     order = parse_order(s["answer"])
-    rebuilt = np.concatenate([np.concatenate([np.asarray(s["images"][order[r * 2 + c]]) for c in range(2)], 1) for r in range(2)], 0)
+    row = lambda r: np.concatenate([np.asarray(s["images"][order[r * 2 + c]]) for c in range(2)], 1)
+    rebuilt = np.concatenate([row(0), row(1)], 0)
     assert (rebuilt == np.asarray(pic)).all()
 
 
 def test_photo_splits_do_not_share_photos():
-    seen = {split: {ImageJigsaw(level=0).sample(i, split)["meta"]["photo"] for i in range(30)} for split in ("train", "test")}
+    photos = lambda split: {ImageJigsaw(level=0).sample(i, split)["meta"]["photo"] for i in range(30)}
+    seen = {split: photos(split) for split in ("train", "test")}
     assert not seen["train"] & seen["test"]
 
 
@@ -130,10 +140,12 @@ def test_depth_points_are_apart_and_ordered():
 
 
 def test_renderer_occlusion_and_perspective():
-    near, far = dict(kind="sphere", x=0.0, z=4.0, r=.6, height=1.2, colour=(200, 0, 0)), dict(kind="sphere", x=0.0, z=8.0, r=.6, height=1.2, colour=(0, 0, 200))
+    near = dict(kind="sphere", x=0.0, z=4.0, r=.6, height=1.2, colour=(200, 0, 0))
+    far = dict(near, z=8.0, colour=(0, 0, 200))
     img, depth, ids = render_depth_scene([far, near], 128)
     u, v = project(0, .6, 4.0, 128)
-    assert ids[int(v), int(u)] == 1 and depth[int(v), int(u)] == pytest.approx(4.0 - .6, abs=.05)   # the near sphere hides the far one
+    assert ids[int(v), int(u)] == 1   # the near sphere hides the far one
+    assert depth[int(v), int(u)] == pytest.approx(4.0 - .6, abs=.05)
     _, _, ids_far = render_depth_scene([far], 128)
     assert (ids_far == 0).sum() < (ids == 1).sum()   # twice as far: a smaller disc
     with pytest.raises(ValueError, match="points"): DepthJigsaw(points=7)
@@ -152,6 +164,15 @@ def test_grpo_runs_on_jigsaw_video_prompts(tmp_path):
     tasks = [VideoJigsaw(level=0, size=32), ImageJigsaw(level=0, size=32)]
     groups = rollout(m, proc, [tasks[0].sample(0)], [jigsaw_reward_func()], group_size=2, max_new_tokens=4)
     assert groups[0].rewards.shape == (2, 1)
-    c = GRPOConfig(output_dir=str(tmp_path), steps=2, prompts_per_step=2, group_size=2, max_new_tokens=4, lr=1e-3, progress=False, cpu=True)
+    c = GRPOConfig(output_dir=str(tmp_path), steps=2, prompts_per_step=2, group_size=2, max_new_tokens=4, lr=1e-3,
+                   progress=False, cpu=True)
     last = GRPOTrainer(m, proc, tasks, c, [jigsaw_reward_func(), order_format_reward]).train()
     assert last["step"] == 2 and "rewards/jigsaw_paper_reward/mean" in last
+    nll = answer_position_nll(m, proc, list(tasks[0].stream("test", 3)))
+    assert len(nll) == 4 and all(x > 0 for x in nll)   # one loss per place of a K = 4 answer
+
+
+def test_training_mixture():
+    mix = jigsaw_mixture(7)
+    assert [t.pieces for t in mix.values()] == [4, 4, 4, 4, 9] and all(t.seed == 7 for t in mix.values())
+    assert mix["scene 2x2"].source == "scene" and mix["video K=4"].video
