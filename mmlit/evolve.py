@@ -281,10 +281,10 @@ def _scores(self: SelfEvolver, groups: list) -> torch.Tensor:
     return torch.tensor([self.prm.process_rewards(g.sample, g.completions) for g in groups])
 
 @patch
-def _train_on(self: SelfEvolver, data: list[dict]) -> float:
-    "`steps_per_round` SFT steps on batches drawn from `data`; the mean loss."
+def _train_on(self: SelfEvolver, data: list[dict]) -> float | None:
+    "`steps_per_round` SFT steps on batches drawn from `data`; the mean loss (None when nothing was kept)."
     cfg, losses = self.cfg, []
-    if not data: return float("nan")
+    if not data: return None
     policy_train_mode(self.model)
     for _ in range(cfg.steps_per_round):
         batch = [data[i] for i in self.rng.integers(len(data), size=cfg.batch_size)]
@@ -527,14 +527,15 @@ class RationaleData:
                  n: int, # samples
                  split: str = "train", # the split drawn from
                  suffix: str = THINK_SUFFIX, # appended to the questions
+                 start: int = 0, # each task's first sample index (skip what earlier training read)
                 ):
-        if not tasks or n < 1: raise ValueError(f"need tasks and n >= 1, got {len(tasks)} tasks and n={n}")
-        self.tasks, self.n, self.split, self.suffix = list(tasks), n, split, suffix
+        if not tasks or n < 1 or start < 0: raise ValueError(f"need tasks, n >= 1 and start >= 0, got {len(tasks)} tasks, n={n}, start={start}")
+        self.tasks, self.n, self.split, self.suffix, self.start = list(tasks), n, split, suffix, start
     def __len__(self): return self.n
     def __getitem__(self, i: int) -> dict:
         if not 0 <= i < self.n: raise IndexError(i)
         t = self.tasks[i % len(self.tasks)]
-        return with_rationale(t, t.sample(i // len(self.tasks), self.split), self.suffix)
+        return with_rationale(t, t.sample(self.start + i // len(self.tasks), self.split), self.suffix)
 
 # %% ../nbs/08_evolve.ipynb #9fca5b42
 def prm_dataset(prm: ProcessRewardModel, # the PRM whose frozen model gives the features
@@ -564,6 +565,9 @@ def train_prm(model: nn.Module, # the policy: it writes the responses, finishes 
     "Sample k responses per prompt at T = 1, label every step by Monte-Carlo finishes, fit a value head: (prm, its data, the fit's losses)."
     seed_everything(seed)
     groups, _ = sample_groups(model, processor, prompts, k, 1.0, max_new_tokens)
+    if not any(step_ends(processor, c) for g in groups for c in g.completions):
+        raise ValueError(f"none of the {k * len(prompts)} responses has a reasoning step (`<think>` lines) to label: "
+                         "warm the model up on gold reasoning first (`RationaleData`), or for longer")
     prm = ProcessRewardModel(model, processor)
     data = prm_dataset(prm, model, groups, tasks, n, max_new_tokens)
     return prm, data, prm.fit(data["features"], data["labels"], seed=seed)

@@ -233,3 +233,13 @@ def test_min_process_reward_drops_low_scored_correct_responses(tmp_path, v, kept
     assert row["train_correct"] > 0 and (row["kept"] > 0) == kept_some
     with pytest.raises(ValueError, match="min_process_reward need a process reward model"):
         SelfEvolver(model, proc, pool, cfg, reward_funcs=[every_other])
+
+
+def test_rationale_data_start_and_train_prm_without_steps(tmp_path):
+    tasks = [make_task("bar_chart", seed=1, size=64)]
+    assert RationaleData(tasks, 2, start=5)[0]["id"] == tasks[0].sample(5)["id"]
+    from mmlit.evolve import train_prm
+    model, proc = tiny()
+    with pytest.raises(ValueError, match="has a reasoning step"):
+        train_prm(model, proc, list(make_task("count", size=32).stream("train", 2)), {"count": make_task("count", size=32)},
+                  k=2, n=1, max_new_tokens=3)
