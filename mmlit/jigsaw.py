@@ -18,7 +18,7 @@ __all__ = ['REWARD_VARIANTS', 'PHOTO_SPLITS', 'JIGSAW_SOURCES', 'CAMERA', 'SKY',
            'show_jigsaw', 'clip_times', 'moving_shapes', 'video_frame', 'VideoJigsaw', 'project', 'ground_depth',
            'place_objects', 'render_depth_scene', 'pick_points', 'draw_markers', 'DepthJigsaw', 'jigsaw_mixture',
            'order_scores', 'jigsaw_eval_fn', 'warmup', 'grpo', 'probe_scores', 'held_out', 'jigsaw_warmup_run',
-           'jigsaw_grpo_seed', 'answer_position_nll']
+           'jigsaw_grpo_seed', 'answer_position_nll', 'text_permutation_samples']
 
 # %% ../nbs/10_jigsaw.ipynb #j006
 REWARD_VARIANTS = ("paper", "code")  # the paper's rule; the released code's (partial credit only for K > 4)
@@ -577,3 +577,17 @@ def answer_position_nll(model, processor, # the model and its processor
     nll = -lp.gather(-1, tgt.clamp(min=0)[..., None]).squeeze(-1)
     rows = [nll[i][tgt[i] != -100][0:-1:2] for i in range(len(samples))]   # the numbers, not the commas nor the end
     return torch.stack(rows).mean(0).tolist()
+
+# %% ../nbs/10_jigsaw.ipynb #j072
+def text_permutation_samples(n: int, # samples
+                             k: int = 4, # the numbers 0 … k-1
+                             seed: int = 0, # seeds the orders
+                            ) -> list[dict]:
+    "Text-only samples whose answer is a uniformly random order of 0 … k-1: the rule of a permutation, nothing else."
+    rng, q = np.random.default_rng(seed), f"The numbers 0 to {k - 1} in a random order?"
+    out = []
+    for i in range(n):
+        a = format_order(rng.permutation(k).tolist())
+        out.append(dict(images=[], video=False, answer=a, task="text_permutation", id=f"text_permutation/{seed}/{i}", meta={},
+                        conversation=[{"role": "user", "content": q}, {"role": "assistant", "content": a}]))
+    return out
