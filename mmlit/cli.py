@@ -23,23 +23,25 @@ from .train import (STAGE_LR, MANIFEST, Trainer, TrainConfig, RunLog, read_metri
 from .eval import EvalResults, evaluate, plot_accuracy, answer_nll, grounding_verdict
 from .grpo import GRPOConfig, GRPOTrainer, LOSS_TYPES, SCALES, accuracy_reward, format_reward
 from safetensors.torch import load_file, save_file
+from .difficulty import TIERS, score_difficulty, select_tiers
+from . import jigsaw as _jigsaw  # registers the jigsaw tasks in TASKS, so recipes can name them
 from .evolve import (THINK_SUFFIX, RATIONALES, SELECT_STRATEGIES, VARIANTS, EvolveConfig, SelfEvolver, ProcessRewardModel,
                           with_rationale, train_prm)
 
 # %% auto #0
-__all__ = ['BACKBONES', 'REWARDS', 'RECIPE_FILE', 'BLIND_FILE', 'LEVELS_FILE', 'GRPO_CURVES', 'sample_photo', 'tile_table',
-           'format_table', 'draw_rules', 'tile_command', 'check_value', 'from_plain', 'to_plain', 'ModelRecipe',
-           'ProcessorRecipe', 'TaskRecipe', 'StageRecipe', 'GRPOStageRecipe', 'EvalRecipe', 'has_rationale',
-           'EvolveStageRecipe', 'Recipe', 'shipped_recipes', 'load_recipe', 'apply_overrides', 'build_model',
-           'TaskSamples', 'Window', 'samples_per_stage', 'train_mixture', 'stage_mixture', 'grpo_prompts',
-           'recipe_diff', 'prepare_run_dir', 'stage_dir', 'stage_config', 'skipped_reasons', 'eval_settings',
-           'train_stage', 'save_model', 'grpo_config', 'train_grpo_stage', 'WithRationale', 'evolve_data',
-           'evolve_heldout', 'evolve_config', 'warmup_config', 'train_evolve_stage', 'answer_loss_fn',
-           'blind_baselines', 'level_ladder', 'plot_ladder', 'run_stages', 'run_metrics', 'write_metrics',
-           'stage_results', 'plot_grpo', 'plot_answer_loss', 'plot_run', 'plot_evolve', 'accuracy_table',
-           'stage_answer_loss', 'grounding', 'grounding_table', 'training_table', 'grpo_table', 'evolve_table',
-           'skipped_section', 'ladder_section', 'write_report', 'run_recipe', 'run_summary', 'run_command',
-           'build_parser', 'main']
+__all__ = ['BACKBONES', 'TIER_MEASURES', 'REWARDS', 'RECIPE_FILE', 'BLIND_FILE', 'LEVELS_FILE', 'GRPO_CURVES', 'sample_photo',
+           'tile_table', 'format_table', 'draw_rules', 'tile_command', 'check_value', 'from_plain', 'to_plain',
+           'ModelRecipe', 'ProcessorRecipe', 'TaskRecipe', 'StageRecipe', 'GRPOStageRecipe', 'EvalRecipe',
+           'has_rationale', 'EvolveStageRecipe', 'Recipe', 'shipped_recipes', 'load_recipe', 'apply_overrides',
+           'build_model', 'TaskSamples', 'Window', 'samples_per_stage', 'train_mixture', 'stage_mixture',
+           'grpo_prompts', 'recipe_diff', 'prepare_run_dir', 'stage_dir', 'stage_config', 'skipped_reasons',
+           'eval_settings', 'train_stage', 'save_model', 'grpo_config', 'tiered_prompts', 'train_grpo_stage',
+           'WithRationale', 'evolve_data', 'evolve_heldout', 'evolve_config', 'warmup_config', 'train_evolve_stage',
+           'answer_loss_fn', 'blind_baselines', 'level_ladder', 'plot_ladder', 'run_stages', 'run_metrics',
+           'write_metrics', 'stage_results', 'plot_grpo', 'plot_answer_loss', 'plot_run', 'plot_evolve',
+           'accuracy_table', 'stage_answer_loss', 'grounding', 'grounding_table', 'training_table', 'grpo_table',
+           'evolve_table', 'skipped_section', 'ladder_section', 'write_report', 'run_recipe', 'run_summary',
+           'run_command', 'build_parser', 'main']
 
 # %% ../nbs/11_cli.ipynb #c8a623df
 def sample_photo() -> Path:
@@ -265,6 +267,8 @@ class StageRecipe:
     @property
     def peak_lr(self) -> float: return STAGE_LR[self.stage] if self.lr is None else self.lr
 
+TIER_MEASURES = {"pism": ("pixels", "pism_tier"), "pism_box": ("box", "pism_tier"), "cmab": ("pixels", "cmab_tier")}  # tier_by → (PISM mask kind, tier column)
+
 REWARDS = {"accuracy": accuracy_reward, "format": format_reward}  # reward functions a GRPO stage can name (mmlit.grpo)
 
 @dataclass
@@ -291,6 +295,9 @@ class GRPOStageRecipe:
     reward_weights: list[float] | None = None  # one weight per reward (null: 1 each)
     tasks: list[str] | None = None  # the recipe's tasks the questions come from (null: all of them, with their weights)
     save_every: int = 0  # checkpoint every this many rollout steps (0: the recipe's save_every)
+    tiers: list[str] | None = None  # ask only questions of these difficulty tiers (chapter 09: unsolved, hard, medium, easy; null: all)
+    tier_by: str = "pism"  # how the tiers are measured: "pism" (random pixels masked), "pism_box" (one black box) or "cmab"
+    tier_pool: int = 4  # with tiers: score this many times the questions the stage needs, then keep the chosen tiers
 
     def __post_init__(self):
         if self.stage != "grpo": raise ValueError(f"stage must be 'grpo' for a GRPO stage, got {self.stage!r}")
@@ -311,6 +318,10 @@ class GRPOStageRecipe:
             raise ValueError(f"reward_weights has {len(self.reward_weights)} weights for {len(self.rewards)} rewards {self.rewards}")
         if self.tasks is not None and not self.tasks: raise ValueError("tasks must name at least one task (or be null: all the recipe's tasks)")
         if not isinstance(self.save_every, int) or self.save_every < 0: raise ValueError(f"save_every must be an integer >= 0, got {self.save_every!r}")
+        if self.tiers is not None and (not self.tiers or any(t not in TIERS for t in self.tiers)):
+            raise ValueError(f"tiers must list some of {list(TIERS)} (or be null: every question), got {self.tiers!r}")
+        if self.tier_by not in TIER_MEASURES: raise ValueError(f"tier_by must be one of {list(TIER_MEASURES)}, got {self.tier_by!r}")
+        _positive(self, "tier_pool")
 
     @property
     def peak_lr(self) -> float: return self.lr
@@ -580,6 +591,7 @@ def _grpo_share(recipe: Recipe, i: int) -> dict[str, int]:
     s = recipe.stages[i]
     ts = [t for t in recipe.tasks if s.tasks is None or t.name in s.tasks]
     need, total = s.steps * s.prompts_per_step * (1 + (GRPOConfig.max_refills if s.dynamic_sampling else 0)), sum(t.weight for t in ts)
+    need *= s.tier_pool if s.tiers else 1   # the tiers keep only part of what is scored
     return {t.name: math.ceil(need * t.weight / total) for t in ts}
 
 def grpo_prompts(recipe: Recipe, # the recipe
@@ -702,6 +714,22 @@ def grpo_config(recipe: Recipe, i: int, out: str | Path, progress: bool = True) 
                       dynamic_sampling=s.dynamic_sampling, reward_weights=s.reward_weights, seed=recipe.seed + i,
                       suffix=eval_settings(recipe, i)["suffix"],   # after an evolve stage the questions ask for reasoning
                       save_every=s.save_every or recipe.save_every, keep_last=1, progress=progress)
+
+def tiered_prompts(model: MMModel, # the model as it enters the GRPO stage (its answers define the tiers)
+                   processor: MMProcessor, # its processor
+                   prompts, # the stage's questions (`grpo_prompts`, `tier_pool` times what it needs)
+                   s: GRPOStageRecipe, # the stage: its tiers and tier_by
+                   d: Path, # the stage folder (tiers.json is written there)
+                   log: RunLog, # the run log
+                  ) -> list[dict]:
+    "The questions of the chosen difficulty tiers (chapter 09's PISM or CMAB), scored on the entering model; counts in tiers.json."
+    t0, (kind, col) = time.perf_counter(), TIER_MEASURES[s.tier_by]
+    scored = score_difficulty(model, processor, list(prompts), kind=kind)
+    counts = dict(Counter(r[col] for r in scored))
+    d.mkdir(parents=True, exist_ok=True); _write_text(d / "tiers.json", json.dumps(dict(tier_by=s.tier_by, tiers=s.tiers, counts=counts), indent=1))
+    kept = select_tiers(scored, s.tiers, by=col)
+    log(f"stage grpo: {len(kept)} of {len(scored)} questions in tiers {s.tiers} by {s.tier_by} ({counts}), scored in {time.perf_counter() - t0:.1f} s")
+    return kept
 
 def train_grpo_stage(model: MMModel, # the model the previous stage left (trained in place)
                      processor: MMProcessor, # the processor matching it
@@ -907,7 +935,9 @@ def run_stages(model: MMModel, processor: MMProcessor, recipe: Recipe, out: str 
     for i in range(first, len(recipe.stages)):
         d, s = dirs[i], recipe.stages[i]
         if not (d / "final" / MANIFEST).is_file():
-            if s.stage == "grpo": model = train_grpo_stage(model, processor, grpo_prompts(recipe, i), grpo_config(recipe, i, out, progress), s.rewards, log)
+            if s.stage == "grpo":
+                data = grpo_prompts(recipe, i) if not s.tiers else tiered_prompts(model, processor, grpo_prompts(recipe, i), s, d, log)
+                model = train_grpo_stage(model, processor, data, grpo_config(recipe, i, out, progress), s.rewards, log)
             elif s.stage == "evolve": model = train_evolve_stage(model, processor, recipe, i, out, log, progress)
             else:
                 if s.data: data = stage_mixture(recipe, i)

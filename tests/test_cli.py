@@ -433,3 +433,39 @@ def test_evolve_run_resumed_when_finished_redoes_nothing(evolve_run):
     assert main(['run', '--out', str(out), '--resume', '--quiet']) == 0
     assert ((stage / 'metrics.jsonl').read_text(), (stage / 'eval.json').read_text()) == before
     assert 'every stage is finished' in (out / 'run.log').read_text() and '### Self-evolution' in (out / 'report.md').read_text()
+
+
+# ---------------------------------------------------------------- GRPO on chosen difficulty tiers (chapter 09)
+def test_grpo_stage_tiers_are_checked_and_widen_the_pool():
+    from mmlit.cli import _grpo_share
+    base = load_recipe("quick").to_dict()
+    g = {"stage": "grpo", "steps": 2, "prompts_per_step": 2, "num_generations": 2}
+    plain = Recipe.from_dict({**base, "stages": base["stages"] + [g]})
+    tiered = Recipe.from_dict({**base, "stages": base["stages"] + [{**g, "tiers": ["medium", "hard"], "tier_pool": 3}]})
+    i = len(base["stages"])
+    a, b = _grpo_share(plain, i), _grpo_share(tiered, i)   # 4 questions over 3 tasks, then 12: ceil(4/3) = 2 each, then 4 each
+    assert a == {t.name: 2 for t in plain.tasks} and b == {t.name: 4 for t in plain.tasks}
+    for bad, msg in [({"tiers": ["hardest"]}, "tiers must list"), ({"tiers": []}, "tiers must list"),
+                     ({"tiers": ["hard"], "tier_by": "attention"}, "tier_by must be one of"), ({"tier_pool": 0}, "tier_pool")]:
+        with pytest.raises(ValueError, match=msg): Recipe.from_dict({**base, "stages": base["stages"] + [{**g, **bad}]})
+
+
+def test_tiered_prompts_scores_and_keeps_the_chosen_tiers(tmp_path):
+    from mmlit.cli import GRPOStageRecipe, tiered_prompts
+    from mmlit.data import make_task
+    from mmlit.model import MMModel, fit_to_tokenizer, tiny_config
+    from mmlit.processing import MMProcessor, tiny_tokenizer
+    from mmlit.train import RunLog
+    tok = tiny_tokenizer()
+    cfg = tiny_config(image_size=32, patch_size=8, vision_hidden=64, vision_layers=1, text_hidden=64, text_layers=3,
+                      vision_model_type="siglip_vision_model")
+    torch.manual_seed(0); model = MMModel(cfg); fit_to_tokenizer(model, tok); model.eval()
+    proc = MMProcessor.from_vision_config(cfg.vision_config, tok, max_num=1, use_thumbnail=False)
+    prompts = list(make_task("count", size=32).stream("train", 3))
+    kept = tiered_prompts(model, proc, prompts, GRPOStageRecipe(tiers=["unsolved", "hard", "medium", "easy"]), tmp_path, RunLog(None))
+    info = json.loads((tmp_path / "tiers.json").read_text())
+    assert [k["id"] for k in kept] == [p["id"] for p in prompts] and sum(info["counts"].values()) == 3
+    assert all(k["pism_tier"] in info["counts"] for k in kept)
+    unsolved = [k for k in kept if k["pism_tier"] == "unsolved"]
+    if len(unsolved) < 3:   # keeping one tier keeps exactly its questions
+        assert len(tiered_prompts(model, proc, prompts, GRPOStageRecipe(tiers=["unsolved"]), tmp_path, RunLog(None))) == len(unsolved)
