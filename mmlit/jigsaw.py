@@ -18,7 +18,7 @@ __all__ = ['REWARD_VARIANTS', 'PHOTO_SPLITS', 'JIGSAW_SOURCES', 'CAMERA', 'SKY',
            'show_jigsaw', 'clip_times', 'moving_shapes', 'video_frame', 'VideoJigsaw', 'project', 'ground_depth',
            'place_objects', 'render_depth_scene', 'pick_points', 'draw_markers', 'DepthJigsaw', 'jigsaw_mixture',
            'order_scores', 'jigsaw_eval_fn', 'warmup', 'grpo', 'probe_scores', 'held_out', 'jigsaw_warmup_run',
-           'jigsaw_grpo_seed', 'answer_position_nll', 'text_permutation_samples']
+           'jigsaw_grpo_seed', 'answer_position_nll', 'text_permutation_samples', 'curriculum_warmup']
 
 # %% ../nbs/10_jigsaw.ipynb #j006
 REWARD_VARIANTS = ("paper", "code")  # the paper's rule; the released code's (partial credit only for K > 4)
@@ -542,6 +542,7 @@ def jigsaw_warmup_run(out: str | Path, # the run's folder (the model is saved in
 def jigsaw_grpo_seed(warm, # the warmed-up model (copied, not changed)
                      seed: int, # the seed of the three runs
                      out: str | Path, # a folder for the runs
+                     full: bool = True, # also the transfer probe and the control (False: only the two GRPO arms)
                      **settings, # over JIGSAW_GRPO (e.g. fewer steps)
                     ) -> dict:
     "Steps 2–3 for one seed: GRPO graded and all-or-nothing from the warm-up, the control from the base model, the probe."
@@ -556,7 +557,8 @@ def jigsaw_grpo_seed(warm, # the warmed-up model (copied, not changed)
         m = copy.deepcopy(warm)
         res["runs"][name] = grpo(m, proc, data, [jigsaw_reward_func(gamma), order_format_reward], seed, out / name, ev,
                                  reward_weights=[1.0, FORMAT_WEIGHT], eval_every=max(1, steps // 2), **settings)
-        res["probe"][f"jigsaw GRPO ({name})"] = probe_scores(m, proc)
+        if full: res["probe"][f"jigsaw GRPO ({name})"] = probe_scores(m, proc)
+    if not full: return res
     ctrl = [make_task(t, level=l, seed=1000 + seed) for t, l in PROBE]
     res["runs"]["control"] = grpo(base, proc, ctrl, [accuracy_reward], seed, out / "control", max_new_tokens=8, **settings)
     res["probe"]["probe-task GRPO"] = probe_scores(base, proc)
@@ -591,3 +593,17 @@ def text_permutation_samples(n: int, # samples
         out.append(dict(images=[], video=False, answer=a, task="text_permutation", id=f"text_permutation/{seed}/{i}", meta={},
                         conversation=[{"role": "user", "content": q}, {"role": "assistant", "content": a}]))
     return out
+
+# %% ../nbs/10_jigsaw.ipynb #j081
+def curriculum_warmup(out: str | Path, # a folder for the two runs
+                      text_steps: int = 400, # text-only steps (batches of 32)
+                      jigsaw_steps: int = 150, # then warm-up steps on the jigsaw mixture
+                     ) -> tuple:
+    "Text-only random orders, then the jigsaw warm-up: (model, {'after': jigsaw scores, 'per_place': answer losses})."
+    from mmlit.train import load_base
+    base, proc = load_base()
+    m, _ = warmup(base, proc, text_permutation_samples(20000), 0, Path(out) / "text", steps=text_steps, batch_size=32)
+    m, loss = warmup(m, proc, list(jigsaw_mixture(2000).values()), 0, Path(out) / "jigsaw", steps=jigsaw_steps)
+    held = held_out()
+    per_place = {k: answer_position_nll(m, proc, s[:32]) for k, (t, s) in held.items() if t.pieces == 4}
+    return m, dict(loss=loss, after=jigsaw_eval_fn(proc, held)(m), per_place=per_place)
