@@ -25,7 +25,7 @@ from .grpo import GRPOConfig, GRPOTrainer, LOSS_TYPES, SCALES, accuracy_reward, 
 from safetensors.torch import load_file, save_file
 from .difficulty import TIERS, score_difficulty, select_tiers
 from . import jigsaw as _jigsaw  # registers the jigsaw tasks in TASKS, so recipes can name them
-from .evolve import (THINK_SUFFIX, RATIONALES, SELECT_STRATEGIES, VARIANTS, EvolveConfig, SelfEvolver, ProcessRewardModel,
+from .evolve import (THINK_SUFFIX, tag_accuracy, RATIONALES, SELECT_STRATEGIES, VARIANTS, EvolveConfig, SelfEvolver, ProcessRewardModel,
                           with_rationale, train_prm)
 
 # %% auto #0
@@ -269,7 +269,9 @@ class StageRecipe:
 
 TIER_MEASURES = {"pism": ("pixels", "pism_tier"), "pism_box": ("box", "pism_tier"), "cmab": ("pixels", "cmab_tier")}  # tier_by → (PISM mask kind, tier column)
 
-REWARDS = {"accuracy": accuracy_reward, "format": format_reward}  # reward functions a GRPO stage can name (mmlit.grpo)
+REWARDS = {"accuracy": accuracy_reward, "format": format_reward, "tag": tag_accuracy,   # reward functions a GRPO stage can name
+           "jigsaw_paper": _jigsaw.jigsaw_reward_func(0.2, "paper"), "jigsaw_code": _jigsaw.jigsaw_reward_func(0.2, "code"),
+           "jigsaw_exact": _jigsaw.jigsaw_reward_func(0.0), "order_format": _jigsaw.order_format_reward}
 
 @dataclass
 class GRPOStageRecipe:

@@ -469,3 +469,12 @@ def test_tiered_prompts_scores_and_keeps_the_chosen_tiers(tmp_path):
     unsolved = [k for k in kept if k["pism_tier"] == "unsolved"]
     if len(unsolved) < 3:   # keeping one tier keeps exactly its questions
         assert len(tiered_prompts(model, proc, prompts, GRPOStageRecipe(tiers=["unsolved"]), tmp_path, RunLog(None))) == len(unsolved)
+
+
+def test_grpo_stage_can_name_the_jigsaw_and_tag_rewards():
+    from mmlit.cli import REWARDS, GRPOStageRecipe
+    from mmlit.jigsaw import jigsaw_reward
+    s = GRPOStageRecipe(rewards=["jigsaw_paper", "order_format", "tag"], reward_weights=[1.0, 0.1, 0.5])
+    r = REWARDS["jigsaw_paper"](None, ["<answer>1 0 2 3</answer>", "0 1 2 3"], answer=["0,1,2,3", "0,1,2,3"])
+    assert r == [jigsaw_reward([1, 0, 2, 3], [0, 1, 2, 3]), 1.0] and s.rewards[0] == "jigsaw_paper"
+    assert REWARDS["tag"](None, ["<think>\nx\n</think><answer>3</answer>", "3"], answer=["3", "3"]) == [1.0, 0.0]
