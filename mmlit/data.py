@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 # %% auto #0
 __all__ = ['SPLITS', 'IMAGE', 'VIDEO', 'CAPTION_PROMPT', 'COLOURS', 'SHAPES', 'BACKGROUND', 'LEVELS', 'DEFAULT_LEVEL',
-           'POSITIONS', 'DIGIT_SPLIT', 'DIGIT_LAYOUTS', 'WORDS', 'TASKS', 'LOSS_MODES', 'PACK_STRATEGIES',
+           'POSITIONS', 'DIGIT_SPLIT', 'DIGIT_LAYOUTS', 'WORDS', 'TASKS', 'CORE_TASKS', 'LOSS_MODES', 'PACK_STRATEGIES',
            'user_prompt', 'media', 'check_split', 'sample_rng', 'shape_polygon', 'draw_scene', 'grid_positions',
            'normalise_answer', 'sample_meta', 'check_level', 'Task', 'question_text', 'sample_strip', 'show_samples',
            'level_samples', 'level_table', 'ShapeCount', 'ColourPosition', 'default_font', 'chart_geometry',
@@ -762,6 +762,7 @@ class VideoMotion(Task):
 
 # %% ../nbs/04_data.ipynb #e4688e34
 TASKS = {c.name: c for c in (ShapeCount, ColourPosition, BarChart, DigitSum, SmallWord, CompareCount, VideoMotion)}  # name → task class
+CORE_TASKS = tuple(TASKS)  # this chapter's tasks; later chapters (the jigsaw tasks) add theirs to TASKS when imported
 
 def make_task(name: str, # a key of `TASKS`
               **kwargs, # the task's settings (size, seed, …)

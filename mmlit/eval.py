@@ -14,7 +14,7 @@ from typing import Callable, Iterable
 import numpy as np
 import torch
 from fastcore.basics import patch
-from .data import TASKS, Task, make_task, media, repetition_score
+from .data import CORE_TASKS, TASKS, Task, make_task, media, repetition_score
 from .processing import IGNORE_INDEX, MMProcessor
 
 # %% auto #0
@@ -376,7 +376,7 @@ class EvalResults:
 # %% ../nbs/06_eval.ipynb #900c2501
 def _resolve_tasks(tasks) -> list[tuple[str, Task | None, list | None]]:
     "(name, task or None, fixed samples or None) for every entry of `tasks`."
-    if tasks is None: tasks = list(TASKS)
+    if tasks is None: tasks = list(CORE_TASKS)
     if isinstance(tasks, (str, Task)) or (isinstance(tasks, tuple) and len(tasks) == 2 and isinstance(tasks[1], (list, tuple))): tasks = [tasks]
     out = []
     for t in tasks:
@@ -415,7 +415,7 @@ def _records_for(name, q, sample, texts, error, kind, check):
 # %% ../nbs/06_eval.ipynb #0a6c6f10
 def evaluate(model, # an MMModel, or anything with a transformers-style `generate`
              processor: MMProcessor, # the one processor prompts go through
-             tasks=None, # names, Task objects or (task, samples) pairs (default: every built-in task)
+             tasks=None, # names, Task objects or (task, samples) pairs (default: chapter 04's tasks, `CORE_TASKS`)
              split: str = "test", # the split drawn from the tasks
              n: int = 16, # samples per task (ignored for fixed samples)
              greedy: bool = True, # greedy decoding (one answer per question)
