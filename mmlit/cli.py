@@ -167,10 +167,14 @@ def to_plain(x):
 # %% ../nbs/11_cli.ipynb #9db7362d
 BACKBONES = ("tiny", "smollm2")  # text backbones: a tiny Llama from scratch, or pretrained SmolLM2-135M-Instruct
 
-def _positive(obj, *names):
+def _integers(obj, names, low: int, what: str):
+    "ValueError naming the first of `names` that is not an integer >= `low`."
     for n in names:
         v = getattr(obj, n)
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1: raise ValueError(f"{n} must be a positive integer, got {v!r}")
+        if not isinstance(v, int) or isinstance(v, bool) or v < low: raise ValueError(f"{n} must be {what}, got {v!r}")
+
+def _positive(obj, *names): _integers(obj, names, 1, "a positive integer")
+def _nonnegative(obj, *names): _integers(obj, names, 0, "an integer >= 0")
 
 @dataclass
 class ModelRecipe:
@@ -351,10 +355,6 @@ def has_rationale(task: Task) -> bool:
     "Can `mmlit.evolve` write the task's gold reasoning (a writer in `RATIONALES`, or the task's `describe` caption)?"
     return task.name in RATIONALES or type(task).describe is not Task.describe
 
-def _nonnegative(obj, *names):
-    for n in names:
-        v = getattr(obj, n)
-        if not isinstance(v, int) or isinstance(v, bool) or v < 0: raise ValueError(f"{n} must be an integer >= 0, got {v!r}")
 
 @dataclass
 class EvolveStageRecipe:

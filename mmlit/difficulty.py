@@ -51,15 +51,19 @@ def _pism_tier(ls: float, ok: bool) -> str:
     if ls <= 0.4 + _TOL: return "hard"
     return "medium" if ls < 0.7 - _TOL else "easy"
 
+def _tiers(rule, x, correct, x_name: str, correct_name: str) -> str | list[str]:
+    "`rule(value, right)` for one sample, or per sample for (N,) values and bools; ValueError on mismatched shapes."
+    v, ok = _numbers(x), np.asarray(correct.cpu() if isinstance(correct, torch.Tensor) else correct)
+    if v.shape != ok.shape or v.ndim > 1:
+        raise ValueError(f"{x_name} and {correct_name} must be one value each or (N,) alike, got shapes {v.shape} and {ok.shape}")
+    if v.ndim == 0: return rule(float(v), bool(ok))
+    return [rule(float(a), bool(b)) for a, b in zip(v, ok)]
+
 def pism_tier(lambda_star, # λ* of one sample, or (N,) of several (inf: never fails)
               correct_at_zero, # answered right on the clean image (λ = 0): a bool, or (N,) bools
              ) -> str | list[str]:
     "'unsolved' | 'hard' | 'medium' | 'easy' by λ*: wrong at λ = 0, ≤ 0.4, in (0.4, 0.7), ≥ 0.7 or never."
-    ls, ok = _numbers(lambda_star), np.asarray(correct_at_zero.cpu() if isinstance(correct_at_zero, torch.Tensor) else correct_at_zero)
-    if ls.shape != ok.shape or ls.ndim > 1:
-        raise ValueError(f"lambda_star and correct_at_zero must be one value each or (N,) alike, got shapes {ls.shape} and {ok.shape}")
-    if ls.ndim == 0: return _pism_tier(float(ls), bool(ok))
-    return [_pism_tier(float(a), bool(b)) for a, b in zip(ls, ok)]
+    return _tiers(_pism_tier, lambda_star, correct_at_zero, "lambda_star", "correct_at_zero")
 
 # %% ../nbs/09_difficulty.ipynb #d85de72e
 CMAB_EPS = 1e-8  # added to each ρ(l, t) before the log
@@ -103,11 +107,7 @@ def cmab_tier(rho, # ρ̄ of one sample, or (N,) of several
               correct, # the (greedy) answer was right: a bool, or (N,) bools
              ) -> str | list[str]:
     "'unsolved' | 'hard' | 'medium' | 'easy' by ρ̄: wrong answer; [0.4, 1.6]; [0.1, 0.4) or (1.6, 1.9]; below 0.1 or above 1.9."
-    r, ok = _numbers(rho), np.asarray(correct.cpu() if isinstance(correct, torch.Tensor) else correct)
-    if r.shape != ok.shape or r.ndim > 1:
-        raise ValueError(f"rho and correct must be one value each or (N,) alike, got shapes {r.shape} and {ok.shape}")
-    if r.ndim == 0: return _cmab_tier(float(r), bool(ok))
-    return [_cmab_tier(float(a), bool(b)) for a, b in zip(r, ok)]
+    return _tiers(_cmab_tier, rho, correct, "rho", "correct")
 
 # %% ../nbs/09_difficulty.ipynb #755f8376
 MASK_KINDS = ("pixels", "box")  # random pixels (the paper), one black rectangle (the released code)

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from .core import seed_everything
 from .data import Task, media, sample_meta, weighted_loss
-from .train import (batch_weights, forward_logits, latest_checkpoint, prune_checkpoints, resume_checkpoint, rng_state,
+from .train import (TrainConfig, make_optimizer, make_scheduler, batch_weights, forward_logits, latest_checkpoint, prune_checkpoints, resume_checkpoint, rng_state,
                          set_rng_state, verify_checkpoint, write_checkpoint)
 from .eval import answer_tag
 from .grpo import accuracy_reward, base_model, policy_train_mode, prompt_embeddings, rollout, sample_completions
@@ -228,12 +228,10 @@ class EvolveConfig:
 
 # %% ../nbs/08_evolve.ipynb #7dcd66ce
 def _optimizer(model: nn.Module, cfg: EvolveConfig, steps: int):
-    "AdamW (no decay on 1-D weights) and linear warm-up + cosine decay over `steps`."
-    from transformers import get_cosine_schedule_with_warmup
-    ps = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW([{"params": [p for p in ps if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-                             {"params": [p for p in ps if p.ndim < 2], "weight_decay": 0.0}], lr=cfg.lr)
-    return opt, get_cosine_schedule_with_warmup(opt, math.ceil(steps * cfg.warmup_ratio), steps)
+    "Chapter 05's AdamW (no decay on 1-D weights) and linear warm-up + cosine decay over `steps`."
+    tc = TrainConfig(lr=cfg.lr, steps=steps, warmup_ratio=cfg.warmup_ratio, weight_decay=cfg.weight_decay)
+    opt = make_optimizer(model, tc)
+    return opt, make_scheduler(opt, tc)
 
 class SelfEvolver:
     "M-STaR's self-evolving loop over a pool of labelled prompts, for any MMModel, processor and checker."
