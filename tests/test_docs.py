@@ -84,6 +84,34 @@ def test_tiling_page_renders_in_chromium(site, tmp_path):
     assert img.size == (1280, 1600)
     assert ImageStat.Stat(img).stddev[0] > 5, 'the screenshot is blank'
 
+def test_render_math_makes_mathml_and_leaves_code_alone():
+    out = build_docs.render_math(r"ratio $\rho = e^x$ and `cost $5 $x$` then $$\frac{a}{b}$$ end")
+    assert out.count('<math') == 2 and 'display="block"' in out and '<mfrac>' in out
+    assert '`cost $5 $x$`' in out, 'code spans must stay as written'
+    assert '$' not in out.replace('`cost $5 $x$`', '')
+
+def _visible_text(dom: str) -> str:
+    dom = re.sub(r'<(script|style|math)\b.*?</\1>', ' ', dom, flags=re.S | re.I)
+    dom = re.sub(r'<(pre|code)\b.*?</\1>', ' ', dom, flags=re.S | re.I)   # code may hold a literal $
+    return re.sub(r'<[^>]+>', ' ', dom)
+
+def test_grpo_maths_renders_offline_in_chromium(site, tmp_path):
+    "The GRPO page's formulas are MathML elements in the rendered page, no raw $…$ is left, and no script loads from a CDN."
+    exe = _chromium()
+    if exe is None:
+        if os.environ.get('CI'): pytest.fail('chromium is not installed (tools/ensure_chromium.sh installs it as root)')
+        pytest.skip('chromium is not installed')
+    out, _ = site
+    page = (out / 'grpo.html').read_text(encoding='utf-8')
+    assert not re.findall(r'<script[^>]+src="https?://', page), 'a script loads from the network'
+    common = CHROMIUM_FLAGS + [f'--user-data-dir={tmp_path / "profile"}']
+    dom = subprocess.run([exe, *common, '--dump-dom', (out / 'grpo.html').resolve().as_uri()],
+                         capture_output=True, text=True, timeout=120).stdout
+    assert dom.count('<math') >= 10, 'the formulas are not MathML elements'
+    assert '<mfrac>' in dom or '<msub>' in dom
+    raw = re.findall(r'\$[^$]{1,200}\$', _visible_text(dom))
+    assert not raw, f'raw LaTeX on the page: {raw[:3]}'
+
 def test_readme_quick_start_has_the_two_commands_ci_runs():
     readme = (ROOT / 'README.md').read_text()
     block = re.search(r'## Quick start.*?```sh\n(.*?)```', readme, flags=re.S).group(1)

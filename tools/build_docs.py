@@ -37,6 +37,28 @@ def _prepare(nb) -> None:
         cell.metadata['tags'] = sorted(tags)
         cell.source = '\n'.join(l for l in cell.source.split('\n') if not l.startswith('#|')).strip('\n')
 
+# Maths: LaTeX between $…$ / $$…$$ becomes MathML when the site is built, so formulas render with no script and no
+# network (the notebook template would load MathJax from a CDN). Code spans and fenced blocks are left alone.
+_CODE = re.compile(r'(```.*?```|`[^`\n]*`)', flags=re.S)
+_MATH = re.compile(r'\$\$(.+?)\$\$|(?<![\\$])\$([^$\n]+?)\$(?!\$)', flags=re.S)
+
+def render_math(text: str) -> str:
+    "Markdown with its $…$ (inline) and $$…$$ (display) LaTeX replaced by MathML elements."
+    from latex2mathml.converter import convert
+    def one(m):
+        tex, block = (m.group(1), True) if m.group(1) is not None else (m.group(2), False)
+        html_ = convert(tex.strip(), display='block' if block else 'inline').replace('\n', '')
+        return f'\n\n{html_}\n\n' if block else html_
+    return ''.join(part if i % 2 else _MATH.sub(one, part) for i, part in enumerate(_CODE.split(text)))
+
+def _maths(nb) -> None:
+    "Render the maths of markdown cells and of markdown outputs (`display(Markdown(...))`)."
+    for cell in nb.cells:
+        if cell.cell_type == 'markdown': cell.source = render_math(cell.source)
+        for o in cell.get('outputs', []):
+            md = o.get('data', {}).get('text/markdown')
+            if md is not None: o['data']['text/markdown'] = render_math(''.join(md) if isinstance(md, list) else md)
+
 def _page_name(nb_path: Path, meta: dict) -> str:
     return meta.get('output-file') or re.sub(r'^\d+[a-z]?_', '', nb_path.stem) + '.html'
 
@@ -53,6 +75,8 @@ border-right:1px solid #ddd;padding:1rem;font-family:system-ui,sans-serif;box-si
 .mmlit-main p.description{font-style:italic;opacity:.75;font-size:1.15rem}
 .mmlit-main table{border-collapse:collapse} .mmlit-main td,.mmlit-main th{border:1px solid #ddd;padding:.2rem .5rem}
 .jp-RenderedImage img{max-width:100%}
+.mmlit-main pre{overflow-x:auto;white-space:pre} .mmlit-main .jp-Cell,.mmlit-main .jp-InputArea-editor{min-width:0}
+.mmlit-main math[display=block]{margin:.8rem 0;font-size:1.1em}
 """
 
 def _nav(pages: list[tuple[str, str]], current: str) -> str:
@@ -78,6 +102,7 @@ def build(out: Path = ROOT / 'docs', force: bool = True) -> list[Path]:
         nb = nbformat.read(proc / name, as_version=4)
         meta = _frontmatter(nb)
         _prepare(nb)
+        _maths(nb)
         books.append((Path(name), nb, meta))
     pages = [(_page_name(p, m), m.get('title', p.stem)) for p, _, m in books]
     exporter = HTMLExporter(template_name='lab', exclude_input_prompt=True, exclude_output_prompt=True)
@@ -88,6 +113,8 @@ def build(out: Path = ROOT / 'docs', force: bool = True) -> list[Path]:
     written = []
     for (path, nb, meta), (href, title) in zip(books, pages):
         body, _ = exporter.from_notebook_node(nb, resources={'metadata': {'name': title}})
+        body = re.sub(r'<!-- Load mathjax -->.*?<!-- End of mathjax configuration -->', '', body, flags=re.S)   # no CDN
+        body = re.sub(r'<script[^>]*\bsrc="https?://[^"]*"[^>]*>\s*</script>', '', body)   # the site works offline
         body = body.replace(site_url, '')   # nbdev's absolute doc links -> relative links within this site
         # Pandoc attributes nbdev writes after its source links: turn them into real attributes
         body = re.sub(r'<a href="([^"]+)"[^>]*>source</a>\{target="_blank" style="([^"]*)"\}',
