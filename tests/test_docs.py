@@ -63,7 +63,7 @@ def test_tiling_page_has_api_docs_and_a_figure(site):
     assert any(src.startswith('data:image/png') for src in p.imgs), 'no figure on the tiling page'
 
 def _chromium():
-    return shutil.which('chromium') or shutil.which('chromium-browser')
+    return next((p for p in map(shutil.which, ('chromium', 'chromium-browser', 'google-chrome')) if p), None)
 
 def test_tiling_page_renders_in_chromium(site, tmp_path):
     exe = _chromium()
@@ -119,6 +119,15 @@ def test_readme_quick_start_has_the_two_commands_ci_runs():
     assert cmds == ['make run', 'make test']
     ci = [l.strip() for l in (ROOT / '.ci' / 'run').read_text().splitlines() if l.strip() and not l.startswith('#')]
     assert ci[-1] == cmds[1], 'CI must run exactly the README test command'
+
+def test_workflow_runs_ci_and_publishes_the_site_it_built():
+    import yaml
+    wf = yaml.safe_load((ROOT / '.github' / 'workflows' / 'ci.yml').read_text())
+    steps = wf['jobs']['test']['steps']
+    assert any(s.get('run', '').strip() == 'bash .ci/run' for s in steps), 'the workflow must run the CI command'
+    upload = [s for s in steps if 'upload-pages-artifact' in s.get('uses', '')]
+    assert upload and upload[0]['with']['path'] == 'docs', 'the published site must be the one the tests built'
+    assert wf['jobs']['pages']['needs'] == 'test'
 
 def test_readme_links_work_off_the_site():
     "The README is read on the repository and the package index, where a relative `cli.html` has no target."

