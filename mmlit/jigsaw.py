@@ -11,14 +11,16 @@ from PIL import Image, ImageDraw
 from .data import COLOURS, SHAPES, TASKS, Task, draw_scene, sample_meta, shape_polygon
 
 # %% auto #0
-__all__ = ['REWARD_VARIANTS', 'PHOTO_SPLITS', 'JIGSAW_SOURCES', 'CAMERA', 'SKY', 'GROUND', 'OBJECT_COLOURS', 'MARKERS',
-           'JIGSAW_TASKS', 'WARMUP_SETTINGS', 'JIGSAW_GRPO', 'PROBE', 'FORMAT_WEIGHT', 'is_permutation',
-           'jigsaw_reward', 'parse_order', 'format_order', 'jigsaw_reward_func', 'order_format_reward',
-           'order_from_keys', 'JigsawTask', 'load_photo', 'photo_crop', 'procedural_picture', 'ImageJigsaw',
-           'show_jigsaw', 'clip_times', 'moving_shapes', 'video_frame', 'VideoJigsaw', 'project', 'ground_depth',
-           'place_objects', 'render_depth_scene', 'pick_points', 'draw_markers', 'DepthJigsaw', 'jigsaw_mixture',
-           'order_scores', 'jigsaw_eval_fn', 'warmup', 'grpo', 'probe_scores', 'held_out', 'jigsaw_warmup_run',
-           'jigsaw_grpo_seed', 'answer_position_nll', 'text_permutation_samples', 'curriculum_warmup']
+__all__ = ['REWARD_VARIANTS', 'PHOTO_SPLITS', 'PICTURES', 'JIGSAW_SOURCES', 'CAMERA', 'SKY', 'GROUND', 'OBJECT_COLOURS',
+           'MARKERS', 'JIGSAW_TASKS', 'SFT_PROBE', 'WARMUP_SETTINGS', 'JIGSAW_GRPO', 'PROBE_TRAIN', 'PROBE',
+           'FORMAT_WEIGHT', 'CUE_GRPO', 'CUE_ARMS', 'is_permutation', 'jigsaw_reward', 'parse_order', 'format_order',
+           'jigsaw_reward_func', 'order_format_reward', 'repetition_penalty_reward', 'order_from_keys', 'JigsawTask',
+           'load_photo', 'photo_crop', 'procedural_picture', 'gradient_picture', 'ImageJigsaw', 'show_jigsaw',
+           'clip_times', 'moving_shapes', 'video_frame', 'VideoJigsaw', 'project', 'ground_depth', 'place_objects',
+           'render_depth_scene', 'pick_points', 'draw_markers', 'DepthJigsaw', 'sft_probe', 'jigsaw_mixture',
+           'order_scores', 'jigsaw_eval_fn', 'warmup', 'grpo', 'warmup_data', 'cue_warmup', 'probe_scores', 'held_out',
+           'cue_held_out', 'cue_grpo_run', 'jigsaw_warmup_run', 'jigsaw_grpo_seed', 'answer_position_nll',
+           'text_permutation_samples', 'curriculum_warmup']
 
 # %% ../nbs/10_jigsaw.ipynb #j006
 REWARD_VARIANTS = ("paper", "code")  # the paper's rule; the released code's (partial credit only for K > 4)
@@ -91,6 +93,15 @@ def order_format_reward(prompts: list, completions: list[str], # TRL's signature
                         **columns) -> list[float | None]:
     "1.0 when the completion parses as a permutation of range(K), else 0.0."
     return [None if t is None else float(is_permutation(p, len(t))) for p, t in _orders(completions, answer)]
+
+# %% ../nbs/10_jigsaw.ipynb #j017c
+def repetition_penalty_reward(prompts: list, completions: list[str], # TRL's signature: one entry per completion
+                              answer: list[str] | None = None, # the reference orders (their length is K)
+                              penalty: float = -0.5, # the released code's
+                              **columns) -> list[float | None]:
+    "`penalty` when the completion lists K numbers with one repeated, else 0.0 (None without an answer)."
+    return [None if t is None else float(penalty) * (p is not None and len(p) == len(t) and len(set(p)) < len(p))
+            for p, t in _orders(completions, answer)]
 
 # %% ../nbs/10_jigsaw.ipynb #j019
 def order_from_keys(keys: list, # one key per shown piece (distinct)
@@ -183,8 +194,20 @@ def procedural_picture(rng: np.random.Generator, # the sample's generator
     img = draw_scene(objs, side); mask = draw_scene([dict(o, colour="red") for o in objs], side, background=(0, 0, 0))
     return Image.composite(img, bg, mask.convert("L").point(lambda v: 255 if v else 0)), dict(objects=objs, gradient=[c1, c2, a])
 
+# %% ../nbs/10_jigsaw.ipynb #j025b
+def gradient_picture(rng: np.random.Generator, # the sample's generator
+                     side: int, # the picture's side in pixels
+                    ) -> tuple[Image.Image, dict]:
+    "Red rises left → right and green top → bottom (random ranges, random blue): every piece's colour says where it goes."
+    lo, hi = rng.uniform(0, 50, 2), rng.uniform(205, 255, 2)
+    yy, xx = np.mgrid[0:side, 0:side] / (side - 1)
+    b = rng.uniform(40, 200)
+    arr = np.stack([lo[0] + (hi[0] - lo[0]) * xx, lo[1] + (hi[1] - lo[1]) * yy, np.full_like(xx, b)], -1)
+    return Image.fromarray(arr.astype(np.uint8)), dict(gradient=[lo.tolist(), hi.tolist(), b])
+
 # %% ../nbs/10_jigsaw.ipynb #j029
-JIGSAW_SOURCES = ("photo", "scene")  # what an image jigsaw cuts up: photos the packages ship, or procedural scenes
+PICTURES = {"scene": procedural_picture, "gradient": gradient_picture}  # procedural sources: name → (rng, side) → picture
+JIGSAW_SOURCES = ("photo", *PICTURES)  # what an image jigsaw cuts up: photos the packages ship, or procedural pictures
 
 class ImageJigsaw(JigsawTask):
     "Put the shuffled tiles of a g × g grid back in raster order. Chance 1/(g²)!."
@@ -192,7 +215,7 @@ class ImageJigsaw(JigsawTask):
     levels = {0: dict(grid=2), 1: dict(grid=3), 2: dict(grid=4), 3: dict(grid=5)}  # level → settings (level 1: the paper's)
     def __init__(self, size: int = 64, # the side of one tile in pixels
                  seed: int = 0, grid: int | None = None, # the picture is cut into grid × grid tiles (2..6)
-                 source: str = "photo", # "photo" or "scene" (procedural)
+                 source: str = "photo", # one of JIGSAW_SOURCES
                  level: int | None = None, # difficulty 0..3 (None: the defaults, which are level 1)
                  captions: bool = False, # jigsaws have no captions (True raises)
                 ):
@@ -206,7 +229,7 @@ class ImageJigsaw(JigsawTask):
 
     def make(self, rng, split):
         g, t = self.grid, self.size
-        pic, where = photo_crop(rng, split, g * t) if self.source == "photo" else procedural_picture(rng, g * t)
+        pic, where = photo_crop(rng, split, g * t) if self.source == "photo" else PICTURES[self.source](rng, g * t)
         tiles = [pic.crop((c * t, r * t, (c + 1) * t, (r + 1) * t)) for r in range(g) for c in range(g)]
         keys = [int(i) for i in rng.permutation(g * g)]   # shown tile j is the picture's tile keys[j]
         q = f"The tiles of a {g}x{g} picture, shuffled. Tile numbers in reading order?"
@@ -442,6 +465,22 @@ class DepthJigsaw(JigsawTask):
 JIGSAW_TASKS = {c.name: c for c in (ImageJigsaw, VideoJigsaw, DepthJigsaw)}  # name → task class
 TASKS.update(JIGSAW_TASKS)
 
+# %% ../nbs/10_jigsaw.ipynb #j055b
+SFT_PROBE = dict(steps=120, batch_size=16, lr=1e-3)  # the answer-given probe: steps of 16 samples
+
+def sft_probe(source: str, # one of JIGSAW_SOURCES
+              out: str | Path, # the run's folder
+              grid: int = 2, # tiles per side
+              n_test: int = 50, # held-out test jigsaws (dataset seed 0)
+              **settings, # over SFT_PROBE
+             ) -> dict:
+    "Answer-given training on one image-jigsaw source from the base model: {'loss': per step, 'scores': held-out order scores}."
+    from mmlit.train import load_base
+    base, proc = load_base()
+    test = ImageJigsaw(grid=grid, seed=0, source=source)
+    m, loss = warmup(base, proc, ImageJigsaw(grid=grid, seed=2000, source=source), 0, out, **{**SFT_PROBE, **settings})
+    return dict(source=source, grid=grid, loss=loss, scores=order_scores(m, proc, test, list(test.stream("test", n_test))))
+
 # %% ../nbs/10_jigsaw.ipynb #j057
 def jigsaw_mixture(seed: int = 0, # the dataset seed of every task
                   ) -> dict[str, JigsawTask]:
@@ -507,6 +546,28 @@ def grpo(model, processor, # the policy (trained in place) and its processor
     return dict(reward=[r["reward"] for r in rows], zero_var=[r["zero_var_frac"] for r in rows],
                 evals=[{k: v for k, v in e.items() if k != "kind"} for e in read_metrics(out, "eval")])
 
+# %% ../nbs/10_jigsaw.ipynb #jw1
+PROBE_TRAIN = ("count", "colour_position", "bar_chart")  # the base model's own tasks, kept in the warm-up (level 1)
+
+def warmup_data(n: int = 1000, # samples per source
+                seed: int = 2000, # the dataset seed
+               ):
+    "The warm-up mixture: random 4-number orders as text, 2×2 photo jigsaws (no usable cue), the old tasks' own questions."
+    from mmlit.data import Mixture, make_task
+    srcs = [(text_permutation_samples(n, 4, seed), 1), (ImageJigsaw(level=0, seed=seed), 1)]
+    return Mixture(srcs + [(make_task(t, level=1, seed=seed), 1) for t in PROBE_TRAIN], n=n, seed=seed)
+
+def cue_warmup(out: str | Path, # a folder for the two stages
+               text_steps: int = 400, # stage 1: text-only random orders, batches of 32
+               mix_steps: int = 300, # stage 2: `warmup_data`, batches of 16
+              ) -> tuple:
+    "The answer format without the answers: (model, processor, {'text_loss', 'loss'}), from the base model."
+    from mmlit.train import load_base
+    base, proc = load_base()
+    m, tl = warmup(base, proc, text_permutation_samples(20000), 0, Path(out) / "text", steps=text_steps, batch_size=32)
+    m, loss = warmup(m, proc, warmup_data(), 0, Path(out) / "mix", steps=mix_steps, batch_size=16)
+    return m, proc, dict(text_loss=tl, loss=loss)
+
 # %% ../nbs/10_jigsaw.ipynb #j061
 PROBE = (("colour_position", 3), ("count", 0), ("bar_chart", 0))  # the transfer probe: built-in task, level
 FORMAT_WEIGHT = 0.1  # the weight of `order_format_reward` beside the order reward
@@ -525,6 +586,33 @@ def held_out(n: int = 50, # test questions per kind
             ) -> dict:
     "The jigsaw test questions, kind → (task, samples), dataset seed 0."
     return {k: (t, list(t.stream("test", n))) for k, t in jigsaw_mixture(0).items()}
+
+# %% ../nbs/10_jigsaw.ipynb #jg1
+CUE_GRPO = dict(steps=50, prompts_per_step=4, group_size=16, eval_every=10)  # G = 16, as the paper (over JIGSAW_GRPO)
+CUE_ARMS = {"graded": 0.2, "exact": 0.0, "control": None}  # arm → γ of the jigsaw reward (None: GRPO on the probe tasks)
+
+def cue_held_out(n: int = 50, # test jigsaws
+                ) -> dict:
+    "The 2×2 gradient test jigsaws, {'gradient 2x2': (task, samples)}, dataset seed 0."
+    t = ImageJigsaw(level=0, seed=0, source="gradient")
+    return {"gradient 2x2": (t, list(t.stream("test", n)))}
+
+def cue_grpo_run(warm, processor, # the warmed-up model (copied, not changed) and its processor
+                 arm: str, # a key of CUE_ARMS
+                 seed: int, # seeds the run; its prompts are dataset seed 1000 + seed
+                 out: str | Path, # the run's folder
+                 **settings, # over CUE_GRPO
+                ) -> dict:
+    "One GRPO run from the warm-up: `grpo`'s curves (evals on the gradient test jigsaws) and the probe after it."
+    import copy
+    from mmlit.data import make_task
+    from mmlit.grpo import accuracy_reward
+    if arm not in CUE_ARMS: raise ValueError(f"unknown arm {arm!r}; expected one of {list(CUE_ARMS)}")
+    m, ev = copy.deepcopy(warm), jigsaw_eval_fn(processor, cue_held_out())
+    if arm == "control": data, rf, mnt = [make_task(t, level=l, seed=1000 + seed) for t, l in PROBE], [accuracy_reward], 8
+    else: data, rf, mnt = [ImageJigsaw(level=0, seed=1000 + seed, source="gradient")], [jigsaw_reward_func(CUE_ARMS[arm])], 9
+    res = grpo(m, processor, data, rf, seed, out, ev, max_new_tokens=mnt, **{**CUE_GRPO, **settings})
+    return dict(res, probe=probe_scores(m, processor))
 
 # %% ../nbs/10_jigsaw.ipynb #j062
 def jigsaw_warmup_run(out: str | Path, # the run's folder (the model is saved in its last checkpoint)

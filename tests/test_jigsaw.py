@@ -176,3 +176,36 @@ def test_training_mixture():
     mix = jigsaw_mixture(7)
     assert [t.pieces for t in mix.values()] == [4, 4, 4, 4, 9] and all(t.seed == 7 for t in mix.values())
     assert mix["scene 2x2"].source == "scene" and mix["video K=4"].video
+
+
+# ---------------------------------------------------------------- the legible cue, the repetition penalty, the warm-up data
+def test_gradient_tiles_say_where_they_go():
+    t = ImageJigsaw(level=0, source="gradient")
+    for i in range(5):
+        s = t.sample(i, "test"); assert t.verify(s)
+        placed = [np.asarray(s["images"][j]).astype(float) for j in parse_order(s["answer"])]   # tiles at places 0..3
+        red, green = [p[..., 0].mean() for p in placed], [p[..., 1].mean() for p in placed]
+        assert red[1] > red[0] and red[3] > red[2] and green[2] > green[0] and green[3] > green[1]
+    with pytest.raises(ValueError, match="unknown source"): ImageJigsaw(source="noise")
+
+
+def test_repetition_penalty_reward():
+    from mmlit.jigsaw import repetition_penalty_reward
+    outs = ["1,1,2,3", "1,0,2,3", "x", "1,1,2", "<answer>3 3 3 3</answer>"]
+    assert repetition_penalty_reward([""] * 5, outs, answer=["0,1,2,3"] * 5) == [-0.5, 0.0, 0.0, 0.0, -0.5]
+    assert repetition_penalty_reward([""], ["1,1"], answer=["0,1"], penalty=-1.0) == [-1.0]
+    with pytest.raises(ValueError, match="answer"): repetition_penalty_reward([""], ["0,1"])
+
+
+def test_warmup_data_mixes_format_and_old_tasks():
+    from mmlit.jigsaw import PROBE_TRAIN, warmup_data
+    d = warmup_data(n=20, seed=3)
+    tasks = [d[i]["task"] for i in range(len(d))]
+    assert len(d) == 100 and {t: tasks.count(t) for t in set(tasks)} == dict.fromkeys(["text_permutation", "jigsaw_image", *PROBE_TRAIN], 20)
+    jig = next(d[i] for i in range(len(d)) if d[i]["task"] == "jigsaw_image")
+    assert jig["meta"]["source"] == "photo" and is_permutation(parse_order(jig["answer"]), 4)
+
+
+def test_cue_grpo_run_rejects_unknown_arm():
+    from mmlit.jigsaw import cue_grpo_run
+    with pytest.raises(ValueError, match="unknown arm"): cue_grpo_run(None, None, "both", 0, "/tmp/x")
