@@ -18,9 +18,9 @@ __all__ = ['REWARD_VARIANTS', 'PHOTO_SPLITS', 'PICTURES', 'JIGSAW_SOURCES', 'CAM
            'load_photo', 'photo_crop', 'procedural_picture', 'gradient_picture', 'ImageJigsaw', 'show_jigsaw',
            'clip_times', 'moving_shapes', 'video_frame', 'VideoJigsaw', 'project', 'ground_depth', 'place_objects',
            'render_depth_scene', 'pick_points', 'draw_markers', 'DepthJigsaw', 'sft_probe', 'jigsaw_mixture',
-           'order_scores', 'jigsaw_eval_fn', 'warmup', 'grpo', 'warmup_data', 'cue_warmup', 'probe_scores', 'held_out',
-           'cue_held_out', 'cue_grpo_run', 'jigsaw_warmup_run', 'jigsaw_grpo_seed', 'answer_position_nll',
-           'text_permutation_samples', 'curriculum_warmup']
+           'order_scores', 'jigsaw_eval_fn', 'warmup', 'grpo', 'format_texts', 'warmup_data', 'cue_warmup',
+           'probe_scores', 'held_out', 'cue_held_out', 'cue_grpo_run', 'jigsaw_warmup_run', 'jigsaw_grpo_seed',
+           'answer_position_nll', 'text_permutation_samples', 'curriculum_warmup']
 
 # %% ../nbs/10_jigsaw.ipynb #j006
 REWARD_VARIANTS = ("paper", "code")  # the paper's rule; the released code's (partial credit only for K > 4)
@@ -549,22 +549,28 @@ def grpo(model, processor, # the policy (trained in place) and its processor
 # %% ../nbs/10_jigsaw.ipynb #jw1
 PROBE_TRAIN = ("count", "colour_position", "bar_chart")  # the base model's own tasks, kept in the warm-up (level 1)
 
+def format_texts(n: int, # samples per K
+                 seed: int = 0, # seeds the orders
+                ) -> list[dict]:
+    "Text-only random orders of 4 and of 9 numbers, interleaved: the answer format of 2×2 and 3×3 jigsaws, nothing else."
+    return [s for pair in zip(text_permutation_samples(n, 4, seed), text_permutation_samples(n, 9, seed + 1)) for s in pair]
+
 def warmup_data(n: int = 1000, # samples per source
                 seed: int = 2000, # the dataset seed
                ):
-    "The warm-up mixture: random 4-number orders as text, 2×2 photo jigsaws (no usable cue), the old tasks' own questions."
+    "The warm-up mixture: random orders as text, 2×2 and 3×3 photo jigsaws (no usable cue), the old tasks' own questions."
     from mmlit.data import Mixture, make_task
-    srcs = [(text_permutation_samples(n, 4, seed), 1), (ImageJigsaw(level=0, seed=seed), 1)]
+    srcs = [(format_texts(n // 2, seed), 1), (ImageJigsaw(level=0, seed=seed), 1), (ImageJigsaw(level=1, seed=seed), 1)]
     return Mixture(srcs + [(make_task(t, level=1, seed=seed), 1) for t in PROBE_TRAIN], n=n, seed=seed)
 
 def cue_warmup(out: str | Path, # a folder for the two stages
-               text_steps: int = 400, # stage 1: text-only random orders, batches of 32
+               text_steps: int = 600, # stage 1: text-only random orders, batches of 32
                mix_steps: int = 300, # stage 2: `warmup_data`, batches of 16
               ) -> tuple:
     "The answer format without the answers: (model, processor, {'text_loss', 'loss'}), from the base model."
     from mmlit.train import load_base
     base, proc = load_base()
-    m, tl = warmup(base, proc, text_permutation_samples(20000), 0, Path(out) / "text", steps=text_steps, batch_size=32)
+    m, tl = warmup(base, proc, format_texts(10000), 0, Path(out) / "text", steps=text_steps, batch_size=32)
     m, loss = warmup(m, proc, warmup_data(), 0, Path(out) / "mix", steps=mix_steps, batch_size=16)
     return m, proc, dict(text_loss=tl, loss=loss)
 
@@ -592,15 +598,17 @@ CUE_GRPO = dict(steps=50, prompts_per_step=4, group_size=16, eval_every=10)  # G
 CUE_ARMS = {"graded": 0.2, "exact": 0.0, "control": None}  # arm → γ of the jigsaw reward (None: GRPO on the probe tasks)
 
 def cue_held_out(n: int = 50, # test jigsaws
+                 grid: int = 2, # tiles per side
                 ) -> dict:
-    "The 2×2 gradient test jigsaws, {'gradient 2x2': (task, samples)}, dataset seed 0."
-    t = ImageJigsaw(level=0, seed=0, source="gradient")
-    return {"gradient 2x2": (t, list(t.stream("test", n)))}
+    "The gradient test jigsaws, {'gradient 2x2': (task, samples)}, dataset seed 0."
+    t = ImageJigsaw(grid=grid, seed=0, source="gradient")
+    return {f"gradient {grid}x{grid}": (t, list(t.stream("test", n)))}
 
 def cue_grpo_run(warm, processor, # the warmed-up model (copied, not changed) and its processor
                  arm: str, # a key of CUE_ARMS
                  seed: int, # seeds the run; its prompts are dataset seed 1000 + seed
                  out: str | Path, # the run's folder
+                 grid: int = 2, # tiles per side of the jigsaws
                  **settings, # over CUE_GRPO
                 ) -> dict:
     "One GRPO run from the warm-up: `grpo`'s curves (evals on the gradient test jigsaws) and the probe after it."
@@ -608,9 +616,9 @@ def cue_grpo_run(warm, processor, # the warmed-up model (copied, not changed) an
     from mmlit.data import make_task
     from mmlit.grpo import accuracy_reward
     if arm not in CUE_ARMS: raise ValueError(f"unknown arm {arm!r}; expected one of {list(CUE_ARMS)}")
-    m, ev = copy.deepcopy(warm), jigsaw_eval_fn(processor, cue_held_out())
+    m, ev = copy.deepcopy(warm), jigsaw_eval_fn(processor, cue_held_out(grid=grid))
     if arm == "control": data, rf, mnt = [make_task(t, level=l, seed=1000 + seed) for t, l in PROBE], [accuracy_reward], 8
-    else: data, rf, mnt = [ImageJigsaw(level=0, seed=1000 + seed, source="gradient")], [jigsaw_reward_func(CUE_ARMS[arm])], 9
+    else: data, rf, mnt = [ImageJigsaw(grid=grid, seed=1000 + seed, source="gradient")], [jigsaw_reward_func(CUE_ARMS[arm])], 2 * grid ** 2 + 1
     res = grpo(m, processor, data, rf, seed, out, ev, max_new_tokens=mnt, **{**CUE_GRPO, **settings})
     return dict(res, probe=probe_scores(m, processor))
 

@@ -201,9 +201,11 @@ def test_warmup_data_mixes_format_and_old_tasks():
     from mmlit.jigsaw import PROBE_TRAIN, warmup_data
     d = warmup_data(n=20, seed=3)
     tasks = [d[i]["task"] for i in range(len(d))]
-    assert len(d) == 100 and {t: tasks.count(t) for t in set(tasks)} == dict.fromkeys(["text_permutation", "jigsaw_image", *PROBE_TRAIN], 20)
-    jig = next(d[i] for i in range(len(d)) if d[i]["task"] == "jigsaw_image")
-    assert jig["meta"]["source"] == "photo" and is_permutation(parse_order(jig["answer"]), 4)
+    assert len(d) == 120 and {t: tasks.count(t) for t in set(tasks)} == {"text_permutation": 20, "jigsaw_image": 40, **dict.fromkeys(PROBE_TRAIN, 20)}
+    jig = [d[i] for i in range(len(d)) if d[i]["task"] == "jigsaw_image"]
+    assert all(s["meta"]["source"] == "photo" for s in jig) and {s["meta"]["grid"] for s in jig} == {2, 3}
+    texts = [len(parse_order(d[i]["answer"])) for i in range(len(d)) if d[i]["task"] == "text_permutation"]
+    assert texts.count(4) == texts.count(9) == 10
 
 
 def test_cue_grpo_run_rejects_unknown_arm():
