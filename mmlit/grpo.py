@@ -27,10 +27,11 @@ from .train import (RunLog, _truncate_metrics, check_resumable, eval_on_main, lo
                          set_rng_state, verify_checkpoint, write_checkpoint)
 
 # %% auto #0
-__all__ = ['SCALES', 'LOSS_TYPES', 'zero_variance_groups', 'group_advantages', 'grpo_loss', 'completion_mask', 'base_model',
-           'prompt_batch', 'prompt_embeddings', 'sample_completions', 'completion_logps', 'format_reward',
+__all__ = ['SCALES', 'LOSS_TYPES', 'SAMPLERS', 'zero_variance_groups', 'group_advantages', 'grpo_loss', 'completion_mask',
+           'base_model', 'prompt_batch', 'prompt_embeddings', 'sample_completions', 'completion_logps', 'format_reward',
            'accuracy_reward', 'score_completions', 'RolloutGroup', 'rollout', 'assemble', 'policy_train_mode',
-           'GRPOConfig', 'GRPOTrainer']
+           'inverse_cdf_sample', 'top_p_filter', 'decode_completions', 'shared_prompt_logps', 'GRPOConfig',
+           'GRPOTrainer']
 
 # %% ../nbs/07_grpo.ipynb #d3b51795
 SCALES = ("group", "batch", "none")  # how `group_advantages` scales the centred rewards
@@ -293,12 +294,15 @@ def rollout(model: nn.Module, # the policy (MMModel or peft model around one)
             top_p: float = 1.0, # nucleus threshold
             suffix: str = "", # appended to every question
             reward_weights: list[float] | None = None, # one weight per function (only to fill `rewards`' shape; weighting happens later)
+            shared_prompt: bool = False, # sample with `decode_completions` (each prompt prefilled once)
+            sampler: str = "inverse_cdf", # `decode_completions`' draw
            ) -> list[RolloutGroup]:
     "Sample and score G completions for each prompt: one `RolloutGroup` per sample."
     from mmlit.eval import question_text
     dev = next(model.parameters()).device
     prompts = {k: v.to(dev) for k, v in prompt_batch(processor, samples, suffix).items()}
-    comp = sample_completions(model, prompts, group_size, processor.eot_token_id, processor.pad_token_id, max_new_tokens, temperature, top_p)
+    args = (model, prompts, group_size, processor.eot_token_id, processor.pad_token_id, max_new_tokens, temperature, top_p)
+    comp = decode_completions(*args, sampler=sampler) if shared_prompt else sample_completions(*args)
     mask, _ = completion_mask(comp, processor.eot_token_id)
     ids = [c[m.bool()].tolist() for c, m in zip(comp.cpu(), mask.cpu())]
     texts = processor.batch_decode([torch.tensor(i, dtype=torch.long) for i in ids])
@@ -333,6 +337,93 @@ def policy_train_mode(model: nn.Module, # the policy (an MMModel, a peft model o
     return model
 
 
+# %% ../nbs/07_grpo.ipynb #5e50676a
+SAMPLERS = ("inverse_cdf", "multinomial")  # how `decode_completions` draws a token from the probabilities
+
+def inverse_cdf_sample(probs: torch.Tensor, # (N, V) probabilities (each row's total need not be exactly 1)
+                       u: torch.Tensor | None = None, # (N,) uniforms in [0, 1) (None: drawn from torch's global generator)
+                      ) -> torch.Tensor:
+    "(N,) one token per row: the first index whose cumulative probability exceeds u × the row's total."
+    if probs.ndim != 2: raise ValueError(f"probs must be (rows, vocabulary), got shape {tuple(probs.shape)}")
+    cdf = probs.cumsum(-1)
+    if u is None: u = torch.rand(probs.shape[0], device=probs.device, dtype=cdf.dtype)
+    idx = torch.searchsorted(cdf, (u.to(cdf.dtype) * cdf[:, -1])[:, None], right=True).squeeze(-1)
+    return idx.clamp_(max=probs.shape[1] - 1)
+
+def top_p_filter(scores: torch.Tensor, # (N, V) logits already divided by the temperature
+                 top_p: float, # keep the smallest set of most likely tokens whose probability reaches top_p
+                ) -> torch.Tensor:
+    "Scores with the tokens outside the nucleus set to −inf (transformers' `TopPLogitsWarper` rule); top_p ≥ 1 leaves them as they are."
+    if top_p >= 1.0: return scores
+    s, i = scores.sort(-1)
+    drop = s.softmax(-1).cumsum(-1) <= 1 - top_p
+    drop[:, -1] = False
+    return scores.masked_fill(drop.scatter(1, i, drop), float("-inf"))
+
+# %% ../nbs/07_grpo.ipynb #92595c9b
+@torch.no_grad()
+def decode_completions(model: nn.Module, # an MMModel or a peft model around one
+                       prompts: dict, # `prompt_batch` output on the model's device
+                       group_size: int, # completions per prompt, G
+                       eos_token_id: int, # stop token (end of turn)
+                       pad_token_id: int, # written after a completion's EOS
+                       max_new_tokens: int = 32, # generation budget L_max
+                       temperature: float = 1.0, # sampling temperature (> 0)
+                       top_p: float = 1.0, # nucleus threshold
+                       sampler: str = "inverse_cdf", # "inverse_cdf" (one uniform per row) or "multinomial" (transformers' draws)
+                      ) -> torch.Tensor:
+    "(P·G, T ≤ max_new_tokens) completions as `sample_completions` samples them, each prompt prefilled once and its KV cache repeated G×."
+    if not temperature > 0: raise ValueError(f"sampling needs temperature > 0, got {temperature}")
+    if group_size < 1 or max_new_tokens < 1: raise ValueError(f"group_size and max_new_tokens must be >= 1, got {group_size} and {max_new_tokens}")
+    if sampler not in SAMPLERS: raise ValueError(f"unknown sampler {sampler!r}; expected one of {SAMPLERS}")
+    m = base_model(model); lm, sup = m.language_model, m.config.image_token_id
+    logits, am, cache = _prefill_shared(model, prompts, group_size)
+    pos, done, out = am.long().sum(-1, keepdim=True), torch.zeros(am.shape[0], dtype=torch.bool, device=am.device), []
+    for t in range(max_new_tokens):
+        s = logits.float() / temperature
+        if sup is not None: s[:, sup] = float("-inf")   # as transformers' suppress_tokens: never sample <IMG_CONTEXT>
+        probs = top_p_filter(s, top_p).softmax(-1)
+        tok = inverse_cdf_sample(probs) if sampler == "inverse_cdf" else torch.multinomial(probs, 1).squeeze(1)
+        tok = tok.masked_fill(done, pad_token_id); out.append(tok); done = done | (tok == eos_token_id)
+        if done.all() or t == max_new_tokens - 1: break
+        am = torch.cat([am, am.new_ones(am.shape[0], 1)], 1)
+        logits = lm(input_ids=tok[:, None], attention_mask=am, position_ids=pos + t, cache=cache, use_cache=True).logits[:, -1]
+    return torch.stack(out, 1)
+
+def _prefill_shared(model, prompts, group_size):
+    "Run the P prompts once; (last logits, attention mask, cache), each repeated G× along the batch."
+    from transformers import DynamicCache
+    lm, am = base_model(model).language_model, prompts["attention_mask"]
+    emb = prompt_embeddings(model, prompts["input_ids"], prompts.get("pixel_values"))
+    cache = DynamicCache(config=lm.config)
+    logits = lm(inputs_embeds=emb, attention_mask=am, position_ids=_positions(am), cache=cache, use_cache=True, logits_to_keep=1).logits
+    cache.batch_repeat_interleave(group_size)
+    return logits[:, -1].repeat_interleave(group_size, 0), am.repeat_interleave(group_size, 0), cache
+
+# %% ../nbs/07_grpo.ipynb #421efcb0
+def shared_prompt_logps(model: nn.Module, # an MMModel or a peft model around one (gradients flow when enabled)
+                        prompts: dict, # `prompt_batch` output: input_ids, attention_mask (P, L), pixel_values
+                        completion_ids: torch.Tensor, # (P·G, T) sampled tokens, G consecutive per prompt
+                        completion_mask: torch.Tensor, # (P·G, T) 1 through the first EOS
+                        temperature: float = 1.0, # the sampling temperature
+                        with_entropy: bool = False, # also return the per-token entropy (else None)
+                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    "`completion_logps`' (P·G, T) log-probs and entropies, each prompt run once and its keys/values shared by its G completions."
+    P, N = prompts["input_ids"].shape[0], completion_ids.shape[0]
+    if N % P: raise ValueError(f"{N} completions do not split into groups for {P} prompts")
+    if completion_mask.shape != completion_ids.shape: raise ValueError(f"completion_mask {tuple(completion_mask.shape)} != completion_ids {tuple(completion_ids.shape)}")
+    m, T = base_model(model), completion_ids.shape[1]
+    logits, am, cache = _prefill_shared(model, prompts, N // P)
+    logits = logits[:, None]
+    if T > 1:   # completion token t is predicted from the prompt and tokens < t
+        am = torch.cat([am, completion_mask[:, :-1].to(am.dtype)], 1)
+        rest = m.language_model(inputs_embeds=m.get_input_embeddings()(completion_ids[:, :-1]), attention_mask=am,
+                                position_ids=_positions(am)[:, -(T - 1):], cache=cache, use_cache=True).logits
+        logits = torch.cat([logits, rest], 1)
+    logp = torch.log_softmax(logits.float() / temperature, -1)
+    lp = logp.gather(-1, completion_ids[..., None]).squeeze(-1)
+    return lp, (-(logp.exp() * logp).sum(-1) if with_entropy else None)
+
 # %% ../nbs/07_grpo.ipynb #fce33c35
 @dataclass
 class GRPOConfig:
@@ -358,6 +449,8 @@ class GRPOConfig:
     ref_model: str = "auto"  # with beta > 0: "copy" (frozen copy), "adapter" (peft disable_adapter), "auto" (adapter if peft)
     mask_truncated: bool = False  # completions without EOS get no loss
     dynamic_sampling: bool = False  # drop zero-variance groups and refill with new prompts
+    shared_prompt: bool = False  # prefill each prompt once for its G completions, in sampling and in the loss (`decode_completions`)
+    sampler: str = "inverse_cdf"  # with shared_prompt: "inverse_cdf" or "multinomial" (transformers' draws)
     max_refills: int = 4  # dynamic sampling: extra rollout rounds per step at most
     reward_weights: list | None = None  # one weight per reward function (None: 1 each)
     suffix: str = ""  # appended to every question (e.g. a format instruction)
@@ -371,7 +464,8 @@ class GRPOConfig:
 
     resume_keys = ("steps", "prompts_per_step", "group_size", "num_iterations", "lr", "warmup_ratio", "weight_decay", "betas",
                    "max_grad_norm", "temperature", "top_p", "max_new_tokens", "loss_type", "scale_rewards", "eps_low", "eps_high",
-                   "beta", "mask_truncated", "dynamic_sampling", "max_refills", "reward_weights", "suffix", "seed")
+                   "beta", "mask_truncated", "dynamic_sampling", "max_refills", "reward_weights", "suffix", "seed",
+                   "shared_prompt", "sampler")
 
     def __post_init__(self):
         self.betas = tuple(self.betas)
@@ -381,6 +475,7 @@ class GRPOConfig:
         if self.scale_rewards not in SCALES: raise ValueError(f"unknown scale_rewards {self.scale_rewards!r}; expected one of {SCALES}")
         if self.ref_model not in ("auto", "copy", "adapter"): raise ValueError(f"ref_model must be 'auto', 'copy' or 'adapter', got {self.ref_model!r}")
         if not self.temperature > 0: raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.sampler not in SAMPLERS: raise ValueError(f"unknown sampler {self.sampler!r}; expected one of {SAMPLERS}")
         if self.group_size < 2: raise ValueError(f"group_size must be >= 2 (advantages compare completions of a prompt), got {self.group_size}")
 
     @property
@@ -444,7 +539,7 @@ def _next_samples(self: GRPOTrainer, n: int) -> list[dict]:
 def _rollout(self: GRPOTrainer, n: int) -> list[RolloutGroup]:
     c = self.cfg
     return rollout(self.model, self.processor, self._next_samples(n), self.reward_funcs, c.group_size, c.max_new_tokens,
-                   c.temperature, c.top_p, c.suffix, c.reward_weights)
+                   c.temperature, c.top_p, c.suffix, c.reward_weights, c.shared_prompt, c.sampler)
 
 @patch
 def collect(self: GRPOTrainer) -> tuple[list[RolloutGroup], dict]:
@@ -506,7 +601,8 @@ def _train_step(self: GRPOTrainer) -> dict:
     prompts = {k: v.to(dev) for k, v in b["prompts"].items()}
     ids, mask, adv = b["completion_ids"].to(dev), b["completion_mask"].to(dev), adv.to(dev)
     num_items = acc.gather(mask.sum().reshape(1).float()).sum() / acc.num_processes
-    logp = lambda m: completion_logps(m, prompts, ids, mask, c.temperature, with_entropy=True)
+    logps_fn = shared_prompt_logps if c.shared_prompt else completion_logps
+    logp = lambda m: logps_fn(m, prompts, ids, mask, c.temperature, with_entropy=True)
     with torch.no_grad():
         old = logp(self.model)[0] if c.num_iterations > 1 else None
         if self.ref is not None:

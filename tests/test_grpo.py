@@ -3,9 +3,9 @@ import math
 import pytest
 import torch
 from mmlit.data import make_task
-from mmlit.grpo import (GRPOConfig, GRPOTrainer, accuracy_reward, assemble, completion_logps, completion_mask, format_reward,
-                        group_advantages, grpo_loss, prompt_batch, rollout, sample_completions, score_completions,
-                        zero_variance_groups)
+from mmlit.grpo import (GRPOConfig, GRPOTrainer, accuracy_reward, assemble, completion_logps, completion_mask, decode_completions,
+                        format_reward, group_advantages, grpo_loss, inverse_cdf_sample, prompt_batch, rollout, sample_completions,
+                        score_completions, shared_prompt_logps, top_p_filter, zero_variance_groups)
 from mmlit.model import MMModel, fit_to_tokenizer, tiny_config
 from mmlit.processing import MMProcessor, tiny_tokenizer
 from mmlit.train import read_metrics
@@ -229,6 +229,99 @@ def test_sampling_reproducible_and_greedy_consistent():
     for _ in range(2):
         torch.manual_seed(5); outs.append(sample_completions(model, prompts, 3, proc.eot_token_id, proc.pad_token_id, max_new_tokens=6))
     assert torch.equal(*outs)
+
+
+# ---------------------------------------------------------------- prefill once, shared-prompt loss, inverse-CDF draw
+def _mixed_prompts(proc):
+    "Prompts of different lengths (left padding) with one image each."
+    samples = list(make_task("colour_position", size=32).stream("train", 2)) + list(make_task("count", size=32).stream("train", 1))
+    prompts = prompt_batch(proc, samples)
+    assert (prompts["attention_mask"] == 0).any()
+    return prompts
+
+
+@pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (1.3, 0.8)])
+def test_decode_completions_equals_generate(temperature, top_p):
+    "With the multinomial draw and the same seed, prefill-once decoding gives transformers' completions token for token."
+    model, proc = tiny()
+    prompts = _mixed_prompts(proc)
+    kw = dict(eos_token_id=proc.eot_token_id, pad_token_id=proc.pad_token_id, max_new_tokens=7, temperature=temperature, top_p=top_p)
+    for seed in range(3):
+        torch.manual_seed(seed); ref = sample_completions(model, prompts, 4, **kw)
+        torch.manual_seed(seed); new = decode_completions(model, prompts, 4, sampler="multinomial", **kw)
+        assert torch.equal(ref, new)
+    torch.manual_seed(0); a = decode_completions(model, prompts, 4, **kw)
+    torch.manual_seed(0); b = decode_completions(model, prompts, 4, **kw)
+    assert torch.equal(a, b) and a.shape[0] == 12   # the inverse-CDF draw is reproducible from the seed too
+    img = model.config.image_token_id
+    assert not (a == img).any()
+    mask, _ = completion_mask(a, proc.eot_token_id)
+    assert (a[mask == 0] == proc.pad_token_id).all()   # after the EOS: padding, as generate writes it
+    with pytest.raises(ValueError, match="sampler"): decode_completions(model, prompts, 2, sampler="gumbel", **kw)
+
+
+def test_inverse_cdf_sample():
+    p = torch.tensor([[0.2, 0.0, 0.5, 0.3]])
+    assert inverse_cdf_sample(p.expand(5, 4), torch.tensor([0.0, 0.199, 0.2, 0.69, 0.999])).tolist() == [0, 0, 2, 2, 3]
+    assert inverse_cdf_sample(2 * p, torch.tensor([0.7])).tolist() == [3]   # unnormalised rows: u scales with the total
+    g = torch.Generator().manual_seed(0)
+    d = inverse_cdf_sample(p.expand(100_000, 4), torch.rand(100_000, generator=g))
+    torch.testing.assert_close(torch.bincount(d, minlength=4) / 1e5, p[0], atol=6e-3, rtol=0)
+    assert not (d == 1).any()
+    with pytest.raises(ValueError, match="rows, vocabulary"): inverse_cdf_sample(p[0])
+
+
+def test_top_p_filter_is_transformers_rule():
+    from transformers.generation.logits_process import TopPLogitsWarper
+    g = torch.Generator().manual_seed(0)
+    for top_p in (0.1, 0.5, 0.95):
+        sc = torch.randn(6, 40, generator=g) * 3
+        assert torch.equal(top_p_filter(sc, top_p), TopPLogitsWarper(top_p)(None, sc.clone()))
+    assert top_p_filter(sc, 1.0) is sc
+
+
+def test_shared_prompt_logps_equal_g_copies_forward():
+    "Log-probs, entropies and gradients (LLM, projector and encoder) of the shared-prompt forward equal the G-copies forward."
+    model, proc = tiny()
+    prompts = _mixed_prompts(proc)
+    torch.manual_seed(2)
+    comp = sample_completions(model, prompts, 3, proc.eot_token_id, proc.pad_token_id, max_new_tokens=6, temperature=0.8)
+    mask, _ = completion_mask(comp, proc.eot_token_id)
+    out = []
+    for fn in (completion_logps, shared_prompt_logps):
+        model.zero_grad()
+        lp, ent = fn(model, prompts, comp, mask, temperature=0.8, with_entropy=True)
+        (lp * mask * torch.linspace(-1, 1, lp.numel()).view_as(lp)).sum().backward()
+        out.append((lp.detach() * mask, ent.detach() * mask, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (a, ea, ga), (b, eb, gb) = out
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5); torch.testing.assert_close(ea, eb, atol=1e-5, rtol=1e-5)
+    assert set(ga) == set(gb) and any(n.startswith("vision_model.") for n in ga)
+    top = max(float(g.abs().max()) for g in ga.values())
+    assert max(float((ga[n] - gb[n]).abs().max()) for n in ga) <= 1e-5 * top
+    one = comp[:, :1]   # a single completion token: only the prompt's last logits
+    torch.testing.assert_close(shared_prompt_logps(model, prompts, one, mask[:, :1])[0], completion_logps(model, prompts, one, mask[:, :1])[0])
+    with pytest.raises(ValueError, match="groups"): shared_prompt_logps(model, prompts, comp[:7], mask[:7])
+
+
+def test_trainer_shared_prompt_resume_identical(tmp_path):
+    "The shared-prompt trainer (inverse-CDF draw) trains, and a resumed run equals an uninterrupted one exactly."
+    task = make_task("colour_position", size=32)
+    kw = dict(shared_prompt=True, save_every=2, keep_last=3)
+    straight = GRPOTrainer(tiny()[0], tiny()[1], task, _cfg(tmp_path / "a", **kw)); straight.train()
+    calls = {"n": 0}
+    def dies(prompts, completions, **k):   # killed during step 3, after the step-2 checkpoint
+        calls["n"] += 1
+        if calls["n"] == 3: raise KeyboardInterrupt("killed")
+        return accuracy_reward(prompts, completions, **k)
+    dies.__name__ = "accuracy_reward"
+    with pytest.raises(KeyboardInterrupt): GRPOTrainer(tiny()[0], tiny()[1], task, _cfg(tmp_path / "b", **kw), [dies]).train()
+    resumed = GRPOTrainer(tiny()[0], tiny()[1], task, _cfg(tmp_path / "b", **kw)); resumed.train(resume=True)
+    for (n, a), (_, b) in zip(straight.model.state_dict().items(), resumed.model.state_dict().items()):
+        assert torch.equal(a, b), n
+    assert [r["reward"] for r in read_metrics(tmp_path / "b")] == [r["reward"] for r in read_metrics(tmp_path / "a")]
+    with pytest.raises(ValueError, match="settings differ"):
+        GRPOTrainer(tiny()[0], tiny()[1], task, _cfg(tmp_path / "b", **{**kw, "sampler": "multinomial"})).train(resume=True)
+    with pytest.raises(ValueError, match="sampler"): GRPOConfig(sampler="top_k")
 
 
 def test_rollout_and_assemble():

@@ -241,7 +241,7 @@ def tiny_mm(tok, tiles=1):
 
 
 def run_both(tmp_path, steps=2, P=2, G=4, T=8, lr=3e-2, mu=1, loss_type="dapo", beta=0.0, eps_high=None, scale="group",
-             temperature=1.0, tiles=0):
+             temperature=1.0, tiles=0, shared_prompt=False):
     """Train mmlit's GRPOTrainer and TRL's GRPOTrainer from the same initial weights on the same prompts: text
     (TRL trains the language model) or, with `tiles` > 0, one image of that many tiles per prompt (TRL trains
     `to_internvl(model)` through transformers' InternVL processor, which gives the same prompt ids and pixels).
@@ -274,21 +274,23 @@ def run_both(tmp_path, steps=2, P=2, G=4, T=8, lr=3e-2, mu=1, loss_type="dapo", 
     rec = dict(mm_ids=[], trl_ids=[], mm_grads=[], trl_grads=[])
     grads = lambda m, rn=lambda n: n: {rn(n): p.grad.detach().clone() for n, p in m.named_parameters() if p.grad is not None}
 
-    orig = mg.sample_completions
+    name = "decode_completions" if shared_prompt else "sample_completions"   # the shared-prompt path draws like transformers
+    orig = getattr(mg, name)
     def seeded(*a, **k):
         torch.manual_seed(100 + len(rec["mm_ids"])); out = orig(*a, **k)
         mask, _ = mg.completion_mask(out, tok.eos_token_id)
         rec["mm_ids"].append([r[m.bool()].tolist() for r, m in zip(out, mask)]); return out
     mcfg = mg.GRPOConfig(output_dir=str(tmp_path / "mmlit"), steps=steps, prompts_per_step=P, group_size=G, max_new_tokens=T,
                          lr=lr, betas=(0.9, 0.999), cpu=True, progress=False, num_iterations=mu, loss_type=loss_type, beta=beta,
-                         eps_high=eps_high, scale_rewards=scale, temperature=temperature)
+                         eps_high=eps_high, scale_rewards=scale, temperature=temperature, shared_prompt=shared_prompt,
+                         sampler="multinomial")
     mt = mg.GRPOTrainer(model, proc, samples, mcfg, [id_reward])
     step = mt.optimizer.step
     def record_step(*a, **k): rec["mm_grads"].append(grads(mm_params, to_trl)); return step(*a, **k)
     mt.optimizer.step = record_step
-    mg.sample_completions = seeded
+    setattr(mg, name, seeded)
     try: mt.train()
-    finally: mg.sample_completions = orig
+    finally: setattr(mg, name, orig)
     mm_rows = [json.loads(l) for l in open(tmp_path / "mmlit" / "metrics.jsonl")]
 
     class Grads(TrainerCallback):
@@ -319,6 +321,10 @@ CONFIGS = {
     "bnpo, mu=2": dict(loss_type="bnpo", mu=2, lr=3e-3),
     "images: 1 tile, dapo, mu=2": dict(tiles=1, mu=2, lr=3e-3, eps_high=0.28),
     "images: 3 tiles + thumbnail, grpo": dict(tiles=3, loss_type="grpo"),
+    "shared prompt (prefill once, shared-prompt loss), dapo": dict(shared_prompt=True),
+    "shared prompt, grpo, mu=2, beta, eps_high, batch scale, T=0.7": dict(shared_prompt=True, mu=2, lr=3e-3, loss_type="grpo", beta=0.04,
+                                                                          eps_high=0.28, scale="batch", temperature=0.7),
+    "shared prompt, images: 3 tiles + thumbnail, grpo": dict(shared_prompt=True, tiles=3, loss_type="grpo"),
 }
 
 
