@@ -6,20 +6,24 @@
 from __future__ import annotations
 import argparse, dataclasses, inspect, json, math, os, re, shutil, sys, tempfile, time, types, typing, uuid
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib.resources import files
 from pathlib import Path
 import numpy as np
+import torch
 import yaml
 from transformers import AutoModel
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
 from .tiling import load_image, plan_tiles, draw_plan, RULES
+from .main import shipped_recipes, build_parser, main  # the thin command layer (no torch)
 from .core import seed_everything, set_torch_threads
 from .processing import MMProcessor, SQUARE_TILE_RULES, tiny_tokenizer, tokens_per_tile
-from .model import MMModel, tiny_config, fit_to_tokenizer, load_smollm2, init_sincos_positions, set_trainable
+from .model import MMModel, tiny_config, fit_to_tokenizer, load_smollm2, init_sincos_positions, set_trainable, missing_local_folder
 from .data import TASKS, SPLITS, LOSS_MODES, Task, Mixture, make_task, blind_baseline, BlindBaseline
 from .train import (STAGE_LR, MANIFEST, Trainer, TrainConfig, RunLog, read_metrics, plot_runs, write_checkpoint,
-                         verify_checkpoint, quiet_saving, load_model_weights, latest_checkpoint)
+                         verify_checkpoint, quiet_saving, load_model_weights, latest_checkpoint, load_base)
 from .eval import EvalResults, evaluate, plot_accuracy, answer_nll, grounding_verdict
 from .grpo import GRPOConfig, GRPOTrainer, LOSS_TYPES, SCALES, accuracy_reward, format_reward
 from safetensors.torch import load_file, save_file
@@ -29,19 +33,19 @@ from .evolve import (THINK_SUFFIX, tag_accuracy, RATIONALES, SELECT_STRATEGIES, 
                           with_rationale, train_prm)
 
 # %% auto #0
-__all__ = ['BACKBONES', 'TIER_MEASURES', 'REWARDS', 'RECIPE_FILE', 'BLIND_FILE', 'LEVELS_FILE', 'GRPO_CURVES', 'sample_photo',
-           'tile_table', 'format_table', 'draw_rules', 'tile_command', 'check_value', 'from_plain', 'to_plain',
-           'ModelRecipe', 'ProcessorRecipe', 'TaskRecipe', 'StageRecipe', 'GRPOStageRecipe', 'EvalRecipe',
-           'has_rationale', 'EvolveStageRecipe', 'Recipe', 'shipped_recipes', 'load_recipe', 'apply_overrides',
-           'build_model', 'TaskSamples', 'Window', 'samples_per_stage', 'train_mixture', 'stage_mixture',
-           'grpo_prompts', 'recipe_diff', 'prepare_run_dir', 'stage_dir', 'stage_config', 'skipped_reasons',
-           'eval_settings', 'train_stage', 'save_model', 'grpo_config', 'tiered_prompts', 'train_grpo_stage',
-           'WithRationale', 'evolve_data', 'evolve_heldout', 'evolve_config', 'warmup_config', 'train_evolve_stage',
-           'answer_loss_fn', 'blind_baselines', 'level_ladder', 'plot_ladder', 'run_stages', 'run_metrics',
-           'write_metrics', 'stage_results', 'plot_grpo', 'plot_answer_loss', 'plot_run', 'plot_evolve',
+__all__ = ['BACKBONES', 'MAX_COUNT', 'TIER_MEASURES', 'REWARDS', 'RECIPE_FILE', 'BLIND_FILE', 'LEVELS_FILE', 'GRPO_CURVES',
+           'sample_photo', 'tile_table', 'format_table', 'draw_rules', 'figure_path', 'tile_command', 'check_value',
+           'from_plain', 'to_plain', 'is_vision_type', 'ModelRecipe', 'ProcessorRecipe', 'TaskRecipe', 'StageRecipe',
+           'GRPOStageRecipe', 'EvalRecipe', 'has_rationale', 'EvolveStageRecipe', 'Recipe', 'load_recipe',
+           'apply_overrides', 'build_model', 'TaskSamples', 'Window', 'samples_per_stage', 'train_mixture',
+           'stage_mixture', 'grpo_prompts', 'recipe_diff', 'prepare_run_dir', 'stage_dir', 'stage_config',
+           'skipped_reasons', 'eval_settings', 'train_stage', 'save_model', 'grpo_config', 'tiered_prompts',
+           'train_grpo_stage', 'WithRationale', 'evolve_data', 'evolve_heldout', 'evolve_config', 'warmup_config',
+           'train_evolve_stage', 'answer_loss_fn', 'blind_baselines', 'level_ladder', 'plot_ladder', 'run_stages',
+           'run_metrics', 'write_metrics', 'stage_results', 'plot_grpo', 'plot_answer_loss', 'plot_run', 'plot_evolve',
            'accuracy_table', 'stage_answer_loss', 'grounding', 'grounding_table', 'training_table', 'grpo_table',
-           'evolve_table', 'skipped_section', 'ladder_section', 'write_report', 'run_recipe', 'run_summary',
-           'run_command', 'build_parser', 'main']
+           'evolve_table', 'skipped_section', 'ladder_section', 'write_report', 'run_lock', 'run_recipe', 'run_summary',
+           'run_command', 'load_trained', 'ask', 'ask_command']
 
 # %% ../nbs/11_cli.ipynb #c8a623df
 def sample_photo() -> Path:
@@ -79,8 +83,9 @@ def draw_rules(image, # a PIL image
     ncols = min(3, len(rules)); nrows = -(-len(rules) // ncols)
     fig, axs = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.6 * nrows), squeeze=False)
     for ax in axs.flat[len(rules):]: ax.axis('off')
+    small = image if max(image.size) <= 1600 else image.reduce(math.ceil(max(image.size) / 1600))   # a picture needs no more
     for ax, rule in zip(axs.flat, rules):
-        draw_plan(image, plan_tiles(*image.size, rule=rule), ax=ax)
+        draw_plan(small, plan_tiles(*image.size, rule=rule), ax=ax)
     fig.tight_layout()
     if path is not None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -88,17 +93,32 @@ def draw_rules(image, # a PIL image
     return fig
 
 # %% ../nbs/11_cli.ipynb #891d7c1a
+def figure_path(out: str | Path) -> Path:
+    "The file `mmlit tile --out` writes: PNG when `out` has no suffix; ValueError for a folder, an unknown format or an unwritable place."
+    from matplotlib.backend_bases import FigureCanvasBase
+    p = Path(out).expanduser()
+    if p.is_dir(): raise ValueError(f"--out {out} is a folder: give a file name, e.g. {p / 'tiles.png'}")
+    if not p.suffix: p = p.with_suffix(".png")
+    kinds = FigureCanvasBase.get_supported_filetypes()
+    if p.suffix[1:].lower() not in kinds: raise ValueError(f"--out {out}: cannot write {p.suffix} pictures; use one of {', '.join('.' + k for k in sorted(kinds))}")
+    try: p.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e: raise ValueError(f"--out {out}: cannot create the folder {p.parent} ({e.strerror})") from None
+    if not os.access(p.parent, os.W_OK): raise ValueError(f"--out {out}: the folder {p.parent} is not writable")
+    return p
+
 def tile_command(args: argparse.Namespace) -> int:
     "`mmlit tile`: print each rule's grid, tiles and tokens for an image, optionally draw them."
     path = args.image or sample_photo()
     image = load_image(path, max_pixels=args.max_pixels)
     rules = args.rule or list(RULES)
+    if unknown := [r for r in rules if r not in RULES]: raise ValueError(f"unknown rule {unknown[0]!r}; the rules are {', '.join(RULES)}")
+    out = figure_path(args.out) if args.out else None   # checked before any work
     print(f"{path}: {image.size[0]} x {image.size[1]} pixels")
     print(format_table(tile_table(*image.size, rules=rules)))
-    if args.out:
+    if out:
         import matplotlib; matplotlib.use('Agg')
-        draw_rules(image, rules=rules, path=args.out)
-        print(f"wrote {args.out}")
+        draw_rules(image, rules=rules, path=out)
+        print(f"wrote {out}")
     return 0
 
 # %% ../nbs/11_cli.ipynb #88e7306f
@@ -167,11 +187,18 @@ def to_plain(x):
 # %% ../nbs/11_cli.ipynb #9db7362d
 BACKBONES = ("tiny", "smollm2")  # text backbones: a tiny Llama from scratch, or pretrained SmolLM2-135M-Instruct
 
+MAX_COUNT = 10_000_000  # the largest count (steps, samples, sizes) a recipe may ask for: beyond it a typo, not a plan
+
 def _integers(obj, names, low: int, what: str):
-    "ValueError naming the first of `names` that is not an integer >= `low`."
+    "ValueError naming the first of `names` that is not an integer in `low`…`MAX_COUNT`."
     for n in names:
         v = getattr(obj, n)
         if not isinstance(v, int) or isinstance(v, bool) or v < low: raise ValueError(f"{n} must be {what}, got {v!r}")
+        if v > MAX_COUNT: raise ValueError(f"{n} = {v:,} is more than {MAX_COUNT:,}: surely a typo")
+
+def is_vision_type(model_type: str) -> bool:
+    "Is a transformers model type a vision encoder: a ViT-style `*vision*` model or an image-classification backbone (ResNet, ConvNeXt)?"
+    return "vision" in model_type or model_type in MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
 
 def _positive(obj, *names): _integers(obj, names, 1, "a positive integer")
 def _nonnegative(obj, *names): _integers(obj, names, 0, "an integer >= 0")
@@ -193,6 +220,7 @@ class ModelRecipe:
     def __post_init__(self):
         if self.backbone not in BACKBONES: raise ValueError(f"backbone must be one of {BACKBONES}, got {self.backbone!r}")
         if self.vision_model_type not in CONFIG_MAPPING_NAMES: raise ValueError(f"vision_model_type {self.vision_model_type!r} is not a transformers model type")
+        if not is_vision_type(self.vision_model_type): raise ValueError(f"vision_model_type {self.vision_model_type!r} is not a vision model (e.g. siglip_vision_model, clip_vision_model, internvl_vision, resnet)")
         _positive(self, "image_size", "patch_size", "vision_hidden", "vision_layers", "text_hidden", "text_layers")
         for n in ("vision_hidden", "text_hidden"):
             if getattr(self, n) % 4: raise ValueError(f"{n} must be a multiple of 4 (the attention heads), got {getattr(self, n)}")
@@ -470,10 +498,6 @@ def _mapping_without_duplicates(loader, node, deep=False):
 _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
 
 # %% ../nbs/11_cli.ipynb #ba040f07
-def shipped_recipes() -> dict[str, Path]:
-    "Name → path of the recipes shipped in `mmlit/recipes`."
-    return {p.stem: p for p in sorted(Path(str(files('mmlit') / 'recipes')).glob('*.yaml'))}
-
 def load_recipe(recipe: str | Path = "default", # a shipped recipe's name, or a YAML file
                ) -> Recipe:
     "A recipe by shipped name or from a YAML file; ValueError naming the file and the bad key."
@@ -481,7 +505,9 @@ def load_recipe(recipe: str | Path = "default", # a shipped recipe's name, or a 
     if str(recipe) in shipped and not (p.suffix or os.sep in str(recipe)): p = shipped[str(recipe)]
     elif not p.is_file():
         raise ValueError(f"recipe {str(recipe)!r} is neither a file nor a shipped recipe ({', '.join(shipped)})")
-    return Recipe.from_yaml(p.read_text(encoding="utf-8"), source=str(p))
+    try: text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e: raise ValueError(f"recipe file {p} is not UTF-8 text (byte {e.start} is {e.object[e.start]:#04x}): save it as UTF-8") from None
+    return Recipe.from_yaml(text, source=str(p))
 
 # %% ../nbs/11_cli.ipynb #4a13c1b7
 def apply_overrides(recipe: Recipe, # the recipe to start from (unchanged)
@@ -1255,8 +1281,13 @@ def write_report(out: str | Path, # the run folder
              skipped_section(out, recipe), *(_grpo_section(out, recipe) if any(s.stage == "grpo" for s in recipe.stages) else []),
              *(_evolve_section(out, recipe) if any(s.stage == "evolve" for s in recipe.stages) else []),
              "## The model", f"The final model and its processor are in `model/` (safetensors, with a SHA-256 manifest `{MANIFEST}`):",
-             f"```python\nfrom mmlit.model import MMModel\nfrom mmlit.processing import MMProcessor\n"
-             f"model = MMModel.from_pretrained(\"{out / 'model'}\")\nprocessor = MMProcessor.from_pretrained(\"{out / 'model'}\")\n```",
+             f"```python\nfrom PIL import Image\nfrom transformers import AutoModelForImageTextToText, AutoProcessor\n"
+             f"import mmlit.model  # registers the mmlit model and processor with transformers' Auto classes\n"
+             f"model = AutoModelForImageTextToText.from_pretrained(\"{out / 'model'}\")\nprocessor = AutoProcessor.from_pretrained(\"{out / 'model'}\")\n"
+             f"inputs = processor([{{\"role\": \"user\", \"content\": \"<image>\\nHow many circles are there? Answer with a number.\"}}],\n"
+             f"                   images=[Image.open(\"picture.png\").convert(\"RGB\")], add_generation_prompt=True)\n"
+             f"answer = model.generate(**inputs, max_new_tokens=8)\nprint(processor.batch_decode(answer[:, inputs[\"input_ids\"].shape[1]:]))\n```",
+             f"Or from the shell: `mmlit ask {out / 'model'} picture.png \"How many circles are there? Answer with a number.\"` (`--chat` for several questions).",
              "Files: `recipe.yaml`, `metrics.jsonl` (`mmlit.train.read_metrics`), `blind.json`, `loss.png`, `reward.png` (GRPO), `evolve.png` (self-evolution), `accuracy.png`, `run.log`, "
              "`stages/N-stageS/` (per-stage `metrics.jsonl`, `train.log` and `eval.json` with every answer: `mmlit.eval.EvalResults.load`).",
              "## Recipe", f"```yaml\n{recipe.to_yaml()}```"]
@@ -1294,6 +1325,23 @@ def _evolve_section(out, recipe) -> list[str]:
     return parts + ["![self-evolution curves](evolve.png)"]
 
 # %% ../nbs/11_cli.ipynb #7c08ddb7
+try: import fcntl   # advisory file locks (Linux, macOS)
+except ImportError: fcntl = None
+
+@contextmanager
+def run_lock(out: str | Path, # the run folder (it need not exist yet)
+            ):
+    "Hold the lock of run folder `out` (the file `.<name>.lock` beside it) for a `with` block; ValueError while another process holds it."
+    out = Path(out); out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f".{out.name}.lock", "a+") as f:   # closing the file (or the process ending) releases the lock
+        if fcntl is not None:
+            try: fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0); pid = f.read().strip() or "?"
+                raise ValueError(f"another mmlit run (process {pid}) is using {out}: wait for it to end, or choose another --out") from None
+            f.seek(0); f.truncate(); f.write(str(os.getpid())); f.flush()
+        yield out
+
 def run_recipe(recipe: Recipe, # what to run
                out: str | Path | None = None, # the run folder (default: runs/<recipe name>)
                resume: bool = False, # continue the run in `out`
@@ -1302,24 +1350,31 @@ def run_recipe(recipe: Recipe, # what to run
               ) -> Path:
     "Run a recipe end to end: stages, evaluation after each, final checkpoint, metrics, plots, report; returns report.md's path."
     t0, out = time.perf_counter(), Path(out or Path("runs") / recipe.name)
-    resumed = prepare_run_dir(out, recipe, resume, overwrite)
-    log = RunLog(out / "run.log"); log(("resuming" if resumed else "starting") + f" recipe {recipe.name!r} in {out}")
-    threads = set_torch_threads(recipe.threads)
-    model, proc = build_model(recipe)
-    final = out / "model"
-    if (final / MANIFEST).is_file(): verify_checkpoint(final); log("every stage is finished; rewriting the report")
-    else:
-        try: model = run_stages(model, proc, recipe, out, log, progress)
-        except ValueError as e: log(f"stopped: {e}"); raise
-        save_model(model, proc, final); _rm(stage_dir(out, recipe, len(recipe.stages) - 1) / "final")
-        log(f"final model in {final}")
-    if recipe.eval.level_n and not (out / LEVELS_FILE).is_file():
-        _write_text(out / LEVELS_FILE, json.dumps(level_ladder(model, proc, recipe), indent=1))
-    write_metrics(out, recipe); plot_run(out, recipe)
-    info = dict(parameters=sum(p.numel() for p in model.parameters()), tokens_per_tile=proc.tokens_per_tile, device=str(model.device),
-                threads=threads, wall_s=time.perf_counter() - t0, resumed=resumed)
-    _update_json(out / "run.json", **info)
-    p = write_report(out, recipe, info); log(f"report {p}")
+    if recipe.threads is not None and recipe.threads > (cores := os.cpu_count() or 1):
+        raise ValueError(f"threads {recipe.threads} is more than the {cores} cores of this machine")
+    with run_lock(out):
+        resumed = prepare_run_dir(out, recipe, resume, overwrite)
+        try:
+            log = RunLog(out / "run.log"); log(("resuming" if resumed else "starting") + f" recipe {recipe.name!r} in {out}")
+            threads = set_torch_threads(recipe.threads)
+            model, proc = build_model(recipe)
+        except BaseException:
+            if not resumed: shutil.rmtree(out, ignore_errors=True)   # a run that never started leaves no folder behind
+            raise
+        final = out / "model"
+        if (final / MANIFEST).is_file(): verify_checkpoint(final); log("every stage is finished; rewriting the report")
+        else:
+            try: model = run_stages(model, proc, recipe, out, log, progress)
+            except ValueError as e: log(f"stopped: {e}"); raise
+            save_model(model, proc, final); _rm(stage_dir(out, recipe, len(recipe.stages) - 1) / "final")
+            log(f"final model in {final}")
+        if recipe.eval.level_n and not (out / LEVELS_FILE).is_file():
+            _write_text(out / LEVELS_FILE, json.dumps(level_ladder(model, proc, recipe), indent=1))
+        write_metrics(out, recipe); plot_run(out, recipe)
+        info = dict(parameters=sum(p.numel() for p in model.parameters()), tokens_per_tile=proc.tokens_per_tile, device=str(model.device),
+                    threads=threads, wall_s=time.perf_counter() - t0, resumed=resumed)
+        _update_json(out / "run.json", **info)
+        p = write_report(out, recipe, info); log(f"report {p}")
     return p
 
 def run_summary(out: str | Path, # a finished run folder
@@ -1351,48 +1406,44 @@ def run_command(args: argparse.Namespace) -> int:
     out = out or Path("runs") / recipe.name
     print(f"mmlit run: recipe {recipe.name!r} → {out}", flush=True)
     t0 = time.perf_counter()
-    report = run_recipe(recipe, out, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
+    try: report = run_recipe(recipe, out, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
+    except KeyboardInterrupt:
+        print(f"\nmmlit run: interrupted. Go on from the last checkpoint with:\n  mmlit run --out {out} --resume", file=sys.stderr)
+        return 130
+    except ValueError as e:
+        if not str(e).startswith("checkpoint"): raise
+        raise ValueError(f"{e}\nTo go on, delete that checkpoint's folder and run `mmlit run --out {out} --resume`: "
+                         "training continues from the checkpoint before it (or starts the stage again)") from None
     last = list(stage_results(out, recipe).values())[-1]
     print(f"\naccuracy after the last stage ({recipe.eval.n} {recipe.eval.split} questions per task):\n{last.table()}\n")
     print("against the image-blind baseline:\n" + grounding_table(g := grounding(out, recipe)) + "\n" + "\n".join(f"{t}: {r['sentence']}" for t, r in g.items()) + "\n")
-    print(f"done in {time.perf_counter() - t0:.0f} s\nreport: {report}\nmodel:  {out / 'model'}")
+    print(f"done in {time.perf_counter() - t0:.0f} s\nreport: {report}\nmodel:  {out / 'model'}\n"
+          f"ask it: mmlit ask {out / 'model'} IMAGE \"How many circles are there? Answer with a number.\"")
     return 0
 
-# %% ../nbs/11_cli.ipynb #59ff856e
-def build_parser() -> argparse.ArgumentParser:
-    "The `mmlit` argument parser with its sub-commands."
-    p = argparse.ArgumentParser(prog='mmlit', description='Learn, build and post-train small multimodal LLMs.')
-    sub = p.add_subparsers(dest='command', required=True)
-    r = sub.add_parser('run', help="train through stages 1, 1.5, 2 (and GRPO) and evaluate, as a recipe says (the main job)",
-                       description="Train a multimodal model through InternVL 2.5's stages (and GRPO) and evaluate it after each; writes report.md, "
-                                   "metrics.jsonl, plots and the final model into the run folder.")
-    r.add_argument('--recipe', help=f"a shipped recipe ({', '.join(shipped_recipes())}) or a YAML file (default: default)")
-    r.add_argument('--out', help='the run folder (default: runs/<recipe name>)')
-    g = r.add_mutually_exclusive_group()
-    g.add_argument('--resume', action='store_true', help='continue the run in --out (or start it if there is none)')
-    g.add_argument('--overwrite', action='store_true', help='delete the run in --out and start again')
-    r.add_argument('--seed', type=int, help="override the recipe's seed")
-    r.add_argument('--steps-scale', type=float, help="multiply every stage's steps (e.g. 0.1 for a try-out)")
-    r.add_argument('--tasks', help='comma-separated tasks to train and evaluate (e.g. count,bar_chart)')
-    r.add_argument('--eval-n', type=int, help='test questions per task')
-    r.add_argument('--threads', type=int, help='torch CPU threads (default: every core)')
-    r.add_argument('--list-recipes', action='store_true', help='list the shipped recipes and exit')
-    r.add_argument('--print-recipe', action='store_true', help='print the recipe (after overrides) as YAML and exit')
-    r.add_argument('--quiet', action='store_true', help='no progress bars')
-    r.set_defaults(func=run_command)
-    t = sub.add_parser('tile', help="show how each dynamic-resolution rule tiles an image")
-    t.add_argument('image', nargs='?', help='image file (default: a bundled sample photo)')
-    t.add_argument('--rule', action='append', choices=list(RULES), help='only this rule (repeatable)')
-    t.add_argument('--out', help='write a picture of the grids here (e.g. tiles.png)')
-    t.add_argument('--max-pixels', type=int, default=100_000_000, help='refuse larger images (decompression bombs)')
-    t.set_defaults(func=tile_command)
-    return p
+# %% ../nbs/11_cli.ipynb #40e0e05b
+def load_trained(model_dir: str | Path, # a `model` folder written by `mmlit run` (model + processor + manifest)
+                ) -> tuple[MMModel, MMProcessor]:
+    "The model and processor of a finished run, checked against their manifest, in evaluation mode."
+    if not Path(model_dir).is_dir(): raise ValueError(missing_local_folder(model_dir) or f"no model folder at {model_dir}")
+    return load_base(model_dir)
 
-# %% ../nbs/11_cli.ipynb #b6ea397b
-def main(argv: list[str] | None = None) -> int:
-    "Entry point of the `mmlit` console command."
-    args = build_parser().parse_args(argv)
-    try: return args.func(args)
-    except ValueError as e:
-        print(f"mmlit {args.command}: error: {e}", file=sys.stderr)
-        return 2
+def ask(model: MMModel, processor: MMProcessor, image, # a PIL image
+        question: str, max_new_tokens: int = 32) -> str:
+    "The model's greedy answer to one question about one image: processor → `generate` → `batch_decode`."
+    inputs = processor([{"role": "user", "content": f"<image>\n{question}"}], images=[image], add_generation_prompt=True).to(model.device)
+    with torch.no_grad(): out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    return processor.batch_decode(out[:, inputs["input_ids"].shape[1]:])[0].strip()
+
+def ask_command(args: argparse.Namespace) -> int:
+    "`mmlit ask`: answer a question about an image; with `--chat`, one question per line until an empty line."
+    if not args.question and not args.chat: raise ValueError('give a question ("How many circles are there?") or --chat')
+    image = load_image(args.image, max_pixels=args.max_pixels)
+    model, proc = load_trained(args.model)
+    for q in [args.question] if args.question else []: print(ask(model, proc, image, q, args.max_new_tokens), flush=True)
+    while args.chat:
+        try: q = input("question> ").strip()
+        except EOFError: q = ""
+        if not q: break
+        print(ask(model, proc, image, q, args.max_new_tokens), flush=True)
+    return 0

@@ -4,19 +4,20 @@
 
 # %% auto #0
 __all__ = ['CONV_VISION', 'STAGES', 'unshuffle_factor', 'pixel_unshuffle', 'MMProjector', 'patch_grid', 'feature_stride',
-           'vision_channels', 'scatter_image_features', 'weighted_lm_loss', 'MMConfig', 'MMModel', 'conv_vision_config',
-           'tiny_config', 'sincos_2d', 'init_sincos_positions', 'fit_to_tokenizer', 'from_parts', 'trainable_counts',
-           'set_trainable', 'lora_targets', 'add_lora', 'to_internvl', 'from_internvl', 'mmlit_cache_dir',
-           'smollm2_gguf_path', 'load_smollm2']
+           'vision_channels', 'scatter_image_features', 'weighted_lm_loss', 'MMConfig', 'MMModel',
+           'missing_local_folder', 'conv_vision_config', 'tiny_config', 'sincos_2d', 'init_sincos_positions',
+           'fit_to_tokenizer', 'from_parts', 'trainable_counts', 'set_trainable', 'lora_targets', 'add_lora',
+           'to_internvl', 'from_internvl', 'mmlit_cache_dir', 'smollm2_gguf_path', 'load_smollm2']
 
 # %% ../nbs/03_model.ipynb #9ab3b57f
 import copy, importlib.util, math, os, shutil, tempfile
+from fastcore.basics import patch
 from pathlib import Path
 from typing import Any, Literal  # used by the field annotations MMConfig inherits; the docs evaluate them in this module
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer,
+from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer,
                           GenerationMixin, PreTrainedConfig, PreTrainedModel)
 from transformers.activations import ACT2FN
 from transformers.configuration_utils import SubConfigSpec
@@ -24,7 +25,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
 # %% ../nbs/03_model.ipynb #58049f3f
-from .processing import IMG_START, IMG_END, IMG_CONTEXT
+from .processing import IMG_START, IMG_END, IMG_CONTEXT, MMProcessor
 
 # %% ../nbs/03_model.ipynb #b3d15eeb
 def unshuffle_factor(scale: float, # the downsample ratio, 1/k (0.5 merges 2×2 blocks)
@@ -210,6 +211,9 @@ class MMModel(PreTrainedModel, GenerationMixin):
                 loss_weights: torch.Tensor | None = None, # (B, L) per-token loss weights (see `weighted_lm_loss`)
                 use_cache: bool | None = None, # return a KV cache
                 logits_to_keep: int | torch.Tensor = 0, # compute logits for the last n positions only (0: all)
+                num_tiles: torch.Tensor | None = None, # the processor's tiles per image: checked against `pixel_values`
+                image_flags: torch.Tensor | None = None, # the processor's per-tile flags (bookkeeping; tiles are found by their tokens)
+                num_images: torch.Tensor | None = None, # the processor's images per sample (bookkeeping)
                 **kwargs, # passed to the language model
                ) -> CausalLMOutputWithPast:
         "Logits (and the weighted loss when labels are given) for a batch of prompts with images."
@@ -218,6 +222,8 @@ class MMModel(PreTrainedModel, GenerationMixin):
         if (input_ids is None) == (inputs_embeds is None): raise ValueError("pass exactly one of input_ids and inputs_embeds")
         if inputs_embeds is None: inputs_embeds = self.get_input_embeddings()(input_ids)
         if pixel_values is not None:
+            if num_tiles is not None and int(num_tiles.sum()) != pixel_values.shape[0]:
+                raise ValueError(f"num_tiles says {int(num_tiles.sum())} tiles but pixel_values holds {pixel_values.shape[0]}")
             if input_ids is None: raise ValueError("pixel_values need input_ids, to find the image tokens")
             if self.config.image_token_id is None: raise ValueError("config.image_token_id is not set: call fit_to_tokenizer(model, tokenizer)")
             inputs_embeds = scatter_image_features(input_ids, inputs_embeds, self.get_image_features(pixel_values), self.config.image_token_id)
@@ -237,6 +243,7 @@ class MMModel(PreTrainedModel, GenerationMixin):
     def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
         "Like transformers', but repeats each sample's tiles as a group ([A, B] → [A, B, A, B]), not tile by tile."
         px = model_kwargs.pop("pixel_values", None)
+        for k in ("num_tiles", "image_flags", "num_images"): model_kwargs.pop(k, None)   # per-tile bookkeeping: not per sample
         if px is not None and expand_size > 1 and input_ids is not None:
             per_sample = (input_ids == self.config.image_token_id).sum(-1)
             if int(per_sample.sum()) != px.shape[0] * self.tokens_per_tile or bool((per_sample % self.tokens_per_tile).any()):
@@ -251,6 +258,23 @@ class MMModel(PreTrainedModel, GenerationMixin):
 AutoConfig.register("mmlit", MMConfig, exist_ok=True)
 AutoModelForImageTextToText.register(MMConfig, MMModel, exist_ok=True)
 AutoModelForCausalLM.register(MMConfig, MMModel, exist_ok=True)
+AutoProcessor.register(MMConfig, MMProcessor, exist_ok=True)
+
+def missing_local_folder(path) -> str | None:
+    "Why `path` names a local folder that does not exist (a message), or None: it exists, or it may be a Hub id."
+    p = os.path.expanduser(str(path))
+    if os.path.isdir(p): return None
+    local = os.path.isabs(p) or p.startswith(".") or p.count("/") > 1 or "\\" in p or (p.count("/") == 1 and os.path.isdir(p.split("/")[0]))
+    if not local: return None
+    parent = next((q for q in Path(p).parents if q.is_dir()), None)
+    near = sorted(x.name for x in parent.iterdir() if x.is_dir() and not x.name.startswith("."))[:8] if parent is not None else []
+    return f"no model folder at {path}" + (f" ({parent} holds: {', '.join(near)})" if near else "")
+
+@patch(cls_method=True)
+def from_pretrained(cls: MMModel, pretrained_model_name_or_path, *args, **kwargs):
+    "transformers' `from_pretrained`, but a mistyped local folder is reported at once instead of being looked up on the Hub."
+    if (why := missing_local_folder(pretrained_model_name_or_path)): raise FileNotFoundError(why)
+    return PreTrainedModel.from_pretrained.__func__(cls, pretrained_model_name_or_path, *args, **kwargs)
 
 # %% ../nbs/03_model.ipynb #dc9fff81
 CONV_VISION = ("resnet",)  # convolutional vision model types `tiny_config` can build

@@ -606,13 +606,17 @@ def save_pretrained(self: MMProcessor, save_directory: str | Path) -> Path:
     os.replace(tmp, d / self.config_name)
     return d
 
+_LOADING_KWARGS = ("trust_remote_code", "cache_dir", "force_download", "local_files_only", "revision", "token", "subfolder")  # Auto classes pass these
+
 @patch(cls_method=True)
 def from_pretrained(cls: MMProcessor, directory: str | Path, # a directory written by `save_pretrained`
                     **overrides, # settings to change on load
                    ) -> MMProcessor:
-    "Load a processor saved with `save_pretrained`."
+    "Load a processor saved with `save_pretrained` (also what `AutoProcessor.from_pretrained` calls)."
+    if not Path(directory).is_dir(): raise FileNotFoundError(f"no processor folder at {directory}")
     f = Path(directory) / cls.config_name
     if not f.is_file(): raise ValueError(f"{directory} is not an mmlit processor directory: {cls.config_name} not found")
+    overrides = {k: v for k, v in overrides.items() if k not in _LOADING_KWARGS and not k.startswith("_")}
     cfg = json.loads(f.read_text()); cfg.pop("processor_class", None); cfg.update(overrides)
     return cls(AutoTokenizer.from_pretrained(str(directory), local_files_only=True), **cfg)
 

@@ -572,12 +572,13 @@ def draw_plan(image, # the image the plan was made for (PIL image or array)
               plan: TilePlan, # the layout to draw
               ax=None, # matplotlib axes (default: a new figure)
              ):
-    "Draw the crop boxes of `plan` over `image`; returns the axes."
+    "Draw the crop boxes of `plan` over `image` (or a smaller copy of the same shape); returns the axes."
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
     W, H = plan.size
     arr = np.asarray(image)
-    if arr.shape[:2] != (H, W): raise ValueError(f"image is {arr.shape[1]}×{arr.shape[0]} but the plan is for {W}×{H}")
+    if abs(arr.shape[1] * H - arr.shape[0] * W) > max(W, H) or arr.shape[1] > W:   # the same image, possibly shrunk
+        raise ValueError(f"image is {arr.shape[1]}×{arr.shape[0]} but the plan is for {W}×{H}")
     if ax is None: ax = plt.subplots(figsize=(5, 5 * H / W))[1]
     ax.imshow(arr, extent=(0, W, H, 0))
     x0, y0, x1, y1 = 0, 0, W, H

@@ -1,5 +1,6 @@
 """The `mmlit` console command, run as a user would run it: `mmlit tile` and the main job `mmlit run`."""
 import json, os, signal, subprocess, sys, time
+import yaml
 from pathlib import Path
 import pytest
 import torch
@@ -44,7 +45,7 @@ def test_tile_bad_inputs_fail_clearly(tmp_path):
 
 def test_unknown_rule_is_rejected():
     r = run('tile', '--rule', 'nonsense')
-    assert r.returncode == 2 and 'invalid choice' in r.stderr
+    assert r.returncode == 2 and "unknown rule 'nonsense'" in r.stderr and 'internvl' in r.stderr
 
 # ---------------------------------------------------------------- mmlit run: the quick recipe end to end
 
@@ -478,3 +479,148 @@ def test_grpo_stage_can_name_the_jigsaw_and_tag_rewards():
     r = REWARDS["jigsaw_paper"](None, ["<answer>1 0 2 3</answer>", "0 1 2 3"], answer=["0,1,2,3", "0,1,2,3"])
     assert r == [jigsaw_reward([1, 0, 2, 3], [0, 1, 2, 3]), 1.0] and s.rewards[0] == "jigsaw_paper"
     assert REWARDS["tag"](None, ["<think>\nx\n</think><answer>3</answer>", "3"], answer=["3", "3"]) == [1.0, 0.0]
+
+# ---------------------------------------------------------------- a message, not a traceback
+
+def _fails(argv, capsys, *needles, code=2):
+    "Run `mmlit argv` in-process; it must exit with `code` and a message holding every needle, no traceback."
+    try: rc = main(argv)
+    except SystemExit as e: rc = e.code
+    err = capsys.readouterr().err
+    assert rc == code, (rc, err)
+    for n in needles: assert n in err, (n, err)
+    assert 'Traceback' not in err
+    return err
+
+def test_tile_out_must_be_a_writable_picture_file(tmp_path, capsys):
+    _fails(['tile', '--rule', 'internvl', '--out', str(tmp_path)], capsys, 'is a folder', 'tiles.png')
+    blocker = tmp_path / 'file'; blocker.write_text('x')
+    _fails(['tile', '--rule', 'internvl', '--out', str(blocker / 'grid.png')], capsys, 'cannot create the folder')
+    _fails(['tile', '--rule', 'internvl', '--out', str(tmp_path / 'grid.xyz')], capsys, 'cannot write .xyz pictures', '.png')
+    assert main(['tile', '--rule', 'internvl', '--out', str(tmp_path / 'grid')]) == 0
+    assert f"wrote {tmp_path / 'grid.png'}" in capsys.readouterr().out
+    Image.open(tmp_path / 'grid.png').verify()
+
+def test_tile_draws_a_huge_image_from_a_small_copy():
+    from mmlit.cli import draw_rules
+    big = Image.new('RGB', (9000, 6000), 'teal')
+    fig = draw_rules(big, rules=['internvl', 'hd'])
+    shown = [ax.images[0].get_array().shape for ax in fig.axes if ax.images]
+    assert shown and all(max(s[:2]) <= 1600 for s in shown), shown
+    assert fig.axes[0].get_xlim()[1] > 8000   # the boxes are drawn in the full image's coordinates
+
+def test_absurd_numbers_are_refused_with_their_bounds(tmp_path, capsys):
+    _fails(['run', '--steps-scale', 'inf'], capsys, 'above 0 and at most 1000')
+    _fails(['run', '--threads', '100000'], capsys, 'cores of this machine')
+    d = load_recipe('quick').to_dict(); d['stages'][0]['steps'] = 10_000_000_000_000
+    f = tmp_path / 'huge.yaml'; f.write_text(yaml.safe_dump(d))
+    _fails(['run', '--recipe', str(f), '--print-recipe'], capsys, 'steps = 10,000,000,000,000', 'typo')
+    too_many = Recipe.from_dict({**load_recipe('quick').to_dict(), 'threads': (os.cpu_count() or 1) + 1})
+    with pytest.raises(ValueError, match='more than the .* cores'): run_recipe(too_many, tmp_path / 'threads', progress=False)
+    assert not (tmp_path / 'threads').exists()
+
+def test_recipe_file_that_is_not_utf8_is_named(tmp_path, capsys):
+    f = tmp_path / 'latin1.yaml'; f.write_bytes('name: caf\xe9\n'.encode('latin-1'))
+    _fails(['run', '--recipe', str(f), '--print-recipe'], capsys, str(f), 'not UTF-8')
+
+def test_a_text_model_is_not_a_vision_encoder():
+    d = load_recipe('quick').to_dict(); d['model']['vision_model_type'] = 'bert'
+    with pytest.raises(ValueError, match="'bert' is not a vision model"): Recipe.from_dict(d)
+    for ok in ('siglip_vision_model', 'clip_vision_model', 'internvl_vision', 'resnet'):
+        d['model']['vision_model_type'] = ok; Recipe.from_dict(d)
+
+def test_a_run_that_fails_to_start_leaves_no_folder(tmp_path, monkeypatch, capsys):
+    import mmlit.cli as cli
+    def broken(recipe): raise ValueError('cannot build this model')
+    monkeypatch.setattr(cli, 'build_model', broken)
+    out = tmp_path / 'never'
+    _fails(['run', '--recipe', 'quick', '--out', str(out), '--quiet'], capsys, 'cannot build this model')
+    assert not out.exists()
+
+def test_two_runs_on_one_folder_the_second_is_refused(tmp_path, capsys):
+    from mmlit.cli import run_lock
+    out = tmp_path / 'busy'
+    with run_lock(out):
+        _fails(['run', '--recipe', 'quick', '--out', str(out), '--quiet'], capsys, 'another mmlit run', str(os.getpid()), str(out))
+        assert not out.exists()
+    with run_lock(out): pass   # released: the folder can be used again
+
+def test_two_run_processes_one_is_refused(tmp_path):
+    "Two real `mmlit run` on the same folder at once: one finishes, the other is refused by the lock."
+    out = tmp_path / 'race'
+    procs = [subprocess.Popen(MMLIT + ['run', '--recipe', 'quick', '--out', str(out), '--quiet', '--steps-scale', '0.1'],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV) for _ in range(2)]
+    res = [(p.wait(timeout=600), p.stderr.read()) for p in procs]
+    codes = sorted(rc for rc, _ in res)
+    assert codes == [0, 2], res
+    err = next(e for rc, e in res if rc == 2)
+    assert ('another mmlit run' in err or 'already holds a run' in err) and 'Traceback' not in err
+
+def test_damaged_checkpoint_says_what_to_do(tmp_path, monkeypatch, capsys):
+    import mmlit.cli as cli
+    def damaged(*a, **k): raise ValueError(f"checkpoint file {tmp_path}/x/model.safetensors fails its SHA-256 check (corrupt or modified)")
+    monkeypatch.setattr(cli, 'run_recipe', damaged)
+    _fails(['run', '--recipe', 'quick', '--out', str(tmp_path / 'r')], capsys, 'SHA-256', "delete that checkpoint's folder",
+           f"mmlit run --out {tmp_path / 'r'} --resume")
+
+def test_ctrl_c_prints_how_to_resume(tmp_path, monkeypatch, capsys):
+    import mmlit.cli as cli
+    def interrupted(*a, **k): raise KeyboardInterrupt
+    monkeypatch.setattr(cli, 'run_recipe', interrupted)
+    _fails(['run', '--recipe', 'quick', '--out', str(tmp_path / 'r')], capsys, 'interrupted', f"mmlit run --out {tmp_path / 'r'} --resume", code=130)
+
+def test_help_answers_without_loading_torch():
+    probe = "import sys, mmlit.main as m; m.build_parser().format_help(); print('torch' in sys.modules, 'transformers' in sys.modules)"
+    assert subprocess.run([sys.executable, '-c', probe], capture_output=True, text=True, check=True).stdout.split() == ['False', 'False']
+    r = run('--help')
+    assert r.returncode == 0 and 'ask' in r.stdout and 'run' in r.stdout
+
+# ---------------------------------------------------------------- mmlit ask
+
+@pytest.fixture(scope='module')
+def count_question(tmp_path_factory):
+    from mmlit.data import make_task
+    s = make_task('count').sample(3, 'test')
+    img = tmp_path_factory.mktemp('ask') / 'count.png'; s['images'][0].save(img)
+    return img, s['conversation'][0]['content'].replace('<image>\n', ''), s
+
+def test_ask_answers_like_evaluate(count_question):
+    "`mmlit ask` on the shipped base model gives the answer the Python route (processor → generate) gives."
+    from mmlit.cli import ask, load_trained
+    from mmlit.train import base_model_dir
+    img, q, s = count_question
+    r = run('ask', str(base_model_dir()), str(img), q)
+    assert r.returncode == 0, r.stderr
+    model, proc = load_trained(base_model_dir())
+    assert r.stdout.strip() == ask(model, proc, Image.open(img).convert('RGB'), q)
+    assert r.stdout.strip().isdigit()
+
+def test_ask_chat_reads_questions_until_an_empty_line(count_question, monkeypatch, capsys):
+    from mmlit.train import base_model_dir
+    img, q, _ = count_question
+    lines = iter([q, q, ''])
+    monkeypatch.setattr('builtins.input', lambda prompt='': next(lines))
+    assert main(['ask', str(base_model_dir()), str(img), '--chat']) == 0
+    out = capsys.readouterr().out.split()
+    assert len(out) == 2 and out[0] == out[1]
+
+def test_ask_bad_inputs(tmp_path, count_question, capsys):
+    from mmlit.train import base_model_dir
+    img, q, _ = count_question
+    _fails(['ask', str(tmp_path / 'no-run' / 'model'), str(img), q], capsys, 'no model folder')
+    _fails(['ask', str(base_model_dir()), str(tmp_path / 'missing.png'), q], capsys, 'missing.png')
+    _fails(['ask', str(base_model_dir()), str(img)], capsys, 'give a question')
+    empty = tmp_path / 'empty'; empty.mkdir()
+    _fails(['ask', str(empty), str(img), q], capsys, 'no model in')
+
+def test_report_python_snippet_runs_as_written(quick_run, tmp_path, count_question):
+    "The report's 'The model' code (Auto classes → processor → generate → batch_decode) runs as printed."
+    import re, runpy
+    out, _ = quick_run
+    report = (out / 'report.md').read_text()
+    code = re.search(r'## The model.*?```python\n(.*?)```', report, flags=re.S).group(1)
+    img, _, _ = count_question
+    script = tmp_path / 'snippet.py'; script.write_text(code.replace('picture.png', str(img)))
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, env=ENV)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip().startswith("['") and 'mmlit ask' in report

@@ -411,3 +411,50 @@ def test_smollm2_answers_and_backs_an_mllm():
     x = tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     with torch.no_grad(): out3 = mm.generate(**x, pixel_values=torch.randn(1, 3, 64, 64), max_new_tokens=4, do_sample=False)
     assert out3.shape[1] <= x["input_ids"].shape[1] + 4
+
+
+def test_expand_inputs_override_still_matches_transformers():
+    "MMModel overrides transformers' private `_expand_inputs_for_generation` (no public hook repeats tiles per sample):"
+    "fail loudly if an upgrade changes the method it wraps."
+    import inspect
+    from transformers import GenerationMixin
+    params = list(inspect.signature(GenerationMixin._expand_inputs_for_generation).parameters)
+    assert params[:4] == ['self', 'expand_size', 'is_encoder_decoder', 'input_ids'] and params[-1] == 'model_kwargs', params
+
+
+def test_the_transformers_way_auto_classes_processor_generate(tmp_path):
+    "AutoProcessor + AutoModelForImageTextToText load a saved pair; the processor's whole output goes into generate."
+    import numpy as np
+    from PIL import Image
+    from transformers import AutoProcessor
+    from mmlit.processing import MMProcessor, tiny_tokenizer
+    seed_everything(0)
+    m = MMModel(tiny_config()).eval()
+    proc = MMProcessor(tiny_tokenizer(), image_size=64, tokens_per_tile=m.tokens_per_tile, max_num=4)
+    fit_to_tokenizer(m, proc.tokenizer)
+    m.save_pretrained(tmp_path); proc.save_pretrained(tmp_path)
+    model, p = AutoModelForImageTextToText.from_pretrained(tmp_path), AutoProcessor.from_pretrained(tmp_path)
+    assert type(p) is MMProcessor and type(model) is MMModel
+    imgs = [Image.fromarray(np.random.default_rng(i).integers(0, 255, (64 * (i + 1), 128, 3), dtype=np.uint8)) for i in range(2)]
+    convs = [[{"role": "user", "content": f"<image>\nquestion {i}?"}] for i in range(2)]
+    inputs = p(convs, images=[[im] for im in imgs], add_generation_prompt=True)
+    assert {'num_tiles', 'image_flags', 'num_images', 'labels'} <= set(inputs)
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=5, do_sample=False)
+        ref = model.generate(input_ids=inputs['input_ids'], attention_mask=inputs['attention_mask'],
+                             pixel_values=inputs['pixel_values'], max_new_tokens=5, do_sample=False)
+        multi = model.generate(**inputs, max_new_tokens=5, do_sample=True, top_k=1, num_return_sequences=2)
+    assert torch.equal(out, ref)
+    assert torch.equal(multi[::2, -5:], out[:, -5:]) and torch.equal(multi[1::2, -5:], out[:, -5:])
+    assert len(p.batch_decode(out[:, inputs['input_ids'].shape[1]:])) == 2
+    with pytest.raises(ValueError, match='num_tiles says'):
+        model(**{**inputs, 'num_tiles': inputs['num_tiles'] + 1})
+
+
+def test_mistyped_local_folder_is_reported_at_once(tmp_path):
+    (tmp_path / 'run' / 'model').mkdir(parents=True)
+    for bad in (tmp_path / 'run' / 'modle', './no-such-folder', str(tmp_path / 'nothing' / 'here')):
+        with pytest.raises(FileNotFoundError, match='no model folder at'):
+            MMModel.from_pretrained(bad)
+    with pytest.raises(FileNotFoundError, match=r'holds: model'):
+        MMModel.from_pretrained(tmp_path / 'run' / 'modle')

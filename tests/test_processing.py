@@ -339,7 +339,9 @@ def test_save_load_round_trip(which, request, tmp_path):
     assert set(x) == set(y)
     for k in x: assert torch.equal(x[k], y[k]), k
     assert q.to_dict() == p.to_dict() and len(q.tokenizer) == len(p.tokenizer)
-    with pytest.raises(ValueError, match="not an mmlit processor directory"): MMProcessor.from_pretrained(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match="no processor folder"): MMProcessor.from_pretrained(tmp_path / "nope")
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(ValueError, match="not an mmlit processor directory"): MMProcessor.from_pretrained(tmp_path / "plain")
 
 
 # ---------------------------------------------------------------- image-token accounting
