@@ -41,11 +41,11 @@ __all__ = ['BACKBONES', 'MAX_COUNT', 'TIER_MEASURES', 'REWARDS', 'RECIPE_FILE', 
            'stage_mixture', 'grpo_prompts', 'recipe_diff', 'prepare_run_dir', 'stage_dir', 'stage_config',
            'skipped_reasons', 'eval_settings', 'train_stage', 'save_model', 'grpo_config', 'tiered_prompts',
            'train_grpo_stage', 'WithRationale', 'evolve_data', 'evolve_heldout', 'evolve_config', 'warmup_config',
-           'train_evolve_stage', 'answer_loss_fn', 'blind_baselines', 'level_ladder', 'plot_ladder', 'run_stages',
-           'run_metrics', 'write_metrics', 'stage_results', 'plot_grpo', 'plot_answer_loss', 'plot_run', 'plot_evolve',
-           'accuracy_table', 'stage_answer_loss', 'grounding', 'grounding_table', 'training_table', 'grpo_table',
-           'evolve_table', 'skipped_section', 'ladder_section', 'write_report', 'run_lock', 'run_recipe', 'run_summary',
-           'run_command', 'load_trained', 'ask', 'ask_command']
+           'train_evolve_stage', 'answer_loss_fn', 'blind_baselines', 'level_ladder', 'plot_ladder',
+           'check_evaluations', 'run_stages', 'run_metrics', 'write_metrics', 'stage_results', 'plot_grpo',
+           'plot_answer_loss', 'plot_run', 'plot_evolve', 'accuracy_table', 'stage_answer_loss', 'grounding',
+           'grounding_table', 'training_table', 'grpo_table', 'evolve_table', 'skipped_section', 'ladder_section',
+           'write_report', 'run_lock', 'run_recipe', 'run_summary', 'run_command', 'load_trained', 'ask', 'ask_command']
 
 # %% ../nbs/11_cli.ipynb #c8a623df
 def sample_photo() -> Path:
@@ -135,7 +135,7 @@ def _is_kind(tp, v) -> bool:
     if tp is str: return isinstance(v, (str, int, float)) and not isinstance(v, bool)   # stage: 1.5 is the string "1.5"
     return isinstance(v, tp)
 
-def _number(v):
+def _yaml_float(v):
     "YAML 1.1 reads `1e-3` (no dot) as a string: accept numeric strings where a number is expected."
     try: return float(v) if isinstance(v, str) else v
     except ValueError: return v
@@ -153,7 +153,7 @@ def check_value(tp, # the field's type annotation
     if typing.get_origin(tp) is list:
         if not isinstance(v, list): raise ValueError(f"{where} must be a list, got {v!r:.60}")
         return [check_value(typing.get_args(tp)[0], x, _key(where, i)) for i, x in enumerate(v)]
-    if tp is float: v = _number(v)
+    if tp is float: v = _yaml_float(v)
     if not _is_kind(tp, v): raise ValueError(f"{where} must be {_KINDS[tp]}, got {v!r:.60}")
     return float(v) if tp is float else str(v) if tp is str else v
 
@@ -203,6 +203,7 @@ def is_vision_type(model_type: str) -> bool:
 def _positive(obj, *names): _integers(obj, names, 1, "a positive integer")
 def _nonnegative(obj, *names): _integers(obj, names, 0, "an integer >= 0")
 
+# %% ../nbs/11_cli.ipynb #b0bfb601
 @dataclass
 class ModelRecipe:
     "The model: a vision encoder (from scratch) → pixel unshuffle → projector → a text backbone."
@@ -268,6 +269,7 @@ class TaskRecipe:
         "The task object."
         return make_task(self.name, **{**self.kwargs, **overrides})
 
+# %% ../nbs/11_cli.ipynb #18523f37
 @dataclass
 class StageRecipe:
     "One supervised training stage (see `TrainConfig`); `stage: grpo` is a `GRPOStageRecipe`, `stage: evolve` an `EvolveStageRecipe`."
@@ -305,6 +307,7 @@ REWARDS = {"accuracy": accuracy_reward, "format": format_reward, "tag": tag_accu
            "jigsaw_paper": _jigsaw.jigsaw_reward_func(0.2, "paper"), "jigsaw_code": _jigsaw.jigsaw_reward_func(0.2, "code"),
            "jigsaw_exact": _jigsaw.jigsaw_reward_func(0.0), "order_format": _jigsaw.order_format_reward}
 
+# %% ../nbs/11_cli.ipynb #7eb2ad4c
 @dataclass
 class GRPOStageRecipe:
     "A GRPO stage (see `GRPOConfig`): sample several answers per question, reward the right ones, move towards them."
@@ -360,6 +363,7 @@ class GRPOStageRecipe:
     @property
     def peak_lr(self) -> float: return self.lr
 
+# %% ../nbs/11_cli.ipynb #805ac7e9
 @dataclass
 class EvalRecipe:
     "The evaluation after each stage (see `evaluate`)."
@@ -383,7 +387,7 @@ def has_rationale(task: Task) -> bool:
     "Can `mmlit.evolve` write the task's gold reasoning (a writer in `RATIONALES`, or the task's `describe` caption)?"
     return task.name in RATIONALES or type(task).describe is not Task.describe
 
-
+# %% ../nbs/11_cli.ipynb #8c1a0ee2
 @dataclass
 class EvolveStageRecipe:
     "A self-evolution stage (M-STaR, `SelfEvolver`): a warm-up on gold reasoning, then rounds of sample → keep the right answers → SFT."
@@ -593,6 +597,7 @@ def _data_counts(recipe: Recipe, i: int) -> list[int]:
     need, total = s.steps * s.batch_size * s.grad_accum * (4 if recipe.packing else 1), sum(t.weight for t in s.data)
     return [math.ceil(need * t.weight / total) for t in s.data]
 
+# %% ../nbs/11_cli.ipynb #b5f7d8e2
 def _used_before(recipe: Recipe, i: int) -> Counter:
     "Task name → training samples of it read before stage `i` (the run's mixture, earlier `data`, GRPO and evolve stages)."
     used = Counter(_task_counts(recipe))
@@ -759,6 +764,7 @@ def tiered_prompts(model: MMModel, # the model as it enters the GRPO stage (its 
     log(f"stage grpo: {len(kept)} of {len(scored)} questions in tiers {s.tiers} by {s.tier_by} ({counts}), scored in {time.perf_counter() - t0:.1f} s")
     return kept
 
+# %% ../nbs/11_cli.ipynb #5d14b563
 def train_grpo_stage(model: MMModel, # the model the previous stage left (trained in place)
                      processor: MMProcessor, # the processor matching it
                      data, # the stage's questions (`grpo_prompts`)
@@ -949,6 +955,18 @@ def _rm(path: Path):
     "Delete a folder: renamed aside first, so it is never seen half-deleted."
     if path.is_dir(): trash = path.with_name(f".{path.name}.deleting-{uuid.uuid4().hex[:8]}"); os.replace(path, trash); shutil.rmtree(trash)
 
+# %% ../nbs/11_cli.ipynb #411bee36
+def check_evaluations(dirs: list[Path], # the stage folders of a run
+                     ):
+    "ValueError naming the first stage whose saved evaluation (`eval.json`) cannot be read, and what to do about it."
+    for i, d in enumerate(dirs):
+        if not (f := d / "eval.json").is_file(): continue
+        try: EvalResults.load(f)
+        except (ValueError, KeyError, TypeError) as e:
+            redo = ("its evaluation is redone from the stage's model" if (d / "final" / MANIFEST).is_file()
+                    else "the report then lists that stage as not evaluated (its model is no longer kept)")
+            raise ValueError(f"the evaluation after stage {i + 1} is damaged ({e}); delete {f} and run again with --resume: {redo}") from None
+
 def run_stages(model: MMModel, processor: MMProcessor, recipe: Recipe, out: str | Path, log: RunLog, progress: bool = True) -> MMModel:
     "Train and evaluate every stage not finished yet (resuming where a previous run stopped); the final model."
     dirs = [stage_dir(out, recipe, i) for i in range(len(recipe.stages))]
@@ -1051,6 +1069,7 @@ def plot_grpo(runs: dict, # label → GRPO stage folder
     axs[0][0].legend(fontsize=7); fig.tight_layout()
     return fig
 
+# %% ../nbs/11_cli.ipynb #0dd82af1
 def plot_answer_loss(rows: list[dict], # run_metrics rows with `answer_loss/<task>` keys (on the run's step axis)
                      blind: dict[str, BlindBaseline], # task → its image-blind baseline (dashed line)
                      ax, # a matplotlib axes
@@ -1066,6 +1085,7 @@ def plot_answer_loss(rows: list[dict], # run_metrics rows with `answer_loss/<tas
     ax.set_title("held-out answer loss; dashed: the image-blind loss", fontsize=10); ax.legend(fontsize=7)
     return ax
 
+# %% ../nbs/11_cli.ipynb #fa5cc791
 def plot_run(out: str | Path, recipe: Recipe) -> list[Path]:
     "Draw `loss.png` (training loss of the supervised stages and warm-ups), `reward.png` (GRPO), `evolve.png` (self-evolution) and `accuracy.png` (per task and stage vs chance)."
     import matplotlib; import matplotlib.pyplot as plt
@@ -1149,6 +1169,7 @@ def grounding(out: str | Path, recipe: Recipe) -> dict[str, dict]:
                             loss=loss, blind_loss=b.loss, grounded=v.grounded, sentence=v.sentence, x_chance=s["x_chance"])
     return rows
 
+# %% ../nbs/11_cli.ipynb #5d66eb99
 def grounding_table(rows: dict[str, dict]) -> str:
     "Markdown: per task chance, the image-blind baseline, the model (accuracy with 95 % interval, answer loss) and the verdict."
     lines = ["| task | chance % | blind % (95 % CI) | model % (95 % CI) | × chance | blind loss | answer loss | grounded |",
@@ -1184,6 +1205,7 @@ def training_table(out: str | Path, recipe: Recipe) -> str:
                      f"{seen:,} | {tr[-1].get('skipped', 0) if tr else 0} | {secs('train_s')} | {secs('eval_s')} |")
     return "\n".join(lines)
 
+# %% ../nbs/11_cli.ipynb #d91be37c
 def grpo_table(out: str | Path, recipe: Recipe) -> str:
     "Markdown: one row per GRPO stage: reward, zero-variance groups, KL, clipping, answer length and step time (first step → mean of the last 10)."
     lines = ["| # | questions × answers | temperature | beta | loss | mean reward | zero-variance groups | KL | clipped tokens | answer tokens | s per step |",
@@ -1249,6 +1271,7 @@ def _grpo_section(out, recipe) -> list[str]:
             "(0 unless `beta` > 0); the share of tokens whose probability ratio was clipped; the answer length.",
             grpo_table(out, recipe), "![GRPO curves](reward.png)"]
 
+# %% ../nbs/11_cli.ipynb #87ccdae6
 def write_report(out: str | Path, # the run folder
                  recipe: Recipe, # the recipe it ran
                  info: dict, # model facts: parameters, tokens_per_tile, device, threads, wall_s, resumed
@@ -1256,6 +1279,8 @@ def write_report(out: str | Path, # the run folder
     "Write `report.md`: accuracy per stage vs chance with intervals, training, skipped samples, plots, model, recipe."
     out, res = Path(out), stage_results(out, recipe)
     last = list(res.values())[-1] if res else None
+    done = [i for i in range(len(recipe.stages)) if (stage_dir(out, recipe, i) / "final" / MANIFEST).is_file() or (out / "model" / MANIFEST).is_file()]
+    unevaluated = [f"{i + 1} ({recipe.stages[i].stage})" for i in done if not (stage_dir(out, recipe, i) / "eval.json").is_file()]
     timing = [json.loads((stage_dir(out, recipe, i) / "timing.json").read_text()) for i in range(len(recipe.stages))
               if (stage_dir(out, recipe, i) / "timing.json").is_file()]
     train_s, eval_s = sum(t.get("train_s", 0) for t in timing), sum(t.get("eval_s", 0) for t in timing)
@@ -1268,7 +1293,8 @@ def write_report(out: str | Path, # the run folder
              f"Exact match on {recipe.eval.n} held-out `{recipe.eval.split}` questions per task (greedy decoding); in brackets the 95 % "
              "Wilson interval. Chance is the accuracy of guessing uniformly among each question's options; `all` pools every question.",
              _reasoning_note(recipe),
-             accuracy_table(res) if res else "No evaluation yet.", "![accuracy per task and stage](accuracy.png)" if res else "",
+             accuracy_table(res) if res else "No evaluation yet.",
+             f"**Not evaluated**: stage {', '.join(unevaluated)} (no `eval.json`), so the table has no column for it." if unevaluated else "", "![accuracy per task and stage](accuracy.png)" if res else "",
              "### Does the model use the image?",
              "Against the image-blind baseline (the best answer from the question alone, fitted on "
              f"{recipe.eval.blind_n} training questions per task, scored on the same test questions): a task is grounded when the "
@@ -1342,6 +1368,7 @@ def run_lock(out: str | Path, # the run folder (it need not exist yet)
             f.seek(0); f.truncate(); f.write(str(os.getpid())); f.flush()
         yield out
 
+# %% ../nbs/11_cli.ipynb #de7ec4fc
 def run_recipe(recipe: Recipe, # what to run
                out: str | Path | None = None, # the run folder (default: runs/<recipe name>)
                resume: bool = False, # continue the run in `out`
@@ -1362,6 +1389,7 @@ def run_recipe(recipe: Recipe, # what to run
             if not resumed: shutil.rmtree(out, ignore_errors=True)   # a run that never started leaves no folder behind
             raise
         final = out / "model"
+        check_evaluations([stage_dir(out, recipe, i) for i in range(len(recipe.stages))])   # before any training or report
         if (final / MANIFEST).is_file(): verify_checkpoint(final); log("every stage is finished; rewriting the report")
         else:
             try: model = run_stages(model, proc, recipe, out, log, progress)
@@ -1377,6 +1405,7 @@ def run_recipe(recipe: Recipe, # what to run
         p = write_report(out, recipe, info); log(f"report {p}")
     return p
 
+# %% ../nbs/11_cli.ipynb #b888f81e
 def run_summary(out: str | Path, # a finished run folder
                ) -> dict:
     "A finished run in a few numbers: recipe, seed, seconds (wall, training, evaluation) and the grounding row of each task."

@@ -14,6 +14,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
+from .model import token_ce
+from .processing import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, image_line
 
 # %% auto #0
 __all__ = ['SPLITS', 'IMAGE', 'VIDEO', 'CAPTION_PROMPT', 'COLOURS', 'SHAPES', 'BACKGROUND', 'LEVELS', 'DEFAULT_LEVEL',
@@ -31,7 +33,7 @@ __all__ = ['SPLITS', 'IMAGE', 'VIDEO', 'CAPTION_PROMPT', 'COLOURS', 'SHAPES', 'B
 
 # %% ../nbs/04_data.ipynb #07c1b7b7
 SPLITS = ("train", "validation", "test")  # the three splits every task offers
-IMAGE, VIDEO = "<image>", "<video>"  # the placeholders a conversation holds (expanded later by the processor)
+IMAGE, VIDEO = IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER  # the placeholders a conversation holds (the processor's, chapter 02)
 CAPTION_PROMPT = "Describe the image."  # the question of every caption sample (see *Dense captions*)
 
 def user_prompt(question: str, # the question text
@@ -40,8 +42,7 @@ def user_prompt(question: str, # the question text
                ) -> str:
     "The user turn: one `<image>` (or `Image-{i}: <image>` lines for several), or one `<video>`, then the question."
     if video: return f"{VIDEO}\n{question}"
-    if n_images == 1: return f"{IMAGE}\n{question}"
-    return "".join(f"Image-{i + 1}: {IMAGE}\n" for i in range(n_images)) + question
+    return "".join(image_line(i + 1, n_images) for i in range(n_images)) + question
 
 def media(sample: dict, # a sample from a task
          ) -> dict:
@@ -535,6 +536,7 @@ def digit_image(index: int, # index into `load_digit_images()`
 DIGIT_LAYOUTS = {1: ((.5,), (.34, .40), .03, .15), 2: ((.27, .73), (.34, .40), .03, .15),
                  3: ((.19, .5, .81), (.19, .23), .02, .08), 4: ((.155, .385, .615, .845), (.14, .17), .015, .06)}
 
+# %% ../nbs/04_data.ipynb #41406de5
 class DigitSum(Task):
     "The sum of 1–4 handwritten digits (sklearn's digits, split by image): chance = the most likely sum's probability."
     name = "digit_sum"
@@ -859,6 +861,7 @@ def _most_probable(counts: Counter, opts: list) -> str:
     first = {a: i for i, a in enumerate(counts)}
     return min(opts, key=lambda o: (-counts[o], first.get(o, len(first)), opts.index(o)))
 
+# %% ../nbs/04_data.ipynb #1a4b54a5
 def blind_baseline(train: Iterable[dict], # samples the answer frequencies are fitted on
                    test: Iterable[dict], # samples they are scored on
                    key: Callable[[dict], str] = question_text, # what counts as the same question (default: its text)
@@ -1108,14 +1111,13 @@ def weighted_loss(logits_or_ce: torch.Tensor, # (B, T, V) logits, or (B, T) per-
     "Σ w·CE / Σ w over the supervised tokens (Σ w replaced by `global_denominator` when given)."
     x = logits_or_ce
     if x.shape[:2] != labels.shape or x.dim() not in (2, 3): raise ValueError(f"logits/ce {tuple(x.shape)} do not match labels {tuple(labels.shape)}")
-    if x.dim() == 3 and shift:
-        x, labels = x[:, :-1], labels[:, 1:]
-        weights, sample_ids = (None if weights is None else weights[:, 1:]), (None if sample_ids is None else sample_ids[:, 1:])
+    if x.dim() == 3:
+        x = token_ce(x, labels, ignore_index, shift)   # the model's per-token core (chapter 03)
+        if shift: labels, weights, sample_ids = labels[:, 1:], *(None if t is None else t[:, 1:] for t in (weights, sample_ids))
     if weights is None: weights = loss_weights(labels, mode, sample_ids, ignore_index)
     elif weights.shape != labels.shape: raise ValueError(f"weights {tuple(weights.shape)} do not match labels {tuple(labels.shape)}")
     mask = labels != ignore_index
-    if x.dim() == 3: ce = F.cross_entropy(x.reshape(-1, x.shape[-1]).float(), labels.reshape(-1), ignore_index=ignore_index, reduction="none").view(labels.shape)
-    else: ce = torch.where(mask, x.float(), torch.zeros_like(x, dtype=torch.float))
+    ce = torch.where(mask, x.float(), torch.zeros_like(x, dtype=torch.float))
     w = torch.where(mask, weights.float(), torch.zeros_like(weights, dtype=torch.float))
     den = w.sum() if global_denominator is None else torch.as_tensor(global_denominator, dtype=torch.float, device=w.device)
     return (w * ce).sum() / den.clamp_min(1e-12)  # no supervised token anywhere: 0 (with a graph), not NaN
@@ -1184,6 +1186,7 @@ def collate_packed(samples: list[dict], # outputs of `MMProcessor.process` (unpa
                              num_tiles=torch.tensor([t for i in order for t in samples[i]["num_tiles"]], dtype=torch.long),
                              num_images=torch.tensor([len(samples[i]["num_tiles"]) for i in order], dtype=torch.long)))
 
+# %% ../nbs/04_data.ipynb #c5f98cde
 def check_packs(packs: list[list[int]], # sample indices of each row
                 lengths: list[int], # tokens of each sample
                 tiles: list[int], # image tiles of each sample
@@ -1225,6 +1228,7 @@ def take_rows(sizes: list[tuple[int, int]], # (tokens, tiles) of the samples in 
     fill = lambda p: sum(sizes[i][0] for i in p)
     return sorted([packs[0]] + sorted(packs[1:], key=lambda p: (-fill(p), p[0]))[:rows - 1], key=lambda p: p[0])
 
+# %% ../nbs/04_data.ipynb #c2ec7625
 def pack_stream(samples: Iterable[dict], # processed samples (`MMProcessor.process` outputs), in order
                 pad_token_id: int, # padding id
                 rows: int, # packed rows per batch

@@ -248,6 +248,7 @@ def clopper_pearson_interval(successes: int, # number right
     hi = 1.0 if k == n else _bisect(lambda p: a - binom_cdf(k, n, p))           # P(X <= k | p) falls with p
     return lo, hi
 
+# %% ../nbs/06_eval.ipynb #e5166e46
 def proportion_ci(successes: float, # number right
                   n: int, # number of questions
                   confidence: float = 0.95, # two-sided level

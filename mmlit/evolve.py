@@ -184,6 +184,7 @@ def sft_loss(model: nn.Module, # the policy
 VARIANTS = ("continuous", "iterative", "restem")  # how a self-evolution round starts (see the table above)
 TEMPERATURES = tuple(round(0.3 + 0.1 * i, 1) for i in range(14))  # the automatic-temperature grid, 0.3 … 1.6
 
+# %% ../nbs/08_evolve.ipynb #130c6f28
 @dataclass
 class EvolveConfig:
     "Every setting of a self-evolution run (saved in each checkpoint)."

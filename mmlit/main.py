@@ -35,6 +35,7 @@ def positive_scale(s: str) -> float:
     if not (math.isfinite(v) and 0 < v <= 1000): raise argparse.ArgumentTypeError(f"{s} is not a number above 0 and at most 1000")
     return v
 
+# %% ../nbs/11a_main.ipynb #3f5d648e
 def build_parser() -> argparse.ArgumentParser:
     "The `mmlit` argument parser with its sub-commands."
     p = argparse.ArgumentParser(prog='mmlit', description='Learn, build and post-train small multimodal LLMs.')

@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['CONV_VISION', 'STAGES', 'unshuffle_factor', 'pixel_unshuffle', 'MMProjector', 'patch_grid', 'feature_stride',
-           'vision_channels', 'scatter_image_features', 'weighted_lm_loss', 'MMConfig', 'MMModel',
+           'vision_channels', 'scatter_image_features', 'token_ce', 'weighted_lm_loss', 'MMConfig', 'MMModel',
            'missing_local_folder', 'conv_vision_config', 'tiny_config', 'sincos_2d', 'init_sincos_positions',
            'fit_to_tokenizer', 'from_parts', 'trainable_counts', 'set_trainable', 'lora_targets', 'add_lora',
            'to_internvl', 'from_internvl', 'mmlit_cache_dir', 'smollm2_gguf_path', 'load_smollm2']
@@ -118,6 +118,15 @@ def scatter_image_features(input_ids: torch.Tensor, # token ids (B, L)
     return inputs_embeds.masked_scatter(mask[..., None], image_features.to(inputs_embeds.dtype))
 
 # %% ../nbs/03_model.ipynb #31167df8
+def token_ce(logits: torch.Tensor, # (B, L, V)
+             labels: torch.Tensor, # (B, L) token ids, `ignore_index` where not supervised
+             ignore_index: int = -100, # label value of unsupervised tokens
+             shift: bool = True, # position t predicts label t+1 (False: label t)
+            ) -> torch.Tensor:
+    "Cross-entropy of every predicted token in fp32: (B, L-1) with `shift`, else (B, L); 0 where the label is ignored."
+    x, y = (logits[:, :-1], labels[:, 1:]) if shift else (logits, labels)
+    return F.cross_entropy(x.flatten(0, 1).float(), y.flatten(), ignore_index=ignore_index, reduction="none").view(y.shape)
+
 def weighted_lm_loss(logits: torch.Tensor, # (B, L, V)
                      labels: torch.Tensor, # (B, L) token ids to predict, -100 where not supervised
                      loss_weights: torch.Tensor | None = None, # (B, L) weight of each label token; None: all 1
@@ -128,9 +137,8 @@ def weighted_lm_loss(logits: torch.Tensor, # (B, L, V)
     if loss_weights is not None and loss_weights.shape != labels.shape:
         raise ValueError(f"loss_weights {tuple(loss_weights.shape)} must have the shape of labels {tuple(labels.shape)}")
     y = labels[:, 1:]
-    ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), y.flatten(), ignore_index=ignore_index, reduction="none")
     w = (y != ignore_index).float() * (1.0 if loss_weights is None else loss_weights[:, 1:].float())
-    return (ce * w.flatten()).sum() / w.sum().clamp(min=1e-12)
+    return (token_ce(logits, labels, ignore_index) * w).sum() / w.sum().clamp(min=1e-12)
 
 # %% ../nbs/03_model.ipynb #e1ccbbdd
 class MMConfig(PreTrainedConfig):
@@ -201,58 +209,62 @@ class MMModel(PreTrainedModel, GenerationMixin):
         g = pixel_unshuffle(g, self.config.downsample_ratio, self.config.ps_version)
         return self.projector(g.reshape(g.shape[0], -1, g.shape[-1]))
 
-    def forward(self, input_ids: torch.LongTensor | None = None, # token ids (B, L) with `<IMG_CONTEXT>` × tokens per tile per tile
-                attention_mask: torch.Tensor | None = None, # (B, L) 1 for real tokens, 0 for padding
-                pixel_values: torch.Tensor | None = None, # all tiles of the batch, in prompt order (tiles, 3, H, W)
-                labels: torch.LongTensor | None = None, # (B, L) targets, -100 where not supervised
-                position_ids: torch.LongTensor | None = None, # (B, L); default: from the attention mask
-                cache=None, # KV cache (`generate` passes it between steps)
-                inputs_embeds: torch.Tensor | None = None, # instead of `input_ids` (text only)
-                loss_weights: torch.Tensor | None = None, # (B, L) per-token loss weights (see `weighted_lm_loss`)
-                use_cache: bool | None = None, # return a KV cache
-                logits_to_keep: int | torch.Tensor = 0, # compute logits for the last n positions only (0: all)
-                num_tiles: torch.Tensor | None = None, # the processor's tiles per image: checked against `pixel_values`
-                image_flags: torch.Tensor | None = None, # the processor's per-tile flags (bookkeeping; tiles are found by their tokens)
-                num_images: torch.Tensor | None = None, # the processor's images per sample (bookkeeping)
-                **kwargs, # passed to the language model
-               ) -> CausalLMOutputWithPast:
-        "Logits (and the weighted loss when labels are given) for a batch of prompts with images."
-        if "past_key_values" in kwargs:   # renamed in transformers 5; passed on, the LLM would ignore it
-            raise ValueError("pass the KV cache as cache=, not past_key_values= (renamed in transformers 5)")
-        if (input_ids is None) == (inputs_embeds is None): raise ValueError("pass exactly one of input_ids and inputs_embeds")
-        if inputs_embeds is None: inputs_embeds = self.get_input_embeddings()(input_ids)
-        if pixel_values is not None:
-            if num_tiles is not None and int(num_tiles.sum()) != pixel_values.shape[0]:
-                raise ValueError(f"num_tiles says {int(num_tiles.sum())} tiles but pixel_values holds {pixel_values.shape[0]}")
-            if input_ids is None: raise ValueError("pixel_values need input_ids, to find the image tokens")
-            if self.config.image_token_id is None: raise ValueError("config.image_token_id is not set: call fit_to_tokenizer(model, tokenizer)")
-            inputs_embeds = scatter_image_features(input_ids, inputs_embeds, self.get_image_features(pixel_values), self.config.image_token_id)
-        elif input_ids is not None and self.config.image_token_id is not None and (cache is None or cache.get_seq_length() == 0):
-            if n := int((input_ids == self.config.image_token_id).sum()):
-                raise ValueError(f"image tokens and image features do not match: the input holds {n} {IMG_CONTEXT} tokens but no pixel_values were given")
-        if position_ids is None and attention_mask is not None and attention_mask.ndim == 2:
-            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -inputs_embeds.shape[1]:]
-        if use_cache is None and cache is None and attention_mask is None and position_ids is not None:
-            use_cache = False   # packed rows: transformers isolates the samples only when no cache is being built
-        out = self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
-                                  cache=cache, use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs)
-        loss = None if labels is None else weighted_lm_loss(out.logits, labels, loss_weights)
-        return CausalLMOutputWithPast(loss=loss, logits=out.logits, cache=out.cache,
-                                      hidden_states=out.hidden_states, attentions=out.attentions)
+# %% ../nbs/03_model.ipynb #70bfd266
+@patch
+def forward(self: MMModel, input_ids: torch.LongTensor | None = None, # token ids (B, L) with `<IMG_CONTEXT>` × tokens per tile per tile
+            attention_mask: torch.Tensor | None = None, # (B, L) 1 for real tokens, 0 for padding
+            pixel_values: torch.Tensor | None = None, # all tiles of the batch, in prompt order (tiles, 3, H, W)
+            labels: torch.LongTensor | None = None, # (B, L) targets, -100 where not supervised
+            position_ids: torch.LongTensor | None = None, # (B, L); default: from the attention mask
+            cache=None, # KV cache (`generate` passes it between steps)
+            inputs_embeds: torch.Tensor | None = None, # instead of `input_ids` (text only)
+            loss_weights: torch.Tensor | None = None, # (B, L) per-token loss weights (see `weighted_lm_loss`)
+            use_cache: bool | None = None, # return a KV cache
+            logits_to_keep: int | torch.Tensor = 0, # compute logits for the last n positions only (0: all)
+            num_tiles: torch.Tensor | None = None, # the processor's tiles per image: checked against `pixel_values`
+            image_flags: torch.Tensor | None = None, # the processor's per-tile flags (bookkeeping; tiles are found by their tokens)
+            num_images: torch.Tensor | None = None, # the processor's images per sample (bookkeeping)
+            **kwargs, # passed to the language model
+           ) -> CausalLMOutputWithPast:
+    "Logits (and the weighted loss when labels are given) for a batch of prompts with images."
+    if "past_key_values" in kwargs:   # renamed in transformers 5; passed on, the LLM would ignore it
+        raise ValueError("pass the KV cache as cache=, not past_key_values= (renamed in transformers 5)")
+    if (input_ids is None) == (inputs_embeds is None): raise ValueError("pass exactly one of input_ids and inputs_embeds")
+    if inputs_embeds is None: inputs_embeds = self.get_input_embeddings()(input_ids)
+    if pixel_values is not None:
+        if num_tiles is not None and int(num_tiles.sum()) != pixel_values.shape[0]:
+            raise ValueError(f"num_tiles says {int(num_tiles.sum())} tiles but pixel_values holds {pixel_values.shape[0]}")
+        if input_ids is None: raise ValueError("pixel_values need input_ids, to find the image tokens")
+        if self.config.image_token_id is None: raise ValueError("config.image_token_id is not set: call fit_to_tokenizer(model, tokenizer)")
+        inputs_embeds = scatter_image_features(input_ids, inputs_embeds, self.get_image_features(pixel_values), self.config.image_token_id)
+    elif input_ids is not None and self.config.image_token_id is not None and (cache is None or cache.get_seq_length() == 0):
+        if n := int((input_ids == self.config.image_token_id).sum()):
+            raise ValueError(f"image tokens and image features do not match: the input holds {n} {IMG_CONTEXT} tokens but no pixel_values were given")
+    if position_ids is None and attention_mask is not None and attention_mask.ndim == 2:
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -inputs_embeds.shape[1]:]
+    if use_cache is None and cache is None and attention_mask is None and position_ids is not None:
+        use_cache = False   # packed rows: transformers isolates the samples only when no cache is being built
+    out = self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
+                              cache=cache, use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs)
+    loss = None if labels is None else weighted_lm_loss(out.logits, labels, loss_weights)
+    return CausalLMOutputWithPast(loss=loss, logits=out.logits, cache=out.cache,
+                                  hidden_states=out.hidden_states, attentions=out.attentions)
 
-    def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
-        "Like transformers', but repeats each sample's tiles as a group ([A, B] → [A, B, A, B]), not tile by tile."
-        px = model_kwargs.pop("pixel_values", None)
-        for k in ("num_tiles", "image_flags", "num_images"): model_kwargs.pop(k, None)   # per-tile bookkeeping: not per sample
-        if px is not None and expand_size > 1 and input_ids is not None:
-            per_sample = (input_ids == self.config.image_token_id).sum(-1)
-            if int(per_sample.sum()) != px.shape[0] * self.tokens_per_tile or bool((per_sample % self.tokens_per_tile).any()):
-                raise ValueError(f"image tokens per sample {per_sample.tolist()} do not split into {px.shape[0]} tiles of {self.tokens_per_tile} tokens")
-            groups = px.split((per_sample // self.tokens_per_tile).tolist())
-            px = torch.cat([g for g in groups for _ in range(expand_size)])
-        input_ids, model_kwargs = GenerationMixin._expand_inputs_for_generation(self, expand_size, is_encoder_decoder, input_ids, **model_kwargs)
-        if px is not None: model_kwargs["pixel_values"] = px
-        return input_ids, model_kwargs
+# %% ../nbs/03_model.ipynb #4daca82a
+@patch
+def _expand_inputs_for_generation(self: MMModel, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
+    "Like transformers', but repeats each sample's tiles as a group ([A, B] → [A, B, A, B]), not tile by tile."
+    px = model_kwargs.pop("pixel_values", None)
+    for k in ("num_tiles", "image_flags", "num_images"): model_kwargs.pop(k, None)   # per-tile bookkeeping: not per sample
+    if px is not None and expand_size > 1 and input_ids is not None:
+        per_sample = (input_ids == self.config.image_token_id).sum(-1)
+        if int(per_sample.sum()) != px.shape[0] * self.tokens_per_tile or bool((per_sample % self.tokens_per_tile).any()):
+            raise ValueError(f"image tokens per sample {per_sample.tolist()} do not split into {px.shape[0]} tiles of {self.tokens_per_tile} tokens")
+        groups = px.split((per_sample // self.tokens_per_tile).tolist())
+        px = torch.cat([g for g in groups for _ in range(expand_size)])
+    input_ids, model_kwargs = GenerationMixin._expand_inputs_for_generation(self, expand_size, is_encoder_decoder, input_ids, **model_kwargs)
+    if px is not None: model_kwargs["pixel_values"] = px
+    return input_ids, model_kwargs
 
 # %% ../nbs/03_model.ipynb #6115bc10
 AutoConfig.register("mmlit", MMConfig, exist_ok=True)
@@ -471,6 +483,7 @@ def to_internvl(model: MMModel, # an MMModel with an InternVL vision encoder
     hf.generation_config = copy.deepcopy(model.generation_config)
     return hf.train(model.training)
 
+# %% ../nbs/03_model.ipynb #c7d3abae
 def from_internvl(hf_model, # a transformers `InternVLForConditionalGeneration`
                  ) -> MMModel:
     "An `MMModel` with the weights of a transformers InternVL model (same logits)."

@@ -22,8 +22,8 @@ __all__ = ['IMG_START', 'IMG_END', 'IMG_CONTEXT', 'IMAGE_PLACEHOLDER', 'VIDEO_PL
            'BOS_TOKEN', 'IMAGE_TOKENS', 'IGNORE_INDEX', 'ROLES', 'JPEG_MIN_TILE', 'TINY_SPECIAL_TOKENS',
            'CHAT_TEMPLATE', 'PLACEHOLDER_RE', 'SQUARE_TILE_RULES', 'TOKEN_KINDS', 'tokens_per_tile', 'jpeg_compress',
            'random_jpeg', 'jpeg_applies', 'image_pixels', 'tiny_corpus', 'build_tiny_tokenizer', 'tiny_tokenizer_path',
-           'add_mm_tokens', 'tiny_tokenizer', 'check_conversation', 'render_chat', 'image_span', 'video_span',
-           'expand_placeholders', 'tokenize_with_labels', 'MMProcessor', 'token_kinds', 'show_tokens']
+           'add_mm_tokens', 'tiny_tokenizer', 'check_conversation', 'image_line', 'render_chat', 'image_span',
+           'video_span', 'expand_placeholders', 'tokenize_with_labels', 'MMProcessor', 'token_kinds', 'show_tokens']
 
 # %% ../nbs/02_processing.ipynb #0d4ea7e6
 IMG_START, IMG_END, IMG_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"  # an image span: start, one context token per visual feature, end
@@ -248,6 +248,12 @@ def _check_turn_order(roles, add_generation_prompt):
         raise ValueError("add_generation_prompt=True needs the conversation to end with a user turn, it ends with an assistant turn")
 
 # %% ../nbs/02_processing.ipynb #e856a15e
+def image_line(i: int, # the image's number, from 1
+               n_images: int, # images in the conversation
+              ) -> str:
+    "The prompt line of image `i`: `<image>` alone, or `Image-i: <image>` when there are several (InternVL's multi-image format)."
+    return (f"Image-{i}: " if n_images > 1 else "") + IMAGE_PLACEHOLDER + "\n"
+
 def _render_content(content, n_images, i):
     "Text of one message's content; `i` counts image parts so far (for Image-{i} labels)."
     if isinstance(content, str): return content, i
@@ -257,7 +263,7 @@ def _render_content(content, n_images, i):
         elif p["type"] == "video": text += VIDEO_PLACEHOLDER + "\n"
         else:
             i += 1
-            text += (f"Image-{i}: " if n_images > 1 else "") + IMAGE_PLACEHOLDER + "\n"
+            text += image_line(i, n_images)
     return text, i
 
 def render_chat(messages: list[dict], # a conversation checked by `check_conversation`
@@ -576,50 +582,6 @@ def __call__(self: MMProcessor, conversations: list, # one conversation, or a li
         except ValueError as e: raise ValueError(f"conversation {k}: {e}") from e
     return self.collate(samples, padding_side or ("left" if add_generation_prompt else "right"), pad_to_multiple_of)
 
-# %% ../nbs/02_processing.ipynb #a122d91d
-@patch
-def model_inputs(self: MMProcessor, batch: dict, # a processor output
-                 labels: bool = True, # keep the labels (training, evaluation loss)
-                ) -> dict:
-    "The part of a batch a model's forward takes: input_ids, attention_mask, pixel_values (if any tiles), labels."
-    keep = [k for k in self.model_input_names if k in batch and (labels or k != "labels")]
-    return {k: batch[k] for k in keep if not (k == "pixel_values" and batch[k].shape[0] == 0)}
-
-# %% ../nbs/02_processing.ipynb #ec4aaa25
-@patch
-def to_dict(self: MMProcessor) -> dict:
-    "The processor's settings as JSON-ready values."
-    return dict(processor_class="MMProcessor", image_size=self.image_size, tokens_per_tile=self.tokens_per_tile,
-                tile_rule=self.tile_rule, max_num=self.max_num, min_num=self.min_num, use_thumbnail=self.use_thumbnail,
-                tile_kwargs=self.tile_kwargs, image_mean=list(self.image_mean), image_std=list(self.image_std),
-                jpeg_quality=list(self.jpeg_quality), jpeg_min_tile=int(self.jpeg_min_tile),
-                system_prompt=self.system_prompt, max_length=self.max_length, truncation=self.truncation,
-                max_pixels=self.max_pixels, video_segments=self.video_segments, seed=self.seed)
-
-@patch
-def save_pretrained(self: MMProcessor, save_directory: str | Path) -> Path:
-    "Write the tokenizer and `mmlit_processor.json` into `save_directory` (the JSON is written atomically)."
-    d = Path(save_directory); d.mkdir(parents=True, exist_ok=True)
-    self.tokenizer.save_pretrained(str(d))
-    fd, tmp = tempfile.mkstemp(dir=d, suffix=".tmp")
-    with os.fdopen(fd, "w") as f: json.dump(self.to_dict(), f, indent=2)
-    os.replace(tmp, d / self.config_name)
-    return d
-
-_LOADING_KWARGS = ("trust_remote_code", "cache_dir", "force_download", "local_files_only", "revision", "token", "subfolder")  # Auto classes pass these
-
-@patch(cls_method=True)
-def from_pretrained(cls: MMProcessor, directory: str | Path, # a directory written by `save_pretrained`
-                    **overrides, # settings to change on load
-                   ) -> MMProcessor:
-    "Load a processor saved with `save_pretrained` (also what `AutoProcessor.from_pretrained` calls)."
-    if not Path(directory).is_dir(): raise FileNotFoundError(f"no processor folder at {directory}")
-    f = Path(directory) / cls.config_name
-    if not f.is_file(): raise ValueError(f"{directory} is not an mmlit processor directory: {cls.config_name} not found")
-    overrides = {k: v for k, v in overrides.items() if k not in _LOADING_KWARGS and not k.startswith("_")}
-    cfg = json.loads(f.read_text()); cfg.pop("processor_class", None); cfg.update(overrides)
-    return cls(AutoTokenizer.from_pretrained(str(directory), local_files_only=True), **cfg)
-
 # %% ../nbs/02_processing.ipynb #3fc09555
 TOKEN_KINDS = ("pad", "masked text", "supervised", "chat token", "<img> / </img>", "<IMG_CONTEXT>")
 _TOKEN_COLOURS = ("#ffffff", "#c8c8c8", "#2ca02c", "#ff7f0e", "#08306b", "#6baed6")
@@ -663,3 +625,47 @@ def show_tokens(batch: dict, # a processor output
     ax.legend(handles=[Patch(facecolor=c, edgecolor="k", label=n) for c, n in zip(_TOKEN_COLOURS, TOKEN_KINDS)], ncol=6,
               loc="upper center", bbox_to_anchor=(0.5, -0.02), fontsize=7, frameon=False)
     return ax
+
+# %% ../nbs/02_processing.ipynb #a122d91d
+@patch
+def model_inputs(self: MMProcessor, batch: dict, # a processor output
+                 labels: bool = True, # keep the labels (training, evaluation loss)
+                ) -> dict:
+    "The part of a batch a model's forward takes: input_ids, attention_mask, pixel_values (if any tiles), labels."
+    keep = [k for k in self.model_input_names if k in batch and (labels or k != "labels")]
+    return {k: batch[k] for k in keep if not (k == "pixel_values" and batch[k].shape[0] == 0)}
+
+# %% ../nbs/02_processing.ipynb #ec4aaa25
+@patch
+def to_dict(self: MMProcessor) -> dict:
+    "The processor's settings as JSON-ready values."
+    return dict(processor_class="MMProcessor", image_size=self.image_size, tokens_per_tile=self.tokens_per_tile,
+                tile_rule=self.tile_rule, max_num=self.max_num, min_num=self.min_num, use_thumbnail=self.use_thumbnail,
+                tile_kwargs=self.tile_kwargs, image_mean=list(self.image_mean), image_std=list(self.image_std),
+                jpeg_quality=list(self.jpeg_quality), jpeg_min_tile=int(self.jpeg_min_tile),
+                system_prompt=self.system_prompt, max_length=self.max_length, truncation=self.truncation,
+                max_pixels=self.max_pixels, video_segments=self.video_segments, seed=self.seed)
+
+@patch
+def save_pretrained(self: MMProcessor, save_directory: str | Path) -> Path:
+    "Write the tokenizer and `mmlit_processor.json` into `save_directory` (the JSON is written atomically)."
+    d = Path(save_directory); d.mkdir(parents=True, exist_ok=True)
+    self.tokenizer.save_pretrained(str(d))
+    fd, tmp = tempfile.mkstemp(dir=d, suffix=".tmp")
+    with os.fdopen(fd, "w") as f: json.dump(self.to_dict(), f, indent=2)
+    os.replace(tmp, d / self.config_name)
+    return d
+
+_LOADING_KWARGS = ("trust_remote_code", "cache_dir", "force_download", "local_files_only", "revision", "token", "subfolder")  # Auto classes pass these
+
+@patch(cls_method=True)
+def from_pretrained(cls: MMProcessor, directory: str | Path, # a directory written by `save_pretrained`
+                    **overrides, # settings to change on load
+                   ) -> MMProcessor:
+    "Load a processor saved with `save_pretrained` (also what `AutoProcessor.from_pretrained` calls)."
+    if not Path(directory).is_dir(): raise FileNotFoundError(f"no processor folder at {directory}")
+    f = Path(directory) / cls.config_name
+    if not f.is_file(): raise ValueError(f"{directory} is not an mmlit processor directory: {cls.config_name} not found")
+    overrides = {k: v for k, v in overrides.items() if k not in _LOADING_KWARGS and not k.startswith("_")}
+    cfg = json.loads(f.read_text()); cfg.pop("processor_class", None); cfg.update(overrides)
+    return cls(AutoTokenizer.from_pretrained(str(directory), local_files_only=True), **cfg)

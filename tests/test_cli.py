@@ -624,3 +624,17 @@ def test_report_python_snippet_runs_as_written(quick_run, tmp_path, count_questi
     r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, env=ENV)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip().startswith("['") and 'mmlit ask' in report
+
+def test_damaged_stage_evaluation_is_reported_before_anything_runs(quick_run, tmp_path):
+    import shutil
+    src, _ = quick_run
+    out = tmp_path / 'copy'; shutil.copytree(src, out)
+    f = out / 'stages' / '2-stage1.5' / 'eval.json'; f.write_text(f.read_text()[:100])
+    before = (out / 'report.md').read_text()
+    r = run('run', '--out', str(out), '--resume', '--quiet')
+    assert r.returncode == 2 and 'evaluation after stage 2 is damaged' in r.stderr and f"delete {f}" in r.stderr, r.stderr
+    assert 'Traceback' not in r.stderr and (out / 'report.md').read_text() == before
+    f.unlink()
+    r = run('run', '--out', str(out), '--resume', '--quiet')
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert '**Not evaluated**: stage 2 (1.5)' in (out / 'report.md').read_text()

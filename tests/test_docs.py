@@ -112,6 +112,12 @@ def test_grpo_maths_renders_offline_in_chromium(site, tmp_path):
     raw = re.findall(r'\$[^$]{1,200}\$', _visible_text(dom))
     assert not raw, f'raw LaTeX on the page: {raw[:3]}'
 
+def test_subtitles_render_code_not_backticks(site):
+    out, _ = site
+    page = (out / 'cli.html').read_text(encoding='utf-8')
+    sub = re.search(r'<p class="description">(.*?)</p>', page).group(1)
+    assert '`' not in sub and '<code>mmlit</code>' in sub, sub
+
 def test_readme_quick_start_has_the_two_commands_ci_runs():
     readme = (ROOT / 'README.md').read_text()
     block = re.search(r'## Quick start.*?```sh\n(.*?)```', readme, flags=re.S).group(1)

@@ -79,6 +79,10 @@ border-right:1px solid #ddd;padding:1rem;font-family:system-ui,sans-serif;box-si
 .mmlit-main math[display=block]{margin:.8rem 0;font-size:1.1em}
 """
 
+def _inline_code(text: str) -> str:
+    "Escaped text with its `code` spans as <code> elements (page subtitles are written in markdown)."
+    return re.sub(r'`([^`]+)`', r'<code>\1</code>', html.escape(text))
+
 def _nav(pages: list[tuple[str, str]], current: str) -> str:
     items = ''.join(f'<a href="{href}"{" class=active" if href == current else ""}>{html.escape(title)}</a>'
                     for href, title in pages)
@@ -123,7 +127,7 @@ def build(out: Path = ROOT / 'docs', force: bool = True) -> list[Path]:
         body = re.sub(r'(<h[1-6][^>]*\bid=")([^"]+)"', lambda m: m.group(1) + m.group(2).lower() + '"', body)
         body = re.sub(r'href="#([^"]+)"', lambda m: 'href="#' + m.group(1).lower() + '"', body)
         head = f'<h1 class="title">{html.escape(title)}</h1>' + (
-            f'<p class="description">{html.escape(meta["description"])}</p>' if meta.get('description') else '')
+            f'<p class="description">{_inline_code(meta["description"])}</p>' if meta.get('description') else '')
         body = body.replace('</head>', f'<style>{CSS}</style></head>', 1)
         body = re.sub(r'(<body[^>]*>)', lambda m: m.group(1) + _nav(pages, href) + '<div class="mmlit-main">' + head, body, 1)
         body = body.replace('</body>', '</div></body>', 1)
