@@ -23,7 +23,7 @@ from .processing import MMProcessor, SQUARE_TILE_RULES, tiny_tokenizer, tokens_p
 from .model import MMModel, tiny_config, fit_to_tokenizer, load_smollm2, init_sincos_positions, set_trainable, missing_local_folder
 from .data import TASKS, SPLITS, LOSS_MODES, Task, Mixture, make_task, blind_baseline, BlindBaseline
 from .train import (STAGE_LR, MANIFEST, Trainer, TrainConfig, RunLog, read_metrics, plot_runs, write_checkpoint,
-                         verify_checkpoint, quiet_saving, load_model_weights, latest_checkpoint, load_base)
+                         verify_checkpoint, quiet_saving, load_model_weights, latest_checkpoint, load_base, base_model_dir)
 from .eval import EvalResults, evaluate, plot_accuracy, answer_nll, grounding_verdict
 from .grpo import GRPOConfig, GRPOTrainer, LOSS_TYPES, SCALES, accuracy_reward, format_reward
 from safetensors.torch import load_file, save_file
@@ -33,19 +33,20 @@ from .evolve import (THINK_SUFFIX, tag_accuracy, RATIONALES, SELECT_STRATEGIES, 
                           with_rationale, train_prm)
 
 # %% auto #0
-__all__ = ['BACKBONES', 'MAX_COUNT', 'TIER_MEASURES', 'REWARDS', 'RECIPE_FILE', 'BLIND_FILE', 'LEVELS_FILE', 'GRPO_CURVES',
-           'sample_photo', 'tile_table', 'format_table', 'draw_rules', 'figure_path', 'tile_command', 'check_value',
-           'from_plain', 'to_plain', 'is_vision_type', 'ModelRecipe', 'ProcessorRecipe', 'TaskRecipe', 'StageRecipe',
-           'GRPOStageRecipe', 'EvalRecipe', 'has_rationale', 'EvolveStageRecipe', 'Recipe', 'load_recipe',
-           'apply_overrides', 'build_model', 'TaskSamples', 'Window', 'samples_per_stage', 'train_mixture',
-           'stage_mixture', 'grpo_prompts', 'recipe_diff', 'prepare_run_dir', 'stage_dir', 'stage_config',
-           'skipped_reasons', 'eval_settings', 'train_stage', 'save_model', 'grpo_config', 'tiered_prompts',
-           'train_grpo_stage', 'WithRationale', 'evolve_data', 'evolve_heldout', 'evolve_config', 'warmup_config',
-           'train_evolve_stage', 'answer_loss_fn', 'blind_baselines', 'level_ladder', 'plot_ladder',
-           'check_evaluations', 'run_stages', 'run_metrics', 'write_metrics', 'stage_results', 'plot_grpo',
-           'plot_answer_loss', 'plot_run', 'plot_evolve', 'accuracy_table', 'stage_answer_loss', 'grounding',
-           'grounding_table', 'training_table', 'grpo_table', 'evolve_table', 'skipped_section', 'ladder_section',
-           'write_report', 'run_lock', 'run_recipe', 'run_summary', 'run_command', 'load_trained', 'ask', 'ask_command']
+__all__ = ['BACKBONES', 'MAX_COUNT', 'TIER_MEASURES', 'REWARDS', 'RECIPE_FILE', 'BLIND_FILE', 'LEVELS_FILE', 'START_DIR',
+           'GRPO_CURVES', 'sample_photo', 'tile_table', 'format_table', 'draw_rules', 'figure_path', 'tile_command',
+           'check_value', 'from_plain', 'to_plain', 'is_vision_type', 'ModelRecipe', 'ProcessorRecipe', 'TaskRecipe',
+           'StageRecipe', 'GRPOStageRecipe', 'EvalRecipe', 'has_rationale', 'EvolveStageRecipe', 'Recipe',
+           'load_recipe', 'apply_overrides', 'load_trained', 'build_model', 'TaskSamples', 'Window',
+           'samples_per_stage', 'train_mixture', 'stage_mixture', 'grpo_prompts', 'recipe_diff', 'prepare_run_dir',
+           'stage_dir', 'stage_config', 'skipped_reasons', 'eval_settings', 'train_stage', 'save_model', 'grpo_config',
+           'tiered_prompts', 'train_grpo_stage', 'WithRationale', 'evolve_data', 'evolve_heldout', 'evolve_config',
+           'warmup_config', 'train_evolve_stage', 'answer_loss_fn', 'blind_baselines', 'level_ladder', 'plot_ladder',
+           'evaluate_into', 'check_evaluations', 'run_stages', 'run_metrics', 'write_metrics', 'stage_results',
+           'plot_grpo', 'plot_answer_loss', 'plot_run', 'plot_evolve', 'accuracy_table', 'stage_answer_loss',
+           'grounding', 'grounding_table', 'training_table', 'grpo_table', 'evolve_table', 'skipped_section',
+           'ladder_section', 'write_report', 'run_lock', 'run_recipe', 'run_summary', 'run_command', 'ask',
+           'ask_command']
 
 # %% ../nbs/11_cli.ipynb #c8a623df
 def sample_photo() -> Path:
@@ -443,6 +444,7 @@ class Recipe:
     seed: int = 0  # seeds the model's initialisation, the data order and the augmentation
     threads: int | None = None  # torch CPU threads (None: every core this process may use, or OMP_NUM_THREADS)
     model: ModelRecipe = field(default_factory=ModelRecipe)  # the model
+    init: str | None = None  # start from a trained model folder ("base": the shipped base model) instead of building `model`; its processor comes with it
     processor: ProcessorRecipe = field(default_factory=ProcessorRecipe)  # image tiling
     tasks: list[TaskRecipe] = field(default_factory=list)  # the built-in tasks trained and evaluated
     stages: list[StageRecipe | GRPOStageRecipe | EvolveStageRecipe] = field(default_factory=list)  # the training stages, run in order
@@ -456,6 +458,8 @@ class Recipe:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.name): raise ValueError(f"name must be letters, digits, '_', '.' or '-', got {self.name!r}")
         if not isinstance(self.seed, int) or self.seed < 0: raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
         if self.threads is not None: _positive(self, "threads")
+        if self.init is not None and self.init != "base" and not Path(self.init).expanduser().is_dir():
+            raise ValueError(f"init {self.init!r} is not a model folder: give a run's model/ folder, or 'base' for the shipped base model")
         if not self.tasks: raise ValueError("tasks must list at least one task")
         names = [t.name for t in self.tasks]
         if len(set(names)) != len(names): raise ValueError(f"tasks must not repeat a task, got {names}")
@@ -520,11 +524,13 @@ def apply_overrides(recipe: Recipe, # the recipe to start from (unchanged)
                     tasks: list[str] | None = None, # train and evaluate only these tasks (weights/settings from the recipe when it has them)
                     eval_n: int | None = None, # test questions per task
                     threads: int | None = None, # torch CPU threads
+                    init: str | None = None, # start from this trained model folder ("base": the shipped one)
                    ) -> Recipe:
     "A copy of `recipe` with the command line's overrides, checked like a recipe file."
     d = recipe.to_dict()
     if seed is not None: d["seed"] = seed
     if threads is not None: d["threads"] = threads
+    if init is not None: d["init"] = init
     if eval_n is not None: d["eval"]["n"] = eval_n
     if steps_scale is not None:
         if not steps_scale > 0: raise ValueError(f"--steps-scale must be > 0, got {steps_scale}")
@@ -541,11 +547,20 @@ def apply_overrides(recipe: Recipe, # the recipe to start from (unchanged)
     return Recipe.from_dict(d)
 
 # %% ../nbs/11_cli.ipynb #f6c6d234
+def load_trained(model_dir: str | Path, # a `model` folder written by `mmlit run` (model + processor + manifest)
+                ) -> tuple[MMModel, MMProcessor]:
+    "The model and processor of a finished run, checked against their manifest, in evaluation mode."
+    if not Path(model_dir).is_dir(): raise ValueError(missing_local_folder(model_dir) or f"no model folder at {model_dir}")
+    return load_base(model_dir)
+
 def build_model(recipe: Recipe, # the recipe (its model, processor and seed parts are used)
                ) -> tuple[MMModel, MMProcessor]:
-    "The recipe's model, seeded, and the processor that matches it."
+    "The recipe's model, seeded, and the processor that matches it (or the trained pair `init` names)."
     m, p = recipe.model, recipe.processor
     seed_everything(recipe.seed)
+    if recipe.init is not None:   # post-training a trained model: the model and processor sections do not apply
+        model, proc = load_trained(base_model_dir() if recipe.init == "base" else Path(recipe.init).expanduser())
+        return model.train(), proc
     cfg = tiny_config(image_size=m.image_size, patch_size=m.patch_size, vision_hidden=m.vision_hidden, vision_layers=m.vision_layers,
                       text_hidden=m.text_hidden, text_layers=m.text_layers, vision_model_type=m.vision_model_type,
                       downsample_ratio=m.downsample_ratio)
@@ -956,6 +971,23 @@ def _rm(path: Path):
     if path.is_dir(): trash = path.with_name(f".{path.name}.deleting-{uuid.uuid4().hex[:8]}"); os.replace(path, trash); shutil.rmtree(trash)
 
 # %% ../nbs/11_cli.ipynb #411bee36
+START_DIR = "start"  # with `init`: the evaluation of the trained model the run starts from, in this folder of the run
+
+def evaluate_into(d: Path, # the folder that gets eval.json, answer_loss.json and the evaluation's seconds
+                  model: MMModel, processor: MMProcessor, recipe: Recipe, i: int, # after stage i (-1: before any)
+                  label: str, log: RunLog, progress: bool):
+    "Evaluate the model on the recipe's held-out questions as stage `i`'s evaluation asks them; answers and answer loss saved in `d`."
+    t0, tasks = time.perf_counter(), [t.task() for t in recipe.tasks]
+    qs = {t.name: list(t.stream(recipe.eval.split, recipe.eval.n)) for t in tasks}   # drawn once: answers and answer loss
+    res = evaluate(model, processor, [(t, qs[t.name]) for t in tasks], split=recipe.eval.split, n=recipe.eval.n,
+                   batch_size=recipe.eval.batch_size, seed=recipe.seed, **eval_settings(recipe, i))
+    d.mkdir(parents=True, exist_ok=True)
+    _update_json(d / "answer_loss.json", **{t.name: float(np.nanmean(answer_nll(model, processor, qs[t.name]))) for t in tasks})
+    _update_json(d / "timing.json", eval_s=time.perf_counter() - t0); res.save(d / "eval.json")
+    summ = res.summary()
+    log(f"{label}: " + ", ".join(f"{k} {v['accuracy']:.1%}" for k, v in summ.items()))
+    if progress: print(f"{label}: " + ", ".join(f"{k} {100 * v['accuracy']:.1f} % (chance {100 * v['chance']:.1f} %)" for k, v in summ.items()), flush=True)
+
 def check_evaluations(dirs: list[Path], # the stage folders of a run
                      ):
     "ValueError naming the first stage whose saved evaluation (`eval.json`) cannot be read, and what to do about it."
@@ -976,7 +1008,8 @@ def run_stages(model: MMModel, processor: MMProcessor, recipe: Recipe, out: str 
         verify_checkpoint(dirs[first] / "final"); load_model_weights(model, dirs[first] / "final")
         log(f"stages up to {first + 1} ({recipe.stages[first].stage}) are finished: continuing from {dirs[first] / 'final'}")
     mix, starts = None, [sum(samples_per_stage(recipe)[:i]) for i in range(len(recipe.stages))]
-    eval_tasks = [t.task() for t in recipe.tasks]
+    if recipe.init is not None and not finals and not (out / START_DIR / "eval.json").is_file():   # the trained model as it starts
+        evaluate_into(out / START_DIR, model, processor, recipe, -1, f"at the start ({recipe.init})", log, progress)
     curve = answer_loss_fn(processor, recipe) if recipe.eval.curve_n else None
     for i in range(first, len(recipe.stages)):
         d, s = dirs[i], recipe.stages[i]
@@ -990,17 +1023,7 @@ def run_stages(model: MMModel, processor: MMProcessor, recipe: Recipe, out: str 
                 else: mix = mix or train_mixture(recipe); data = Window(mix, starts[i])
                 model = train_stage(model, processor, data, stage_config(recipe, i, out, progress), log, curve)
             save_model(model, None, d / "final")
-        if not (d / "eval.json").is_file():
-            t0 = time.perf_counter()
-            qs = {t.name: list(t.stream(recipe.eval.split, recipe.eval.n)) for t in eval_tasks}   # drawn once: answers and answer loss
-            res = evaluate(model, processor, [(t, qs[t.name]) for t in eval_tasks], split=recipe.eval.split, n=recipe.eval.n,
-                           batch_size=recipe.eval.batch_size, seed=recipe.seed, **eval_settings(recipe, i))
-            losses = {t.name: float(np.nanmean(answer_nll(model, processor, qs[t.name]))) for t in eval_tasks}
-            _update_json(d / "answer_loss.json", **losses)
-            _update_json(d / "timing.json", eval_s=time.perf_counter() - t0); res.save(d / "eval.json")
-            summ = res.summary()
-            log(f"after stage {s.stage}: " + ", ".join(f"{k} {v['accuracy']:.1%}" for k, v in summ.items()))
-            if progress: print(f"after stage {s.stage}: " + ", ".join(f"{k} {100 * v['accuracy']:.1f} % (chance {100 * v['chance']:.1f} %)" for k, v in summ.items()), flush=True)
+        if not (d / "eval.json").is_file(): evaluate_into(d, model, processor, recipe, i, f"after stage {s.stage}", log, progress)
         _rm(d / "checkpoints"); _rm(d / "warmup" / "checkpoints")
         if i > 0: _rm(dirs[i - 1] / "final")
     return model
@@ -1043,6 +1066,7 @@ def write_metrics(out: str | Path, recipe: Recipe) -> Path:
 def stage_results(out: str | Path, recipe: Recipe) -> dict[str, EvalResults]:
     "'after stage S' → the evaluation after that stage, for the stages that have one."
     res = {}
+    if recipe.init is not None and (f := Path(out) / START_DIR / "eval.json").is_file(): res["start"] = EvalResults.load(f)
     for i, s in enumerate(recipe.stages):
         f = stage_dir(out, recipe, i) / "eval.json"
         if f.is_file(): res[f"after stage {s.stage}" + (f" (#{i + 1})" if any(f"stage {s.stage}" in k for k in res) else "")] = EvalResults.load(f)
@@ -1285,9 +1309,10 @@ def write_report(out: str | Path, # the run folder
               if (stage_dir(out, recipe, i) / "timing.json").is_file()]
     train_s, eval_s = sum(t.get("train_s", 0) for t in timing), sum(t.get("eval_s", 0) for t in timing)
     parts = [f"# mmlit run: {recipe.name}", f"> {recipe.description}" if recipe.description else "",
+             f"Started from the trained model `{recipe.init}` (its own model and processor; the recipe's `model` section does not apply)." if recipe.init else "",
              f"Written {time.strftime('%Y-%m-%d %H:%M:%S')}. Wall time {info['wall_s']:.0f} s for this invocation"
              + (" (a resumed run)" if info.get("resumed") else "") + f"; training {train_s:.0f} s and evaluation {eval_s:.0f} s over all stages. "
-             f"{info['parameters'] / 1e6:.2f} M parameters ({recipe.model.backbone} backbone, {info['tokens_per_tile']} visual tokens per tile), "
+             f"{info['parameters'] / 1e6:.2f} M parameters ({'' if recipe.init else f'{recipe.model.backbone} backbone, '}{info['tokens_per_tile']} visual tokens per tile), "
              f"device {info['device']}, {info['threads']} torch thread(s).",
              "## Accuracy after each stage",
              f"Exact match on {recipe.eval.n} held-out `{recipe.eval.split}` questions per task (greedy decoding); in brackets the 95 % "
@@ -1430,7 +1455,7 @@ def run_command(args: argparse.Namespace) -> int:
     if args.resume and args.recipe is None and saved is not None and saved.is_file(): recipe = Recipe.from_yaml(saved.read_text(), str(saved))
     else: recipe = load_recipe(args.recipe or "default")
     recipe = apply_overrides(recipe, seed=args.seed, steps_scale=args.steps_scale, tasks=_task_list(args.tasks) if args.tasks else None,
-                             eval_n=args.eval_n, threads=args.threads)
+                             eval_n=args.eval_n, threads=args.threads, init=args.init)
     if args.print_recipe: print(recipe.to_yaml(), end=""); return 0
     out = out or Path("runs") / recipe.name
     print(f"mmlit run: recipe {recipe.name!r} → {out}", flush=True)
@@ -1451,12 +1476,6 @@ def run_command(args: argparse.Namespace) -> int:
     return 0
 
 # %% ../nbs/11_cli.ipynb #40e0e05b
-def load_trained(model_dir: str | Path, # a `model` folder written by `mmlit run` (model + processor + manifest)
-                ) -> tuple[MMModel, MMProcessor]:
-    "The model and processor of a finished run, checked against their manifest, in evaluation mode."
-    if not Path(model_dir).is_dir(): raise ValueError(missing_local_folder(model_dir) or f"no model folder at {model_dir}")
-    return load_base(model_dir)
-
 def ask(model: MMModel, processor: MMProcessor, image, # a PIL image
         question: str, max_new_tokens: int = 32) -> str:
     "The model's greedy answer to one question about one image: processor → `generate` → `batch_decode`."

@@ -53,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument('--tasks', help='comma-separated tasks to train and evaluate (e.g. count,bar_chart)')
     r.add_argument('--eval-n', type=int_in(1, 100_000), help='test questions per task')
     r.add_argument('--threads', type=int_in(1), help='torch CPU threads (default: every core)')
+    r.add_argument('--init', help="start from this trained model folder (a run's model/, or 'base' for the shipped base model)")
     r.add_argument('--list-recipes', action='store_true', help='list the shipped recipes and exit')
     r.add_argument('--print-recipe', action='store_true', help='print the recipe (after overrides) as YAML and exit')
     r.add_argument('--quiet', action='store_true', help='no progress bars')

@@ -5,9 +5,10 @@
 # %% auto #0
 __all__ = ['CONV_VISION', 'STAGES', 'unshuffle_factor', 'pixel_unshuffle', 'MMProjector', 'patch_grid', 'feature_stride',
            'vision_channels', 'scatter_image_features', 'token_ce', 'weighted_lm_loss', 'MMConfig', 'MMModel',
-           'missing_local_folder', 'conv_vision_config', 'tiny_config', 'sincos_2d', 'init_sincos_positions',
-           'fit_to_tokenizer', 'from_parts', 'trainable_counts', 'set_trainable', 'lora_targets', 'add_lora',
-           'to_internvl', 'from_internvl', 'mmlit_cache_dir', 'smollm2_gguf_path', 'load_smollm2']
+           'positions_from_mask', 'missing_local_folder', 'conv_vision_config', 'tiny_config', 'sincos_2d',
+           'init_sincos_positions', 'fit_to_tokenizer', 'from_parts', 'trainable_counts', 'set_trainable',
+           'lora_targets', 'add_lora', 'to_internvl', 'from_internvl', 'mmlit_cache_dir', 'smollm2_gguf_path',
+           'load_smollm2']
 
 # %% ../nbs/03_model.ipynb #9ab3b57f
 import copy, importlib.util, math, os, shutil, tempfile
@@ -210,6 +211,22 @@ class MMModel(PreTrainedModel, GenerationMixin):
         return self.projector(g.reshape(g.shape[0], -1, g.shape[-1]))
 
 # %% ../nbs/03_model.ipynb #70bfd266
+def positions_from_mask(attention_mask: torch.Tensor, # (B, L) 1 for real tokens, 0 for padding
+                       ) -> torch.Tensor:
+    "Position ids that start at 0 at each row's first real token (left padding gets 0 too), as `generate` computes them."
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+@patch
+def embed(self: MMModel, input_ids: torch.Tensor, # (B, L) token ids with the `<IMG_CONTEXT>` runs
+          pixel_values: torch.Tensor | None = None, # all tiles of the batch in prompt order (None: text only)
+         ) -> torch.Tensor:
+    "(B, L, D) input embeddings with every tile's visual tokens scattered into its `<IMG_CONTEXT>` places (counts checked)."
+    emb = self.get_input_embeddings()(input_ids)
+    if pixel_values is None: return emb
+    if self.config.image_token_id is None: raise ValueError("config.image_token_id is not set: call fit_to_tokenizer(model, tokenizer)")
+    feats = self.get_image_features(pixel_values) if pixel_values.shape[0] else emb.new_zeros(0, self.tokens_per_tile, emb.shape[-1])
+    return scatter_image_features(input_ids, emb, feats, self.config.image_token_id)
+
 @patch
 def forward(self: MMModel, input_ids: torch.LongTensor | None = None, # token ids (B, L) with `<IMG_CONTEXT>` × tokens per tile per tile
             attention_mask: torch.Tensor | None = None, # (B, L) 1 for real tokens, 0 for padding
@@ -230,18 +247,16 @@ def forward(self: MMModel, input_ids: torch.LongTensor | None = None, # token id
     if "past_key_values" in kwargs:   # renamed in transformers 5; passed on, the LLM would ignore it
         raise ValueError("pass the KV cache as cache=, not past_key_values= (renamed in transformers 5)")
     if (input_ids is None) == (inputs_embeds is None): raise ValueError("pass exactly one of input_ids and inputs_embeds")
-    if inputs_embeds is None: inputs_embeds = self.get_input_embeddings()(input_ids)
     if pixel_values is not None:
         if num_tiles is not None and int(num_tiles.sum()) != pixel_values.shape[0]:
             raise ValueError(f"num_tiles says {int(num_tiles.sum())} tiles but pixel_values holds {pixel_values.shape[0]}")
         if input_ids is None: raise ValueError("pixel_values need input_ids, to find the image tokens")
-        if self.config.image_token_id is None: raise ValueError("config.image_token_id is not set: call fit_to_tokenizer(model, tokenizer)")
-        inputs_embeds = scatter_image_features(input_ids, inputs_embeds, self.get_image_features(pixel_values), self.config.image_token_id)
     elif input_ids is not None and self.config.image_token_id is not None and (cache is None or cache.get_seq_length() == 0):
         if n := int((input_ids == self.config.image_token_id).sum()):
             raise ValueError(f"image tokens and image features do not match: the input holds {n} {IMG_CONTEXT} tokens but no pixel_values were given")
+    if inputs_embeds is None: inputs_embeds = self.embed(input_ids, pixel_values)
     if position_ids is None and attention_mask is not None and attention_mask.ndim == 2:
-        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -inputs_embeds.shape[1]:]
+        position_ids = positions_from_mask(attention_mask)[:, -inputs_embeds.shape[1]:]
     if use_cache is None and cache is None and attention_mask is None and position_ids is not None:
         use_cache = False   # packed rows: transformers isolates the samples only when no cache is being built
     out = self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,

@@ -247,7 +247,7 @@ def test_recipes_round_trip_and_overrides(capsys):
         r = load_recipe(name)
         assert Recipe.from_yaml(r.to_yaml()) == r
     assert main(['run', '--list-recipes']) == 0
-    assert [l.split()[0] for l in capsys.readouterr().out.splitlines()] == ['base', 'default', 'quick', 'smollm2']
+    assert [l.split()[0] for l in capsys.readouterr().out.splitlines()] == ['base', 'default', 'posttrain', 'quick', 'smollm2']
     assert main(['run', '--recipe', 'default', '--steps-scale', '0.1', '--tasks', 'count,digit_sum', '--seed', '7',
                  '--eval-n', '20', '--print-recipe']) == 0
     r = Recipe.from_yaml(capsys.readouterr().out)
@@ -638,3 +638,26 @@ def test_damaged_stage_evaluation_is_reported_before_anything_runs(quick_run, tm
     r = run('run', '--out', str(out), '--resume', '--quiet')
     assert r.returncode == 0, r.stderr[-2000:]
     assert '**Not evaluated**: stage 2 (1.5)' in (out / 'report.md').read_text()
+
+# ---------------------------------------------------------------- post-training a trained model (init)
+
+def test_posttrain_recipe_starts_from_the_base_model_and_evaluates_it_first(tmp_path):
+    "`init: base`: no model is built; the start is evaluated, GRPO runs on the tiered questions, the report compares."
+    from mmlit.cli import load_trained
+    from mmlit.train import base_model_dir
+    out = tmp_path / 'pt'
+    r = run('run', '--recipe', 'posttrain', '--out', str(out), '--steps-scale', '0.05', '--eval-n', '12', '--quiet')
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert 'at the start (base)' in (out / 'run.log').read_text()
+    report = (out / 'report.md').read_text()
+    assert 'Started from the trained model `base`' in report and '| start % | after stage grpo % |' in report
+    assert (out / 'stages' / '1-stagegrpo' / 'tiers.json').is_file()
+    base, _ = load_trained(base_model_dir()); after, proc = load_trained(out / 'model')
+    assert type(proc).__name__ == 'MMProcessor'
+    changed = [k for k, v in after.state_dict().items() if not torch.equal(v, base.state_dict()[k])]
+    assert changed, 'GRPO left the weights unchanged'
+
+def test_init_must_name_a_model_folder(tmp_path, capsys):
+    _fails(['run', '--recipe', 'quick', '--init', str(tmp_path / 'nope'), '--print-recipe'], capsys, 'is not a model folder')
+    assert main(['run', '--recipe', 'quick', '--init', 'base', '--print-recipe']) == 0
+    assert 'init: base' in capsys.readouterr().out

@@ -4,6 +4,7 @@ import copy, math
 
 import numpy as np
 import pytest
+from tinymodel import tiny_pair
 import torch
 from hypothesis import given, settings, strategies as st
 
@@ -12,8 +13,6 @@ from mmlit.difficulty import (PISM_RATIOS, TIERS, add_difficulty, answer_attenti
                               cmab_scores, cmab_tier, code_layer, eager_attention, lambda_star, mask_image, masked_copies,
                               mask_rng, pism_scores, pism_tier, pixel_mask, select_tiers, tier_dataset)
 from mmlit.grpo import GRPOConfig, GRPOTrainer
-from mmlit.model import MMModel, fit_to_tokenizer, tiny_config
-from mmlit.processing import MMProcessor, tiny_tokenizer
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -26,12 +25,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def tiny():
     "An untrained tiny model with a 3-layer LLM (the paper's CMAB rule needs >= 3) and its processor."
-    tok = tiny_tokenizer()
-    cfg = tiny_config(image_size=32, patch_size=8, vision_hidden=64, vision_layers=1, text_hidden=64, text_layers=3,
-                      vision_model_type="siglip_vision_model")
-    torch.manual_seed(0)
-    m = MMModel(cfg).eval(); fit_to_tokenizer(m, tok)
-    return m, MMProcessor.from_vision_config(cfg.vision_config, tok, max_num=1, use_thumbnail=False)
+    return tiny_pair(0, text_layers=3)
 
 
 # ---------------------------------------------------------------- λ* and PISM tiers

@@ -8,19 +8,11 @@ from mmlit.data import Task, make_task, sample_meta
 from mmlit.evolve import (EvolveConfig, ProcessRewardModel, RationaleData, SelfEvolver, format_response, gold_steps,
                           mc_step_labels, pass_at_k, response_steps, reward_pass_at_k, sample_groups, select_responses,
                           step_ends, step_truth, with_rationale)
-from mmlit.model import MMModel, fit_to_tokenizer, tiny_config
-from mmlit.processing import MMProcessor, tiny_tokenizer
 
 torch.set_num_threads(1)
 
 
-def tiny(seed=0):
-    tok = tiny_tokenizer()
-    cfg = tiny_config(image_size=32, patch_size=8, vision_hidden=64, vision_layers=1, text_hidden=64, text_layers=1,
-                      vision_model_type="siglip_vision_model")
-    torch.manual_seed(seed)
-    m = MMModel(cfg); fit_to_tokenizer(m, tok)
-    return m.eval(), MMProcessor.from_vision_config(cfg.vision_config, tok, max_num=1, use_thumbnail=False)
+from tinymodel import tiny_pair as tiny
 
 
 tables = st.integers(1, 6).flatmap(lambda k: st.tuples(

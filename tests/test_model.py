@@ -458,3 +458,16 @@ def test_mistyped_local_folder_is_reported_at_once(tmp_path):
             MMModel.from_pretrained(bad)
     with pytest.raises(FileNotFoundError, match=r'holds: model'):
         MMModel.from_pretrained(tmp_path / 'run' / 'modle')
+
+
+def test_embed_is_forwards_first_half_and_checks_counts():
+    from mmlit.model import positions_from_mask
+    m = small(11); ids, mask, px, _ = batch(m, (2, 1), seed=3)
+    with torch.no_grad():
+        emb = m.embed(ids, px)
+        a = m(input_ids=ids, attention_mask=mask, pixel_values=px).logits
+        b = m.language_model(inputs_embeds=emb, attention_mask=mask, position_ids=positions_from_mask(mask)).logits
+    assert torch.allclose(a, b, atol=1e-5)
+    assert torch.equal(m.embed(ids[:, :3]), m.get_input_embeddings()(ids[:, :3]))
+    with pytest.raises(ValueError, match="do not match"): m.embed(ids, px[:0])   # image tokens but zero tiles
+    assert positions_from_mask(torch.tensor([[0, 0, 1, 1, 1]])).tolist() == [[0, 0, 0, 1, 2]]
