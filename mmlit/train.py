@@ -14,12 +14,15 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 from fastcore.basics import patch
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
-from transformers import BatchFeature, get_cosine_schedule_with_warmup
+from transformers import AttentionInterface, BatchFeature, get_cosine_schedule_with_warmup
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface
 from .core import default_dtype, seed_everything, set_torch_threads
 from .processing import IGNORE_INDEX, MMProcessor
 from .model import MMModel, add_lora, set_trainable, trainable_counts
@@ -27,12 +30,13 @@ from .data import (LOSS_MODES, Task, collate_packed, fits_rows, loss_weights, me
                    take_rows, weighted_loss)
 
 # %% auto #0
-__all__ = ['STAGE_LR', 'MANIFEST', 'BASE_RECIPE', 'stage_model', 'TrainConfig', 'make_optimizer', 'make_scheduler', 'sample_at',
-           'source_size', 'RunLog', 'TrainStream', 'next_micro_batch', 'batch_weights', 'forward_logits', 'file_sha256',
-           'quiet_saving', 'write_checkpoint', 'verify_checkpoint', 'list_checkpoints', 'latest_checkpoint',
-           'remove_stale_temps', 'prune_checkpoints', 'rng_state', 'set_rng_state', 'Trainer', 'load_model_weights',
-           'read_metrics', 'summarise_run', 'resume_checkpoint', 'check_resumable', 'eval_on_main', 'loss_eval_fn',
-           'plot_runs', 'scale_up', 'base_model_dir', 'load_base']
+__all__ = ['STAGE_LR', 'PACKED_ATTENTION', 'MANIFEST', 'BASE_RECIPE', 'stage_model', 'TrainConfig', 'make_optimizer',
+           'make_scheduler', 'sample_at', 'source_size', 'RunLog', 'TrainStream', 'next_micro_batch', 'packed_segments',
+           'packed_attention', 'llm_attention', 'batch_weights', 'forward_logits', 'file_sha256', 'quiet_saving',
+           'write_checkpoint', 'verify_checkpoint', 'list_checkpoints', 'latest_checkpoint', 'remove_stale_temps',
+           'prune_checkpoints', 'rng_state', 'set_rng_state', 'Trainer', 'load_model_weights', 'read_metrics',
+           'summarise_run', 'resume_checkpoint', 'check_resumable', 'eval_on_main', 'loss_eval_fn', 'plot_runs',
+           'scale_up', 'base_model_dir', 'load_base']
 
 # %% ../nbs/05_train.ipynb #59ffbfc5
 STAGE_LR = {"1": 2e-4, "1.5": 1e-5, "2": 4e-5}  # InternVL 2.5's learning rate of each stage
@@ -239,6 +243,54 @@ def next_micro_batch(stream: TrainStream, # the process's sample stream
         samples.append(stream.next())
     return collate_packed(samples, stream.processor.pad_token_id, cfg.max_tokens, cfg.max_tiles)
 
+# %% ../nbs/05_train.ipynb #e2f06a70
+PACKED_ATTENTION = "mmlit_packed"  # the name `packed_attention` is registered under
+
+def packed_segments(position_ids: torch.Tensor, # (B, L) positions restarting at 0 at every packed sample
+                   ) -> list[list[tuple[int, int]]]:
+    "Per row, the (start, end) spans of its samples: a sample starts where the position is 0 (and at the row's start)."
+    starts = position_ids == 0; starts[:, 0] = True
+    out = []
+    for row in starts:
+        s = row.nonzero().flatten().tolist() + [row.numel()]
+        out.append(list(zip(s[:-1], s[1:])))
+    return out
+
+def packed_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, # (B, H, L, D) each
+                     attention_mask: torch.Tensor | None, # ignored for packed rows (the spans replace it)
+                     dropout: float = 0.0, scaling: float | None = None,
+                     position_ids: torch.Tensor | None = None, # (B, L) the packed positions
+                     **kwargs) -> tuple[torch.Tensor, None]:
+    "Causal `sdpa` on each packed sample alone: (B, L, H, D); anything else (a mask, a cache, dropout) goes to transformers' `sdpa`."
+    if position_ids is None or attention_mask is not None or query.shape[2] != key.shape[2] or dropout:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    out, gqa = query.new_empty(query.shape[0], query.shape[2], query.shape[1], query.shape[3]), query.shape[1] != key.shape[1]
+    for r, spans in enumerate(packed_segments(position_ids)):
+        for s, e in spans:
+            o = F.scaled_dot_product_attention(query[r:r + 1, :, s:e], key[r:r + 1, :, s:e], value[r:r + 1, :, s:e],
+                                               is_causal=True, scale=scaling, enable_gqa=gqa)
+            out[r, s:e] = o[0].transpose(0, 1)
+    return out, None
+
+AttentionInterface.register(PACKED_ATTENTION, packed_attention)
+AttentionMaskInterface.register(PACKED_ATTENTION, lambda *args, **kwargs: None)
+
+# %% ../nbs/05_train.ipynb #051260ca
+@contextmanager
+def llm_attention(model: nn.Module, # an MMModel (possibly wrapped by accelerate or peft)
+                  name: str, # an implementation registered in transformers' `AttentionInterface`
+                 ):
+    "Run the language model (only) with attention implementation `name` inside the block, then restore it."
+    m = getattr(model, "module", model)
+    m = m.get_base_model() if hasattr(m, "get_base_model") else m
+    cfgs = list({id(c): c for c in [m.language_model.config] + [x.config for x in m.language_model.modules()
+                                                                   if isinstance(getattr(x, "config", None), type(m.language_model.config))]}.values())
+    old = [c._attn_implementation for c in cfgs]
+    for c in cfgs: c._attn_implementation = name
+    try: yield
+    finally:
+        for c, o in zip(cfgs, old): c._attn_implementation = o
+
 # %% ../nbs/05_train.ipynb #3a84cd60
 def batch_weights(batch: dict, # a micro-batch (padded or packed)
                   mode: str, # "token", "sample" or "square"
@@ -250,12 +302,11 @@ def batch_weights(batch: dict, # a micro-batch (padded or packed)
 def forward_logits(model: nn.Module, # an MMModel (possibly wrapped by accelerate or peft)
                    batch: dict, # a micro-batch on the model's device
                   ) -> torch.Tensor:
-    "Logits of a padded batch (with its attention mask) or a packed one (position ids, no mask); never a KV cache."
+    "Logits of a padded batch (with its attention mask) or a packed one (position ids, no mask, attention per sample); never a KV cache."
     kw = dict(input_ids=batch["input_ids"], use_cache=False)
     if batch["pixel_values"].shape[0]: kw["pixel_values"] = batch["pixel_values"]
-    if "position_ids" in batch: kw["position_ids"] = batch["position_ids"]
-    else: kw["attention_mask"] = batch["attention_mask"]
-    return model(**kw).logits
+    if "position_ids" not in batch: return model(**kw, attention_mask=batch["attention_mask"]).logits
+    with llm_attention(model, PACKED_ATTENTION): return model(**kw, position_ids=batch["position_ids"]).logits
 
 # %% ../nbs/05_train.ipynb #96d13fb5
 MANIFEST = "COMPLETE"  # written last into a checkpoint: every file with its size and SHA-256

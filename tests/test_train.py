@@ -278,3 +278,59 @@ def test_shipped_base_model_loads_and_sees():
     assert (base_model_dir() / "model.safetensors").is_file() and not model.training
     res = evaluate(model, proc, [make_task("colour_position", p_colour=1.0)], split="test", n=48, max_new_tokens=8, batch_size=48)
     assert res.accuracy() > 0.6           # chance is 1/6: well above it only if it reads the colours off the image
+
+
+# ---------------------------------------------------------------- packed rows: attention one sample at a time
+def _packed(proc, n=3, multiple=16):
+    from mmlit.data import collate_packed, media
+    samples = [proc.process(s["conversation"], **media(s), train=True, seed=i)
+               for i, s in enumerate(list(make_task("count", size=64).stream("train", n)) + list(make_task("compare_count", size=64).stream("train", n)))]
+    rows = [list(range(0, n)), list(range(n, 2 * n))]
+    return samples, collate_packed(samples, proc.pad_token_id, max_tokens=4096, pad_to_multiple_of=multiple, packs=rows), rows
+
+
+def test_packed_segments():
+    from mmlit.train import packed_segments
+    pos = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3], [1, 2, 0, 1, 2, 3, 4, 0, 0]])
+    assert packed_segments(pos) == [[(0, 3), (3, 5), (5, 9)], [(0, 2), (2, 7), (7, 8), (8, 9)]]
+
+
+def test_packed_attention_equals_each_sample_alone(small):
+    "Per-sample attention: each packed sample's logits and loss equal the sample run alone; gradients equal the block-mask sdpa's."
+    from mmlit.data import weighted_loss
+    from mmlit.train import PACKED_ATTENTION, batch_weights, forward_logits, llm_attention
+    proc, model, _ = small
+    m = model()
+    samples, b, rows = _packed(proc)
+    assert (b["sample_ids"] == -1).any()   # padding at the end of a row: its own span, no labels
+    with torch.no_grad():
+        packed = forward_logits(m, b)
+        for r, row in enumerate(rows):
+            at = 0
+            for i in row:
+                s, n = samples[i], len(samples[i]["input_ids"])
+                alone = m(input_ids=s["input_ids"][None], pixel_values=s["pixel_values"], attention_mask=torch.ones(1, n, dtype=torch.long),
+                          labels=s["labels"][None])
+                torch.testing.assert_close(packed[r, at:at + n], alone.logits[0], atol=1e-5, rtol=1e-5)
+                w = batch_weights({"labels": b["labels"][r:r + 1, at:at + n].clone()}, "token")
+                torch.testing.assert_close(weighted_loss(packed[r:r + 1, at:at + n], b["labels"][r:r + 1, at:at + n], w), alone.loss,
+                                           atol=1e-5, rtol=1e-5)
+                at += n
+    grads = []
+    for per_sample in (True, False):   # False: transformers' own path, sdpa with the block-diagonal mask
+        m.zero_grad()
+        logits = forward_logits(m, b) if per_sample else m(input_ids=b["input_ids"], pixel_values=b["pixel_values"],
+                                                            position_ids=b["position_ids"], use_cache=False).logits
+        weighted_loss(logits, b["labels"], batch_weights(b, "square")).backward()
+        grads.append({n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None})
+    top = max(float(g.abs().max()) for g in grads[1].values())
+    assert set(grads[0]) == set(grads[1]) and max(float((grads[0][n] - grads[1][n]).abs().max()) for n in grads[1]) <= 1e-5 * top
+    impl = m.language_model.config._attn_implementation
+    with llm_attention(m, PACKED_ATTENTION):
+        assert m.language_model.config._attn_implementation == PACKED_ATTENTION
+        assert m.vision_model.config._attn_implementation != PACKED_ATTENTION
+    assert m.language_model.config._attn_implementation == impl   # restored
+    with torch.no_grad(), llm_attention(m, PACKED_ATTENTION):   # padded batches and cached generation fall through to sdpa
+        pb = proc.collate(samples[:2])
+        torch.testing.assert_close(m(**{k: pb[k] for k in ("input_ids", "attention_mask", "pixel_values")}).logits,
+                                   forward_logits(m, pb), atol=1e-6, rtol=1e-6)
