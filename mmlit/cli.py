@@ -20,17 +20,49 @@ from .tiling import load_image, plan_tiles, draw_plan, RULES
 from .main import shipped_recipes, build_parser, main  # the thin command layer (no torch)
 from .core import seed_everything, set_torch_threads
 from .processing import MMProcessor, SQUARE_TILE_RULES, tiny_tokenizer, tokens_per_tile
-from .model import MMModel, tiny_config, fit_to_tokenizer, load_smollm2, init_sincos_positions, set_trainable, missing_local_folder
+from mmlit.model import (
+    MMModel,
+    tiny_config,
+    fit_to_tokenizer,
+    load_smollm2,
+    init_sincos_positions,
+    set_trainable,
+    missing_local_folder,
+)
 from .data import TASKS, SPLITS, LOSS_MODES, Task, Mixture, make_task, blind_baseline, BlindBaseline
-from .train import (STAGE_LR, MANIFEST, Trainer, TrainConfig, RunLog, read_metrics, plot_runs, write_checkpoint,
-                         verify_checkpoint, quiet_saving, load_model_weights, latest_checkpoint, load_base, base_model_dir)
+from mmlit.train import (
+    STAGE_LR,
+    MANIFEST,
+    Trainer,
+    TrainConfig,
+    RunLog,
+    read_metrics,
+    plot_runs,
+    write_checkpoint,
+    verify_checkpoint,
+    quiet_saving,
+    load_model_weights,
+    latest_checkpoint,
+    load_base,
+    base_model_dir,
+)
 from .eval import EvalResults, evaluate, plot_accuracy, answer_nll, grounding_verdict
 from .grpo import GRPOConfig, GRPOTrainer, LOSS_TYPES, SCALES, accuracy_reward, format_reward
 from safetensors.torch import load_file, save_file
 from .difficulty import TIERS, score_difficulty, select_tiers
 from . import jigsaw as _jigsaw  # registers the jigsaw tasks in TASKS, so recipes can name them
-from .evolve import (THINK_SUFFIX, tag_accuracy, RATIONALES, SELECT_STRATEGIES, VARIANTS, EvolveConfig, SelfEvolver, ProcessRewardModel,
-                          with_rationale, train_prm)
+from mmlit.evolve import (
+    THINK_SUFFIX,
+    tag_accuracy,
+    RATIONALES,
+    SELECT_STRATEGIES,
+    VARIANTS,
+    EvolveConfig,
+    SelfEvolver,
+    ProcessRewardModel,
+    with_rationale,
+    train_prm,
+)
 
 # %% auto #0
 __all__ = ['BACKBONES', 'MAX_COUNT', 'TIER_MEASURES', 'REWARDS', 'RECIPE_FILE', 'BLIND_FILE', 'LEVELS_FILE', 'START_DIR',
@@ -54,10 +86,11 @@ def sample_photo() -> Path:
     return Path(str(files('mmlit') / 'assets' / 'sample_photo.jpg'))
 
 # %% ../nbs/11_cli.ipynb #d7535e83
-def tile_table(width: int, # image width in pixels
-               height: int, # image height in pixels
-               rules=RULES, # the tiling rules to plan
-              ) -> list[dict]:
+def tile_table(
+    width: int,  # image width in pixels
+    height: int,  # image height in pixels
+    rules=RULES,  # the tiling rules to plan
+) -> list[dict]:
     "One row per rule: its grid, number of tiles and visual tokens, planned from the size alone."
     rows = []
     for rule in rules:
@@ -75,16 +108,23 @@ def format_table(rows: list[dict]) -> str:
     return '\n'.join(lines)
 
 # %% ../nbs/11_cli.ipynb #dab83a77
-def draw_rules(image, # a PIL image
-               rules=RULES, # the rules to draw, one panel each
-               path=None, # where to save the picture (PNG, JPEG, SVG, PDF...); None: don't save
-              ):
+def draw_rules(
+    image,  # a PIL image
+    rules=RULES,  # the rules to draw, one panel each
+    path=None,  # where to save the picture (PNG, JPEG, SVG, PDF...); None: don't save
+):
     "Draw every rule's tile plan over `image` side by side; returns the matplotlib figure."
-    import matplotlib; import matplotlib.pyplot as plt
-    ncols = min(3, len(rules)); nrows = -(-len(rules) // ncols)
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    ncols = min(3, len(rules))
+    nrows = -(-len(rules) // ncols)
     fig, axs = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.6 * nrows), squeeze=False)
-    for ax in axs.flat[len(rules):]: ax.axis('off')
-    small = image if max(image.size) <= 1600 else image.reduce(math.ceil(max(image.size) / 1600))   # a picture needs no more
+    for ax in axs.flat[len(rules) :]:
+        ax.axis('off')
+    small = (
+        image if max(image.size) <= 1600 else image.reduce(math.ceil(max(image.size) / 1600))
+    )  # a picture needs no more
     for ax, rule in zip(axs.flat, rules):
         draw_plan(small, plan_tiles(*image.size, rule=rule), ax=ax)
     fig.tight_layout()
@@ -97,27 +137,40 @@ def draw_rules(image, # a PIL image
 def figure_path(out: str | Path) -> Path:
     "The file `mmlit tile --out` writes: PNG when `out` has no suffix; ValueError for a folder, an unknown format or an unwritable place."
     from matplotlib.backend_bases import FigureCanvasBase
+
     p = Path(out).expanduser()
-    if p.is_dir(): raise ValueError(f"--out {out} is a folder: give a file name, e.g. {p / 'tiles.png'}")
-    if not p.suffix: p = p.with_suffix(".png")
+    if p.is_dir():
+        raise ValueError(f"--out {out} is a folder: give a file name, e.g. {p / 'tiles.png'}")
+    if not p.suffix:
+        p = p.with_suffix(".png")
     kinds = FigureCanvasBase.get_supported_filetypes()
-    if p.suffix[1:].lower() not in kinds: raise ValueError(f"--out {out}: cannot write {p.suffix} pictures; use one of {', '.join('.' + k for k in sorted(kinds))}")
-    try: p.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e: raise ValueError(f"--out {out}: cannot create the folder {p.parent} ({e.strerror})") from None
-    if not os.access(p.parent, os.W_OK): raise ValueError(f"--out {out}: the folder {p.parent} is not writable")
+    if p.suffix[1:].lower() not in kinds:
+        raise ValueError(
+            f"--out {out}: cannot write {p.suffix} pictures; use one of {', '.join('.' + k for k in sorted(kinds))}"
+        )
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--out {out}: cannot create the folder {p.parent} ({e.strerror})") from None
+    if not os.access(p.parent, os.W_OK):
+        raise ValueError(f"--out {out}: the folder {p.parent} is not writable")
     return p
+
 
 def tile_command(args: argparse.Namespace) -> int:
     "`mmlit tile`: print each rule's grid, tiles and tokens for an image, optionally draw them."
     path = args.image or sample_photo()
     image = load_image(path, max_pixels=args.max_pixels)
     rules = args.rule or list(RULES)
-    if unknown := [r for r in rules if r not in RULES]: raise ValueError(f"unknown rule {unknown[0]!r}; the rules are {', '.join(RULES)}")
-    out = figure_path(args.out) if args.out else None   # checked before any work
+    if unknown := [r for r in rules if r not in RULES]:
+        raise ValueError(f"unknown rule {unknown[0]!r}; the rules are {', '.join(RULES)}")
+    out = figure_path(args.out) if args.out else None  # checked before any work
     print(f"{path}: {image.size[0]} x {image.size[1]} pixels")
     print(format_table(tile_table(*image.size, rules=rules)))
     if out:
-        import matplotlib; matplotlib.use('Agg')
+        import matplotlib
+
+        matplotlib.use('Agg')
         draw_rules(image, rules=rules, path=out)
         print(f"wrote {out}")
     return 0
@@ -127,62 +180,93 @@ def _key(where: str, key) -> str:
     "The dotted path of a key: `stages[2].lr`."
     return f"{where}[{key}]" if isinstance(key, int) else (f"{where}.{key}" if where else str(key))
 
+
 _KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string", dict: "a mapping"}
 
+
 def _is_kind(tp, v) -> bool:
-    if tp is bool: return isinstance(v, bool)
-    if tp is int: return isinstance(v, int) and not isinstance(v, bool)
-    if tp is float: return isinstance(v, (int, float)) and not isinstance(v, bool)
-    if tp is str: return isinstance(v, (str, int, float)) and not isinstance(v, bool)   # stage: 1.5 is the string "1.5"
+    if tp is bool:
+        return isinstance(v, bool)
+    if tp is int:
+        return isinstance(v, int) and not isinstance(v, bool)
+    if tp is float:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+    if tp is str:
+        return isinstance(v, (str, int, float)) and not isinstance(v, bool)  # stage: 1.5 is the string "1.5"
     return isinstance(v, tp)
+
 
 def _yaml_float(v):
     "YAML 1.1 reads `1e-3` (no dot) as a string: accept numeric strings where a number is expected."
-    try: return float(v) if isinstance(v, str) else v
-    except ValueError: return v
+    try:
+        return float(v) if isinstance(v, str) else v
+    except ValueError:
+        return v
 
-def check_value(tp, # the field's type annotation
-                v, # the value read from YAML
-                where: str, # the key's path, for the error message
-               ):
+
+def check_value(
+    tp,  # the field's type annotation
+    v,  # the value read from YAML
+    where: str,  # the key's path, for the error message
+):
     "`v` checked (and converted) against the annotation `tp`; ValueError naming the key."
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
-        if v is None and type(None) in args: return None
+        if v is None and type(None) in args:
+            return None
         tp = next(a for a in args if a is not type(None))
-    if dataclasses.is_dataclass(tp): return from_plain(tp, v, where)
+    if dataclasses.is_dataclass(tp):
+        return from_plain(tp, v, where)
     if typing.get_origin(tp) is list:
-        if not isinstance(v, list): raise ValueError(f"{where} must be a list, got {v!r:.60}")
+        if not isinstance(v, list):
+            raise ValueError(f"{where} must be a list, got {v!r:.60}")
         return [check_value(typing.get_args(tp)[0], x, _key(where, i)) for i, x in enumerate(v)]
-    if tp is float: v = _yaml_float(v)
-    if not _is_kind(tp, v): raise ValueError(f"{where} must be {_KINDS[tp]}, got {v!r:.60}")
+    if tp is float:
+        v = _yaml_float(v)
+    if not _is_kind(tp, v):
+        raise ValueError(f"{where} must be {_KINDS[tp]}, got {v!r:.60}")
     return float(v) if tp is float else str(v) if tp is str else v
 
 # %% ../nbs/11_cli.ipynb #ef976f9e
-def from_plain(cls, # a recipe dataclass
-               d, # plain values: a dict from YAML or JSON
-               where: str = "", # the path of `d` in the recipe (for error messages)
-              ):
+def from_plain(
+    cls,  # a recipe dataclass
+    d,  # plain values: a dict from YAML or JSON
+    where: str = "",  # the path of `d` in the recipe (for error messages)
+):
     "Build `cls` from plain values, checking every key and value; ValueError naming the first bad key."
-    if hasattr(cls, "_pick"): cls = cls._pick(d)   # a stage entry: supervised or GRPO
-    if hasattr(cls, "_normalise"): d = cls._normalise(d)
-    if not isinstance(d, dict): raise ValueError(f"{where or 'the recipe'} must be a mapping of keys to values, got {d!r:.60}")
+    if hasattr(cls, "_pick"):
+        cls = cls._pick(d)  # a stage entry: supervised or GRPO
+    if hasattr(cls, "_normalise"):
+        d = cls._normalise(d)
+    if not isinstance(d, dict):
+        raise ValueError(f"{where or 'the recipe'} must be a mapping of keys to values, got {d!r:.60}")
     hints, names = typing.get_type_hints(cls), [f.name for f in dataclasses.fields(cls)]
     for k in d:
-        if k not in names: raise ValueError(f"unknown recipe key {_key(where, k)!r}; the keys of {where or 'a recipe'} are {names}")
+        if k not in names:
+            raise ValueError(f"unknown recipe key {_key(where, k)!r}; the keys of {where or 'a recipe'} are {names}")
     kw = {k: check_value(hints[k], v, _key(where, k)) for k, v in d.items()}
-    try: return cls(**kw)
+    try:
+        return cls(**kw)
     except ValueError as e:
-        if not where: raise
-        first, written = re.match(r"\w+", str(e)), {*names, *kw.get("kwargs", {})}   # a task's settings sit beside its name
+        if not where:
+            raise
+        first, written = re.match(r"\w+", str(e)), {
+            *names,
+            *kw.get("kwargs", {}),
+        }  # a task's settings sit beside its name
         raise ValueError(f"{where}.{e}" if first and first.group(0) in written else f"{where}: {e}") from None
+
 
 def to_plain(x):
     "A recipe (or any part of one) as plain dicts and lists, ready for YAML."
-    if isinstance(x, TaskRecipe): return {"name": x.name, "weight": x.weight, **to_plain(x.kwargs)}
-    if dataclasses.is_dataclass(x): return {f.name: to_plain(getattr(x, f.name)) for f in dataclasses.fields(x)}
-    if isinstance(x, (list, tuple)): return [to_plain(v) for v in x]
-    if isinstance(x, dict): return {k: to_plain(v) for k, v in x.items()}
+    if isinstance(x, TaskRecipe):
+        return {"name": x.name, "weight": x.weight, **to_plain(x.kwargs)}
+    if dataclasses.is_dataclass(x):
+        return {f.name: to_plain(getattr(x, f.name)) for f in dataclasses.fields(x)}
+    if isinstance(x, (list, tuple)):
+        return [to_plain(v) for v in x]
+    if isinstance(x, dict):
+        return {k: to_plain(v) for k, v in x.items()}
     return x
 
 # %% ../nbs/11_cli.ipynb #9db7362d
@@ -190,26 +274,40 @@ BACKBONES = ("tiny", "smollm2")  # text backbones: a tiny Llama from scratch, or
 
 MAX_COUNT = 10_000_000  # the largest count (steps, samples, sizes) a recipe may ask for: beyond it a typo, not a plan
 
+
 def _integers(obj, names, low: int, what: str):
     "ValueError naming the first of `names` that is not an integer in `low`…`MAX_COUNT`."
     for n in names:
         v = getattr(obj, n)
-        if not isinstance(v, int) or isinstance(v, bool) or v < low: raise ValueError(f"{n} must be {what}, got {v!r}")
-        if v > MAX_COUNT: raise ValueError(f"{n} = {v:,} is more than {MAX_COUNT:,}: surely a typo")
+        if not isinstance(v, int) or isinstance(v, bool) or v < low:
+            raise ValueError(f"{n} must be {what}, got {v!r}")
+        if v > MAX_COUNT:
+            raise ValueError(f"{n} = {v:,} is more than {MAX_COUNT:,}: surely a typo")
+
 
 def is_vision_type(model_type: str) -> bool:
     "Is a transformers model type a vision encoder: a ViT-style `*vision*` model or an image-classification backbone (ResNet, ConvNeXt)?"
     return "vision" in model_type or model_type in MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
 
-def _positive(obj, *names): _integers(obj, names, 1, "a positive integer")
-def _nonnegative(obj, *names): _integers(obj, names, 0, "an integer >= 0")
+
+def _positive(obj, *names):
+    _integers(obj, names, 1, "a positive integer")
+
+
+def _nonnegative(obj, *names):
+    _integers(obj, names, 0, "an integer >= 0")
 
 # %% ../nbs/11_cli.ipynb #b0bfb601
 @dataclass
 class ModelRecipe:
     "The model: a vision encoder (from scratch) → pixel unshuffle → projector → a text backbone."
-    backbone: str = "tiny"  # "tiny" (Llama from scratch, tiny tokenizer) or "smollm2" (pretrained SmolLM2-135M-Instruct)
-    vision_model_type: str = "siglip_vision_model"  # any transformers vision model type ("internvl_vision", "clip_vision_model", ...)
+
+    backbone: str = (
+        "tiny"  # "tiny" (Llama from scratch, tiny tokenizer) or "smollm2" (pretrained SmolLM2-135M-Instruct)
+    )
+    vision_model_type: str = (
+        "siglip_vision_model"  # any transformers vision model type ("internvl_vision", "clip_vision_model", ...)
+    )
     image_size: int = 64  # tile side in pixels
     patch_size: int = 8  # ViT patch side
     vision_hidden: int = 128  # ViT width (4 attention heads)
@@ -217,35 +315,48 @@ class ModelRecipe:
     text_hidden: int = 192  # tiny LLM width (not used with smollm2)
     text_layers: int = 3  # tiny LLM depth (not used with smollm2)
     downsample_ratio: float = 0.5  # pixel unshuffle: 0.5 merges 2×2 visual tokens
-    sincos_positions: bool = True  # start the from-scratch encoder's position table at 2-D sine-cosine codes (`init_sincos_positions`)
+    sincos_positions: bool = (
+        True  # start the from-scratch encoder's position table at 2-D sine-cosine codes (`init_sincos_positions`)
+    )
 
     def __post_init__(self):
-        if self.backbone not in BACKBONES: raise ValueError(f"backbone must be one of {BACKBONES}, got {self.backbone!r}")
-        if self.vision_model_type not in CONFIG_MAPPING_NAMES: raise ValueError(f"vision_model_type {self.vision_model_type!r} is not a transformers model type")
-        if not is_vision_type(self.vision_model_type): raise ValueError(f"vision_model_type {self.vision_model_type!r} is not a vision model (e.g. siglip_vision_model, clip_vision_model, internvl_vision, resnet)")
+        if self.backbone not in BACKBONES:
+            raise ValueError(f"backbone must be one of {BACKBONES}, got {self.backbone!r}")
+        if self.vision_model_type not in CONFIG_MAPPING_NAMES:
+            raise ValueError(f"vision_model_type {self.vision_model_type!r} is not a transformers model type")
+        if not is_vision_type(self.vision_model_type):
+            raise ValueError(
+                f"vision_model_type {self.vision_model_type!r} is not a vision model (e.g. siglip_vision_model, clip_vision_model, internvl_vision, resnet)"
+            )
         _positive(self, "image_size", "patch_size", "vision_hidden", "vision_layers", "text_hidden", "text_layers")
         for n in ("vision_hidden", "text_hidden"):
-            if getattr(self, n) % 4: raise ValueError(f"{n} must be a multiple of 4 (the attention heads), got {getattr(self, n)}")
-        tokens_per_tile(self.image_size, self.patch_size, self.downsample_ratio)   # image/patch/ratio must fit together
+            if getattr(self, n) % 4:
+                raise ValueError(f"{n} must be a multiple of 4 (the attention heads), got {getattr(self, n)}")
+        tokens_per_tile(self.image_size, self.patch_size, self.downsample_ratio)  # image/patch/ratio must fit together
 
     @property
-    def tokens_per_tile(self) -> int: return tokens_per_tile(self.image_size, self.patch_size, self.downsample_ratio)
+    def tokens_per_tile(self) -> int:
+        return tokens_per_tile(self.image_size, self.patch_size, self.downsample_ratio)
+
 
 @dataclass
 class ProcessorRecipe:
     "How images become tiles (see `MMProcessor`)."
+
     max_num: int = 1  # tile budget per image (1: the whole image as one tile)
     use_thumbnail: bool = False  # add a whole-image thumbnail when an image has several tiles
     tile_rule: str = "internvl"  # tiling rule (one of SQUARE_TILE_RULES)
 
     def __post_init__(self):
         _positive(self, "max_num")
-        if self.tile_rule not in SQUARE_TILE_RULES: raise ValueError(f"tile_rule must be one of {SQUARE_TILE_RULES}, got {self.tile_rule!r}")
+        if self.tile_rule not in SQUARE_TILE_RULES:
+            raise ValueError(f"tile_rule must be one of {SQUARE_TILE_RULES}, got {self.tile_rule!r}")
 
 # %% ../nbs/11_cli.ipynb #ca8a3b88
 @dataclass
 class TaskRecipe:
     "A built-in task, its mixture weight and its settings (any argument of the task's class, e.g. `size`)."
+
     name: str = "count"  # a key of mmlit.data.TASKS
     weight: float = 1.0  # mixture weight: the task's share of the training samples is weight / sum of weights
     kwargs: dict = field(default_factory=dict)  # the task's settings; in YAML written next to name and weight
@@ -253,18 +364,28 @@ class TaskRecipe:
     @staticmethod
     def _normalise(d):
         "`count` or {name: count, weight: 2, size: 96} → {name, weight, kwargs}."
-        if isinstance(d, str): return {"name": d}
-        if not isinstance(d, dict) or "kwargs" in d: return d
-        return {**{k: d[k] for k in ("name", "weight") if k in d}, "kwargs": {k: v for k, v in d.items() if k not in ("name", "weight")}}
+        if isinstance(d, str):
+            return {"name": d}
+        if not isinstance(d, dict) or "kwargs" in d:
+            return d
+        return {
+            **{k: d[k] for k in ("name", "weight") if k in d},
+            "kwargs": {k: v for k, v in d.items() if k not in ("name", "weight")},
+        }
 
     def __post_init__(self):
-        if self.name not in TASKS: raise ValueError(f"name {self.name!r} is not a built-in task; the built-in tasks are {sorted(TASKS)}")
-        if not self.weight > 0: raise ValueError(f"weight must be > 0, got {self.weight}")
+        if self.name not in TASKS:
+            raise ValueError(f"name {self.name!r} is not a built-in task; the built-in tasks are {sorted(TASKS)}")
+        if not self.weight > 0:
+            raise ValueError(f"weight must be > 0, got {self.weight}")
         params = [p for p in inspect.signature(TASKS[self.name].__init__).parameters if p != "self"]
         for k in self.kwargs:
-            if k not in params: raise ValueError(f"{k} is not a setting of task {self.name!r}; its settings are {params}")
-        try: self.task()
-        except (TypeError, ValueError) as e: raise ValueError(f"task {self.name!r} refuses the settings {self.kwargs}: {e}") from None
+            if k not in params:
+                raise ValueError(f"{k} is not a setting of task {self.name!r}; its settings are {params}")
+        try:
+            self.task()
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"task {self.name!r} refuses the settings {self.kwargs}: {e}") from None
 
     def task(self, **overrides):
         "The task object."
@@ -274,6 +395,7 @@ class TaskRecipe:
 @dataclass
 class StageRecipe:
     "One supervised training stage (see `TrainConfig`); `stage: grpo` is a `GRPOStageRecipe`, `stage: evolve` an `EvolveStageRecipe`."
+
     stage: str = "2"  # "1" (projector), "1.5" (vision encoder + projector) or "2" (everything, or LoRA)
     steps: int = 100  # optimizer steps
     lr: float | None = None  # peak learning rate (None: InternVL 2.5's rate for the stage, STAGE_LR)
@@ -283,7 +405,9 @@ class StageRecipe:
     lora: bool = False  # stage 2 only: LoRA adapters on the LLM (+ the projector) instead of every weight
     lora_r: int = 8  # LoRA rank
     lora_alpha: int = 16  # LoRA scaling numerator
-    data: list[TaskRecipe] | None = None  # this stage's own training tasks (captions, easier levels, ...); null: the recipe's tasks
+    data: list[TaskRecipe] | None = (
+        None  # this stage's own training tasks (captions, easier levels, ...); null: the recipe's tasks
+    )
 
     @staticmethod
     def _pick(d):
@@ -292,26 +416,44 @@ class StageRecipe:
         return {"grpo": GRPOStageRecipe, "evolve": EvolveStageRecipe}.get(kind, StageRecipe)
 
     def __post_init__(self):
-        if self.stage not in STAGE_LR: raise ValueError(f"stage must be one of {[*STAGE_LR, 'grpo', 'evolve']}, got {self.stage!r}")
+        if self.stage not in STAGE_LR:
+            raise ValueError(f"stage must be one of {[*STAGE_LR, 'grpo', 'evolve']}, got {self.stage!r}")
         _positive(self, "steps", "batch_size", "grad_accum", "lora_r", "lora_alpha")
-        if self.lr is not None and not self.lr > 0: raise ValueError(f"lr must be > 0 (or null for InternVL's rate), got {self.lr}")
-        if not 0 <= self.warmup_ratio < 1: raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        if self.lora and self.stage != "2": raise ValueError(f"lora: true is for stage 2, got stage {self.stage!r}")
-        if self.data is not None and not self.data: raise ValueError("data must list at least one task (or be null: the recipe's tasks)")
+        if self.lr is not None and not self.lr > 0:
+            raise ValueError(f"lr must be > 0 (or null for InternVL's rate), got {self.lr}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.lora and self.stage != "2":
+            raise ValueError(f"lora: true is for stage 2, got stage {self.stage!r}")
+        if self.data is not None and not self.data:
+            raise ValueError("data must list at least one task (or be null: the recipe's tasks)")
 
     @property
-    def peak_lr(self) -> float: return STAGE_LR[self.stage] if self.lr is None else self.lr
+    def peak_lr(self) -> float:
+        return STAGE_LR[self.stage] if self.lr is None else self.lr
 
-TIER_MEASURES = {"pism": ("pixels", "pism_tier"), "pism_box": ("box", "pism_tier"), "cmab": ("pixels", "cmab_tier")}  # tier_by → (PISM mask kind, tier column)
 
-REWARDS = {"accuracy": accuracy_reward, "format": format_reward, "tag": tag_accuracy,   # reward functions a GRPO stage can name
-           "jigsaw_paper": _jigsaw.jigsaw_reward_func(0.2, "paper"), "jigsaw_code": _jigsaw.jigsaw_reward_func(0.2, "code"),
-           "jigsaw_exact": _jigsaw.jigsaw_reward_func(0.0), "order_format": _jigsaw.order_format_reward}
+TIER_MEASURES = {
+    "pism": ("pixels", "pism_tier"),
+    "pism_box": ("box", "pism_tier"),
+    "cmab": ("pixels", "cmab_tier"),
+}  # tier_by → (PISM mask kind, tier column)
+
+REWARDS = {
+    "accuracy": accuracy_reward,
+    "format": format_reward,
+    "tag": tag_accuracy,  # reward functions a GRPO stage can name
+    "jigsaw_paper": _jigsaw.jigsaw_reward_func(0.2, "paper"),
+    "jigsaw_code": _jigsaw.jigsaw_reward_func(0.2, "code"),
+    "jigsaw_exact": _jigsaw.jigsaw_reward_func(0.0),
+    "order_format": _jigsaw.order_format_reward,
+}
 
 # %% ../nbs/11_cli.ipynb #7eb2ad4c
 @dataclass
 class GRPOStageRecipe:
     "A GRPO stage (see `GRPOConfig`): sample several answers per question, reward the right ones, move towards them."
+
     stage: str = "grpo"  # always "grpo"
     steps: int = 20  # rollout steps: sample, score, `num_iterations` optimizer steps
     lr: float = 1e-4  # peak learning rate (TRL's 1e-6 suits pretrained models; a tiny one trained here needs ~1e-4)
@@ -323,7 +465,9 @@ class GRPOStageRecipe:
     num_iterations: int = 1  # optimizer steps per rollout batch, μ (> 1: ratio clipping acts)
     beta: float = 0.0  # weight of the KL penalty to the model as it entered the stage (0: no reference model)
     loss_type: str = "dapo"  # "grpo", "bnpo", "dr_grpo" or "dapo" (mmlit.grpo.grpo_loss)
-    scale_rewards: str = "group"  # advantages divided by the group's std ("group"), the batch's ("batch") or not ("none")
+    scale_rewards: str = (
+        "group"  # advantages divided by the group's std ("group"), the batch's ("batch") or not ("none")
+    )
     eps_low: float = 0.2  # lower clip ε
     eps_high: float | None = None  # upper clip ε (null: eps_low; DAPO uses 0.28)
     warmup_ratio: float = 0.1  # share of the optimizer steps with a linear warm-up, then cosine decay
@@ -333,41 +477,66 @@ class GRPOStageRecipe:
     reward_weights: list[float] | None = None  # one weight per reward (null: 1 each)
     tasks: list[str] | None = None  # the recipe's tasks the questions come from (null: all of them, with their weights)
     save_every: int = 0  # checkpoint every this many rollout steps (0: the recipe's save_every)
-    tiers: list[str] | None = None  # ask only questions of these difficulty tiers (chapter 09: unsolved, hard, medium, easy; null: all)
-    tier_by: str = "pism"  # how the tiers are measured: "pism" (random pixels masked), "pism_box" (one black box) or "cmab"
+    tiers: list[str] | None = (
+        None  # ask only questions of these difficulty tiers (chapter 09: unsolved, hard, medium, easy; null: all)
+    )
+    tier_by: str = (
+        "pism"  # how the tiers are measured: "pism" (random pixels masked), "pism_box" (one black box) or "cmab"
+    )
     tier_pool: int = 4  # with tiers: score this many times the questions the stage needs, then keep the chosen tiers
 
     def __post_init__(self):
-        if self.stage != "grpo": raise ValueError(f"stage must be 'grpo' for a GRPO stage, got {self.stage!r}")
+        if self.stage != "grpo":
+            raise ValueError(f"stage must be 'grpo' for a GRPO stage, got {self.stage!r}")
         _positive(self, "steps", "prompts_per_step", "num_generations", "max_new_tokens", "num_iterations")
-        if self.num_generations < 2: raise ValueError(f"num_generations must be >= 2 (advantages compare the answers to one question), got {self.num_generations}")
-        if not self.lr > 0: raise ValueError(f"lr must be > 0, got {self.lr}")
-        if not self.temperature > 0: raise ValueError(f"temperature must be > 0 (GRPO samples), got {self.temperature}")
-        if not 0 < self.top_p <= 1: raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not self.beta >= 0: raise ValueError(f"beta must be >= 0, got {self.beta}")
-        if self.loss_type not in LOSS_TYPES: raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
-        if self.scale_rewards not in SCALES: raise ValueError(f"scale_rewards must be one of {SCALES}, got {self.scale_rewards!r}")
-        if not self.eps_low > 0 or (self.eps_high is not None and not self.eps_high > 0): raise ValueError(f"eps_low and eps_high must be > 0, got {self.eps_low} and {self.eps_high}")
-        if not 0 <= self.warmup_ratio < 1: raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        if not self.rewards: raise ValueError(f"rewards must name at least one of {list(REWARDS)}")
+        if self.num_generations < 2:
+            raise ValueError(
+                f"num_generations must be >= 2 (advantages compare the answers to one question), got {self.num_generations}"
+            )
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0 (GRPO samples), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not self.beta >= 0:
+            raise ValueError(f"beta must be >= 0, got {self.beta}")
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
+        if self.scale_rewards not in SCALES:
+            raise ValueError(f"scale_rewards must be one of {SCALES}, got {self.scale_rewards!r}")
+        if not self.eps_low > 0 or (self.eps_high is not None and not self.eps_high > 0):
+            raise ValueError(f"eps_low and eps_high must be > 0, got {self.eps_low} and {self.eps_high}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if not self.rewards:
+            raise ValueError(f"rewards must name at least one of {list(REWARDS)}")
         for r in self.rewards:
-            if r not in REWARDS: raise ValueError(f"rewards names {r!r}; the rewards are {list(REWARDS)}")
+            if r not in REWARDS:
+                raise ValueError(f"rewards names {r!r}; the rewards are {list(REWARDS)}")
         if self.reward_weights is not None and len(self.reward_weights) != len(self.rewards):
-            raise ValueError(f"reward_weights has {len(self.reward_weights)} weights for {len(self.rewards)} rewards {self.rewards}")
-        if self.tasks is not None and not self.tasks: raise ValueError("tasks must name at least one task (or be null: all the recipe's tasks)")
-        if not isinstance(self.save_every, int) or self.save_every < 0: raise ValueError(f"save_every must be an integer >= 0, got {self.save_every!r}")
+            raise ValueError(
+                f"reward_weights has {len(self.reward_weights)} weights for {len(self.rewards)} rewards {self.rewards}"
+            )
+        if self.tasks is not None and not self.tasks:
+            raise ValueError("tasks must name at least one task (or be null: all the recipe's tasks)")
+        if not isinstance(self.save_every, int) or self.save_every < 0:
+            raise ValueError(f"save_every must be an integer >= 0, got {self.save_every!r}")
         if self.tiers is not None and (not self.tiers or any(t not in TIERS for t in self.tiers)):
             raise ValueError(f"tiers must list some of {list(TIERS)} (or be null: every question), got {self.tiers!r}")
-        if self.tier_by not in TIER_MEASURES: raise ValueError(f"tier_by must be one of {list(TIER_MEASURES)}, got {self.tier_by!r}")
+        if self.tier_by not in TIER_MEASURES:
+            raise ValueError(f"tier_by must be one of {list(TIER_MEASURES)}, got {self.tier_by!r}")
         _positive(self, "tier_pool")
 
     @property
-    def peak_lr(self) -> float: return self.lr
+    def peak_lr(self) -> float:
+        return self.lr
 
 # %% ../nbs/11_cli.ipynb #805ac7e9
 @dataclass
 class EvalRecipe:
     "The evaluation after each stage (see `evaluate`)."
+
     n: int = 100  # questions per task
     split: str = "test"  # the split the questions come from
     max_new_tokens: int = 8  # generation budget per answer
@@ -380,8 +549,10 @@ class EvalRecipe:
     def __post_init__(self):
         _positive(self, "n", "max_new_tokens", "batch_size", "curve_points", "blind_n")
         for k in ("curve_n", "level_n"):
-            if not isinstance(getattr(self, k), int) or getattr(self, k) < 0: raise ValueError(f"{k} must be an integer >= 0, got {getattr(self, k)!r}")
-        if self.split not in SPLITS: raise ValueError(f"split must be one of {SPLITS}, got {self.split!r}")
+            if not isinstance(getattr(self, k), int) or getattr(self, k) < 0:
+                raise ValueError(f"{k} must be an integer >= 0, got {getattr(self, k)!r}")
+        if self.split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {self.split!r}")
 
 # %% ../nbs/11_cli.ipynb #73afe549
 def has_rationale(task: Task) -> bool:
@@ -392,62 +563,102 @@ def has_rationale(task: Task) -> bool:
 @dataclass
 class EvolveStageRecipe:
     "A self-evolution stage (M-STaR, `SelfEvolver`): a warm-up on gold reasoning, then rounds of sample → keep the right answers → SFT."
+
     stage: str = "evolve"  # always "evolve"
     warmup_steps: int = 500  # SFT steps on gold step-by-step reasoning first (a stage-2 `Trainer` run; 0: none)
     warmup_lr: float = 5e-4  # the warm-up's peak learning rate
     warmup_batch_size: int = 8  # the warm-up's samples per step
     rounds: int = 6  # self-evolution rounds
     round_fraction: float = 0.25  # questions per round, as a share of the pool
-    prompts: int = 192  # the pool: training questions of the stage's tasks (weighted as in the recipe) no earlier stage read
+    prompts: int = (
+        192  # the pool: training questions of the stage's tasks (weighted as in the recipe) no earlier stage read
+    )
     k: int = 8  # responses sampled per question
-    select: str = "all"  # the right responses trained on: "all", "random" (`keep` of them) or "top" (the `keep` best by the PRM)
+    select: str = (
+        "all"  # the right responses trained on: "all", "random" (`keep` of them) or "top" (the `keep` best by the PRM)
+    )
     keep: int = 2  # right responses kept per question ("random" and "top")
-    variant: str = "continuous"  # "continuous", "iterative" (the optimizer restarts each round) or "restem" (the model too)
+    variant: str = (
+        "continuous"  # "continuous", "iterative" (the optimizer restarts each round) or "restem" (the model too)
+    )
     temperature: float = 1.0  # sampling temperature (the first one with auto_temperature)
-    auto_temperature: bool = False  # every 2 rounds the temperature with the best Reward-Pass@2 on validation questions (needs the PRM)
+    auto_temperature: bool = (
+        False  # every 2 rounds the temperature with the best Reward-Pass@2 on validation questions (needs the PRM)
+    )
     steps_per_round: int = 12  # SFT steps per round
     batch_size: int = 8  # responses per SFT step
     lr: float = 2e-4  # the loop's peak learning rate
-    max_new_tokens: int = 72  # response budget (reasoning, then the answer); also the budget of every evaluation after this stage
+    max_new_tokens: int = (
+        72  # response budget (reasoning, then the answer); also the budget of every evaluation after this stage
+    )
     prm_prompts: int = 0  # training questions a process reward model is fitted on after the warm-up (0: no PRM)
     heldout: int = 50  # validation questions per task measured before the loop and after every round (0: none)
     tasks: list[str] | None = None  # the recipe's tasks the stage trains on (null: all of them); each needs a rationale
 
     def __post_init__(self):
-        if self.stage != "evolve": raise ValueError(f"stage must be 'evolve' for a self-evolution stage, got {self.stage!r}")
-        _positive(self, "rounds", "prompts", "k", "keep", "steps_per_round", "batch_size", "warmup_batch_size", "max_new_tokens")
+        if self.stage != "evolve":
+            raise ValueError(f"stage must be 'evolve' for a self-evolution stage, got {self.stage!r}")
+        _positive(
+            self,
+            "rounds",
+            "prompts",
+            "k",
+            "keep",
+            "steps_per_round",
+            "batch_size",
+            "warmup_batch_size",
+            "max_new_tokens",
+        )
         _nonnegative(self, "warmup_steps", "prm_prompts", "heldout")
-        if not 0 < self.round_fraction <= 1: raise ValueError(f"round_fraction must be in (0, 1], got {self.round_fraction}")
-        if self.keep > self.k: raise ValueError(f"keep must be <= k (responses per question), got keep={self.keep} and k={self.k}")
-        if self.select not in SELECT_STRATEGIES: raise ValueError(f"select must be one of {SELECT_STRATEGIES}, got {self.select!r}")
-        if self.variant not in VARIANTS: raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
+        if not 0 < self.round_fraction <= 1:
+            raise ValueError(f"round_fraction must be in (0, 1], got {self.round_fraction}")
+        if self.keep > self.k:
+            raise ValueError(f"keep must be <= k (responses per question), got keep={self.keep} and k={self.k}")
+        if self.select not in SELECT_STRATEGIES:
+            raise ValueError(f"select must be one of {SELECT_STRATEGIES}, got {self.select!r}")
+        if self.variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
         for n in ("lr", "warmup_lr", "temperature"):
-            if not getattr(self, n) > 0: raise ValueError(f"{n} must be > 0, got {getattr(self, n)}")
+            if not getattr(self, n) > 0:
+                raise ValueError(f"{n} must be > 0, got {getattr(self, n)}")
         if self.select == "top" and not self.prm_prompts:
             raise ValueError("select 'top' ranks the right responses by a process reward model: set prm_prompts > 0")
         if self.auto_temperature and not (self.prm_prompts and self.heldout):
-            raise ValueError(f"auto_temperature searches by the PRM's Reward-Pass@2 on validation questions: "
-                             f"set prm_prompts > 0 and heldout > 0, got {self.prm_prompts} and {self.heldout}")
-        if self.tasks is not None and not self.tasks: raise ValueError("tasks must name at least one task (or be null: all the recipe's tasks)")
+            raise ValueError(
+                f"auto_temperature searches by the PRM's Reward-Pass@2 on validation questions: "
+                f"set prm_prompts > 0 and heldout > 0, got {self.prm_prompts} and {self.heldout}"
+            )
+        if self.tasks is not None and not self.tasks:
+            raise ValueError("tasks must name at least one task (or be null: all the recipe's tasks)")
 
     @property
-    def steps(self) -> int: return self.warmup_steps + self.rounds * self.steps_per_round   # optimizer steps: the stage's length on the run's axis
+    def steps(self) -> int:
+        return (
+            self.warmup_steps + self.rounds * self.steps_per_round
+        )  # optimizer steps: the stage's length on the run's axis
+
     @property
-    def peak_lr(self) -> float: return self.lr
+    def peak_lr(self) -> float:
+        return self.lr
 
 # %% ../nbs/11_cli.ipynb #a3404f4e
 @dataclass
 class Recipe:
     "Everything `mmlit run` does: model, processor, tasks, stages (supervised, GRPO, self-evolution), loss averaging, packing, evaluation, seed and threads."
+
     name: str = "custom"  # the run's name (default output folder: runs/<name>)
     description: str = ""  # one or two sentences for the report
     seed: int = 0  # seeds the model's initialisation, the data order and the augmentation
     threads: int | None = None  # torch CPU threads (None: every core this process may use, or OMP_NUM_THREADS)
     model: ModelRecipe = field(default_factory=ModelRecipe)  # the model
-    init: str | None = None  # start from a trained model folder ("base": the shipped base model) instead of building `model`; its processor comes with it
+    init: str | None = (
+        None  # start from a trained model folder ("base": the shipped base model) instead of building `model`; its processor comes with it
+    )
     processor: ProcessorRecipe = field(default_factory=ProcessorRecipe)  # image tiling
     tasks: list[TaskRecipe] = field(default_factory=list)  # the built-in tasks trained and evaluated
-    stages: list[StageRecipe | GRPOStageRecipe | EvolveStageRecipe] = field(default_factory=list)  # the training stages, run in order
+    stages: list[StageRecipe | GRPOStageRecipe | EvolveStageRecipe] = field(
+        default_factory=list
+    )  # the training stages, run in order
     loss_mode: str = "square"  # loss averaging over a batch: "token", "sample" or "square"
     packing: bool = False  # pack samples into rows instead of padding
     max_tokens: int = 512  # longest sample (longer ones are skipped and counted); with packing, the tokens of a row
@@ -455,145 +666,227 @@ class Recipe:
     eval: EvalRecipe = field(default_factory=EvalRecipe)  # the evaluation after each stage
 
     def __post_init__(self):
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.name): raise ValueError(f"name must be letters, digits, '_', '.' or '-', got {self.name!r}")
-        if not isinstance(self.seed, int) or self.seed < 0: raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
-        if self.threads is not None: _positive(self, "threads")
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.name):
+            raise ValueError(f"name must be letters, digits, '_', '.' or '-', got {self.name!r}")
+        if not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
+        if self.threads is not None:
+            _positive(self, "threads")
         if self.init is not None and self.init != "base" and not Path(self.init).expanduser().is_dir():
-            raise ValueError(f"init {self.init!r} is not a model folder: give a run's model/ folder, or 'base' for the shipped base model")
-        if not self.tasks: raise ValueError("tasks must list at least one task")
+            raise ValueError(
+                f"init {self.init!r} is not a model folder: give a run's model/ folder, or 'base' for the shipped base model"
+            )
+        if not self.tasks:
+            raise ValueError("tasks must list at least one task")
         names = [t.name for t in self.tasks]
-        if len(set(names)) != len(names): raise ValueError(f"tasks must not repeat a task, got {names}")
-        if not self.stages: raise ValueError("stages must list at least one stage")
+        if len(set(names)) != len(names):
+            raise ValueError(f"tasks must not repeat a task, got {names}")
+        if not self.stages:
+            raise ValueError("stages must list at least one stage")
         for i, s in enumerate(self.stages):
             for j, t in enumerate(getattr(s, "tasks", None) or []):
-                if t not in names: raise ValueError(f"stages[{i}].tasks[{j}] {t!r} is not one of the recipe's tasks {names}")
+                if t not in names:
+                    raise ValueError(f"stages[{i}].tasks[{j}] {t!r} is not one of the recipe's tasks {names}")
             for t in (self.tasks if s.stage == "evolve" else []):
                 if (s.tasks is None or t.name in s.tasks) and not has_rationale(t.task()):
-                    raise ValueError(f"stages[{i}] (evolve) would train on task {t.name!r}, which has no gold reasoning (a writer in "
-                                     f"mmlit.evolve.RATIONALES or a describe caption): list the tasks that have one in stages[{i}].tasks")
-        if self.loss_mode not in LOSS_MODES: raise ValueError(f"loss_mode must be one of {LOSS_MODES}, got {self.loss_mode!r}")
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 16: raise ValueError(f"max_tokens must be an integer >= 16, got {self.max_tokens!r}")
-        if not isinstance(self.save_every, int) or self.save_every < 0: raise ValueError(f"save_every must be an integer >= 0, got {self.save_every!r}")
+                    raise ValueError(
+                        f"stages[{i}] (evolve) would train on task {t.name!r}, which has no gold reasoning (a writer in "
+                        f"mmlit.evolve.RATIONALES or a describe caption): list the tasks that have one in stages[{i}].tasks"
+                    )
+        if self.loss_mode not in LOSS_MODES:
+            raise ValueError(f"loss_mode must be one of {LOSS_MODES}, got {self.loss_mode!r}")
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 16:
+            raise ValueError(f"max_tokens must be an integer >= 16, got {self.max_tokens!r}")
+        if not isinstance(self.save_every, int) or self.save_every < 0:
+            raise ValueError(f"save_every must be an integer >= 0, got {self.save_every!r}")
 
     @classmethod
     def from_dict(cls, d: dict) -> Recipe:
         "A recipe from plain values (a parsed YAML file), every key and value checked."
         return from_plain(cls, d)
-    def to_dict(self) -> dict: return to_plain(self)
+
+    def to_dict(self) -> dict:
+        return to_plain(self)
+
     def to_yaml(self) -> str:
         "The recipe as YAML (`from_yaml` reads it back to an equal recipe)."
         return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True, width=110)
+
     @classmethod
     def from_yaml(cls, text: str, source: str = "recipe") -> Recipe:
         "A recipe from YAML text; ValueError naming `source` and the bad key."
-        try: d = yaml.load(text, Loader=_StrictLoader)
-        except yaml.YAMLError as e: raise ValueError(f"{source} is not valid YAML: {e}") from None
-        try: return cls.from_dict(d)
-        except ValueError as e: raise ValueError(f"{source}: {e}") from None
+        try:
+            d = yaml.load(text, Loader=_StrictLoader)
+        except yaml.YAMLError as e:
+            raise ValueError(f"{source} is not valid YAML: {e}") from None
+        try:
+            return cls.from_dict(d)
+        except ValueError as e:
+            raise ValueError(f"{source}: {e}") from None
 
 # %% ../nbs/11_cli.ipynb #b36dbd1e
 class _StrictLoader(yaml.SafeLoader):
     "A safe YAML loader that refuses duplicate keys."
 
+
 def _mapping_without_duplicates(loader, node, deep=False):
     seen = set()
     for k, _ in node.value:
         key = loader.construct_object(k, deep=deep)
-        if key in seen: raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", k.start_mark)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", k.start_mark)
         seen.add(key)
     return loader.construct_mapping(node, deep)
+
 
 _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
 
 # %% ../nbs/11_cli.ipynb #ba040f07
-def load_recipe(recipe: str | Path = "default", # a shipped recipe's name, or a YAML file
-               ) -> Recipe:
+def load_recipe(
+    recipe: str | Path = "default",  # a shipped recipe's name, or a YAML file
+) -> Recipe:
     "A recipe by shipped name or from a YAML file; ValueError naming the file and the bad key."
     p, shipped = Path(recipe), shipped_recipes()
-    if str(recipe) in shipped and not (p.suffix or os.sep in str(recipe)): p = shipped[str(recipe)]
+    if str(recipe) in shipped and not (p.suffix or os.sep in str(recipe)):
+        p = shipped[str(recipe)]
     elif not p.is_file():
         raise ValueError(f"recipe {str(recipe)!r} is neither a file nor a shipped recipe ({', '.join(shipped)})")
-    try: text = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e: raise ValueError(f"recipe file {p} is not UTF-8 text (byte {e.start} is {e.object[e.start]:#04x}): save it as UTF-8") from None
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(
+            f"recipe file {p} is not UTF-8 text (byte {e.start} is {e.object[e.start]:#04x}): save it as UTF-8"
+        ) from None
     return Recipe.from_yaml(text, source=str(p))
 
 # %% ../nbs/11_cli.ipynb #4a13c1b7
-def apply_overrides(recipe: Recipe, # the recipe to start from (unchanged)
-                    seed: int | None = None, # another seed
-                    steps_scale: float | None = None, # multiply every stage's steps (at least 1 each; evolve: rounds and warm-up steps)
-                    tasks: list[str] | None = None, # train and evaluate only these tasks (weights/settings from the recipe when it has them)
-                    eval_n: int | None = None, # test questions per task
-                    threads: int | None = None, # torch CPU threads
-                    init: str | None = None, # start from this trained model folder ("base": the shipped one)
-                   ) -> Recipe:
+def apply_overrides(
+    recipe: Recipe,  # the recipe to start from (unchanged)
+    seed: int | None = None,  # another seed
+    steps_scale: (
+        float | None
+    ) = None,  # multiply every stage's steps (at least 1 each; evolve: rounds and warm-up steps)
+    tasks: (
+        list[str] | None
+    ) = None,  # train and evaluate only these tasks (weights/settings from the recipe when it has them)
+    eval_n: int | None = None,  # test questions per task
+    threads: int | None = None,  # torch CPU threads
+    init: str | None = None,  # start from this trained model folder ("base": the shipped one)
+) -> Recipe:
     "A copy of `recipe` with the command line's overrides, checked like a recipe file."
     d = recipe.to_dict()
-    if seed is not None: d["seed"] = seed
-    if threads is not None: d["threads"] = threads
-    if init is not None: d["init"] = init
-    if eval_n is not None: d["eval"]["n"] = eval_n
+    if seed is not None:
+        d["seed"] = seed
+    if threads is not None:
+        d["threads"] = threads
+    if init is not None:
+        d["init"] = init
+    if eval_n is not None:
+        d["eval"]["n"] = eval_n
     if steps_scale is not None:
-        if not steps_scale > 0: raise ValueError(f"--steps-scale must be > 0, got {steps_scale}")
+        if not steps_scale > 0:
+            raise ValueError(f"--steps-scale must be > 0, got {steps_scale}")
         for s in d["stages"]:
-            if s["stage"] != "evolve": s["steps"] = max(1, round(s["steps"] * steps_scale)); continue
-            s["rounds"] = max(1, round(s["rounds"] * steps_scale))   # an evolve stage: its rounds and its warm-up
+            if s["stage"] != "evolve":
+                s["steps"] = max(1, round(s["steps"] * steps_scale))
+                continue
+            s["rounds"] = max(1, round(s["rounds"] * steps_scale))  # an evolve stage: its rounds and its warm-up
             s["warmup_steps"] = math.ceil(s["warmup_steps"] * steps_scale)
     if tasks is not None:
         have = {t["name"]: t for t in d["tasks"]}
         d["tasks"] = [have.get(t, {"name": t}) for t in tasks]
-        for s in d["stages"]:   # a GRPO stage keeps the tasks it names that are still there (none left: all of them)
-            if s.get("tasks"): s["tasks"] = [t for t in s["tasks"] if t in tasks] or None
-            if s.get("data"): s["data"] = [t for t in s["data"] if t["name"] in tasks] or None   # likewise a stage's own data
+        for s in d["stages"]:  # a GRPO stage keeps the tasks it names that are still there (none left: all of them)
+            if s.get("tasks"):
+                s["tasks"] = [t for t in s["tasks"] if t in tasks] or None
+            if s.get("data"):
+                s["data"] = [t for t in s["data"] if t["name"] in tasks] or None  # likewise a stage's own data
     return Recipe.from_dict(d)
 
 # %% ../nbs/11_cli.ipynb #f6c6d234
-def load_trained(model_dir: str | Path, # a `model` folder written by `mmlit run` (model + processor + manifest)
-                ) -> tuple[MMModel, MMProcessor]:
+def load_trained(
+    model_dir: str | Path,  # a `model` folder written by `mmlit run` (model + processor + manifest)
+) -> tuple[MMModel, MMProcessor]:
     "The model and processor of a finished run, checked against their manifest, in evaluation mode."
-    if not Path(model_dir).is_dir(): raise ValueError(missing_local_folder(model_dir) or f"no model folder at {model_dir}")
+    if not Path(model_dir).is_dir():
+        raise ValueError(missing_local_folder(model_dir) or f"no model folder at {model_dir}")
     return load_base(model_dir)
 
-def build_model(recipe: Recipe, # the recipe (its model, processor and seed parts are used)
-               ) -> tuple[MMModel, MMProcessor]:
+
+def build_model(
+    recipe: Recipe,  # the recipe (its model, processor and seed parts are used)
+) -> tuple[MMModel, MMProcessor]:
     "The recipe's model, seeded, and the processor that matches it (or the trained pair `init` names)."
     m, p = recipe.model, recipe.processor
     seed_everything(recipe.seed)
-    if recipe.init is not None:   # post-training a trained model: the model and processor sections do not apply
+    if recipe.init is not None:  # post-training a trained model: the model and processor sections do not apply
         model, proc = load_trained(base_model_dir() if recipe.init == "base" else Path(recipe.init).expanduser())
         return model.train(), proc
-    cfg = tiny_config(image_size=m.image_size, patch_size=m.patch_size, vision_hidden=m.vision_hidden, vision_layers=m.vision_layers,
-                      text_hidden=m.text_hidden, text_layers=m.text_layers, vision_model_type=m.vision_model_type,
-                      downsample_ratio=m.downsample_ratio)
-    if m.backbone == "tiny": tok, model = tiny_tokenizer(), MMModel(cfg)
+    cfg = tiny_config(
+        image_size=m.image_size,
+        patch_size=m.patch_size,
+        vision_hidden=m.vision_hidden,
+        vision_layers=m.vision_layers,
+        text_hidden=m.text_hidden,
+        text_layers=m.text_layers,
+        vision_model_type=m.vision_model_type,
+        downsample_ratio=m.downsample_ratio,
+    )
+    if m.backbone == "tiny":
+        tok, model = tiny_tokenizer(), MMModel(cfg)
     else:
         llm, tok = load_smollm2()
         model = MMModel.from_parts(AutoModel.from_config(cfg.vision_config), llm, downsample_ratio=m.downsample_ratio)
-    if m.sincos_positions:   # the encoder is built from its config, i.e. from scratch, in every recipe
-        try: init_sincos_positions(model.vision_model)
-        except ValueError as e: raise ValueError(f"model.sincos_positions: {e} (set it to false for {m.vision_model_type!r})") from None
-    proc = MMProcessor.from_vision_config(cfg.vision_config, tok, downsample_ratio=m.downsample_ratio, max_num=p.max_num,
-                                          use_thumbnail=p.use_thumbnail, tile_rule=p.tile_rule)
+    if m.sincos_positions:  # the encoder is built from its config, i.e. from scratch, in every recipe
+        try:
+            init_sincos_positions(model.vision_model)
+        except ValueError as e:
+            raise ValueError(f"model.sincos_positions: {e} (set it to false for {m.vision_model_type!r})") from None
+    proc = MMProcessor.from_vision_config(
+        cfg.vision_config,
+        tok,
+        downsample_ratio=m.downsample_ratio,
+        max_num=p.max_num,
+        use_thumbnail=p.use_thumbnail,
+        tile_rule=p.tile_rule,
+    )
     fit_to_tokenizer(model, proc.tokenizer)
     return model, proc
 
 # %% ../nbs/11_cli.ipynb #5fea91a1
 class TaskSamples:
     "`n` samples of a task's split, from index `start` on, as a sequence; each generated when it is read."
-    def __init__(self, task, n: int, split: str = "train", start: int = 0): self.task, self.n, self.split, self.start = task, n, split, start
-    def __len__(self): return self.n
+
+    def __init__(self, task, n: int, split: str = "train", start: int = 0):
+        self.task, self.n, self.split, self.start = task, n, split, start
+
+    def __len__(self):
+        return self.n
+
     def __getitem__(self, j: int) -> dict:
-        if not 0 <= j < self.n: raise IndexError(f"sample {j} of {self.n}")
+        if not 0 <= j < self.n:
+            raise IndexError(f"sample {j} of {self.n}")
         return self.task.sample(self.start + j, self.split)
+
 
 class Window:
     "Samples start, start+1, … of a sequence (wrapping around): one stage's share of the run's training mixture."
-    def __init__(self, seq, start: int): self.seq, self.start = seq, start
-    def __len__(self): return len(self.seq)
-    def __getitem__(self, k: int) -> dict: return self.seq[(self.start + k) % len(self.seq)]
+
+    def __init__(self, seq, start: int):
+        self.seq, self.start = seq, start
+
+    def __len__(self):
+        return len(self.seq)
+
+    def __getitem__(self, k: int) -> dict:
+        return self.seq[(self.start + k) % len(self.seq)]
+
 
 def samples_per_stage(recipe: Recipe) -> list[int]:
     "Samples each supervised stage reads from the run's mixture (padded batches; packed rows hold several, so a lower bound); 0 for GRPO, evolve and a stage with its own `data`."
-    return [0 if s.stage in ("grpo", "evolve") or s.data else s.steps * s.batch_size * s.grad_accum for s in recipe.stages]
+    return [
+        0 if s.stage in ("grpo", "evolve") or s.data else s.steps * s.batch_size * s.grad_accum for s in recipe.stages
+    ]
+
 
 def _task_counts(recipe: Recipe) -> dict[str, int]:
     "Task → samples of it in the supervised training mixture."
@@ -601,10 +894,12 @@ def _task_counts(recipe: Recipe) -> dict[str, int]:
     total = sum(t.weight for t in recipe.tasks)
     return {t.name: math.ceil(need * t.weight / total) for t in recipe.tasks}
 
+
 def train_mixture(recipe: Recipe) -> Mixture:
     "The run's training samples: every task's share of the samples all the stages read, shuffled together."
     n = _task_counts(recipe)
     return Mixture([(TaskSamples(t.task(), n[t.name]), 1.0) for t in recipe.tasks], seed=recipe.seed)
+
 
 def _data_counts(recipe: Recipe, i: int) -> list[int]:
     "Samples of each `data` entry that supervised stage `i` reads."
@@ -618,74 +913,107 @@ def _used_before(recipe: Recipe, i: int) -> Counter:
     used = Counter(_task_counts(recipe))
     for j in range(i):
         s = recipe.stages[j]
-        if s.stage == "grpo": used.update(_grpo_share(recipe, j))
+        if s.stage == "grpo":
+            used.update(_grpo_share(recipe, j))
         elif s.stage == "evolve":
-            for part in _evolve_share(recipe, j).values(): used.update(part)
+            for part in _evolve_share(recipe, j).values():
+                used.update(part)
         elif s.data:
-            for t, n in zip(s.data, _data_counts(recipe, j)): used[t.name] += n   # a task may be listed twice (questions, captions)
+            for t, n in zip(s.data, _data_counts(recipe, j)):
+                used[t.name] += n  # a task may be listed twice (questions, captions)
     return used
 
-def stage_mixture(recipe: Recipe, # the recipe
-                  i: int, # the index of a supervised stage with its own `data`
-                 ) -> Mixture:
+
+def stage_mixture(
+    recipe: Recipe,  # the recipe
+    i: int,  # the index of a supervised stage with its own `data`
+) -> Mixture:
     "The samples of stage `i`'s own `data`: each entry's share of the stage, from indices no earlier stage read, shuffled."
     used, parts = _used_before(recipe, i), []
     for t, n in zip(recipe.stages[i].data, _data_counts(recipe, i)):
-        parts.append((TaskSamples(t.task(), n, start=used[t.name]), 1.0)); used[t.name] += n
+        parts.append((TaskSamples(t.task(), n, start=used[t.name]), 1.0))
+        used[t.name] += n
     return Mixture(parts, seed=recipe.seed + i)
+
 
 def _grpo_share(recipe: Recipe, i: int) -> dict[str, int]:
     "Task → questions GRPO stage `i` may ask (with dynamic sampling, room for every refill)."
     s = recipe.stages[i]
     ts = [t for t in recipe.tasks if s.tasks is None or t.name in s.tasks]
-    need, total = s.steps * s.prompts_per_step * (1 + (GRPOConfig.max_refills if s.dynamic_sampling else 0)), sum(t.weight for t in ts)
-    need *= s.tier_pool if s.tiers else 1   # the tiers keep only part of what is scored
+    need, total = s.steps * s.prompts_per_step * (1 + (GRPOConfig.max_refills if s.dynamic_sampling else 0)), sum(
+        t.weight for t in ts
+    )
+    need *= s.tier_pool if s.tiers else 1  # the tiers keep only part of what is scored
     return {t.name: math.ceil(need * t.weight / total) for t in ts}
 
-def grpo_prompts(recipe: Recipe, # the recipe
-                 i: int, # the index of a GRPO stage in recipe.stages
-                ) -> Mixture:
+
+def grpo_prompts(
+    recipe: Recipe,  # the recipe
+    i: int,  # the index of a GRPO stage in recipe.stages
+) -> Mixture:
     "The questions of GRPO stage `i`: training samples of its tasks no earlier stage read, weighted as in the recipe, shuffled."
     start, n = _used_before(recipe, i), _grpo_share(recipe, i)
-    return Mixture([(TaskSamples(t.task(), n[t.name], start=start[t.name]), 1.0) for t in recipe.tasks if t.name in n], seed=recipe.seed + i)
+    return Mixture(
+        [(TaskSamples(t.task(), n[t.name], start=start[t.name]), 1.0) for t in recipe.tasks if t.name in n],
+        seed=recipe.seed + i,
+    )
 
 # %% ../nbs/11_cli.ipynb #c5cbad0a
 RECIPE_FILE = "recipe.yaml"  # the recipe of a run, in its folder
 
+
 def _write_text(path: Path, text: str):
     "Write a file atomically (a temp file beside it, then a rename)."
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f: f.write(text)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
     os.replace(tmp, path)
+
 
 def recipe_diff(a: Recipe, b: Recipe, ignore=("threads",)) -> dict:
     "Dotted key → (value in a, value in b) for every setting that differs."
+
     def flat(x, where=""):
-        if isinstance(x, dict): return {k: v for key, sub in x.items() for k, v in flat(sub, _key(where, key)).items()}
-        if isinstance(x, list): return {k: v for i, sub in enumerate(x) for k, v in flat(sub, _key(where, i)).items()} or {where: []}
+        if isinstance(x, dict):
+            return {k: v for key, sub in x.items() for k, v in flat(sub, _key(where, key)).items()}
+        if isinstance(x, list):
+            return {k: v for i, sub in enumerate(x) for k, v in flat(sub, _key(where, i)).items()} or {where: []}
         return {where: x}
+
     fa, fb = flat(a.to_dict()), flat(b.to_dict())
     return {k: (fa.get(k), fb.get(k)) for k in dict.fromkeys([*fa, *fb]) if k not in ignore and fa.get(k) != fb.get(k)}
 
-def prepare_run_dir(out: str | Path, # the run folder
-                    recipe: Recipe, # the recipe to run
-                    resume: bool = False, # continue the run in `out` (which must have the same recipe)
-                    overwrite: bool = False, # replace the run in `out`
-                   ) -> bool:
+
+def prepare_run_dir(
+    out: str | Path,  # the run folder
+    recipe: Recipe,  # the recipe to run
+    resume: bool = False,  # continue the run in `out` (which must have the same recipe)
+    overwrite: bool = False,  # replace the run in `out`
+) -> bool:
     "Make `out` ready for `recipe` and save the recipe there; True when an earlier run is continued. Never clobbers silently."
     out = Path(out)
-    if out.exists() and not out.is_dir(): raise ValueError(f"{out} is a file, not a run folder")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} is a file, not a run folder")
     used = out.is_dir() and any(out.iterdir())
     if used and overwrite:
-        if not (out / RECIPE_FILE).is_file(): raise ValueError(f"--overwrite refused: {out} is not an mmlit run folder (it has no {RECIPE_FILE}); nothing was deleted")
-        trash = out.with_name(f".{out.name}.deleting-{uuid.uuid4().hex[:8]}"); os.replace(out, trash); shutil.rmtree(trash)
+        if not (out / RECIPE_FILE).is_file():
+            raise ValueError(
+                f"--overwrite refused: {out} is not an mmlit run folder (it has no {RECIPE_FILE}); nothing was deleted"
+            )
+        trash = out.with_name(f".{out.name}.deleting-{uuid.uuid4().hex[:8]}")
+        os.replace(out, trash)
+        shutil.rmtree(trash)
         used = False
     if used and not resume:
-        raise ValueError(f"{out} already holds a run; use --resume to continue it, --overwrite to replace it, or another --out")
+        raise ValueError(
+            f"{out} already holds a run; use --resume to continue it, --overwrite to replace it, or another --out"
+        )
     if used:
-        if not (out / RECIPE_FILE).is_file(): raise ValueError(f"cannot resume: {out} is not an mmlit run folder (it has no {RECIPE_FILE})")
+        if not (out / RECIPE_FILE).is_file():
+            raise ValueError(f"cannot resume: {out} is not an mmlit run folder (it has no {RECIPE_FILE})")
         diff = recipe_diff(Recipe.from_yaml((out / RECIPE_FILE).read_text(), str(out / RECIPE_FILE)), recipe)
-        if diff: raise ValueError(f"cannot resume {out}: the recipe differs from its {RECIPE_FILE} at {diff} (saved, now)")
+        if diff:
+            raise ValueError(f"cannot resume {out}: the recipe differs from its {RECIPE_FILE} at {diff} (saved, now)")
     out.mkdir(parents=True, exist_ok=True)
     _write_text(out / RECIPE_FILE, recipe.to_yaml())
     return used
@@ -695,22 +1023,42 @@ def stage_dir(out: str | Path, recipe: Recipe, i: int) -> Path:
     "The folder of stage `i` (0-based) of a run: `stages/1-stage1`, `stages/2-stage1.5`, …"
     return Path(out) / "stages" / f"{i + 1}-stage{recipe.stages[i].stage}"
 
+
 def stage_config(recipe: Recipe, i: int, out: str | Path, progress: bool = True) -> TrainConfig:
     "The `TrainConfig` of stage `i` of the recipe."
     s = recipe.stages[i]
-    return TrainConfig(output_dir=str(stage_dir(out, recipe, i)), stage=s.stage, lr=s.lr, steps=s.steps, batch_size=s.batch_size,
-                       grad_accum=s.grad_accum, warmup_ratio=s.warmup_ratio, loss_mode=recipe.loss_mode, packing=recipe.packing,
-                       max_tokens=recipe.max_tokens, lora=s.lora, lora_r=s.lora_r, lora_alpha=s.lora_alpha, seed=recipe.seed + i,
-                       save_every=recipe.save_every, keep_last=1, progress=progress,
-                       eval_every=max(1, s.steps // recipe.eval.curve_points) if recipe.eval.curve_n else 0)
+    return TrainConfig(
+        output_dir=str(stage_dir(out, recipe, i)),
+        stage=s.stage,
+        lr=s.lr,
+        steps=s.steps,
+        batch_size=s.batch_size,
+        grad_accum=s.grad_accum,
+        warmup_ratio=s.warmup_ratio,
+        loss_mode=recipe.loss_mode,
+        packing=recipe.packing,
+        max_tokens=recipe.max_tokens,
+        lora=s.lora,
+        lora_r=s.lora_r,
+        lora_alpha=s.lora_alpha,
+        seed=recipe.seed + i,
+        save_every=recipe.save_every,
+        keep_last=1,
+        progress=progress,
+        eval_every=max(1, s.steps // recipe.eval.curve_points) if recipe.eval.curve_n else 0,
+    )
+
 
 _SKIP = re.compile(r"\] skip position \d+: (.*)$")
+
 
 def skipped_reasons(stage_folder: str | Path) -> Counter:
     "Reason → number of training samples a stage skipped, read from its `train.log`."
     log = Path(stage_folder) / "train.log"
-    if not log.is_file(): return Counter()
+    if not log.is_file():
+        return Counter()
     return Counter(m.group(1) for l in log.read_text().splitlines() if (m := _SKIP.search(l)))
+
 
 def _update_json(path: Path, **kv):
     "Merge `kv` into a small JSON file (created if missing), atomically."
@@ -720,84 +1068,128 @@ def _update_json(path: Path, **kv):
 # %% ../nbs/11_cli.ipynb #4c27df2b
 def eval_settings(recipe: Recipe, i: int) -> dict:
     "How the evaluation after stage `i` asks: as `eval` says, or from the first evolve stage on with reasoning (suffix, tag, budget)."
-    ev = [s for s in recipe.stages[:i + 1] if s.stage == "evolve"]
-    if not ev: return dict(suffix="", kind="auto", max_new_tokens=recipe.eval.max_new_tokens)
+    ev = [s for s in recipe.stages[: i + 1] if s.stage == "evolve"]
+    if not ev:
+        return dict(suffix="", kind="auto", max_new_tokens=recipe.eval.max_new_tokens)
     return dict(suffix=THINK_SUFFIX, kind="tag", max_new_tokens=ev[-1].max_new_tokens)
 
 # %% ../nbs/11_cli.ipynb #19d8293d
-def train_stage(model: MMModel, # the model the previous stage left (trained in place)
-                processor: MMProcessor, # the processor matching it
-                data, # this stage's window of the training mixture
-                cfg: TrainConfig, # the stage's settings (`stage_config`)
-                log: RunLog, # the run log
-                eval_fn=None, # called every `cfg.eval_every` steps (`answer_loss_fn`); None: none
-               ) -> MMModel:
+def train_stage(
+    model: MMModel,  # the model the previous stage left (trained in place)
+    processor: MMProcessor,  # the processor matching it
+    data,  # this stage's window of the training mixture
+    cfg: TrainConfig,  # the stage's settings (`stage_config`)
+    log: RunLog,  # the run log
+    eval_fn=None,  # called every `cfg.eval_every` steps (`answer_loss_fn`); None: none
+) -> MMModel:
     "Train one stage (resuming from its last checkpoint if any); the trained model, LoRA adapters merged."
     t0, tr = time.perf_counter(), Trainer(model, processor, data, cfg, eval_fn=eval_fn)
     res = tr.train(resume=True)
     d = Path(cfg.output_dir)
     skips = skipped_reasons(d)
-    log(f"stage {cfg.stage}: {res['steps_this_run']} steps in {time.perf_counter() - t0:.1f} s, final loss {res['loss']:.4f}"
-        + (f"; skipped samples: {dict(skips)}" if skips else "; no sample skipped"))
-    _update_json(d / "timing.json", train_s=time.perf_counter() - t0, resumed_at_step=cfg.steps - res["steps_this_run"],
-                 trainable=tr.trainable, skipped=sum(skips.values()))
+    log(
+        f"stage {cfg.stage}: {res['steps_this_run']} steps in {time.perf_counter() - t0:.1f} s, final loss {res['loss']:.4f}"
+        + (f"; skipped samples: {dict(skips)}" if skips else "; no sample skipped")
+    )
+    _update_json(
+        d / "timing.json",
+        train_s=time.perf_counter() - t0,
+        resumed_at_step=cfg.steps - res["steps_this_run"],
+        trainable=tr.trainable,
+        skipped=sum(skips.values()),
+    )
     m = tr.unwrapped
     return m.merge_and_unload() if hasattr(m, "peft_config") else m
 
+
 def save_model(model: MMModel, processor: MMProcessor | None, path: str | Path) -> Path:
     "Write model (and processor) with `save_pretrained` into `path` atomically, with a SHA-256 manifest."
+
     def write(d: Path):
-        with quiet_saving(): model.save_pretrained(d)
-        if processor is not None: processor.save_pretrained(d)
+        with quiet_saving():
+            model.save_pretrained(d)
+        if processor is not None:
+            processor.save_pretrained(d)
+
     return write_checkpoint(path, write)
 
 # %% ../nbs/11_cli.ipynb #2cb68586
 def grpo_config(recipe: Recipe, i: int, out: str | Path, progress: bool = True) -> GRPOConfig:
     "The `GRPOConfig` of GRPO stage `i` of the recipe."
     s = recipe.stages[i]
-    return GRPOConfig(output_dir=str(stage_dir(out, recipe, i)), steps=s.steps, prompts_per_step=s.prompts_per_step,
-                      group_size=s.num_generations, num_iterations=s.num_iterations, lr=s.lr, warmup_ratio=s.warmup_ratio,
-                      temperature=s.temperature, top_p=s.top_p, max_new_tokens=s.max_new_tokens, loss_type=s.loss_type,
-                      scale_rewards=s.scale_rewards, eps_low=s.eps_low, eps_high=s.eps_high, beta=s.beta, mask_truncated=s.mask_truncated,
-                      dynamic_sampling=s.dynamic_sampling, reward_weights=s.reward_weights, seed=recipe.seed + i,
-                      suffix=eval_settings(recipe, i)["suffix"],   # after an evolve stage the questions ask for reasoning
-                      save_every=s.save_every or recipe.save_every, keep_last=1, progress=progress)
+    return GRPOConfig(
+        output_dir=str(stage_dir(out, recipe, i)),
+        steps=s.steps,
+        prompts_per_step=s.prompts_per_step,
+        group_size=s.num_generations,
+        num_iterations=s.num_iterations,
+        lr=s.lr,
+        warmup_ratio=s.warmup_ratio,
+        temperature=s.temperature,
+        top_p=s.top_p,
+        max_new_tokens=s.max_new_tokens,
+        loss_type=s.loss_type,
+        scale_rewards=s.scale_rewards,
+        eps_low=s.eps_low,
+        eps_high=s.eps_high,
+        beta=s.beta,
+        mask_truncated=s.mask_truncated,
+        dynamic_sampling=s.dynamic_sampling,
+        reward_weights=s.reward_weights,
+        seed=recipe.seed + i,
+        suffix=eval_settings(recipe, i)["suffix"],  # after an evolve stage the questions ask for reasoning
+        save_every=s.save_every or recipe.save_every,
+        keep_last=1,
+        progress=progress,
+    )
 
-def tiered_prompts(model: MMModel, # the model as it enters the GRPO stage (its answers define the tiers)
-                   processor: MMProcessor, # its processor
-                   prompts, # the stage's questions (`grpo_prompts`, `tier_pool` times what it needs)
-                   s: GRPOStageRecipe, # the stage: its tiers and tier_by
-                   d: Path, # the stage folder (tiers.json is written there)
-                   log: RunLog, # the run log
-                  ) -> list[dict]:
+
+def tiered_prompts(
+    model: MMModel,  # the model as it enters the GRPO stage (its answers define the tiers)
+    processor: MMProcessor,  # its processor
+    prompts,  # the stage's questions (`grpo_prompts`, `tier_pool` times what it needs)
+    s: GRPOStageRecipe,  # the stage: its tiers and tier_by
+    d: Path,  # the stage folder (tiers.json is written there)
+    log: RunLog,  # the run log
+) -> list[dict]:
     "The questions of the chosen difficulty tiers (chapter 09's PISM or CMAB), scored on the entering model; counts in tiers.json."
     t0, (kind, col) = time.perf_counter(), TIER_MEASURES[s.tier_by]
     scored = score_difficulty(model, processor, list(prompts), kind=kind)
     counts = dict(Counter(r[col] for r in scored))
-    d.mkdir(parents=True, exist_ok=True); _write_text(d / "tiers.json", json.dumps(dict(tier_by=s.tier_by, tiers=s.tiers, counts=counts), indent=1))
+    d.mkdir(parents=True, exist_ok=True)
+    _write_text(d / "tiers.json", json.dumps(dict(tier_by=s.tier_by, tiers=s.tiers, counts=counts), indent=1))
     kept = select_tiers(scored, s.tiers, by=col)
-    log(f"stage grpo: {len(kept)} of {len(scored)} questions in tiers {s.tiers} by {s.tier_by} ({counts}), scored in {time.perf_counter() - t0:.1f} s")
+    log(
+        f"stage grpo: {len(kept)} of {len(scored)} questions in tiers {s.tiers} by {s.tier_by} ({counts}), scored in {time.perf_counter() - t0:.1f} s"
+    )
     return kept
 
 # %% ../nbs/11_cli.ipynb #5d14b563
-def train_grpo_stage(model: MMModel, # the model the previous stage left (trained in place)
-                     processor: MMProcessor, # the processor matching it
-                     data, # the stage's questions (`grpo_prompts`)
-                     cfg: GRPOConfig, # the stage's settings (`grpo_config`)
-                     rewards: list[str], # names of REWARDS
-                     log: RunLog, # the run log
-                    ) -> MMModel:
+def train_grpo_stage(
+    model: MMModel,  # the model the previous stage left (trained in place)
+    processor: MMProcessor,  # the processor matching it
+    data,  # the stage's questions (`grpo_prompts`)
+    cfg: GRPOConfig,  # the stage's settings (`grpo_config`)
+    rewards: list[str],  # names of REWARDS
+    log: RunLog,  # the run log
+) -> MMModel:
     "Run one GRPO stage (resuming from its last checkpoint if any); the trained model."
     t0, trainable = time.perf_counter(), set_trainable(model, "2")
     tr = GRPOTrainer(model, processor, data, cfg, reward_funcs=[REWARDS[r] for r in rewards])
-    if (ck := latest_checkpoint(cfg.output_dir)) is not None: tr.load(ck)
-    start = tr.step; tr.train(resume=None)
+    if (ck := latest_checkpoint(cfg.output_dir)) is not None:
+        tr.load(ck)
+    start = tr.step
+    tr.train(resume=None)
     d = Path(cfg.output_dir)
     tr_rows = read_metrics(d)
     r = [row["reward"] for row in tr_rows]
-    log(f"stage grpo: {cfg.steps - start} rollout steps in {time.perf_counter() - t0:.1f} s, mean reward {r[0]:.3f} → {sum(r[-10:]) / len(r[-10:]):.3f} "
-        f"(first step → last 10), zero-variance groups {sum(x['zero_var_frac'] for x in tr_rows) / len(tr_rows):.0%}")
-    _update_json(d / "timing.json", train_s=time.perf_counter() - t0, resumed_at_step=start, trainable=trainable, skipped=0)
+    log(
+        f"stage grpo: {cfg.steps - start} rollout steps in {time.perf_counter() - t0:.1f} s, mean reward {r[0]:.3f} → {sum(r[-10:]) / len(r[-10:]):.3f} "
+        f"(first step → last 10), zero-variance groups {sum(x['zero_var_frac'] for x in tr_rows) / len(tr_rows):.0%}"
+    )
+    _update_json(
+        d / "timing.json", train_s=time.perf_counter() - t0, resumed_at_step=start, trainable=trainable, skipped=0
+    )
     return tr.model
 
 # %% ../nbs/11_cli.ipynb #7180c306
@@ -807,225 +1199,409 @@ def _evolve_share(recipe: Recipe, i: int) -> dict[str, dict[str, int]]:
     ts = [t for t in recipe.tasks if s.tasks is None or t.name in s.tasks]
     total = sum(t.weight for t in ts)
     split = lambda n: {t.name: math.ceil(n * t.weight / total) for t in ts}
-    return dict(warmup=split(s.warmup_steps * s.warmup_batch_size * (4 if recipe.packing else 1)), prm=split(s.prm_prompts), pool=split(s.prompts))
+    return dict(
+        warmup=split(s.warmup_steps * s.warmup_batch_size * (4 if recipe.packing else 1)),
+        prm=split(s.prm_prompts),
+        pool=split(s.prompts),
+    )
+
 
 class WithRationale:
     "Task samples, each with its gold step-by-step reasoning as the answer turn (`with_rationale`): the warm-up's data."
-    def __init__(self, seq, tasks: dict): self.seq, self.tasks = seq, tasks   # samples; task name → its task object
-    def __len__(self): return len(self.seq)
+
+    def __init__(self, seq, tasks: dict):
+        self.seq, self.tasks = seq, tasks  # samples; task name → its task object
+
+    def __len__(self):
+        return len(self.seq)
+
     def __getitem__(self, k: int) -> dict:
         s = self.seq[k]
         return with_rationale(self.tasks[s["task"]], s)
 
-def evolve_data(recipe: Recipe, # the recipe
-                i: int, # the index of an evolve stage in recipe.stages
-               ) -> dict:
+
+def evolve_data(
+    recipe: Recipe,  # the recipe
+    i: int,  # the index of an evolve stage in recipe.stages
+) -> dict:
     "Evolve stage `i`'s 'warmup' samples (gold reasoning), 'prm' questions and 'pool': unread training samples, shuffled (None: empty)."
     used, tasks, out = _used_before(recipe, i), {t.name: t.task() for t in recipe.tasks}, {}
     for j, (part, n) in enumerate(_evolve_share(recipe, i).items()):
         src = [(TaskSamples(tasks[t], c, start=used[t]), 1.0) for t, c in n.items() if c]
         used.update(n)
         out[part] = Mixture(src, seed=recipe.seed + i + 1000 * j) if src else None
-    if out["warmup"] is not None: out["warmup"] = WithRationale(out["warmup"], tasks)
+    if out["warmup"] is not None:
+        out["warmup"] = WithRationale(out["warmup"], tasks)
     return out
+
 
 def evolve_heldout(recipe: Recipe, i: int) -> tuple[list[dict], list[dict]]:
     "Evolve stage `i`'s held-out questions (the first `heldout` validation ones per task) and, with auto_temperature, the search's (the next)."
     s = recipe.stages[i]
     ts = [t.task() for t in recipe.tasks if s.tasks is None or t.name in s.tasks]
     held = [q for t in ts for q in TaskSamples(t, s.heldout, "validation")]
-    return held, [q for t in ts for q in TaskSamples(t, s.heldout, "validation", start=s.heldout)] if s.auto_temperature else []
+    return held, (
+        [q for t in ts for q in TaskSamples(t, s.heldout, "validation", start=s.heldout)] if s.auto_temperature else []
+    )
 
 # %% ../nbs/11_cli.ipynb #a4f5a560
 def evolve_config(recipe: Recipe, i: int, out: str | Path, progress: bool = True) -> EvolveConfig:
     "The `EvolveConfig` of evolve stage `i`: the loop writes its metrics.jsonl and checkpoints/ in the stage folder."
     s = recipe.stages[i]
-    return EvolveConfig(output_dir=str(stage_dir(out, recipe, i)), variant=s.variant, rounds=s.rounds, round_fraction=s.round_fraction,
-                        k=s.k, select=s.select, keep=s.keep, temperature=s.temperature, auto_temperature=s.auto_temperature,
-                        max_new_tokens=s.max_new_tokens, steps_per_round=s.steps_per_round, batch_size=s.batch_size, lr=s.lr,
-                        loss_mode=recipe.loss_mode, seed=recipe.seed + i, keep_last=1, progress=progress)
+    return EvolveConfig(
+        output_dir=str(stage_dir(out, recipe, i)),
+        variant=s.variant,
+        rounds=s.rounds,
+        round_fraction=s.round_fraction,
+        k=s.k,
+        select=s.select,
+        keep=s.keep,
+        temperature=s.temperature,
+        auto_temperature=s.auto_temperature,
+        max_new_tokens=s.max_new_tokens,
+        steps_per_round=s.steps_per_round,
+        batch_size=s.batch_size,
+        lr=s.lr,
+        loss_mode=recipe.loss_mode,
+        seed=recipe.seed + i,
+        keep_last=1,
+        progress=progress,
+    )
+
 
 def warmup_config(recipe: Recipe, i: int, out: str | Path, progress: bool = True) -> TrainConfig:
     "The `TrainConfig` of evolve stage `i`'s warm-up: stage 2 (every weight) on gold reasoning, in the stage folder's `warmup/`."
     s = recipe.stages[i]
-    return TrainConfig(output_dir=str(stage_dir(out, recipe, i) / "warmup"), stage="2", lr=s.warmup_lr, steps=s.warmup_steps,
-                       batch_size=s.warmup_batch_size, loss_mode=recipe.loss_mode, packing=recipe.packing, max_tokens=recipe.max_tokens,
-                       seed=recipe.seed + i, save_every=recipe.save_every, keep_last=1, progress=progress)
+    return TrainConfig(
+        output_dir=str(stage_dir(out, recipe, i) / "warmup"),
+        stage="2",
+        lr=s.warmup_lr,
+        steps=s.warmup_steps,
+        batch_size=s.warmup_batch_size,
+        loss_mode=recipe.loss_mode,
+        packing=recipe.packing,
+        max_tokens=recipe.max_tokens,
+        seed=recipe.seed + i,
+        save_every=recipe.save_every,
+        keep_last=1,
+        progress=progress,
+    )
 
 # %% ../nbs/11_cli.ipynb #9f9248fc
 def _warm_up(model: MMModel, processor: MMProcessor, data, cfg: TrainConfig, log: RunLog) -> tuple[MMModel, int]:
     "The warm-up on gold reasoning, resumed from its checkpoints (a finished one only reloads its weights); the model and the step it resumed at."
     tr = Trainer(model, processor, data, cfg)
     res = tr.train(resume=True)
-    if res["steps_this_run"]: log(f"stage evolve, warm-up: {res['steps_this_run']} steps on gold reasoning, final loss {res['loss']:.4f}")
+    if res["steps_this_run"]:
+        log(f"stage evolve, warm-up: {res['steps_this_run']} steps on gold reasoning, final loss {res['loss']:.4f}")
     return tr.unwrapped.eval(), cfg.steps - res["steps_this_run"]
 
-def _stage_prm(model: MMModel, processor: MMProcessor, prompts, tasks: dict, s: EvolveStageRecipe, seed: int, d: Path,
-               log: RunLog) -> ProcessRewardModel:
+
+def _stage_prm(
+    model: MMModel, processor: MMProcessor, prompts, tasks: dict, s: EvolveStageRecipe, seed: int, d: Path, log: RunLog
+) -> ProcessRewardModel:
     "The stage's process reward model: read back from `prm.safetensors` in the stage folder, or fitted by `train_prm` and saved there."
     f = d / "prm.safetensors"
     if f.is_file():
-        prm = ProcessRewardModel(model, processor); prm.head.load_state_dict(load_file(str(f))); return prm
+        prm = ProcessRewardModel(model, processor)
+        prm.head.load_state_dict(load_file(str(f)))
+        return prm
     t0 = time.perf_counter()
-    try: prm, data, losses = train_prm(model, processor, list(prompts), tasks, max_new_tokens=s.max_new_tokens, seed=seed)
+    try:
+        prm, data, losses = train_prm(
+            model, processor, list(prompts), tasks, max_new_tokens=s.max_new_tokens, seed=seed
+        )
     except ValueError as e:
-        raise ValueError(f"stage evolve: the process reward model could not be fitted ({e}); is the warm-up long enough to teach "
-                         "the <think> format?") from None
-    _update_json(d / "prm.json", steps=len(data["labels"]), mean_label=float(data["labels"].mean()), fit_loss=[losses[0], losses[-1]],
-                 fit_s=time.perf_counter() - t0)
-    tmp = d / "prm.safetensors.tmp"; save_file({k: v.contiguous() for k, v in prm.head.state_dict().items()}, str(tmp)); os.replace(tmp, f)
-    log(f"stage evolve: a process reward model fitted on {len(data['labels'])} reasoning steps, loss {losses[0]:.3f} → {losses[-1]:.3f}")
+        raise ValueError(
+            f"stage evolve: the process reward model could not be fitted ({e}); is the warm-up long enough to teach "
+            "the <think> format?"
+        ) from None
+    _update_json(
+        d / "prm.json",
+        steps=len(data["labels"]),
+        mean_label=float(data["labels"].mean()),
+        fit_loss=[losses[0], losses[-1]],
+        fit_s=time.perf_counter() - t0,
+    )
+    tmp = d / "prm.safetensors.tmp"
+    save_file({k: v.contiguous() for k, v in prm.head.state_dict().items()}, str(tmp))
+    os.replace(tmp, f)
+    log(
+        f"stage evolve: a process reward model fitted on {len(data['labels'])} reasoning steps, loss {losses[0]:.3f} → {losses[-1]:.3f}"
+    )
     return prm
+
 
 def _round_line(rows: list[dict]) -> str:
     "The run log's summary of an evolve stage's rounds."
     g = [r["greedy"] for r in rows if "greedy" in r]
-    return (f"greedy accuracy {g[0]:.3f} → {g[-1]:.3f} (round {rows[0]['round']} → {rows[-1]['round']}), " if g else "") + \
-           f"{sum(r.get('kept', 0) for r in rows)} right responses kept"
+    return (
+        f"greedy accuracy {g[0]:.3f} → {g[-1]:.3f} (round {rows[0]['round']} → {rows[-1]['round']}), " if g else ""
+    ) + f"{sum(r.get('kept', 0) for r in rows)} right responses kept"
 
 # %% ../nbs/11_cli.ipynb #f912f97c
-def train_evolve_stage(model: MMModel, # the model the previous stage left (trained in place)
-                       processor: MMProcessor, # the processor matching it
-                       recipe: Recipe, # the run's recipe
-                       i: int, # the index of an evolve stage in recipe.stages
-                       out: str | Path, # the run folder
-                       log: RunLog, # the run log
-                       progress: bool = True, # progress bars
-                      ) -> MMModel:
+def train_evolve_stage(
+    model: MMModel,  # the model the previous stage left (trained in place)
+    processor: MMProcessor,  # the processor matching it
+    recipe: Recipe,  # the run's recipe
+    i: int,  # the index of an evolve stage in recipe.stages
+    out: str | Path,  # the run folder
+    log: RunLog,  # the run log
+    progress: bool = True,  # progress bars
+) -> MMModel:
     "Run evolve stage `i`: warm-up (resumable `Trainer`), the PRM if asked, then the loop (`SelfEvolver.train(resume=True)`); the trained model."
     s, d, t0 = recipe.stages[i], stage_dir(out, recipe, i), time.perf_counter()
     d.mkdir(parents=True, exist_ok=True)
-    data, (held, tune), tasks = evolve_data(recipe, i), evolve_heldout(recipe, i), {t.name: t.task() for t in recipe.tasks}
+    data, (held, tune), tasks = (
+        evolve_data(recipe, i),
+        evolve_heldout(recipe, i),
+        {t.name: t.task() for t in recipe.tasks},
+    )
     trainable, warm_at = set_trainable(model, "2"), 0
-    if s.warmup_steps: model, warm_at = _warm_up(model, processor, data["warmup"], warmup_config(recipe, i, out, progress), log)
+    if s.warmup_steps:
+        model, warm_at = _warm_up(model, processor, data["warmup"], warmup_config(recipe, i, out, progress), log)
     set_trainable(model, "2")
     prm = _stage_prm(model, processor, data["prm"], tasks, s, recipe.seed + i, d, log) if s.prm_prompts else None
     ck = latest_checkpoint(d)
     start = int(ck.name.split("-")[1]) if ck is not None else 0
-    ev = SelfEvolver(model, processor, list(data["pool"]), evolve_config(recipe, i, out, progress), prm=prm, heldout=held, tune=tune or None)
+    ev = SelfEvolver(
+        model,
+        processor,
+        list(data["pool"]),
+        evolve_config(recipe, i, out, progress),
+        prm=prm,
+        heldout=held,
+        tune=tune or None,
+    )
     rows = ev.train(resume=True)
-    log(f"stage evolve: {s.rounds - start} rounds ({time.perf_counter() - t0:.1f} s with the warm-up and the PRM); {_round_line(rows)}")
-    _update_json(d / "timing.json", train_s=time.perf_counter() - t0, resumed_at_step=warm_at + start * s.steps_per_round, resumed_at_round=start,
-                 trainable=trainable, skipped=sum(skipped_reasons(d / "warmup").values()))
+    log(
+        f"stage evolve: {s.rounds - start} rounds ({time.perf_counter() - t0:.1f} s with the warm-up and the PRM); {_round_line(rows)}"
+    )
+    _update_json(
+        d / "timing.json",
+        train_s=time.perf_counter() - t0,
+        resumed_at_step=warm_at + start * s.steps_per_round,
+        resumed_at_round=start,
+        trainable=trainable,
+        skipped=sum(skipped_reasons(d / "warmup").values()),
+    )
     return ev.model
 
 # %% ../nbs/11_cli.ipynb #a60c154a
 BLIND_FILE = "blind.json"  # the image-blind baselines of a run, in its folder
 
-def answer_loss_fn(processor: MMProcessor, # the processor matching the model
-                   recipe: Recipe, # the run's recipe: its tasks and `eval.curve_n`
-                   split: str = "validation", # where the questions come from
-                  ) -> typing.Callable:
+
+def answer_loss_fn(
+    processor: MMProcessor,  # the processor matching the model
+    recipe: Recipe,  # the run's recipe: its tasks and `eval.curve_n`
+    split: str = "validation",  # where the questions come from
+) -> typing.Callable:
     "An `eval_fn`: mean answer loss (nats) per task on `eval.curve_n` fixed questions, as `answer_loss/<task>`."
     samples = {t.name: list(t.task().stream(split, recipe.eval.curve_n)) for t in recipe.tasks}
+
     def fn(model) -> dict:
         return {f"answer_loss/{k}": float(np.nanmean(answer_nll(model, processor, v))) for k, v in samples.items()}
+
     return fn
 
-def blind_baselines(recipe: Recipe, # the run's recipe: its tasks, `eval.split`, `eval.n` and `eval.blind_n`
-                    out: str | Path | None = None, # a run folder: read `blind.json` from it, or write it there
-                   ) -> dict[str, BlindBaseline]:
+
+def blind_baselines(
+    recipe: Recipe,  # the run's recipe: its tasks, `eval.split`, `eval.n` and `eval.blind_n`
+    out: str | Path | None = None,  # a run folder: read `blind.json` from it, or write it there
+) -> dict[str, BlindBaseline]:
     "Task → its image-blind baseline on the run's evaluation questions, fitted on `eval.blind_n` training questions."
     f = Path(out) / BLIND_FILE if out is not None else None
-    if f is not None and f.is_file(): return {k: BlindBaseline(**v) for k, v in json.loads(f.read_text()).items()}
-    res = {t.name: blind_baseline(t.task().stream("train", recipe.eval.blind_n), t.task().stream(recipe.eval.split, recipe.eval.n))
-           for t in recipe.tasks}
-    if f is not None: _write_text(f, json.dumps({k: dataclasses.asdict(v) for k, v in res.items()}, indent=1))
+    if f is not None and f.is_file():
+        return {k: BlindBaseline(**v) for k, v in json.loads(f.read_text()).items()}
+    res = {
+        t.name: blind_baseline(
+            t.task().stream("train", recipe.eval.blind_n), t.task().stream(recipe.eval.split, recipe.eval.n)
+        )
+        for t in recipe.tasks
+    }
+    if f is not None:
+        _write_text(f, json.dumps({k: dataclasses.asdict(v) for k, v in res.items()}, indent=1))
     return res
 
 # %% ../nbs/11_cli.ipynb #1588ed28
 LEVELS_FILE = "levels.json"  # accuracy per task and difficulty level of a run's final model
 
-def level_ladder(model: MMModel, # the final model
-                 processor: MMProcessor, # its processor
-                 recipe: Recipe, # the run's recipe: its tasks (their settings, level replaced) and eval settings
-                 levels=(0, 1, 2, 3), # the levels to ask at
-                ) -> dict[str, dict[int, dict]]:
+
+def level_ladder(
+    model: MMModel,  # the final model
+    processor: MMProcessor,  # its processor
+    recipe: Recipe,  # the run's recipe: its tasks (their settings, level replaced) and eval settings
+    levels=(0, 1, 2, 3),  # the levels to ask at
+) -> dict[str, dict[int, dict]]:
     "Task → level → the evaluation summary (accuracy, interval, chance, n) on `eval.level_n` test questions at that level."
-    how = eval_settings(recipe, len(recipe.stages) - 1)   # with reasoning after an evolve stage
-    ask = lambda task: evaluate(model, processor, [task], split=recipe.eval.split, n=recipe.eval.level_n, batch_size=recipe.eval.batch_size,
-                                seed=recipe.seed, **how).summary()[task.name]
+    how = eval_settings(recipe, len(recipe.stages) - 1)  # with reasoning after an evolve stage
+    ask = lambda task: evaluate(
+        model,
+        processor,
+        [task],
+        split=recipe.eval.split,
+        n=recipe.eval.level_n,
+        batch_size=recipe.eval.batch_size,
+        seed=recipe.seed,
+        **how,
+    ).summary()[task.name]
     return {t.name: {lv: ask(t.task(level=lv)) for lv in levels} for t in recipe.tasks}
 
-def plot_ladder(ladder: dict[str, dict[int, dict]], # `level_ladder`'s result (levels as ints or strings)
-                trained: dict[str, int] | None = None, # task → the level it trained on (marked)
-               ):
+
+def plot_ladder(
+    ladder: dict[str, dict[int, dict]],  # `level_ladder`'s result (levels as ints or strings)
+    trained: dict[str, int] | None = None,  # task → the level it trained on (marked)
+):
     "Accuracy per difficulty level, one line per task with its 95 % interval, each level's chance dotted; returns the axes."
     import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(6.5, 3.4))
     for j, (task, by) in enumerate(ladder.items()):
-        lv = sorted(int(k) for k in by); s = [by[k if k in by else str(k)] for k in lv]
+        lv = sorted(int(k) for k in by)
+        s = [by[k if k in by else str(k)] for k in lv]
         acc = [100 * x["accuracy"] for x in s]
-        ax.errorbar(lv, acc, yerr=[[max(0, a - 100 * x["ci_low"]) for a, x in zip(acc, s)], [max(0, 100 * x["ci_high"] - a) for a, x in zip(acc, s)]],
-                    fmt="o-", capsize=3, color=f"C{j}", label=task)
+        ax.errorbar(
+            lv,
+            acc,
+            yerr=[
+                [max(0, a - 100 * x["ci_low"]) for a, x in zip(acc, s)],
+                [max(0, 100 * x["ci_high"] - a) for a, x in zip(acc, s)],
+            ],
+            fmt="o-",
+            capsize=3,
+            color=f"C{j}",
+            label=task,
+        )
         ax.plot(lv, [100 * x["chance"] for x in s], ":", color=f"C{j}")
-        if trained and task in trained: ax.plot([trained[task]], [acc[lv.index(trained[task])]], "s", ms=11, mfc="none", color=f"C{j}")
-    ax.set_xticks(sorted({int(k) for by in ladder.values() for k in by})); ax.set_xlabel("difficulty level"); ax.set_ylabel("accuracy %")
-    ax.set_ylim(0, 100); ax.legend(fontsize=8); ax.set_title("accuracy per level (dotted: chance; square: the trained level)", fontsize=9)
+        if trained and task in trained:
+            ax.plot([trained[task]], [acc[lv.index(trained[task])]], "s", ms=11, mfc="none", color=f"C{j}")
+    ax.set_xticks(sorted({int(k) for by in ladder.values() for k in by}))
+    ax.set_xlabel("difficulty level")
+    ax.set_ylabel("accuracy %")
+    ax.set_ylim(0, 100)
+    ax.legend(fontsize=8)
+    ax.set_title("accuracy per level (dotted: chance; square: the trained level)", fontsize=9)
     fig.tight_layout()
     return ax
 
 # %% ../nbs/11_cli.ipynb #4c674b54
 def _rm(path: Path):
     "Delete a folder: renamed aside first, so it is never seen half-deleted."
-    if path.is_dir(): trash = path.with_name(f".{path.name}.deleting-{uuid.uuid4().hex[:8]}"); os.replace(path, trash); shutil.rmtree(trash)
+    if path.is_dir():
+        trash = path.with_name(f".{path.name}.deleting-{uuid.uuid4().hex[:8]}")
+        os.replace(path, trash)
+        shutil.rmtree(trash)
 
 # %% ../nbs/11_cli.ipynb #411bee36
 START_DIR = "start"  # with `init`: the evaluation of the trained model the run starts from, in this folder of the run
 
-def evaluate_into(d: Path, # the folder that gets eval.json, answer_loss.json and the evaluation's seconds
-                  model: MMModel, processor: MMProcessor, recipe: Recipe, i: int, # after stage i (-1: before any)
-                  label: str, log: RunLog, progress: bool):
+
+def evaluate_into(
+    d: Path,  # the folder that gets eval.json, answer_loss.json and the evaluation's seconds
+    model: MMModel,
+    processor: MMProcessor,
+    recipe: Recipe,
+    i: int,  # after stage i (-1: before any)
+    label: str,
+    log: RunLog,
+    progress: bool,
+):
     "Evaluate the model on the recipe's held-out questions as stage `i`'s evaluation asks them; answers and answer loss saved in `d`."
     t0, tasks = time.perf_counter(), [t.task() for t in recipe.tasks]
-    qs = {t.name: list(t.stream(recipe.eval.split, recipe.eval.n)) for t in tasks}   # drawn once: answers and answer loss
-    res = evaluate(model, processor, [(t, qs[t.name]) for t in tasks], split=recipe.eval.split, n=recipe.eval.n,
-                   batch_size=recipe.eval.batch_size, seed=recipe.seed, **eval_settings(recipe, i))
+    qs = {
+        t.name: list(t.stream(recipe.eval.split, recipe.eval.n)) for t in tasks
+    }  # drawn once: answers and answer loss
+    res = evaluate(
+        model,
+        processor,
+        [(t, qs[t.name]) for t in tasks],
+        split=recipe.eval.split,
+        n=recipe.eval.n,
+        batch_size=recipe.eval.batch_size,
+        seed=recipe.seed,
+        **eval_settings(recipe, i),
+    )
     d.mkdir(parents=True, exist_ok=True)
-    _update_json(d / "answer_loss.json", **{t.name: float(np.nanmean(answer_nll(model, processor, qs[t.name]))) for t in tasks})
-    _update_json(d / "timing.json", eval_s=time.perf_counter() - t0); res.save(d / "eval.json")
+    _update_json(
+        d / "answer_loss.json", **{t.name: float(np.nanmean(answer_nll(model, processor, qs[t.name]))) for t in tasks}
+    )
+    _update_json(d / "timing.json", eval_s=time.perf_counter() - t0)
+    res.save(d / "eval.json")
     summ = res.summary()
     log(f"{label}: " + ", ".join(f"{k} {v['accuracy']:.1%}" for k, v in summ.items()))
-    if progress: print(f"{label}: " + ", ".join(f"{k} {100 * v['accuracy']:.1f} % (chance {100 * v['chance']:.1f} %)" for k, v in summ.items()), flush=True)
+    if progress:
+        print(
+            f"{label}: "
+            + ", ".join(f"{k} {100 * v['accuracy']:.1f} % (chance {100 * v['chance']:.1f} %)" for k, v in summ.items()),
+            flush=True,
+        )
 
-def check_evaluations(dirs: list[Path], # the stage folders of a run
-                     ):
+
+def check_evaluations(
+    dirs: list[Path],  # the stage folders of a run
+):
     "ValueError naming the first stage whose saved evaluation (`eval.json`) cannot be read, and what to do about it."
     for i, d in enumerate(dirs):
-        if not (f := d / "eval.json").is_file(): continue
-        try: EvalResults.load(f)
+        if not (f := d / "eval.json").is_file():
+            continue
+        try:
+            EvalResults.load(f)
         except (ValueError, KeyError, TypeError) as e:
-            redo = ("its evaluation is redone from the stage's model" if (d / "final" / MANIFEST).is_file()
-                    else "the report then lists that stage as not evaluated (its model is no longer kept)")
-            raise ValueError(f"the evaluation after stage {i + 1} is damaged ({e}); delete {f} and run again with --resume: {redo}") from None
+            redo = (
+                "its evaluation is redone from the stage's model"
+                if (d / "final" / MANIFEST).is_file()
+                else "the report then lists that stage as not evaluated (its model is no longer kept)"
+            )
+            raise ValueError(
+                f"the evaluation after stage {i + 1} is damaged ({e}); delete {f} and run again with --resume: {redo}"
+            ) from None
 
-def run_stages(model: MMModel, processor: MMProcessor, recipe: Recipe, out: str | Path, log: RunLog, progress: bool = True) -> MMModel:
+
+def run_stages(
+    model: MMModel, processor: MMProcessor, recipe: Recipe, out: str | Path, log: RunLog, progress: bool = True
+) -> MMModel:
     "Train and evaluate every stage not finished yet (resuming where a previous run stopped); the final model."
     dirs = [stage_dir(out, recipe, i) for i in range(len(recipe.stages))]
     finals = [i for i, d in enumerate(dirs) if (d / "final" / MANIFEST).is_file()]
     first = finals[-1] if finals else 0
     if finals:
-        verify_checkpoint(dirs[first] / "final"); load_model_weights(model, dirs[first] / "final")
-        log(f"stages up to {first + 1} ({recipe.stages[first].stage}) are finished: continuing from {dirs[first] / 'final'}")
+        verify_checkpoint(dirs[first] / "final")
+        load_model_weights(model, dirs[first] / "final")
+        log(
+            f"stages up to {first + 1} ({recipe.stages[first].stage}) are finished: continuing from {dirs[first] / 'final'}"
+        )
     mix, starts = None, [sum(samples_per_stage(recipe)[:i]) for i in range(len(recipe.stages))]
-    if recipe.init is not None and not finals and not (out / START_DIR / "eval.json").is_file():   # the trained model as it starts
+    if (
+        recipe.init is not None and not finals and not (out / START_DIR / "eval.json").is_file()
+    ):  # the trained model as it starts
         evaluate_into(out / START_DIR, model, processor, recipe, -1, f"at the start ({recipe.init})", log, progress)
     curve = answer_loss_fn(processor, recipe) if recipe.eval.curve_n else None
     for i in range(first, len(recipe.stages)):
         d, s = dirs[i], recipe.stages[i]
         if not (d / "final" / MANIFEST).is_file():
             if s.stage == "grpo":
-                data = grpo_prompts(recipe, i) if not s.tiers else tiered_prompts(model, processor, grpo_prompts(recipe, i), s, d, log)
+                data = (
+                    grpo_prompts(recipe, i)
+                    if not s.tiers
+                    else tiered_prompts(model, processor, grpo_prompts(recipe, i), s, d, log)
+                )
                 model = train_grpo_stage(model, processor, data, grpo_config(recipe, i, out, progress), s.rewards, log)
-            elif s.stage == "evolve": model = train_evolve_stage(model, processor, recipe, i, out, log, progress)
+            elif s.stage == "evolve":
+                model = train_evolve_stage(model, processor, recipe, i, out, log, progress)
             else:
-                if s.data: data = stage_mixture(recipe, i)
-                else: mix = mix or train_mixture(recipe); data = Window(mix, starts[i])
+                if s.data:
+                    data = stage_mixture(recipe, i)
+                else:
+                    mix = mix or train_mixture(recipe)
+                    data = Window(mix, starts[i])
                 model = train_stage(model, processor, data, stage_config(recipe, i, out, progress), log, curve)
             save_model(model, None, d / "final")
-        if not (d / "eval.json").is_file(): evaluate_into(d, model, processor, recipe, i, f"after stage {s.stage}", log, progress)
-        _rm(d / "checkpoints"); _rm(d / "warmup" / "checkpoints")
-        if i > 0: _rm(dirs[i - 1] / "final")
+        if not (d / "eval.json").is_file():
+            evaluate_into(d, model, processor, recipe, i, f"after stage {s.stage}", log, progress)
+        _rm(d / "checkpoints")
+        _rm(d / "warmup" / "checkpoints")
+        if i > 0:
+            _rm(dirs[i - 1] / "final")
     return model
 
 # %% ../nbs/11_cli.ipynb #b9f61647
@@ -1033,28 +1609,39 @@ def _curve_kind(r: dict) -> dict:
     "A stage's held-out answer-loss line is kind 'answer_loss' in the run's metrics (kind 'eval' is one line per task and stage)."
     return {"kind": "answer_loss"} if r.get("kind") == "eval" and any(k.startswith("answer_loss/") for k in r) else {}
 
+
 def _evolve_metrics(d: Path, s: EvolveStageRecipe, offset: int, tag: dict) -> list[dict]:
     "An evolve stage's warm-up steps (kind 'train') and rounds (kind 'evolve': round r sits at its step warmup_steps + r · steps_per_round)."
     w = d / "warmup"
-    rows = [{**r, **tag, "stage_step": r["step"], "step": offset + r["step"]} for r in read_metrics(w)] if (w / "metrics.jsonl").is_file() else []
+    rows = (
+        [{**r, **tag, "stage_step": r["step"], "step": offset + r["step"]} for r in read_metrics(w)]
+        if (w / "metrics.jsonl").is_file()
+        else []
+    )
     for r in read_metrics(d, kind=None) if (d / "metrics.jsonl").is_file() else []:
         at = s.warmup_steps + r["round"] * s.steps_per_round
         rows.append({**r, "kind": "evolve", **tag, "stage_step": at, "step": offset + at})
     return rows
+
 
 def run_metrics(out: str | Path, recipe: Recipe) -> list[dict]:
     "Every training step of every stage on one step axis, and one evaluation line per stage and task."
     rows, offset = [], 0
     for i, s in enumerate(recipe.stages):
         d, tag = stage_dir(out, recipe, i), dict(stage=s.stage, stage_index=i + 1)
-        if s.stage == "evolve": rows += _evolve_metrics(d, s, offset, tag)
+        if s.stage == "evolve":
+            rows += _evolve_metrics(d, s, offset, tag)
         elif (d / "metrics.jsonl").is_file():
-            rows += [{**r, **tag, "stage_step": r["step"], "step": offset + r["step"], **_curve_kind(r)} for r in read_metrics(d, kind=None)]
+            rows += [
+                {**r, **tag, "stage_step": r["step"], "step": offset + r["step"], **_curve_kind(r)}
+                for r in read_metrics(d, kind=None)
+            ]
         if (d / "eval.json").is_file():
             for task, summ in EvalResults.load(d / "eval.json").summary().items():
                 rows.append(dict(kind="eval", **tag, step=offset + s.steps, task=task, **summ))
         offset += s.steps
     return rows
+
 
 def write_metrics(out: str | Path, recipe: Recipe) -> Path:
     "Write the run's `metrics.jsonl` (atomically)."
@@ -1066,103 +1653,168 @@ def write_metrics(out: str | Path, recipe: Recipe) -> Path:
 def stage_results(out: str | Path, recipe: Recipe) -> dict[str, EvalResults]:
     "'after stage S' → the evaluation after that stage, for the stages that have one."
     res = {}
-    if recipe.init is not None and (f := Path(out) / START_DIR / "eval.json").is_file(): res["start"] = EvalResults.load(f)
+    if recipe.init is not None and (f := Path(out) / START_DIR / "eval.json").is_file():
+        res["start"] = EvalResults.load(f)
     for i, s in enumerate(recipe.stages):
         f = stage_dir(out, recipe, i) / "eval.json"
-        if f.is_file(): res[f"after stage {s.stage}" + (f" (#{i + 1})" if any(f"stage {s.stage}" in k for k in res) else "")] = EvalResults.load(f)
+        if f.is_file():
+            res[f"after stage {s.stage}" + (f" (#{i + 1})" if any(f"stage {s.stage}" in k for k in res) else "")] = (
+                EvalResults.load(f)
+            )
     return res
 
-GRPO_CURVES = (("reward", "mean reward"), ("zero_var_frac", "zero-variance groups"), ("kl", "KL to the stage's start"),
-               ("clip_region", "clipped token share"), ("completion_len", "answer tokens"))  # (metric, title): the panels of reward.png
 
-def plot_grpo(runs: dict, # label → GRPO stage folder
-              keys=GRPO_CURVES, # (metric, title) pairs, one panel each
-              smooth: int = 5, # also draw a running mean over this many steps (1: none)
-             ):
+GRPO_CURVES = (
+    ("reward", "mean reward"),
+    ("zero_var_frac", "zero-variance groups"),
+    ("kl", "KL to the stage's start"),
+    ("clip_region", "clipped token share"),
+    ("completion_len", "answer tokens"),
+)  # (metric, title): the panels of reward.png
+
+
+def plot_grpo(
+    runs: dict,  # label → GRPO stage folder
+    keys=GRPO_CURVES,  # (metric, title) pairs, one panel each
+    smooth: int = 5,  # also draw a running mean over this many steps (1: none)
+):
     "One panel per GRPO metric, every GRPO stage's steps from 1; returns the figure."
     import matplotlib.pyplot as plt
+
     fig, axs = plt.subplots(1, len(keys), figsize=(3.1 * len(keys), 2.8), squeeze=False)
     for label, d in runs.items():
         rows = read_metrics(d)
         for ax, (k, title) in zip(axs[0], keys):
             x, y = [r["step"] for r in rows], [r[k] for r in rows]
-            line, = ax.plot(x, y, lw=0.8, alpha=0.45 if smooth > 1 and len(y) > smooth else 1, label=label)
+            (line,) = ax.plot(x, y, lw=0.8, alpha=0.45 if smooth > 1 and len(y) > smooth else 1, label=label)
             if smooth > 1 and len(y) > smooth:
-                ax.plot(x[smooth - 1:], [sum(y[j - smooth + 1:j + 1]) / smooth for j in range(smooth - 1, len(y))], color=line.get_color(), lw=1.6)
-            ax.set_title(title, fontsize=9); ax.set_xlabel("rollout step")
-    axs[0][0].legend(fontsize=7); fig.tight_layout()
+                ax.plot(
+                    x[smooth - 1 :],
+                    [sum(y[j - smooth + 1 : j + 1]) / smooth for j in range(smooth - 1, len(y))],
+                    color=line.get_color(),
+                    lw=1.6,
+                )
+            ax.set_title(title, fontsize=9)
+            ax.set_xlabel("rollout step")
+    axs[0][0].legend(fontsize=7)
+    fig.tight_layout()
     return fig
 
 # %% ../nbs/11_cli.ipynb #0dd82af1
-def plot_answer_loss(rows: list[dict], # run_metrics rows with `answer_loss/<task>` keys (on the run's step axis)
-                     blind: dict[str, BlindBaseline], # task → its image-blind baseline (dashed line)
-                     ax, # a matplotlib axes
-                    ):
+def plot_answer_loss(
+    rows: list[dict],  # run_metrics rows with `answer_loss/<task>` keys (on the run's step axis)
+    blind: dict[str, BlindBaseline],  # task → its image-blind baseline (dashed line)
+    ax,  # a matplotlib axes
+):
     "Held-out answer loss per task over the run's steps, each with its image-blind loss as a dashed line."
     for j, task in enumerate(blind):
         pts = [(r["step"], r[f"answer_loss/{task}"]) for r in rows if f"answer_loss/{task}" in r]
-        if not pts: continue
-        line, = ax.plot(*zip(*pts), "o-", ms=3, label=task, color=f"C{j}")
+        if not pts:
+            continue
+        (line,) = ax.plot(*zip(*pts), "o-", ms=3, label=task, color=f"C{j}")
         ax.axhline(blind[task].loss, color=line.get_color(), ls="--", lw=1)
     top = 1.6 * max(b.loss for b in blind.values())
-    ax.set_ylim(0, top); ax.set_xlabel("optimizer step"); ax.set_ylabel("answer loss (nats)")
-    ax.set_title("held-out answer loss; dashed: the image-blind loss", fontsize=10); ax.legend(fontsize=7)
+    ax.set_ylim(0, top)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("answer loss (nats)")
+    ax.set_title("held-out answer loss; dashed: the image-blind loss", fontsize=10)
+    ax.legend(fontsize=7)
     return ax
 
 # %% ../nbs/11_cli.ipynb #fa5cc791
 def plot_run(out: str | Path, recipe: Recipe) -> list[Path]:
     "Draw `loss.png` (training loss of the supervised stages and warm-ups), `reward.png` (GRPO), `evolve.png` (self-evolution) and `accuracy.png` (per task and stage vs chance)."
-    import matplotlib; import matplotlib.pyplot as plt
+    import matplotlib
+    import matplotlib.pyplot as plt
+
     out, paths = Path(out), []
     done = [i for i in range(len(recipe.stages)) if (stage_dir(out, recipe, i) / "metrics.jsonl").is_file()]
-    runs = {}   # the supervised stages and the evolve stages' warm-ups, in order
+    runs = {}  # the supervised stages and the evolve stages' warm-ups, in order
     for i, s in enumerate(recipe.stages):
         d = stage_dir(out, recipe, i)
-        if s.stage == "evolve" and (d / "warmup" / "metrics.jsonl").is_file(): runs[f"{i + 1}: evolve warm-up"] = d / "warmup"
-        elif s.stage not in ("grpo", "evolve") and i in done: runs[f"{i + 1}: stage {s.stage}"] = d
+        if s.stage == "evolve" and (d / "warmup" / "metrics.jsonl").is_file():
+            runs[f"{i + 1}: evolve warm-up"] = d / "warmup"
+        elif s.stage not in ("grpo", "evolve") and i in done:
+            runs[f"{i + 1}: stage {s.stage}"] = d
     if grpo := {f"{i + 1}: GRPO": stage_dir(out, recipe, i) for i in done if recipe.stages[i].stage == "grpo"}:
-        fig = plot_grpo(grpo); fig.savefig(out / "reward.png", dpi=110); plt.close(fig); paths.append(out / "reward.png")
+        fig = plot_grpo(grpo)
+        fig.savefig(out / "reward.png", dpi=110)
+        plt.close(fig)
+        paths.append(out / "reward.png")
     if evo := {f"{i + 1}: evolve": stage_dir(out, recipe, i) for i in done if recipe.stages[i].stage == "evolve"}:
-        fig = plot_evolve(evo); fig.savefig(out / "evolve.png", dpi=110); plt.close(fig); paths.append(out / "evolve.png")
+        fig = plot_evolve(evo)
+        fig.savefig(out / "evolve.png", dpi=110)
+        plt.close(fig)
+        paths.append(out / "evolve.png")
     if runs:
         curves = [r for r in run_metrics(out, recipe) if r.get("kind") == "answer_loss"]
         fig, axs = plt.subplots(1, 2 if curves else 1, figsize=(13 if curves else 7, 3.4), squeeze=False)
-        plot_runs(runs, eval_key=None, ax=axs[0][0]); axs[0][0].set_title(f"training loss ({recipe.loss_mode} averaging)", fontsize=10)
-        if curves: plot_answer_loss(curves, blind_baselines(recipe, out), axs[0][1])
-        fig.suptitle(recipe.name, fontsize=10); fig.tight_layout(); fig.savefig(out / "loss.png", dpi=110); plt.close(fig)
+        plot_runs(runs, eval_key=None, ax=axs[0][0])
+        axs[0][0].set_title(f"training loss ({recipe.loss_mode} averaging)", fontsize=10)
+        if curves:
+            plot_answer_loss(curves, blind_baselines(recipe, out), axs[0][1])
+        fig.suptitle(recipe.name, fontsize=10)
+        fig.tight_layout()
+        fig.savefig(out / "loss.png", dpi=110)
+        plt.close(fig)
         paths.append(out / "loss.png")
     if (out / LEVELS_FILE).is_file():
         ax = plot_ladder(json.loads((out / LEVELS_FILE).read_text()), {t.name: t.task().level for t in recipe.tasks})
-        ax.figure.savefig(out / "levels.png", dpi=110); plt.close(ax.figure); paths.append(out / "levels.png")
+        ax.figure.savefig(out / "levels.png", dpi=110)
+        plt.close(ax.figure)
+        paths.append(out / "levels.png")
     if res := stage_results(out, recipe):
-        ax = plot_accuracy(res); ax.set_title(f"{recipe.name}: accuracy on {recipe.eval.n} {recipe.eval.split} questions per task (95 % CI)")
-        ax.figure.tight_layout(); ax.figure.savefig(out / "accuracy.png", dpi=110); plt.close(ax.figure); paths.append(out / "accuracy.png")
+        ax = plot_accuracy(res)
+        ax.set_title(f"{recipe.name}: accuracy on {recipe.eval.n} {recipe.eval.split} questions per task (95 % CI)")
+        ax.figure.tight_layout()
+        ax.figure.savefig(out / "accuracy.png", dpi=110)
+        plt.close(ax.figure)
+        paths.append(out / "accuracy.png")
     return paths
 
 # %% ../nbs/11_cli.ipynb #c4832d9c
-def plot_evolve(runs: dict, # label → evolve stage folder
-               ):
+def plot_evolve(
+    runs: dict,  # label → evolve stage folder
+):
     "Per round (0: before the loop): greedy accuracy per task, Pass@K and Reward-Pass@2 (with a PRM), right responses kept; returns the figure."
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
-    fig, axs = plt.subplots(1, 3, figsize=(12.5, 3), squeeze=False); a, b, c = axs[0]
+
+    fig, axs = plt.subplots(1, 3, figsize=(12.5, 3), squeeze=False)
+    a, b, c = axs[0]
     for label, d in runs.items():
         rows, pre = read_metrics(d, kind=None), (f"{label} " if len(runs) > 1 else "")
+
         def curve(ax, k, fmt, name):
             pts = [(r["round"], 100 * r[k]) for r in rows if k in r]
-            if pts: ax.plot(*zip(*pts), fmt, ms=4, label=pre + name)
-        for k in dict.fromkeys(k for r in rows for k in r if k.startswith("greedy_")): curve(a, k, "o-", k[len("greedy_"):])
-        curve(a, "greedy", "k--", "all"); curve(b, "greedy", "k--", "greedy")
-        curve(b, "pass_at_k", "o-", "Pass@K"); curve(b, "reward_pass_at_2", "s-", "Reward-Pass@2")
+            if pts:
+                ax.plot(*zip(*pts), fmt, ms=4, label=pre + name)
+
+        for k in dict.fromkeys(k for r in rows for k in r if k.startswith("greedy_")):
+            curve(a, k, "o-", k[len("greedy_") :])
+        curve(a, "greedy", "k--", "all")
+        curve(b, "greedy", "k--", "greedy")
+        curve(b, "pass_at_k", "o-", "Pass@K")
+        curve(b, "reward_pass_at_2", "s-", "Reward-Pass@2")
         c.plot(*zip(*[(r["round"], r["kept"]) for r in rows if "kept" in r] or [(0, 0)]), "o-", ms=4, label=label)
-    for ax, title in ((a, "held-out greedy accuracy per task %"), (b, "held-out Pass@K, Reward-Pass@2 %"), (c, "right responses kept to train on")):
-        ax.set_title(title, fontsize=9); ax.set_xlabel("round"); ax.legend(fontsize=7); ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    a.set_ylim(-2, 102); b.set_ylim(-2, 102)
+    for ax, title in (
+        (a, "held-out greedy accuracy per task %"),
+        (b, "held-out Pass@K, Reward-Pass@2 %"),
+        (c, "right responses kept to train on"),
+    ):
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("round")
+        ax.legend(fontsize=7)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    a.set_ylim(-2, 102)
+    b.set_ylim(-2, 102)
     fig.tight_layout()
     return fig
 
 # %% ../nbs/11_cli.ipynb #4fcf73c5
-def _pct(x) -> str: return "–" if x is None or x != x else f"{100 * x:.1f}"
+def _pct(x) -> str:
+    return "–" if x is None or x != x else f"{100 * x:.1f}"
+
 
 def accuracy_table(results: dict[str, EvalResults]) -> str:
     "Markdown: one row per task, chance, then accuracy % (95 % CI) after each stage."
@@ -1171,40 +1823,67 @@ def accuracy_table(results: dict[str, EvalResults]) -> str:
     lines = ["| task | chance % | " + " | ".join(f"{k} %" for k in summ) + " |", "|---|---:|" + "---:|" * len(summ)]
     for t in tasks:
         ch = next((s[t]["chance"] for s in summ.values() if t in s), None)
-        cells = [f"{_pct(s[t]['accuracy'])} ({_pct(s[t]['ci_low'])}–{_pct(s[t]['ci_high'])})" if t in s else "–" for s in summ.values()]
+        cells = [
+            f"{_pct(s[t]['accuracy'])} ({_pct(s[t]['ci_low'])}–{_pct(s[t]['ci_high'])})" if t in s else "–"
+            for s in summ.values()
+        ]
         lines.append(f"| {t} | {_pct(ch)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
 
 def stage_answer_loss(out: str | Path, recipe: Recipe, i: int) -> dict[str, float]:
     "Task → the answer loss after stage `i` (empty when not measured)."
     f = stage_dir(out, recipe, i) / "answer_loss.json"
     return json.loads(f.read_text()) if f.is_file() else {}
 
+
 def grounding(out: str | Path, recipe: Recipe) -> dict[str, dict]:
     "Task → chance, blind baseline, the model's accuracy and answer loss after the last evaluated stage, and the verdict."
     last = [i for i in range(len(recipe.stages)) if (stage_dir(out, recipe, i) / "eval.json").is_file()]
-    if not last: return {}
-    res, losses, blind = EvalResults.load(stage_dir(out, recipe, last[-1]) / "eval.json").summary(), stage_answer_loss(out, recipe, last[-1]), blind_baselines(recipe, out)
+    if not last:
+        return {}
+    res, losses, blind = (
+        EvalResults.load(stage_dir(out, recipe, last[-1]) / "eval.json").summary(),
+        stage_answer_loss(out, recipe, last[-1]),
+        blind_baselines(recipe, out),
+    )
     rows = {}
     for t in recipe.tasks:
         s, b, loss = res[t.name], blind[t.name], losses.get(t.name, float("nan"))
         v = grounding_verdict(s["correct"], s["n"], b.accuracy, b.n_test, loss, b.loss)
-        rows[t.name] = dict(chance=s["chance"], accuracy=s["accuracy"], ci=v.interval, blind_accuracy=b.accuracy, blind_ci=v.blind_interval,
-                            loss=loss, blind_loss=b.loss, grounded=v.grounded, sentence=v.sentence, x_chance=s["x_chance"])
+        rows[t.name] = dict(
+            chance=s["chance"],
+            accuracy=s["accuracy"],
+            ci=v.interval,
+            blind_accuracy=b.accuracy,
+            blind_ci=v.blind_interval,
+            loss=loss,
+            blind_loss=b.loss,
+            grounded=v.grounded,
+            sentence=v.sentence,
+            x_chance=s["x_chance"],
+        )
     return rows
 
 # %% ../nbs/11_cli.ipynb #5d66eb99
 def grounding_table(rows: dict[str, dict]) -> str:
     "Markdown: per task chance, the image-blind baseline, the model (accuracy with 95 % interval, answer loss) and the verdict."
-    lines = ["| task | chance % | blind % (95 % CI) | model % (95 % CI) | × chance | blind loss | answer loss | grounded |",
-             "|---|---:|---:|---:|---:|---:|---:|---|"]
+    lines = [
+        "| task | chance % | blind % (95 % CI) | model % (95 % CI) | × chance | blind loss | answer loss | grounded |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
     for t, r in rows.items():
-        lines.append(f"| {t} | {_pct(r['chance'])} | {_pct(r['blind_accuracy'])} ({_pct(r['blind_ci'][0])}–{_pct(r['blind_ci'][1])}) | "
-                     f"{_pct(r['accuracy'])} ({_pct(r['ci'][0])}–{_pct(r['ci'][1])}) | {r['x_chance']:.2f} | {r['blind_loss']:.3f} | "
-                     f"{r['loss']:.3f} | {'yes' if r['grounded'] else 'no'} |")
+        lines.append(
+            f"| {t} | {_pct(r['chance'])} | {_pct(r['blind_accuracy'])} ({_pct(r['blind_ci'][0])}–{_pct(r['blind_ci'][1])}) | "
+            f"{_pct(r['accuracy'])} ({_pct(r['ci'][0])}–{_pct(r['ci'][1])}) | {r['x_chance']:.2f} | {r['blind_loss']:.3f} | "
+            f"{r['loss']:.3f} | {'yes' if r['grounded'] else 'no'} |"
+        )
     return "\n".join(lines)
 
-def _first_last(rows, k) -> str: return f"{rows[0][k]:.3f} → {sum(r[k] for r in rows[-10:]) / len(rows[-10:]):.3f}" if rows else "–"
+
+def _first_last(rows, k) -> str:
+    return f"{rows[0][k]:.3f} → {sum(r[k] for r in rows[-10:]) / len(rows[-10:]):.3f}" if rows else "–"
+
 
 def _stage_files(out, recipe, i) -> tuple[list[dict], dict]:
     "A stage's training lines and its timing.json (empty when not there yet)."
@@ -1212,34 +1891,48 @@ def _stage_files(out, recipe, i) -> tuple[list[dict], dict]:
     tr = read_metrics(d) if (d / "metrics.jsonl").is_file() else []
     return tr, json.loads((d / "timing.json").read_text()) if (d / "timing.json").is_file() else {}
 
+
 def training_table(out: str | Path, recipe: Recipe) -> str:
     "Markdown: one row per stage with its steps, learning rate, batch, trainable parameters, loss, samples, skips and times."
-    lines = ["| # | stage | steps | peak lr | batch | trainable params | loss: first → last 10 (GRPO: reward; evolve: greedy accuracy) | samples | skipped | train s | eval s |",
-             "|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|"]
+    lines = [
+        "| # | stage | steps | peak lr | batch | trainable params | loss: first → last 10 (GRPO: reward; evolve: greedy accuracy) | samples | skipped | train s | eval s |",
+        "|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|",
+    ]
     for i, s in enumerate(recipe.stages):
         tr, tm = _stage_files(out, recipe, i)
         grpo = s.stage == "grpo"
-        secs = lambda k: f"{tm[k]:.1f}" + (" (resumed)" if k == "train_s" and tm.get("resumed_at_step") else "") if k in tm else "–"
+        secs = lambda k: (
+            f"{tm[k]:.1f}" + (" (resumed)" if k == "train_s" and tm.get("resumed_at_step") else "") if k in tm else "–"
+        )
         batch = f"{s.prompts_per_step} × {s.num_generations}" if grpo else s.batch_size * getattr(s, "grad_accum", 1)
         seen = (tr[-1]["step"] * s.prompts_per_step if grpo else tr[-1]["samples_seen"]) if tr else 0
-        if s.stage == "evolve": trend, seen = _evolve_trend(out, recipe, i)
-        else: trend = ('reward ' if grpo and tr else '') + _first_last(tr, 'reward' if grpo else 'loss')
-        lines.append(f"| {i + 1} | {s.stage}{' (LoRA)' if getattr(s, 'lora', False) else ''} | {s.steps} | {s.peak_lr:.1e} | {batch} | "
-                     f"{tm.get('trainable', {}).get('total', 0):,} | {trend} | "
-                     f"{seen:,} | {tr[-1].get('skipped', 0) if tr else 0} | {secs('train_s')} | {secs('eval_s')} |")
+        if s.stage == "evolve":
+            trend, seen = _evolve_trend(out, recipe, i)
+        else:
+            trend = ('reward ' if grpo and tr else '') + _first_last(tr, 'reward' if grpo else 'loss')
+        lines.append(
+            f"| {i + 1} | {s.stage}{' (LoRA)' if getattr(s, 'lora', False) else ''} | {s.steps} | {s.peak_lr:.1e} | {batch} | "
+            f"{tm.get('trainable', {}).get('total', 0):,} | {trend} | "
+            f"{seen:,} | {tr[-1].get('skipped', 0) if tr else 0} | {secs('train_s')} | {secs('eval_s')} |"
+        )
     return "\n".join(lines)
 
 # %% ../nbs/11_cli.ipynb #d91be37c
 def grpo_table(out: str | Path, recipe: Recipe) -> str:
     "Markdown: one row per GRPO stage: reward, zero-variance groups, KL, clipping, answer length and step time (first step → mean of the last 10)."
-    lines = ["| # | questions × answers | temperature | beta | loss | mean reward | zero-variance groups | KL | clipped tokens | answer tokens | s per step |",
-             "|---|---:|---:|---:|---|---|---|---|---|---|---:|"]
+    lines = [
+        "| # | questions × answers | temperature | beta | loss | mean reward | zero-variance groups | KL | clipped tokens | answer tokens | s per step |",
+        "|---|---:|---:|---:|---|---|---|---|---|---|---:|",
+    ]
     for i, s in enumerate(recipe.stages):
-        if s.stage != "grpo": continue
+        if s.stage != "grpo":
+            continue
         tr, _ = _stage_files(out, recipe, i)
         med = sorted(r["step_s"] for r in tr)[len(tr) // 2] if tr else float("nan")
-        lines.append(f"| {i + 1} | {s.prompts_per_step} × {s.num_generations} | {s.temperature} | {s.beta} | {s.loss_type} | {_first_last(tr, 'reward')} | "
-                     f"{_first_last(tr, 'zero_var_frac')} | {_first_last(tr, 'kl')} | {_first_last(tr, 'clip_region')} | {_first_last(tr, 'completion_len')} | {med:.2f} |")
+        lines.append(
+            f"| {i + 1} | {s.prompts_per_step} × {s.num_generations} | {s.temperature} | {s.beta} | {s.loss_type} | {_first_last(tr, 'reward')} | "
+            f"{_first_last(tr, 'zero_var_frac')} | {_first_last(tr, 'kl')} | {_first_last(tr, 'clip_region')} | {_first_last(tr, 'completion_len')} | {med:.2f} |"
+        )
     return "\n".join(lines)
 
 # %% ../nbs/11_cli.ipynb #0e854c53
@@ -1247,159 +1940,272 @@ def _evolve_rounds(out, recipe, i) -> list[dict]:
     d = stage_dir(out, recipe, i)
     return read_metrics(d, kind=None) if (d / "metrics.jsonl").is_file() else []
 
+
 def _evolve_trend(out, recipe, i) -> tuple[str, int]:
     "An evolve stage's training-table cells: greedy accuracy round 0 → last round, and the samples trained on (warm-up + rounds)."
     s, rows, w = recipe.stages[i], _evolve_rounds(out, recipe, i), stage_dir(out, recipe, i) / "warmup"
     g = [r["greedy"] for r in rows if "greedy" in r]
     warm = read_metrics(w)[-1]["samples_seen"] if (w / "metrics.jsonl").is_file() else 0
-    return (f"greedy {g[0]:.3f} → {g[-1]:.3f}" if g else "–"), warm + sum(s.steps_per_round * s.batch_size for r in rows if r.get("kept"))
+    return (f"greedy {g[0]:.3f} → {g[-1]:.3f}" if g else "–"), warm + sum(
+        s.steps_per_round * s.batch_size for r in rows if r.get("kept")
+    )
+
 
 def evolve_table(rows: list[dict]) -> str:
     "Markdown: per round (0: before the loop) temperature, greedy accuracy (all, per task), Pass@K, Reward-Pass@2, kept, SFT loss, speed."
-    tasks = [k[len("greedy_"):] for k in dict.fromkeys(k for r in rows for k in r if k.startswith("greedy_"))]
+    tasks = [k[len("greedy_") :] for k in dict.fromkeys(k for r in rows for k in r if k.startswith("greedy_"))]
     rp = any("reward_pass_at_2" in r for r in rows)
-    head = ["round", "T", "greedy %", *(f"{t} %" for t in tasks), "Pass@K %", *(["Reward-Pass@2 %"] if rp else []),
-            "kept", "SFT loss", "responses/s", "round s"]
+    head = [
+        "round",
+        "T",
+        "greedy %",
+        *(f"{t} %" for t in tasks),
+        "Pass@K %",
+        *(["Reward-Pass@2 %"] if rp else []),
+        "kept",
+        "SFT loss",
+        "responses/s",
+        "round s",
+    ]
     num = lambda r, k, f: "–" if r.get(k) is None or r[k] != r[k] else format(r[k], f)
     lines = ["| " + " | ".join(head) + " |", "|" + "---:|" * len(head)]
     for r in rows:
-        cells = [str(r["round"]), num(r, "temperature", "g"), _pct(r.get("greedy")), *(_pct(r.get(f"greedy_{t}")) for t in tasks),
-                 _pct(r.get("pass_at_k")), *([_pct(r.get("reward_pass_at_2"))] if rp else []), num(r, "kept", "d"),
-                 num(r, "sft_loss", ".3f"), num(r, "responses_per_s", ".0f"), num(r, "round_s", ".1f")]
+        cells = [
+            str(r["round"]),
+            num(r, "temperature", "g"),
+            _pct(r.get("greedy")),
+            *(_pct(r.get(f"greedy_{t}")) for t in tasks),
+            _pct(r.get("pass_at_k")),
+            *([_pct(r.get("reward_pass_at_2"))] if rp else []),
+            num(r, "kept", "d"),
+            num(r, "sft_loss", ".3f"),
+            num(r, "responses_per_s", ".0f"),
+            num(r, "round_s", ".1f"),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 # %% ../nbs/11_cli.ipynb #96ae2ad3
 def skipped_section(out: str | Path, recipe: Recipe) -> str:
     "Markdown: the training samples each stage skipped, by reason (or a line saying none was)."
-    lines = [f"- stage {i + 1} ({s.stage}): " + "; ".join(f"{n} × {r}" for r, n in c.most_common())
-             for i, s in enumerate(recipe.stages)
-             if (c := skipped_reasons(stage_dir(out, recipe, i)) + skipped_reasons(stage_dir(out, recipe, i) / "warmup"))]   # + an evolve warm-up's
-    if not lines: return "No training sample was skipped."
-    return "Training samples skipped (they failed to load or tokenise, or were too long; details in `stages/*/train.log`):\n\n" + "\n".join(lines)
+    lines = [
+        f"- stage {i + 1} ({s.stage}): " + "; ".join(f"{n} × {r}" for r, n in c.most_common())
+        for i, s in enumerate(recipe.stages)
+        if (c := skipped_reasons(stage_dir(out, recipe, i)) + skipped_reasons(stage_dir(out, recipe, i) / "warmup"))
+    ]  # + an evolve warm-up's
+    if not lines:
+        return "No training sample was skipped."
+    return (
+        "Training samples skipped (they failed to load or tokenise, or were too long; details in `stages/*/train.log`):\n\n"
+        + "\n".join(lines)
+    )
+
 
 def ladder_section(out: str | Path, recipe: Recipe) -> list[str]:
     "Markdown: the final model's accuracy per task and difficulty level, with each level's chance, and levels.png."
     ladder = json.loads((Path(out) / LEVELS_FILE).read_text())
     levels = sorted({int(k) for by in ladder.values() for k in by})
-    lines = ["| task | " + " | ".join(f"level {lv} % (chance)" for lv in levels) + " |", "|---|" + "---:|" * len(levels)]
+    lines = [
+        "| task | " + " | ".join(f"level {lv} % (chance)" for lv in levels) + " |",
+        "|---|" + "---:|" * len(levels),
+    ]
     for t, by in ladder.items():
-        lines.append(f"| {t} (trained at {make_task(t, **next(x.kwargs for x in recipe.tasks if x.name == t)).level}) | "
-                     + " | ".join(f"{_pct(by[str(lv)]['accuracy'])} ({_pct(by[str(lv)]['chance'])})" for lv in levels) + " |")
-    return ["### Accuracy per difficulty level", f"The final model on {recipe.eval.level_n} `{recipe.eval.split}` questions per task and level "
-            "(level 1 is each task's default):", "\n".join(lines), "![accuracy per level](levels.png)"]
+        lines.append(
+            f"| {t} (trained at {make_task(t, **next(x.kwargs for x in recipe.tasks if x.name == t)).level}) | "
+            + " | ".join(f"{_pct(by[str(lv)]['accuracy'])} ({_pct(by[str(lv)]['chance'])})" for lv in levels)
+            + " |"
+        )
+    return [
+        "### Accuracy per difficulty level",
+        f"The final model on {recipe.eval.level_n} `{recipe.eval.split}` questions per task and level "
+        "(level 1 is each task's default):",
+        "\n".join(lines),
+        "![accuracy per level](levels.png)",
+    ]
+
 
 def _grpo_section(out, recipe) -> list[str]:
-    return ["### GRPO", "Per rollout step (first step → mean of the last 10): the mean reward of the sampled answers; the share of "
-            "questions whose answers all got the same reward (no learning signal); the KL to the model the stage started from "
-            "(0 unless `beta` > 0); the share of tokens whose probability ratio was clipped; the answer length.",
-            grpo_table(out, recipe), "![GRPO curves](reward.png)"]
+    return [
+        "### GRPO",
+        "Per rollout step (first step → mean of the last 10): the mean reward of the sampled answers; the share of "
+        "questions whose answers all got the same reward (no learning signal); the KL to the model the stage started from "
+        "(0 unless `beta` > 0); the share of tokens whose probability ratio was clipped; the answer length.",
+        grpo_table(out, recipe),
+        "![GRPO curves](reward.png)",
+    ]
 
 # %% ../nbs/11_cli.ipynb #87ccdae6
-def write_report(out: str | Path, # the run folder
-                 recipe: Recipe, # the recipe it ran
-                 info: dict, # model facts: parameters, tokens_per_tile, device, threads, wall_s, resumed
-                ) -> Path:
+def write_report(
+    out: str | Path,  # the run folder
+    recipe: Recipe,  # the recipe it ran
+    info: dict,  # model facts: parameters, tokens_per_tile, device, threads, wall_s, resumed
+) -> Path:
     "Write `report.md`: accuracy per stage vs chance with intervals, training, skipped samples, plots, model, recipe."
     out, res = Path(out), stage_results(out, recipe)
     last = list(res.values())[-1] if res else None
-    done = [i for i in range(len(recipe.stages)) if (stage_dir(out, recipe, i) / "final" / MANIFEST).is_file() or (out / "model" / MANIFEST).is_file()]
-    unevaluated = [f"{i + 1} ({recipe.stages[i].stage})" for i in done if not (stage_dir(out, recipe, i) / "eval.json").is_file()]
-    timing = [json.loads((stage_dir(out, recipe, i) / "timing.json").read_text()) for i in range(len(recipe.stages))
-              if (stage_dir(out, recipe, i) / "timing.json").is_file()]
+    done = [
+        i
+        for i in range(len(recipe.stages))
+        if (stage_dir(out, recipe, i) / "final" / MANIFEST).is_file() or (out / "model" / MANIFEST).is_file()
+    ]
+    unevaluated = [
+        f"{i + 1} ({recipe.stages[i].stage})" for i in done if not (stage_dir(out, recipe, i) / "eval.json").is_file()
+    ]
+    timing = [
+        json.loads((stage_dir(out, recipe, i) / "timing.json").read_text())
+        for i in range(len(recipe.stages))
+        if (stage_dir(out, recipe, i) / "timing.json").is_file()
+    ]
     train_s, eval_s = sum(t.get("train_s", 0) for t in timing), sum(t.get("eval_s", 0) for t in timing)
-    parts = [f"# mmlit run: {recipe.name}", f"> {recipe.description}" if recipe.description else "",
-             f"Started from the trained model `{recipe.init}` (its own model and processor; the recipe's `model` section does not apply)." if recipe.init else "",
-             f"Written {time.strftime('%Y-%m-%d %H:%M:%S')}. Wall time {info['wall_s']:.0f} s for this invocation"
-             + (" (a resumed run)" if info.get("resumed") else "") + f"; training {train_s:.0f} s and evaluation {eval_s:.0f} s over all stages. "
-             f"{info['parameters'] / 1e6:.2f} M parameters ({'' if recipe.init else f'{recipe.model.backbone} backbone, '}{info['tokens_per_tile']} visual tokens per tile), "
-             f"device {info['device']}, {info['threads']} torch thread(s).",
-             "## Accuracy after each stage",
-             f"Exact match on {recipe.eval.n} held-out `{recipe.eval.split}` questions per task (greedy decoding); in brackets the 95 % "
-             "Wilson interval. Chance is the accuracy of guessing uniformly among each question's options; `all` pools every question.",
-             _reasoning_note(recipe),
-             accuracy_table(res) if res else "No evaluation yet.",
-             f"**Not evaluated**: stage {', '.join(unevaluated)} (no `eval.json`), so the table has no column for it." if unevaluated else "", "![accuracy per task and stage](accuracy.png)" if res else "",
-             "### Does the model use the image?",
-             "Against the image-blind baseline (the best answer from the question alone, fitted on "
-             f"{recipe.eval.blind_n} training questions per task, scored on the same test questions): a task is grounded when the "
-             "model's 95 % interval lies above the blind one and its answer loss (−ln p(answer), nats) is below the blind loss.",
-             grounding_table(g) if (g := grounding(out, recipe)) else "",
-             "\n".join(f"- **{t}**: {r['sentence']}" for t, r in g.items()) if g else "",
-             *(ladder_section(out, recipe) if (out / LEVELS_FILE).is_file() else []),
-             "### After the last stage, in detail", last.table() if last else "",
-             "## Training", training_table(out, recipe), "![training loss](loss.png)" if (out / "loss.png").is_file() else "",
-             skipped_section(out, recipe), *(_grpo_section(out, recipe) if any(s.stage == "grpo" for s in recipe.stages) else []),
-             *(_evolve_section(out, recipe) if any(s.stage == "evolve" for s in recipe.stages) else []),
-             "## The model", f"The final model and its processor are in `model/` (safetensors, with a SHA-256 manifest `{MANIFEST}`):",
-             f"```python\nfrom PIL import Image\nfrom transformers import AutoModelForImageTextToText, AutoProcessor\n"
-             f"import mmlit.model  # registers the mmlit model and processor with transformers' Auto classes\n"
-             f"model = AutoModelForImageTextToText.from_pretrained(\"{out / 'model'}\")\nprocessor = AutoProcessor.from_pretrained(\"{out / 'model'}\")\n"
-             f"inputs = processor([{{\"role\": \"user\", \"content\": \"<image>\\nHow many circles are there? Answer with a number.\"}}],\n"
-             f"                   images=[Image.open(\"picture.png\").convert(\"RGB\")], add_generation_prompt=True)\n"
-             f"answer = model.generate(**inputs, max_new_tokens=8)\nprint(processor.batch_decode(answer[:, inputs[\"input_ids\"].shape[1]:]))\n```",
-             f"Or from the shell: `mmlit ask {out / 'model'} picture.png \"How many circles are there? Answer with a number.\"` (`--chat` for several questions).",
-             "Files: `recipe.yaml`, `metrics.jsonl` (`mmlit.train.read_metrics`), `blind.json`, `loss.png`, `reward.png` (GRPO), `evolve.png` (self-evolution), `accuracy.png`, `run.log`, "
-             "`stages/N-stageS/` (per-stage `metrics.jsonl`, `train.log` and `eval.json` with every answer: `mmlit.eval.EvalResults.load`).",
-             "## Recipe", f"```yaml\n{recipe.to_yaml()}```"]
-    p = out / "report.md"; _write_text(p, "\n\n".join(x for x in parts if x) + "\n")
+    parts = [
+        f"# mmlit run: {recipe.name}",
+        f"> {recipe.description}" if recipe.description else "",
+        (
+            f"Started from the trained model `{recipe.init}` (its own model and processor; the recipe's `model` section does not apply)."
+            if recipe.init
+            else ""
+        ),
+        f"Written {time.strftime('%Y-%m-%d %H:%M:%S')}. Wall time {info['wall_s']:.0f} s for this invocation"
+        + (" (a resumed run)" if info.get("resumed") else "")
+        + f"; training {train_s:.0f} s and evaluation {eval_s:.0f} s over all stages. "
+        f"{info['parameters'] / 1e6:.2f} M parameters ({'' if recipe.init else f'{recipe.model.backbone} backbone, '}{info['tokens_per_tile']} visual tokens per tile), "
+        f"device {info['device']}, {info['threads']} torch thread(s).",
+        "## Accuracy after each stage",
+        f"Exact match on {recipe.eval.n} held-out `{recipe.eval.split}` questions per task (greedy decoding); in brackets the 95 % "
+        "Wilson interval. Chance is the accuracy of guessing uniformly among each question's options; `all` pools every question.",
+        _reasoning_note(recipe),
+        accuracy_table(res) if res else "No evaluation yet.",
+        (
+            f"**Not evaluated**: stage {', '.join(unevaluated)} (no `eval.json`), so the table has no column for it."
+            if unevaluated
+            else ""
+        ),
+        "![accuracy per task and stage](accuracy.png)" if res else "",
+        "### Does the model use the image?",
+        "Against the image-blind baseline (the best answer from the question alone, fitted on "
+        f"{recipe.eval.blind_n} training questions per task, scored on the same test questions): a task is grounded when the "
+        "model's 95 % interval lies above the blind one and its answer loss (−ln p(answer), nats) is below the blind loss.",
+        grounding_table(g) if (g := grounding(out, recipe)) else "",
+        "\n".join(f"- **{t}**: {r['sentence']}" for t, r in g.items()) if g else "",
+        *(ladder_section(out, recipe) if (out / LEVELS_FILE).is_file() else []),
+        "### After the last stage, in detail",
+        last.table() if last else "",
+        "## Training",
+        training_table(out, recipe),
+        "![training loss](loss.png)" if (out / "loss.png").is_file() else "",
+        skipped_section(out, recipe),
+        *(_grpo_section(out, recipe) if any(s.stage == "grpo" for s in recipe.stages) else []),
+        *(_evolve_section(out, recipe) if any(s.stage == "evolve" for s in recipe.stages) else []),
+        "## The model",
+        f"The final model and its processor are in `model/` (safetensors, with a SHA-256 manifest `{MANIFEST}`):",
+        f"```python\nfrom PIL import Image\nfrom transformers import AutoModelForImageTextToText, AutoProcessor\n"
+        f"import mmlit.model  # registers the mmlit model and processor with transformers' Auto classes\n"
+        f"model = AutoModelForImageTextToText.from_pretrained(\"{out / 'model'}\")\nprocessor = AutoProcessor.from_pretrained(\"{out / 'model'}\")\n"
+        f"inputs = processor([{{\"role\": \"user\", \"content\": \"<image>\\nHow many circles are there? Answer with a number.\"}}],\n"
+        f"                   images=[Image.open(\"picture.png\").convert(\"RGB\")], add_generation_prompt=True)\n"
+        f"answer = model.generate(**inputs, max_new_tokens=8)\nprint(processor.batch_decode(answer[:, inputs[\"input_ids\"].shape[1]:]))\n```",
+        f"Or from the shell: `mmlit ask {out / 'model'} picture.png \"How many circles are there? Answer with a number.\"` (`--chat` for several questions).",
+        "Files: `recipe.yaml`, `metrics.jsonl` (`mmlit.train.read_metrics`), `blind.json`, `loss.png`, `reward.png` (GRPO), `evolve.png` (self-evolution), `accuracy.png`, `run.log`, "
+        "`stages/N-stageS/` (per-stage `metrics.jsonl`, `train.log` and `eval.json` with every answer: `mmlit.eval.EvalResults.load`).",
+        "## Recipe",
+        f"```yaml\n{recipe.to_yaml()}```",
+    ]
+    p = out / "report.md"
+    _write_text(p, "\n\n".join(x for x in parts if x) + "\n")
     return p
 
 # %% ../nbs/11_cli.ipynb #238000ca
 def _reasoning_note(recipe: Recipe) -> str:
     "The report's sentence on how the questions are asked from the first evolve stage on (empty without one)."
     ev = [i for i, s in enumerate(recipe.stages) if s.stage == "evolve"]
-    if not ev: return ""
+    if not ev:
+        return ""
     evolve_tasks = [s.tasks for s in recipe.stages if s.stage == "evolve"]
-    untrained = [t.name for t in recipe.tasks if all(ts is not None and t.name not in ts for ts in evolve_tasks)]   # no evolve stage's
-    return (f"From stage {ev[0] + 1} (evolve) on, the model reasons before it answers: every question ends with \"{THINK_SUFFIX.strip()}\", "
-            f"the answer is read from the `<answer>` tag only (no tag: wrong) and the budget is the evolve stage's `max_new_tokens` "
-            f"({eval_settings(recipe, ev[0])['max_new_tokens']}) instead of `eval.max_new_tokens` ({recipe.eval.max_new_tokens}), which would cut the "
-            "reasoning off" + (", also in the level ladder" if recipe.eval.level_n else "") + ". The answer loss stays −ln p(answer) after the bare question."
-            + (f" {', '.join(untrained)}: asked the same way, though no evolve stage trained on {'it' if len(untrained) == 1 else 'them'}." if untrained else ""))
+    untrained = [
+        t.name for t in recipe.tasks if all(ts is not None and t.name not in ts for ts in evolve_tasks)
+    ]  # no evolve stage's
+    return (
+        f"From stage {ev[0] + 1} (evolve) on, the model reasons before it answers: every question ends with \"{THINK_SUFFIX.strip()}\", "
+        f"the answer is read from the `<answer>` tag only (no tag: wrong) and the budget is the evolve stage's `max_new_tokens` "
+        f"({eval_settings(recipe, ev[0])['max_new_tokens']}) instead of `eval.max_new_tokens` ({recipe.eval.max_new_tokens}), which would cut the "
+        "reasoning off"
+        + (", also in the level ladder" if recipe.eval.level_n else "")
+        + ". The answer loss stays −ln p(answer) after the bare question."
+        + (
+            f" {', '.join(untrained)}: asked the same way, though no evolve stage trained on {'it' if len(untrained) == 1 else 'them'}."
+            if untrained
+            else ""
+        )
+    )
+
 
 def _evolve_section(out, recipe) -> list[str]:
     "Markdown: per evolve stage its settings, the PRM's fit and the table of rounds, then evolve.png."
-    parts = ["### Self-evolution", "Per round of each evolve stage (round 0: before the loop, after the warm-up on gold reasoning), on its `heldout` "
-             "validation questions per task: greedy accuracy (the `<answer>` tag), Pass@K (a right answer among K sampled at T), Reward-Pass@2 (a "
-             "right one among the two the process reward model ranks first; with a PRM), the right responses kept to train on, their SFT loss, "
-             "rollout speed and the round's seconds."]
+    parts = [
+        "### Self-evolution",
+        "Per round of each evolve stage (round 0: before the loop, after the warm-up on gold reasoning), on its `heldout` "
+        "validation questions per task: greedy accuracy (the `<answer>` tag), Pass@K (a right answer among K sampled at T), Reward-Pass@2 (a "
+        "right one among the two the process reward model ranks first; with a PRM), the right responses kept to train on, their SFT loss, "
+        "rollout speed and the round's seconds.",
+    ]
     for i, s in enumerate(recipe.stages):
-        if s.stage != "evolve" or not (rows := _evolve_rounds(out, recipe, i)): continue
+        if s.stage != "evolve" or not (rows := _evolve_rounds(out, recipe, i)):
+            continue
         prm = json.loads(f.read_text()) if (f := stage_dir(out, recipe, i) / "prm.json").is_file() else None
         pool = sum(_evolve_share(recipe, i)["pool"].values())
-        parts += [f"Stage {i + 1}: {s.variant}; {s.warmup_steps} warm-up steps on gold reasoning; {s.rounds} rounds, each K = {s.k} responses to "
-                  f"{max(1, round(s.round_fraction * pool))} of the pool's {pool} questions at T = {s.temperature}{' (then searched)' if s.auto_temperature else ''}, "
-                  f"select {s.select}, {s.steps_per_round} SFT steps of {s.batch_size}"
-                  + (f"; a PRM fitted on {prm['steps']} reasoning steps (loss {prm['fit_loss'][0]:.3f} → {prm['fit_loss'][1]:.3f})." if prm else "."),
-                  evolve_table(rows)]
+        parts += [
+            f"Stage {i + 1}: {s.variant}; {s.warmup_steps} warm-up steps on gold reasoning; {s.rounds} rounds, each K = {s.k} responses to "
+            f"{max(1, round(s.round_fraction * pool))} of the pool's {pool} questions at T = {s.temperature}{' (then searched)' if s.auto_temperature else ''}, "
+            f"select {s.select}, {s.steps_per_round} SFT steps of {s.batch_size}"
+            + (
+                f"; a PRM fitted on {prm['steps']} reasoning steps (loss {prm['fit_loss'][0]:.3f} → {prm['fit_loss'][1]:.3f})."
+                if prm
+                else "."
+            ),
+            evolve_table(rows),
+        ]
     return parts + ["![self-evolution curves](evolve.png)"]
 
 # %% ../nbs/11_cli.ipynb #7c08ddb7
-try: import fcntl   # advisory file locks (Linux, macOS)
-except ImportError: fcntl = None
+try:
+    import fcntl  # advisory file locks (Linux, macOS)
+except ImportError:
+    fcntl = None
+
 
 @contextmanager
-def run_lock(out: str | Path, # the run folder (it need not exist yet)
-            ):
+def run_lock(
+    out: str | Path,  # the run folder (it need not exist yet)
+):
     "Hold the lock of run folder `out` (the file `.<name>.lock` beside it) for a `with` block; ValueError while another process holds it."
-    out = Path(out); out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.parent / f".{out.name}.lock", "a+") as f:   # closing the file (or the process ending) releases the lock
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(
+        out.parent / f".{out.name}.lock", "a+"
+    ) as f:  # closing the file (or the process ending) releases the lock
         if fcntl is not None:
-            try: fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                f.seek(0); pid = f.read().strip() or "?"
-                raise ValueError(f"another mmlit run (process {pid}) is using {out}: wait for it to end, or choose another --out") from None
-            f.seek(0); f.truncate(); f.write(str(os.getpid())); f.flush()
+                f.seek(0)
+                pid = f.read().strip() or "?"
+                raise ValueError(
+                    f"another mmlit run (process {pid}) is using {out}: wait for it to end, or choose another --out"
+                ) from None
+            f.seek(0)
+            f.truncate()
+            f.write(str(os.getpid()))
+            f.flush()
         yield out
 
 # %% ../nbs/11_cli.ipynb #de7ec4fc
-def run_recipe(recipe: Recipe, # what to run
-               out: str | Path | None = None, # the run folder (default: runs/<recipe name>)
-               resume: bool = False, # continue the run in `out`
-               overwrite: bool = False, # replace the run in `out`
-               progress: bool = True, # progress bars and a line per evaluation
-              ) -> Path:
+def run_recipe(
+    recipe: Recipe,  # what to run
+    out: str | Path | None = None,  # the run folder (default: runs/<recipe name>)
+    resume: bool = False,  # continue the run in `out`
+    overwrite: bool = False,  # replace the run in `out`
+    progress: bool = True,  # progress bars and a line per evaluation
+) -> Path:
     "Run a recipe end to end: stages, evaluation after each, final checkpoint, metrics, plots, report; returns report.md's path."
     t0, out = time.perf_counter(), Path(out or Path("runs") / recipe.name)
     if recipe.threads is not None and recipe.threads > (cores := os.cpu_count() or 1):
@@ -1407,91 +2213,159 @@ def run_recipe(recipe: Recipe, # what to run
     with run_lock(out):
         resumed = prepare_run_dir(out, recipe, resume, overwrite)
         try:
-            log = RunLog(out / "run.log"); log(("resuming" if resumed else "starting") + f" recipe {recipe.name!r} in {out}")
+            log = RunLog(out / "run.log")
+            log(("resuming" if resumed else "starting") + f" recipe {recipe.name!r} in {out}")
             threads = set_torch_threads(recipe.threads)
             model, proc = build_model(recipe)
         except BaseException:
-            if not resumed: shutil.rmtree(out, ignore_errors=True)   # a run that never started leaves no folder behind
+            if not resumed:
+                shutil.rmtree(out, ignore_errors=True)  # a run that never started leaves no folder behind
             raise
         final = out / "model"
-        check_evaluations([stage_dir(out, recipe, i) for i in range(len(recipe.stages))])   # before any training or report
-        if (final / MANIFEST).is_file(): verify_checkpoint(final); log("every stage is finished; rewriting the report")
+        check_evaluations(
+            [stage_dir(out, recipe, i) for i in range(len(recipe.stages))]
+        )  # before any training or report
+        if (final / MANIFEST).is_file():
+            verify_checkpoint(final)
+            log("every stage is finished; rewriting the report")
         else:
-            try: model = run_stages(model, proc, recipe, out, log, progress)
-            except ValueError as e: log(f"stopped: {e}"); raise
-            save_model(model, proc, final); _rm(stage_dir(out, recipe, len(recipe.stages) - 1) / "final")
+            try:
+                model = run_stages(model, proc, recipe, out, log, progress)
+            except ValueError as e:
+                log(f"stopped: {e}")
+                raise
+            save_model(model, proc, final)
+            _rm(stage_dir(out, recipe, len(recipe.stages) - 1) / "final")
             log(f"final model in {final}")
         if recipe.eval.level_n and not (out / LEVELS_FILE).is_file():
             _write_text(out / LEVELS_FILE, json.dumps(level_ladder(model, proc, recipe), indent=1))
-        write_metrics(out, recipe); plot_run(out, recipe)
-        info = dict(parameters=sum(p.numel() for p in model.parameters()), tokens_per_tile=proc.tokens_per_tile, device=str(model.device),
-                    threads=threads, wall_s=time.perf_counter() - t0, resumed=resumed)
+        write_metrics(out, recipe)
+        plot_run(out, recipe)
+        info = dict(
+            parameters=sum(p.numel() for p in model.parameters()),
+            tokens_per_tile=proc.tokens_per_tile,
+            device=str(model.device),
+            threads=threads,
+            wall_s=time.perf_counter() - t0,
+            resumed=resumed,
+        )
         _update_json(out / "run.json", **info)
-        p = write_report(out, recipe, info); log(f"report {p}")
+        p = write_report(out, recipe, info)
+        log(f"report {p}")
     return p
 
 # %% ../nbs/11_cli.ipynb #b888f81e
-def run_summary(out: str | Path, # a finished run folder
-               ) -> dict:
+def run_summary(
+    out: str | Path,  # a finished run folder
+) -> dict:
     "A finished run in a few numbers: recipe, seed, seconds (wall, training, evaluation) and the grounding row of each task."
     out = Path(out)
     recipe = Recipe.from_yaml((out / RECIPE_FILE).read_text(), str(out / RECIPE_FILE))
-    timing = [json.loads(f.read_text()) for i in range(len(recipe.stages)) if (f := stage_dir(out, recipe, i) / "timing.json").is_file()]
+    timing = [
+        json.loads(f.read_text())
+        for i in range(len(recipe.stages))
+        if (f := stage_dir(out, recipe, i) / "timing.json").is_file()
+    ]
     info = json.loads((out / "run.json").read_text()) if (out / "run.json").is_file() else {}
-    return dict(recipe=recipe.name, seed=recipe.seed, wall_s=info.get("wall_s"), train_s=sum(t.get("train_s", 0) for t in timing),
-                eval_s=sum(t.get("eval_s", 0) for t in timing), tasks=grounding(out, recipe),
-                levels=json.loads((out / LEVELS_FILE).read_text()) if (out / LEVELS_FILE).is_file() else None)
+    return dict(
+        recipe=recipe.name,
+        seed=recipe.seed,
+        wall_s=info.get("wall_s"),
+        train_s=sum(t.get("train_s", 0) for t in timing),
+        eval_s=sum(t.get("eval_s", 0) for t in timing),
+        tasks=grounding(out, recipe),
+        levels=json.loads((out / LEVELS_FILE).read_text()) if (out / LEVELS_FILE).is_file() else None,
+    )
 
 # %% ../nbs/11_cli.ipynb #ebda3bbd
-def _task_list(s: str) -> list[str]: return [t.strip() for t in s.split(",") if t.strip()]
+def _task_list(s: str) -> list[str]:
+    return [t.strip() for t in s.split(",") if t.strip()]
+
 
 def run_command(args: argparse.Namespace) -> int:
     "`mmlit run`: run a recipe (shipped name or YAML file) with the command line's overrides."
     if args.list_recipes:
-        for name, p in shipped_recipes().items(): print(f"{name:10} {load_recipe(p).description}")
+        for name, p in shipped_recipes().items():
+            print(f"{name:10} {load_recipe(p).description}")
         return 0
     out = Path(args.out) if args.out else None
     saved = out / RECIPE_FILE if out else None
-    if args.resume and args.recipe is None and saved is not None and saved.is_file(): recipe = Recipe.from_yaml(saved.read_text(), str(saved))
-    else: recipe = load_recipe(args.recipe or "default")
-    recipe = apply_overrides(recipe, seed=args.seed, steps_scale=args.steps_scale, tasks=_task_list(args.tasks) if args.tasks else None,
-                             eval_n=args.eval_n, threads=args.threads, init=args.init)
-    if args.print_recipe: print(recipe.to_yaml(), end=""); return 0
+    if args.resume and args.recipe is None and saved is not None and saved.is_file():
+        recipe = Recipe.from_yaml(saved.read_text(), str(saved))
+    else:
+        recipe = load_recipe(args.recipe or "default")
+    recipe = apply_overrides(
+        recipe,
+        seed=args.seed,
+        steps_scale=args.steps_scale,
+        tasks=_task_list(args.tasks) if args.tasks else None,
+        eval_n=args.eval_n,
+        threads=args.threads,
+        init=args.init,
+    )
+    if args.print_recipe:
+        print(recipe.to_yaml(), end="")
+        return 0
     out = out or Path("runs") / recipe.name
     print(f"mmlit run: recipe {recipe.name!r} → {out}", flush=True)
     t0 = time.perf_counter()
-    try: report = run_recipe(recipe, out, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
+    try:
+        report = run_recipe(recipe, out, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
     except KeyboardInterrupt:
-        print(f"\nmmlit run: interrupted. Go on from the last checkpoint with:\n  mmlit run --out {out} --resume", file=sys.stderr)
+        print(
+            f"\nmmlit run: interrupted. Go on from the last checkpoint with:\n  mmlit run --out {out} --resume",
+            file=sys.stderr,
+        )
         return 130
     except ValueError as e:
-        if not str(e).startswith("checkpoint"): raise
-        raise ValueError(f"{e}\nTo go on, delete that checkpoint's folder and run `mmlit run --out {out} --resume`: "
-                         "training continues from the checkpoint before it (or starts the stage again)") from None
+        if not str(e).startswith("checkpoint"):
+            raise
+        raise ValueError(
+            f"{e}\nTo go on, delete that checkpoint's folder and run `mmlit run --out {out} --resume`: "
+            "training continues from the checkpoint before it (or starts the stage again)"
+        ) from None
     last = list(stage_results(out, recipe).values())[-1]
-    print(f"\naccuracy after the last stage ({recipe.eval.n} {recipe.eval.split} questions per task):\n{last.table()}\n")
-    print("against the image-blind baseline:\n" + grounding_table(g := grounding(out, recipe)) + "\n" + "\n".join(f"{t}: {r['sentence']}" for t, r in g.items()) + "\n")
-    print(f"done in {time.perf_counter() - t0:.0f} s\nreport: {report}\nmodel:  {out / 'model'}\n"
-          f"ask it: mmlit ask {out / 'model'} IMAGE \"How many circles are there? Answer with a number.\"")
+    print(
+        f"\naccuracy after the last stage ({recipe.eval.n} {recipe.eval.split} questions per task):\n{last.table()}\n"
+    )
+    print(
+        "against the image-blind baseline:\n"
+        + grounding_table(g := grounding(out, recipe))
+        + "\n"
+        + "\n".join(f"{t}: {r['sentence']}" for t, r in g.items())
+        + "\n"
+    )
+    print(
+        f"done in {time.perf_counter() - t0:.0f} s\nreport: {report}\nmodel:  {out / 'model'}\n"
+        f"ask it: mmlit ask {out / 'model'} IMAGE \"How many circles are there? Answer with a number.\""
+    )
     return 0
 
 # %% ../nbs/11_cli.ipynb #40e0e05b
-def ask(model: MMModel, processor: MMProcessor, image, # a PIL image
-        question: str, max_new_tokens: int = 32) -> str:
+def ask(model: MMModel, processor: MMProcessor, image, question: str, max_new_tokens: int = 32) -> str:  # a PIL image
     "The model's greedy answer to one question about one image: processor → `generate` → `batch_decode`."
-    inputs = processor([{"role": "user", "content": f"<image>\n{question}"}], images=[image], add_generation_prompt=True).to(model.device)
-    with torch.no_grad(): out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-    return processor.batch_decode(out[:, inputs["input_ids"].shape[1]:])[0].strip()
+    inputs = processor(
+        [{"role": "user", "content": f"<image>\n{question}"}], images=[image], add_generation_prompt=True
+    ).to(model.device)
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    return processor.batch_decode(out[:, inputs["input_ids"].shape[1] :])[0].strip()
+
 
 def ask_command(args: argparse.Namespace) -> int:
     "`mmlit ask`: answer a question about an image; with `--chat`, one question per line until an empty line."
-    if not args.question and not args.chat: raise ValueError('give a question ("How many circles are there?") or --chat')
+    if not args.question and not args.chat:
+        raise ValueError('give a question ("How many circles are there?") or --chat')
     image = load_image(args.image, max_pixels=args.max_pixels)
     model, proc = load_trained(args.model)
-    for q in [args.question] if args.question else []: print(ask(model, proc, image, q, args.max_new_tokens), flush=True)
+    for q in [args.question] if args.question else []:
+        print(ask(model, proc, image, q, args.max_new_tokens), flush=True)
     while args.chat:
-        try: q = input("question> ").strip()
-        except EOFError: q = ""
-        if not q: break
+        try:
+            q = input("question> ").strip()
+        except EOFError:
+            q = ""
+        if not q:
+            break
         print(ask(model, proc, image, q, args.max_new_tokens), flush=True)
     return 0

@@ -12,40 +12,56 @@ import torch
 __all__ = ['seed_everything', 'default_device', 'default_dtype', 'cpu_cores', 'set_torch_threads']
 
 # %% ../nbs/00_core.ipynb #784c0dd6
-def seed_everything(seed: int = 0, # the seed for Python, NumPy and torch (all devices)
-                   ) -> torch.Generator:
+def seed_everything(
+    seed: int = 0,  # the seed for Python, NumPy and torch (all devices)
+) -> torch.Generator:
     "Seed every random number generator mmlit uses; returns a torch `Generator` seeded the same way."
-    if not isinstance(seed, int) or seed < 0: raise ValueError(f"seed must be a non-negative int, got {seed!r}")
-    random.seed(seed); np.random.seed(seed % 2**32); torch.manual_seed(seed)
+    if not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
     return torch.Generator().manual_seed(seed)
 
 # %% ../nbs/00_core.ipynb #c3cabe7f
 def default_device() -> torch.device:
     "The best available device: CUDA, then Apple MPS, then the CPU."
-    if torch.cuda.is_available(): return torch.device('cuda')
-    if getattr(torch.backends, 'mps', None) is not None and torch.backends.mps.is_available(): return torch.device('mps')
+    if torch.cuda.is_available():
+        return torch.device('cuda')
+    if getattr(torch.backends, 'mps', None) is not None and torch.backends.mps.is_available():
+        return torch.device('mps')
     return torch.device('cpu')
 
 # %% ../nbs/00_core.ipynb #5a802f24
-def default_dtype(device: torch.device | str | None = None, # the device the model runs on (default: `default_device()`)
-                 ) -> torch.dtype:
+def default_dtype(
+    device: torch.device | str | None = None,  # the device the model runs on (default: `default_device()`)
+) -> torch.dtype:
     "bf16 on GPUs that support it, fp32 elsewhere (bf16 is emulated, and very slow, on most CPUs)."
     device = torch.device(device) if device is not None else default_device()
-    if device.type == 'cuda' and torch.cuda.is_bf16_supported(): return torch.bfloat16
+    if device.type == 'cuda' and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
     return torch.float32
 
 # %% ../nbs/00_core.ipynb #6563b118
 def cpu_cores() -> int:
     "The number of CPU cores this process may run on (respects affinity masks and containers)."
-    try: return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError: return max(1, os.cpu_count() or 1)
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return max(1, os.cpu_count() or 1)
 
 # %% ../nbs/00_core.ipynb #bbfdcfee
-def set_torch_threads(n: int | None = None, # threads for torch's intra-op pool (default: OMP_NUM_THREADS if set, else the cores available divided by local processes)
-                     ) -> int:
+def set_torch_threads(
+    n: (
+        int | None
+    ) = None,  # threads for torch's intra-op pool (default: OMP_NUM_THREADS if set, else the cores available divided by local processes)
+) -> int:
     "Match torch's CPU threads to the cores this process owns; returns the number set."
-    if n is None and os.environ.get('OMP_NUM_THREADS', '').isdigit(): n = int(os.environ['OMP_NUM_THREADS'])
-    if n is None: n = max(1, cpu_cores() // max(1, int(os.environ.get('LOCAL_WORLD_SIZE', '1'))))
-    if n < 1: raise ValueError(f"need at least one thread, got {n}")
+    if n is None and os.environ.get('OMP_NUM_THREADS', '').isdigit():
+        n = int(os.environ['OMP_NUM_THREADS'])
+    if n is None:
+        n = max(1, cpu_cores() // max(1, int(os.environ.get('LOCAL_WORLD_SIZE', '1'))))
+    if n < 1:
+        raise ValueError(f"need at least one thread, got {n}")
     torch.set_num_threads(n)
     return n

@@ -33,33 +33,44 @@ __all__ = ['SPLITS', 'IMAGE', 'VIDEO', 'CAPTION_PROMPT', 'COLOURS', 'SHAPES', 'B
 
 # %% ../nbs/04_data.ipynb #07c1b7b7
 SPLITS = ("train", "validation", "test")  # the three splits every task offers
-IMAGE, VIDEO = IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER  # the placeholders a conversation holds (the processor's, chapter 02)
+IMAGE, VIDEO = (
+    IMAGE_PLACEHOLDER,
+    VIDEO_PLACEHOLDER,
+)  # the placeholders a conversation holds (the processor's, chapter 02)
 CAPTION_PROMPT = "Describe the image."  # the question of every caption sample (see *Dense captions*)
 
-def user_prompt(question: str, # the question text
-                n_images: int = 1, # images shown with it (ignored for a video)
-                video: bool = False, # the images are the frames of one video
-               ) -> str:
+
+def user_prompt(
+    question: str,  # the question text
+    n_images: int = 1,  # images shown with it (ignored for a video)
+    video: bool = False,  # the images are the frames of one video
+) -> str:
     "The user turn: one `<image>` (or `Image-{i}: <image>` lines for several), or one `<video>`, then the question."
-    if video: return f"{VIDEO}\n{question}"
+    if video:
+        return f"{VIDEO}\n{question}"
     return "".join(image_line(i + 1, n_images) for i in range(n_images)) + question
 
-def media(sample: dict, # a sample from a task
-         ) -> dict:
+
+def media(
+    sample: dict,  # a sample from a task
+) -> dict:
     "The processor's media arguments for a sample: `{'images': [...]}` or `{'videos': [frames]}`."
     return {"videos": [list(sample["images"])]} if sample.get("video") else {"images": list(sample["images"])}
 
 # %% ../nbs/04_data.ipynb #f81bb624
 def check_split(split: str) -> int:
     "The number of a split name; ValueError for anything else."
-    if split not in SPLITS: raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
     return SPLITS.index(split)
 
-def sample_rng(task: str, # the task's name
-               split: str, # 'train', 'validation' or 'test'
-               index: int, # the sample's index in that split (>= 0)
-               seed: int = 0, # the dataset's seed (another seed = another draw of the same task)
-              ) -> np.random.Generator:
+
+def sample_rng(
+    task: str,  # the task's name
+    split: str,  # 'train', 'validation' or 'test'
+    index: int,  # the sample's index in that split (>= 0)
+    seed: int = 0,  # the dataset's seed (another seed = another draw of the same task)
+) -> np.random.Generator:
     "The generator of one sample, a pure function of (task, split, index, seed)."
     s = check_split(split)
     if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or index < 0:
@@ -69,63 +80,96 @@ def sample_rng(task: str, # the task's name
     return np.random.default_rng([int(seed), s, zlib.crc32(task.encode()), int(index)])
 
 # %% ../nbs/04_data.ipynb #dfc2abbb
-COLOURS = {"red": (220, 50, 47), "green": (46, 160, 67), "blue": (38, 110, 220),
-           "yellow": (235, 195, 20), "purple": (140, 70, 180), "orange": (245, 130, 30)}  # name → RGB
+COLOURS = {
+    "red": (220, 50, 47),
+    "green": (46, 160, 67),
+    "blue": (38, 110, 220),
+    "yellow": (235, 195, 20),
+    "purple": (140, 70, 180),
+    "orange": (245, 130, 30),
+}  # name → RGB
 SHAPES = ("circle", "square", "triangle", "diamond", "star", "hexagon")  # shape names, as questions use them
 BACKGROUND = (246, 244, 238)  # the scenes' background colour
 
-def shape_polygon(shape: str, # one of `SHAPES` except 'circle'
-                  x: float, y: float, r: float, # centre and radius in pixels
-                 ) -> list[tuple[float, float]]:
+
+def shape_polygon(
+    shape: str,  # one of `SHAPES` except 'circle'
+    x: float,
+    y: float,
+    r: float,  # centre and radius in pixels
+) -> list[tuple[float, float]]:
     "The outline of a shape as a polygon (points in pixels)."
-    if shape == "square": return [(x - .8 * r, y - .8 * r), (x + .8 * r, y - .8 * r), (x + .8 * r, y + .8 * r), (x - .8 * r, y + .8 * r)]
-    if shape == "star": n, rr = 10, [r if i % 2 == 0 else .45 * r for i in range(10)]
-    elif shape in ("triangle", "diamond", "hexagon"): n = {"triangle": 3, "diamond": 4, "hexagon": 6}[shape]; rr = [r] * n
-    else: raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
+    if shape == "square":
+        return [
+            (x - 0.8 * r, y - 0.8 * r),
+            (x + 0.8 * r, y - 0.8 * r),
+            (x + 0.8 * r, y + 0.8 * r),
+            (x - 0.8 * r, y + 0.8 * r),
+        ]
+    if shape == "star":
+        n, rr = 10, [r if i % 2 == 0 else 0.45 * r for i in range(10)]
+    elif shape in ("triangle", "diamond", "hexagon"):
+        n = {"triangle": 3, "diamond": 4, "hexagon": 6}[shape]
+        rr = [r] * n
+    else:
+        raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
     return [(x + rr[i] * math.sin(2 * math.pi * i / n), y - rr[i] * math.cos(2 * math.pi * i / n)) for i in range(n)]
 
-def draw_scene(objects: list[dict], # objects {'shape', 'colour', 'x', 'y', 'r'}
-               size: int | tuple[int, int] = 224, # image side (or (width, height)) in pixels
-               background: tuple = BACKGROUND, # background RGB
-              ) -> Image.Image:
+
+def draw_scene(
+    objects: list[dict],  # objects {'shape', 'colour', 'x', 'y', 'r'}
+    size: int | tuple[int, int] = 224,  # image side (or (width, height)) in pixels
+    background: tuple = BACKGROUND,  # background RGB
+) -> Image.Image:
     "Draw a list of shapes on a plain background."
     img = Image.new("RGB", (size, size) if isinstance(size, int) else tuple(size), background)
     d = ImageDraw.Draw(img)
     for o in objects:
         fill, (x, y, r) = COLOURS[o["colour"]], (o["x"], o["y"], o["r"])
-        if o["shape"] == "circle": d.ellipse((x - r, y - r, x + r, y + r), fill=fill)
-        else: d.polygon(shape_polygon(o["shape"], x, y, r), fill=fill)
+        if o["shape"] == "circle":
+            d.ellipse((x - r, y - r, x + r, y + r), fill=fill)
+        else:
+            d.polygon(shape_polygon(o["shape"], x, y, r), fill=fill)
     return img
 
 # %% ../nbs/04_data.ipynb #87635492
-def grid_positions(rng: np.random.Generator, # the sample's generator
-                   n: int, # objects to place
-                   size: int, # image side in pixels
-                   cells: int = 4, # the grid is cells × cells; n <= cells²
-                  ) -> list[tuple[int, int, int]]:
+def grid_positions(
+    rng: np.random.Generator,  # the sample's generator
+    n: int,  # objects to place
+    size: int,  # image side in pixels
+    cells: int = 4,  # the grid is cells × cells; n <= cells²
+) -> list[tuple[int, int, int]]:
     "`n` non-overlapping (x, y, r): distinct grid cells, a random radius and offset inside each."
-    if n > cells * cells: raise ValueError(f"cannot place {n} objects in a {cells}x{cells} grid")
+    if n > cells * cells:
+        raise ValueError(f"cannot place {n} objects in a {cells}x{cells} grid")
     c = size / cells
     out = []
     for k in rng.choice(cells * cells, size=n, replace=False):
-        r = int(c * rng.uniform(.25, .36)); slack = c / 2 - r - 1
-        x, y = (k % cells + .5) * c + rng.uniform(-slack, slack), (k // cells + .5) * c + rng.uniform(-slack, slack)
+        r = int(c * rng.uniform(0.25, 0.36))
+        slack = c / 2 - r - 1
+        x, y = (k % cells + 0.5) * c + rng.uniform(-slack, slack), (k // cells + 0.5) * c + rng.uniform(-slack, slack)
         out.append((int(x), int(y), r))
     return out
 
 # %% ../nbs/04_data.ipynb #ba8691a7
-def normalise_answer(s: str, # a prediction or an answer
-                    ) -> str:
+def normalise_answer(
+    s: str,  # a prediction or an answer
+) -> str:
     "Lower-case, collapse spaces, drop surrounding quotes and trailing full stops."
     s = re.sub(r"\s+", " ", str(s)).strip().strip("\"'`").strip()
     return s.rstrip(".").rstrip().lower()
 
-def _number(s):
-    try: return float(s)
-    except ValueError: return None
 
-def sample_meta(sample: dict, # a sample; its `meta` a dict, or the JSON string a `datasets.Dataset` stores
-               ) -> dict:
+def _number(s):
+    try:
+        return float(s)
+    except ValueError:
+        return None
+
+
+def sample_meta(
+    sample: dict,  # a sample; its `meta` a dict, or the JSON string a `datasets.Dataset` stores
+) -> dict:
     "The scene of a sample, as a dict."
     return json.loads(sample["meta"]) if isinstance(sample["meta"], str) else sample["meta"]
 
@@ -133,32 +177,42 @@ def sample_meta(sample: dict, # a sample; its `meta` a dict, or the JSON string 
 LEVELS = (0, 1, 2, 3)  # the difficulty levels of every built-in task, easiest first
 DEFAULT_LEVEL = 1  # the level whose settings are each built-in task's defaults (what `level=None` gives)
 
-def check_level(levels: dict, # a task's table: level → settings
-                level: int | None, # the level asked for (None: the defaults)
-                task: str = "task", # the task's name, for the error message
-               ) -> int | None:
+
+def check_level(
+    levels: dict,  # a task's table: level → settings
+    level: int | None,  # the level asked for (None: the defaults)
+    task: str = "task",  # the task's name, for the error message
+) -> int | None:
     "The effective level: `level` if it is a key of `levels`, DEFAULT_LEVEL for None (None when there are no levels)."
-    if level is None: return DEFAULT_LEVEL if levels else None
+    if level is None:
+        return DEFAULT_LEVEL if levels else None
     if isinstance(level, bool) or not isinstance(level, (int, np.integer)) or int(level) not in levels:
-        raise ValueError(f"unknown level {level!r} for task {task!r}; "
-                         f"its levels are {sorted(levels) or 'none'} (0 is the easiest)")
+        raise ValueError(
+            f"unknown level {level!r} for task {task!r}; "
+            f"its levels are {sorted(levels) or 'none'} (0 is the easiest)"
+        )
     return int(level)
 
 # %% ../nbs/04_data.ipynb #d96ab983
 class Task:
     "Base of the procedural tasks: a seeded scene per (split, index), a question, and an answer derived from the scene."
+
     name: str = "task"  # registry name; also part of every sample's seed
     answer_space: tuple = ()  # every answer the task can give
     video: bool = False  # samples are one video (frames) instead of images
     levels: dict = {}  # difficulty level → settings (constructor keywords); empty: the task has no levels
 
-    def __init__(self, size: int = 224, # image side in pixels
-                 seed: int = 0, # dataset seed: another seed gives another draw of the same task
-                 level: int | None = None, # difficulty level, a key of `levels` (None: the defaults, DEFAULT_LEVEL)
-                 captions: bool = False, # samples are the scene's caption (`describe`) instead of its question
-                ):
-        if not isinstance(size, int) or size < 32: raise ValueError(f"size must be an int >= 32 pixels, got {size!r}")
-        if not isinstance(captions, bool): raise ValueError(f"captions must be True or False, got {captions!r}")
+    def __init__(
+        self,
+        size: int = 224,  # image side in pixels
+        seed: int = 0,  # dataset seed: another seed gives another draw of the same task
+        level: int | None = None,  # difficulty level, a key of `levels` (None: the defaults, DEFAULT_LEVEL)
+        captions: bool = False,  # samples are the scene's caption (`describe`) instead of its question
+    ):
+        if not isinstance(size, int) or size < 32:
+            raise ValueError(f"size must be an int >= 32 pixels, got {size!r}")
+        if not isinstance(captions, bool):
+            raise ValueError(f"captions must be True or False, got {captions!r}")
         if captions and type(self).describe is Task.describe:
             raise ValueError(f"task {self.name!r} cannot write captions: {type(self).__name__} has no describe(meta)")
         self.size, self.seed, self.overrides, self.captions = size, seed, {}, captions
@@ -170,87 +224,127 @@ class Task:
         return {**self.levels.get(self.level, {}), **self.overrides}
 
     @property
-    def question_chance(self) -> float: raise NotImplementedError
+    def question_chance(self) -> float:
+        raise NotImplementedError
+
     @property
     def chance(self) -> float:
         "The questions' chance level; 0 for captions (free text for training, never scored by multiple choice)."
         return 0.0 if self.captions else self.question_chance
-    def make(self, rng: np.random.Generator, split: str) -> tuple[list, str, str, dict]: raise NotImplementedError
-    def answer_from_meta(self, meta: dict) -> str: raise NotImplementedError
-    def describe(self, meta: dict) -> str: raise NotImplementedError
+
+    def make(self, rng: np.random.Generator, split: str) -> tuple[list, str, str, dict]:
+        raise NotImplementedError
+
+    def answer_from_meta(self, meta: dict) -> str:
+        raise NotImplementedError
+
+    def describe(self, meta: dict) -> str:
+        raise NotImplementedError
+
     def __repr__(self):
         level = "" if self.level is None else f", level={self.level}"
         shown = {**self.overrides, **({"captions": True} if self.captions else {})}
         overrides = "".join(f", {k}={v!r}" for k, v in shown.items())
         return f"{type(self).__name__}(size={self.size}, seed={self.seed}{level}{overrides}, chance={self.chance:.3f})"
 
-    def sample(self, index: int, # index within the split (>= 0)
-               split: str = "train", # 'train', 'validation' or 'test'
-               seed: int | None = None, # dataset seed (default: the task's)
-              ) -> dict:
+    def sample(
+        self,
+        index: int,  # index within the split (>= 0)
+        split: str = "train",  # 'train', 'validation' or 'test'
+        seed: int | None = None,  # dataset seed (default: the task's)
+    ) -> dict:
         "One sample: images, conversation, answer, task, split, id and the scene `meta` (+ `level` when one was given)."
         seed = self.seed if seed is None else seed
         images, question, answer, meta = self.make(sample_rng(self.name, split, index, seed), split)
-        if self.level_given: meta = dict(meta, level=self.level)
-        if self.captions: meta = dict(meta, captioned=True); question, answer = CAPTION_PROMPT, self.describe(meta)
-        conv = [{"role": "user", "content": user_prompt(question, len(images), self.video)},
-                {"role": "assistant", "content": answer}]
+        if self.level_given:
+            meta = dict(meta, level=self.level)
+        if self.captions:
+            meta = dict(meta, captioned=True)
+            question, answer = CAPTION_PROMPT, self.describe(meta)
+        conv = [
+            {"role": "user", "content": user_prompt(question, len(images), self.video)},
+            {"role": "assistant", "content": answer},
+        ]
         sid = f"{self.name}/{split}/{seed}/{index}" + ("/caption" if self.captions else "")
-        return dict(images=images, video=self.video, conversation=conv, answer=answer, task=self.name,
-                    split=split, id=sid, meta=meta)
+        return dict(
+            images=images,
+            video=self.video,
+            conversation=conv,
+            answer=answer,
+            task=self.name,
+            split=split,
+            id=sid,
+            meta=meta,
+        )
 
-    def stream(self, split: str = "train", # the split to draw from
-               n: int | None = None, # number of samples (None: endless)
-               seed: int | None = None, # dataset seed (default: the task's)
-               start: int = 0, # first index
-              ) -> Iterator[dict]:
+    def stream(
+        self,
+        split: str = "train",  # the split to draw from
+        n: int | None = None,  # number of samples (None: endless)
+        seed: int | None = None,  # dataset seed (default: the task's)
+        start: int = 0,  # first index
+    ) -> Iterator[dict]:
         "Samples `start, start+1, …` of a split, generated lazily."
         check_split(split)
-        if n is not None and n < 0: raise ValueError(f"n must be >= 0 or None, got {n}")
-        if start < 0: raise ValueError(f"start must be >= 0, got {start}")
+        if n is not None and n < 0:
+            raise ValueError(f"n must be >= 0 or None, got {n}")
+        if start < 0:
+            raise ValueError(f"start must be >= 0, got {start}")
         return (self.sample(i, split, seed) for i in (itertools.count(start) if n is None else range(start, start + n)))
 
     def check(self, pred: str, answer: str) -> bool:
         "Is `pred` the answer? Case, spaces, quotes and a final full stop are ignored; numbers compare as numbers."
         p, a = normalise_answer(pred), normalise_answer(answer)
-        if p == a: return True
+        if p == a:
+            return True
         pn, an = _number(p), _number(a)
         return pn is not None and an is not None and pn == an
 
     def verify(self, sample: dict) -> bool:
         "Does the sample's answer (or caption) follow from its scene (re-derived independently of `make`)?"
         meta = sample_meta(sample)
-        if meta.get("captioned"): return self.describe(meta) == sample["answer"]
+        if meta.get("captioned"):
+            return self.describe(meta) == sample["answer"]
         return self.answer_from_meta(meta) == sample["answer"] and sample["answer"] in meta["options"]
 
 # %% ../nbs/04_data.ipynb #4a9d86dd
-def question_text(sample: dict, # a task sample
-                 ) -> str:
+def question_text(
+    sample: dict,  # a task sample
+) -> str:
     "The question a sample asks: its first user turn without the `<image>` / `Image-k: <image>` / `<video>` lines."
     user = next(m["content"] for m in sample["conversation"] if m["role"] == "user")
     return re.sub(r"(Image-\d+: )?<(image|video)>\n", "", user)
 
-def sample_strip(sample: dict, # a task sample
-                 height: int = 160, # height of the strip in pixels
-                ) -> Image.Image:
+
+def sample_strip(
+    sample: dict,  # a task sample
+    height: int = 160,  # height of the strip in pixels
+) -> Image.Image:
     "The sample's images (or frames) resized to one height and laid side by side with a 4 px gap."
     ims = [im.resize((max(1, round(im.width * height / im.height)), height)) for im in sample["images"]]
     out = Image.new("RGB", (sum(i.width for i in ims) + 4 * (len(ims) - 1), height), "white")
     x = 0
-    for im in ims: out.paste(im, (x, 0)); x += im.width + 4
+    for im in ims:
+        out.paste(im, (x, 0))
+        x += im.width + 4
     return out
 
-def show_samples(samples: list[dict], # samples to draw
-                 ncols: int = 4, # panels per row
-                 width: float = 4.0, # inches per panel
-                ):
+
+def show_samples(
+    samples: list[dict],  # samples to draw
+    ncols: int = 4,  # panels per row
+    width: float = 4.0,  # inches per panel
+):
     "A matplotlib figure with one panel per sample: its images, the question and the answer (and the level, if any)."
     import matplotlib.pyplot as plt, textwrap
+
     nrows = math.ceil(len(samples) / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(width * ncols, width * .95 * nrows), squeeze=False)
-    for ax in axes.flat: ax.axis("off")
+    fig, axes = plt.subplots(nrows, ncols, figsize=(width * ncols, width * 0.95 * nrows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
     for ax, s in zip(axes.flat, samples):
-        ax.imshow(sample_strip(s)); level = sample_meta(s).get("level")
+        ax.imshow(sample_strip(s))
+        level = sample_meta(s).get("level")
         head = s["task"] + ("" if level is None else f" · level {level}")
         text = [head, textwrap.fill(question_text(s), 44), textwrap.fill(f"→ {s['answer']}", 44)]
         ax.set_title("\n".join(text), fontsize=8)
@@ -258,16 +352,19 @@ def show_samples(samples: list[dict], # samples to draw
     return fig
 
 # %% ../nbs/04_data.ipynb #390c85d7
-def level_samples(cls: type, # a task class with `levels`
-                  index: int = 0, # the sample's index
-                  split: str = "train", # the split
-                  **kwargs, # other settings of the task (size, seed, …)
-                 ) -> list[dict]:
+def level_samples(
+    cls: type,  # a task class with `levels`
+    index: int = 0,  # the sample's index
+    split: str = "train",  # the split
+    **kwargs,  # other settings of the task (size, seed, …)
+) -> list[dict]:
     "Sample `index` of `split` at every level of a task class, easiest first."
     return [cls(level=level, **kwargs).sample(index, split) for level in sorted(cls.levels)]
 
-def level_table(cls: type, # a task class with `levels`
-               ) -> str:
+
+def level_table(
+    cls: type,  # a task class with `levels`
+) -> str:
     "A markdown table of a task class's levels: each level's settings, its chance and the size of its answer space."
     keys = list(cls.levels[DEFAULT_LEVEL])
     rows = ["| level | " + " | ".join(f"`{k}`" for k in keys) + " | chance | answers |", "|---" * (len(keys) + 3) + "|"]
@@ -282,34 +379,49 @@ def _objects(rng, shapes, size, cells=4, colours=None):
     "Scene objects for `shapes` at non-overlapping grid positions with random (or given) colours."
     names = list(COLOURS)
     colours = colours or [names[i] for i in rng.integers(len(names), size=len(shapes))]
-    return [dict(shape=s, colour=c, x=x, y=y, r=r) for s, c, (x, y, r) in zip(shapes, colours, grid_positions(rng, len(shapes), size, cells))]
+    return [
+        dict(shape=s, colour=c, x=x, y=y, r=r)
+        for s, c, (x, y, r) in zip(shapes, colours, grid_positions(rng, len(shapes), size, cells))
+    ]
 
-def _plural(shape): return shape + "s"
+
+def _plural(shape):
+    return shape + "s"
+
 
 def _check_grid(max_count, max_distractors, cells):
     "ValueError unless 1 <= max_count, 0 <= max_distractors and both fit one shape per cell of a cells × cells grid."
     fits = isinstance(cells, int) and cells >= 1 and max_count + max_distractors <= cells * cells
     if not (fits and 1 <= max_count and 0 <= max_distractors):
-        raise ValueError(f"need 1 <= max_count, 0 <= max_distractors and max_count + max_distractors <= cells² "
-                         f"(cells an int >= 1), got max_count={max_count}, max_distractors={max_distractors}, "
-                         f"cells={cells}")
+        raise ValueError(
+            f"need 1 <= max_count, 0 <= max_distractors and max_count + max_distractors <= cells² "
+            f"(cells an int >= 1), got max_count={max_count}, max_distractors={max_distractors}, "
+            f"cells={cells}"
+        )
 
 # %% ../nbs/04_data.ipynb #31db4818
 class ShapeCount(Task):
     "Count the shapes of one kind among distractors (1..max_count of them, uniform): chance 1/max_count."
+
     name = "count"
-    levels = {0: dict(max_count=3, max_distractors=2, cells=3, n_kinds=2),
-              1: dict(max_count=6, max_distractors=4, cells=4, n_kinds=6),
-              2: dict(max_count=9, max_distractors=6, cells=5, n_kinds=6),
-              3: dict(max_count=12, max_distractors=10, cells=6, n_kinds=6)}  # level → settings (level 1: the defaults)
-    def __init__(self, size: int = 224, seed: int = 0,
-                 max_count: int | None = None, # counts are uniform in 1..max_count
-                 max_distractors: int | None = None, # up to this many shapes of other kinds
-                 cells: int | None = None, # shapes sit in a cells × cells grid, one a cell: fewer cells, bigger shapes
-                 n_kinds: int | None = None, # shape kinds a scene may hold: the target's and n_kinds - 1 others (2..6)
-                 level: int | None = None, # difficulty 0..3 (None: the defaults, which are level 1)
-                 captions: bool = False, # samples are the scene's caption instead of its question
-                ):
+    levels = {
+        0: dict(max_count=3, max_distractors=2, cells=3, n_kinds=2),
+        1: dict(max_count=6, max_distractors=4, cells=4, n_kinds=6),
+        2: dict(max_count=9, max_distractors=6, cells=5, n_kinds=6),
+        3: dict(max_count=12, max_distractors=10, cells=6, n_kinds=6),
+    }  # level → settings (level 1: the defaults)
+
+    def __init__(
+        self,
+        size: int = 224,
+        seed: int = 0,
+        max_count: int | None = None,  # counts are uniform in 1..max_count
+        max_distractors: int | None = None,  # up to this many shapes of other kinds
+        cells: int | None = None,  # shapes sit in a cells × cells grid, one a cell: fewer cells, bigger shapes
+        n_kinds: int | None = None,  # shape kinds a scene may hold: the target's and n_kinds - 1 others (2..6)
+        level: int | None = None,  # difficulty 0..3 (None: the defaults, which are level 1)
+        captions: bool = False,  # samples are the scene's caption instead of its question
+    ):
         super().__init__(size, seed, level, captions)
         s = self.settings(max_count=max_count, max_distractors=max_distractors, cells=cells, n_kinds=n_kinds)
         self.max_count, self.max_distractors = s["max_count"], s["max_distractors"]
@@ -320,49 +432,70 @@ class ShapeCount(Task):
         self.answer_space = tuple(str(k) for k in range(1, self.max_count + 1))
 
     @property
-    def question_chance(self): return 1 / self.max_count
+    def question_chance(self):
+        return 1 / self.max_count
 
     def make(self, rng, split):
         target = SHAPES[rng.integers(len(SHAPES))]
         k, nd = int(rng.integers(1, self.max_count + 1)), int(rng.integers(0, self.max_distractors + 1))
         others = [s for s in SHAPES if s != target]
-        if self.n_kinds < len(SHAPES):   # keep n_kinds - 1 of the other kinds
+        if self.n_kinds < len(SHAPES):  # keep n_kinds - 1 of the other kinds
             others = [others[i] for i in sorted(rng.choice(len(others), self.n_kinds - 1, replace=False))]
         shapes = [target] * k + [others[i] for i in rng.integers(len(others), size=nd)]
         objs = _objects(rng, shapes, self.size, self.cells)
         meta = dict(question_type="count", target=target, objects=objs, options=list(self.answer_space))
-        return [draw_scene(objs, self.size)], f"How many {_plural(target)} are there? Answer with a number.", str(k), meta
+        return (
+            [draw_scene(objs, self.size)],
+            f"How many {_plural(target)} are there? Answer with a number.",
+            str(k),
+            meta,
+        )
 
-    def answer_from_meta(self, meta): return str(sum(o["shape"] == meta["target"] for o in meta["objects"]))
+    def answer_from_meta(self, meta):
+        return str(sum(o["shape"] == meta["target"] for o in meta["objects"]))
 
 # %% ../nbs/04_data.ipynb #fc9c7454
 POSITIONS = ("left", "middle", "right")  # the three thirds of the image, left to right
 
+
 class ColourPosition(Task):
     "What colour is the shape on the left/middle/right, or where is the <colour> <shape>? Chance ½·⅙ + ½·⅓ = 0.25."
+
     name = "colour_position"
     answer_space = tuple(sorted(COLOURS)) + POSITIONS
-    levels = {0: dict(radius=(.32, .44), n_distractors=0), 1: dict(radius=(.22, .32), n_distractors=0),
-              2: dict(radius=(.14, .22), n_distractors=3),
-              3: dict(radius=(.10, .16), n_distractors=6)}  # level → settings (level 1: the defaults)
-    def __init__(self, size: int = 224, seed: int = 0, p_colour: float = 0.5, # share of 'what colour' questions
-                 radius: tuple[float, float] | None = None, # shapes' radius range, as a share of a third of the width
-                 n_distractors: int | None = None, # extra shapes in the main ones' colours (0..12): questions name kinds
-                 level: int | None = None, # difficulty 0..3 (None: the defaults, which are level 1)
-                 captions: bool = False, # samples are the scene's caption instead of its question
-                ):
+    levels = {
+        0: dict(radius=(0.32, 0.44), n_distractors=0),
+        1: dict(radius=(0.22, 0.32), n_distractors=0),
+        2: dict(radius=(0.14, 0.22), n_distractors=3),
+        3: dict(radius=(0.10, 0.16), n_distractors=6),
+    }  # level → settings (level 1: the defaults)
+
+    def __init__(
+        self,
+        size: int = 224,
+        seed: int = 0,
+        p_colour: float = 0.5,  # share of 'what colour' questions
+        radius: tuple[float, float] | None = None,  # shapes' radius range, as a share of a third of the width
+        n_distractors: int | None = None,  # extra shapes in the main ones' colours (0..12): questions name kinds
+        level: int | None = None,  # difficulty 0..3 (None: the defaults, which are level 1)
+        captions: bool = False,  # samples are the scene's caption instead of its question
+    ):
         super().__init__(size, seed, level, captions)
-        if not 0 <= p_colour <= 1: raise ValueError(f"p_colour must be in [0, 1], got {p_colour}")
+        if not 0 <= p_colour <= 1:
+            raise ValueError(f"p_colour must be in [0, 1], got {p_colour}")
         s = self.settings(radius=radius, n_distractors=n_distractors)
         self.p_colour, self.radius, self.n_distractors = p_colour, tuple(s["radius"]), s["n_distractors"]
-        if len(self.radius) != 2 or not 0 < self.radius[0] <= self.radius[1] < .5:
-            raise ValueError(f"radius must be (low, high) with 0 < low <= high < 0.5 (shares of a third of the width), "
-                             f"got {s['radius']}")
+        if len(self.radius) != 2 or not 0 < self.radius[0] <= self.radius[1] < 0.5:
+            raise ValueError(
+                f"radius must be (low, high) with 0 < low <= high < 0.5 (shares of a third of the width), "
+                f"got {s['radius']}"
+            )
         if not isinstance(self.n_distractors, int) or not 0 <= self.n_distractors <= 12:
             raise ValueError(f"n_distractors must be an int in 0..12, got {self.n_distractors!r}")
 
     @property
-    def question_chance(self): return self.p_colour / len(COLOURS) + (1 - self.p_colour) / len(POSITIONS)
+    def question_chance(self):
+        return self.p_colour / len(COLOURS) + (1 - self.p_colour) / len(POSITIONS)
 
 # %% ../nbs/04_data.ipynb #9547abe4
 @patch
@@ -370,19 +503,32 @@ def _in_thirds(self: ColourPosition, rng, colours, shapes):
     "One shape per third of the width, anywhere in its column (the layout without distractors)."
     third, (lo, hi), objs = self.size / 3, self.radius, []
     for col, (c, s) in enumerate(zip(colours, shapes)):
-        r = int(third * rng.uniform(lo, hi)); m = third / 2 - r - 1
-        objs.append(dict(shape=s, colour=c, x=int((col + .5) * third + rng.uniform(-m, m)), y=int(rng.uniform(r + 2, self.size - r - 2)), r=r))
+        r = int(third * rng.uniform(lo, hi))
+        m = third / 2 - r - 1
+        objs.append(
+            dict(
+                shape=s,
+                colour=c,
+                x=int((col + 0.5) * third + rng.uniform(-m, m)),
+                y=int(rng.uniform(r + 2, self.size - r - 2)),
+                r=r,
+            )
+        )
     return objs
+
 
 @patch
 def _on_grid(self: ColourPosition, rng, colours, shapes):
     "Main shapes, one per column in a random row, and distractors in other cells: (main objects, distractors)."
-    rows = max(3, math.ceil((3 + self.n_distractors) / 3)); w, h = self.size / 3, self.size / rows
+    rows = max(3, math.ceil((3 + self.n_distractors) / 3))
+    w, h = self.size / 3, self.size / rows
+
     def place(col, row, colour, shape):
         r = int(min(w, h) * rng.uniform(*self.radius))
-        x = (col + .5) * w + rng.uniform(-1, 1) * (w / 2 - r - 1)
-        y = (row + .5) * h + rng.uniform(-1, 1) * (h / 2 - r - 1)
+        x = (col + 0.5) * w + rng.uniform(-1, 1) * (w / 2 - r - 1)
+        y = (row + 0.5) * h + rng.uniform(-1, 1) * (h / 2 - r - 1)
         return dict(shape=shape, colour=colour, x=int(x), y=int(y), r=r)
+
     main_rows = [int(v) for v in rng.integers(rows, size=3)]
     objs = [place(c, main_rows[c], colours[c], shapes[c]) for c in range(3)]
     free, extra = [(c, r) for c in range(3) for r in range(rows) if r != main_rows[c]], []
@@ -398,72 +544,91 @@ def _on_grid(self: ColourPosition, rng, colours, shapes):
 def make(self: ColourPosition, rng, split):
     colours = [list(COLOURS)[i] for i in rng.choice(len(COLOURS), size=3, replace=False)]
     shapes = [SHAPES[i] for i in rng.integers(len(SHAPES), size=3)]
-    if self.n_distractors: objs, extra = self._on_grid(rng, colours, shapes)
-    else: objs, extra = self._in_thirds(rng, colours, shapes), []
+    if self.n_distractors:
+        objs, extra = self._on_grid(rng, colours, shapes)
+    else:
+        objs, extra = self._in_thirds(rng, colours, shapes), []
     if rng.random() < self.p_colour:
-        p = int(rng.integers(3)); opts, shape = sorted(COLOURS), shapes[p]
+        p = int(rng.integers(3))
+        opts, shape = sorted(COLOURS), shapes[p]
         what = shape if extra else "shape"
         q = f"What colour is the {what} on the {POSITIONS[p]}? Answer with one of: {', '.join(opts)}."
         meta = dict(question_type="colour_of", position=POSITIONS[p], objects=objs, options=opts)
     else:
-        o = objs[int(rng.integers(3))]; shape = o["shape"]
+        o = objs[int(rng.integers(3))]
+        shape = o["shape"]
         q = f"Where is the {o['colour']} {o['shape']}? Answer left, middle or right."
         meta = dict(question_type="position_of", colour=o["colour"], objects=objs, options=list(POSITIONS))
-    if extra: meta.update(shape=shape, distractors=extra, size=self.size)
+    if extra:
+        meta.update(shape=shape, distractors=extra, size=self.size)
     return [draw_scene(objs + extra, self.size)], q, self.answer_from_meta(meta), meta
+
 
 @patch
 def answer_from_meta(self: ColourPosition, meta):
-    if "distractors" in meta: return _answer_among_all(meta)
+    if "distractors" in meta:
+        return _answer_among_all(meta)
     by_x = sorted(meta["objects"], key=lambda o: o["x"])
-    if meta["question_type"] == "colour_of": return by_x[POSITIONS.index(meta["position"])]["colour"]
+    if meta["question_type"] == "colour_of":
+        return by_x[POSITIONS.index(meta["position"])]["colour"]
     return POSITIONS[[o["colour"] for o in by_x].index(meta["colour"])]
+
 
 def _column(o, size):
     "The third of the image (left, middle or right) that holds an object's centre."
     return POSITIONS[min(2, int(o["x"] // (size / 3)))]
+
 
 def _answer_among_all(meta):
     "With distractors: the answer of the one shape, among all in the scene, that fits the question (None if not one)."
     every, column = meta["objects"] + meta["distractors"], lambda o: _column(o, meta["size"])
     if meta["question_type"] == "colour_of":
         fits = [o["colour"] for o in every if o["shape"] == meta["shape"] and column(o) == meta["position"]]
-    else: fits = [column(o) for o in every if o["colour"] == meta["colour"] and o["shape"] == meta["shape"]]
+    else:
+        fits = [column(o) for o in every if o["colour"] == meta["colour"] and o["shape"] == meta["shape"]]
     return fits[0] if len(fits) == 1 else None
 
 # %% ../nbs/04_data.ipynb #8ea89ce1
 @lru_cache(maxsize=None)
-def default_font(size: int = 10, # font height in pixels
-                ) -> ImageFont.ImageFont:
+def default_font(
+    size: int = 10,  # font height in pixels
+) -> ImageFont.ImageFont:
     "Pillow's built-in font at `size` px (its fixed bitmap font when Pillow has no FreeType)."
-    try: return ImageFont.load_default(size=size)
-    except (TypeError, ImportError, OSError): return ImageFont.load_default()
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, ImportError, OSError):
+        return ImageFont.load_default()
 
 # %% ../nbs/04_data.ipynb #328be4e8
-def chart_geometry(size: int, # chart side in pixels
-                   n_bars: int, # number of bars
-                  ) -> dict:
+def chart_geometry(
+    size: int,  # chart side in pixels
+    n_bars: int,  # number of bars
+) -> dict:
     "Pixel layout of a bar chart: the plot box and each bar's x-range."
-    left, top, right, bottom = int(size * .14), int(size * .05), size - int(size * .04), size - int(size * .1)
+    left, top, right, bottom = int(size * 0.14), int(size * 0.05), size - int(size * 0.04), size - int(size * 0.1)
     slot = (right - left) / n_bars
-    bars = [(int(left + (i + .2) * slot), int(left + (i + .8) * slot)) for i in range(n_bars)]
+    bars = [(int(left + (i + 0.2) * slot), int(left + (i + 0.8) * slot)) for i in range(n_bars)]
     return dict(left=left, top=top, right=right, bottom=bottom, bars=bars)
 
-def draw_bar_chart(values: list[int], # one integer per bar
-                   colours: list[str], # colour name per bar
-                   max_value: int = 10, # the top of the y axis
-                   size: int = 224, # chart side in pixels
-                   grid_step: int = 2, # value units between grid lines (and tick labels)
-                  ) -> Image.Image:
+
+def draw_bar_chart(
+    values: list[int],  # one integer per bar
+    colours: list[str],  # colour name per bar
+    max_value: int = 10,  # the top of the y axis
+    size: int = 224,  # chart side in pixels
+    grid_step: int = 2,  # value units between grid lines (and tick labels)
+) -> Image.Image:
     "A bar chart drawn with Pillow: grid lines every `grid_step` units, tick labels, bars labelled A, B, …."
     g, img = chart_geometry(size, len(values)), Image.new("RGB", (size, size), "white")
     d, font, ph = ImageDraw.Draw(img), default_font(max(8, size // 22)), g["bottom"] - g["top"]
     for v in range(0, max_value + 1, grid_step):
         y = g["bottom"] - v / max_value * ph
-        d.line((g["left"], y, g["right"], y), fill=(215, 215, 215)); d.text((g["left"] - 3, y), str(v), fill="black", font=font, anchor="rm")
+        d.line((g["left"], y, g["right"], y), fill=(215, 215, 215))
+        d.text((g["left"] - 3, y), str(v), fill="black", font=font, anchor="rm")
     for i, (v, c) in enumerate(zip(values, colours)):
         x0, x1 = g["bars"][i]
-        if v > 0: d.rectangle((x0, round(g["bottom"] - v / max_value * ph), x1, g["bottom"]), fill=COLOURS[c])
+        if v > 0:
+            d.rectangle((x0, round(g["bottom"] - v / max_value * ph), x1, g["bottom"]), fill=COLOURS[c])
         d.text(((x0 + x1) / 2, g["bottom"] + 3), chr(65 + i), fill="black", font=font, anchor="mt")
     d.line((g["left"], g["top"], g["left"], g["bottom"], g["right"], g["bottom"]), fill="black")
     return img
@@ -471,17 +636,25 @@ def draw_bar_chart(values: list[int], # one integer per bar
 # %% ../nbs/04_data.ipynb #83999f1f
 class BarChart(Task):
     "Read one bar's integer value (0..max_value, uniform) off a Pillow bar chart: chance 1/(max_value+1)."
+
     name = "bar_chart"
-    levels = {0: dict(max_value=5, n_bars=(2, 3), grid_step=1), 1: dict(max_value=10, n_bars=(3, 6), grid_step=2),
-              2: dict(max_value=15, n_bars=(5, 8), grid_step=5),
-              3: dict(max_value=20, n_bars=(6, 10), grid_step=10)}  # level → settings (level 1: the defaults)
-    def __init__(self, size: int = 224, seed: int = 0,
-                 max_value: int | None = None, # values are uniform in 0..max_value
-                 n_bars: tuple[int, int] | None = None, # bars per chart, inclusive range
-                 grid_step: int | None = None, # value units between grid lines (1..max_value)
-                 level: int | None = None, # difficulty 0..3 (None: the defaults, which are level 1)
-                 captions: bool = False, # samples are the scene's caption instead of its question
-                ):
+    levels = {
+        0: dict(max_value=5, n_bars=(2, 3), grid_step=1),
+        1: dict(max_value=10, n_bars=(3, 6), grid_step=2),
+        2: dict(max_value=15, n_bars=(5, 8), grid_step=5),
+        3: dict(max_value=20, n_bars=(6, 10), grid_step=10),
+    }  # level → settings (level 1: the defaults)
+
+    def __init__(
+        self,
+        size: int = 224,
+        seed: int = 0,
+        max_value: int | None = None,  # values are uniform in 0..max_value
+        n_bars: tuple[int, int] | None = None,  # bars per chart, inclusive range
+        grid_step: int | None = None,  # value units between grid lines (1..max_value)
+        level: int | None = None,  # difficulty 0..3 (None: the defaults, which are level 1)
+        captions: bool = False,  # samples are the scene's caption instead of its question
+    ):
         super().__init__(size, seed, level, captions)
         s = self.settings(max_value=max_value, n_bars=n_bars, grid_step=grid_step)
         self.max_value, self.n_bars, self.grid_step = s["max_value"], tuple(s["n_bars"]), s["grid_step"]
@@ -492,59 +665,86 @@ class BarChart(Task):
         self.answer_space = tuple(str(v) for v in range(self.max_value + 1))
 
     @property
-    def question_chance(self): return 1 / (self.max_value + 1)
+    def question_chance(self):
+        return 1 / (self.max_value + 1)
 
     def make(self, rng, split):
         n = int(rng.integers(self.n_bars[0], self.n_bars[1] + 1))
         values = [int(v) for v in rng.integers(0, self.max_value + 1, size=n)]
         colours = [list(COLOURS)[i] for i in rng.integers(len(COLOURS), size=n)]
         q = int(rng.integers(n))
-        meta = dict(question_type="bar_value", values=values, colours=colours, bar=chr(65 + q), max_value=self.max_value, options=list(self.answer_space))
+        meta = dict(
+            question_type="bar_value",
+            values=values,
+            colours=colours,
+            bar=chr(65 + q),
+            max_value=self.max_value,
+            options=list(self.answer_space),
+        )
         img = draw_bar_chart(values, colours, self.max_value, self.size, self.grid_step)
         return [img], f"What is the value of bar {chr(65 + q)}? Answer with a number.", str(values[q]), meta
 
-    def answer_from_meta(self, meta): return str(meta["values"][ord(meta["bar"]) - 65])
+    def answer_from_meta(self, meta):
+        return str(meta["values"][ord(meta["bar"]) - 65])
 
 # %% ../nbs/04_data.ipynb #14e3ac34
 @lru_cache(maxsize=1)
 def load_digit_images() -> tuple[np.ndarray, np.ndarray]:
     "scikit-learn's 1,797 handwritten digits: images (N, 8, 8) in 0..16 and labels (N,)."
-    try: from sklearn.datasets import load_digits
+    try:
+        from sklearn.datasets import load_digits
     except ImportError as e:
-        raise ImportError("the digit-arithmetic task needs scikit-learn (it reads its bundled digits): pip install scikit-learn") from e
+        raise ImportError(
+            "the digit-arithmetic task needs scikit-learn (it reads its bundled digits): pip install scikit-learn"
+        ) from e
     d = load_digits()
     return d.images.astype(np.float32), d.target.astype(np.int64)
 
+
 DIGIT_SPLIT = (0.8, 0.1, 0.1)  # contiguous shares of the digits file for train / validation / test
 
-def digit_pool(split: str, # 'train', 'validation' or 'test'
-              ) -> np.ndarray:
+
+def digit_pool(
+    split: str,  # 'train', 'validation' or 'test'
+) -> np.ndarray:
     "Indices of the digit images that belong to `split` (contiguous blocks of the file, disjoint)."
     n, s = len(load_digit_images()[1]), check_split(split)
     cuts = np.round(np.cumsum((0,) + DIGIT_SPLIT) * n).astype(int)
     return np.arange(cuts[s], cuts[s + 1])
 
 # %% ../nbs/04_data.ipynb #a6e84011
-def digit_image(index: int, # index into `load_digit_images()`
-                side: int, # output side in pixels
-               ) -> Image.Image:
+def digit_image(
+    index: int,  # index into `load_digit_images()`
+    side: int,  # output side in pixels
+) -> Image.Image:
     "One 8×8 digit as a dark-on-white RGB image of `side` px (bilinear upscaling)."
     g = (255 - load_digit_images()[0][index] * (255 / 16)).astype(np.uint8)
     return Image.fromarray(g, "L").resize((side, side), Image.BILINEAR).convert("RGB")
 
+
 # digits → (their centres, the range of their side, x jitter, y jitter), all as shares of the image side
-DIGIT_LAYOUTS = {1: ((.5,), (.34, .40), .03, .15), 2: ((.27, .73), (.34, .40), .03, .15),
-                 3: ((.19, .5, .81), (.19, .23), .02, .08), 4: ((.155, .385, .615, .845), (.14, .17), .015, .06)}
+DIGIT_LAYOUTS = {
+    1: ((0.5,), (0.34, 0.40), 0.03, 0.15),
+    2: ((0.27, 0.73), (0.34, 0.40), 0.03, 0.15),
+    3: ((0.19, 0.5, 0.81), (0.19, 0.23), 0.02, 0.08),
+    4: ((0.155, 0.385, 0.615, 0.845), (0.14, 0.17), 0.015, 0.06),
+}
 
 # %% ../nbs/04_data.ipynb #41406de5
 class DigitSum(Task):
     "The sum of 1–4 handwritten digits (sklearn's digits, split by image): chance = the most likely sum's probability."
+
     name = "digit_sum"
     levels = {0: dict(n_digits=1), 1: dict(n_digits=2), 2: dict(n_digits=3), 3: dict(n_digits=4)}  # level → settings
-    def __init__(self, size: int = 224, seed: int = 0, n_digits: int | None = None, # digits to add, 1..4 (one: read it)
-                 level: int | None = None, # difficulty 0..3 (None: the defaults, which are level 1)
-                 captions: bool = False, # samples are the scene's caption instead of its question
-                ):
+
+    def __init__(
+        self,
+        size: int = 224,
+        seed: int = 0,
+        n_digits: int | None = None,  # digits to add, 1..4 (one: read it)
+        level: int | None = None,  # difficulty 0..3 (None: the defaults, which are level 1)
+        captions: bool = False,  # samples are the scene's caption instead of its question
+    ):
         super().__init__(size, seed, level, captions)
         self.n_digits = self.settings(n_digits=n_digits)["n_digits"]
         if self.n_digits not in DIGIT_LAYOUTS:
@@ -555,8 +755,9 @@ class DigitSum(Task):
     def question_chance(self):
         "The probability of the most likely sum of n_digits uniform digits (0.1 for one or two)."
         ways = np.ones(1, dtype=np.int64)
-        for _ in range(self.n_digits): ways = np.convolve(ways, np.ones(10, dtype=np.int64))
-        return int(ways.max()) / 10 ** self.n_digits
+        for _ in range(self.n_digits):
+            ways = np.convolve(ways, np.ones(10, dtype=np.int64))
+        return int(ways.max()) / 10**self.n_digits
 
     def make(self, rng, split):
         pool, labels = digit_pool(split), load_digit_images()[1]
@@ -574,24 +775,46 @@ class DigitSum(Task):
 
     def _plus_signs(self, d, centres):
         "A plus sign half-way between each pair of neighbouring digits."
-        S = self.size; a, w, y = max(3, S // (14 * max(2, len(centres)))), max(1, S // 90), S // 2
+        S = self.size
+        a, w, y = max(3, S // (14 * max(2, len(centres)))), max(1, S // 90), S // 2
         for x in (int(S * (p + q) / 2) for p, q in zip(centres, centres[1:])):
-            d.line((x - a, y, x + a, y), fill="black", width=w); d.line((x, y - a, x, y + a), fill="black", width=w)
+            d.line((x - a, y, x + a, y), fill="black", width=w)
+            d.line((x, y - a, x, y + a), fill="black", width=w)
 
     def _question(self):
-        if self.n_digits == 1: return "What is the digit? Answer with a number."
+        if self.n_digits == 1:
+            return "What is the digit? Answer with a number."
         return f"What is the sum of the {('two', 'three', 'four')[self.n_digits - 2]} digits? Answer with a number."
 
-    def answer_from_meta(self, meta): return str(int(sum(load_digit_images()[1][i] for i in meta["digit_indices"])))
+    def answer_from_meta(self, meta):
+        return str(int(sum(load_digit_images()[1][i] for i in meta["digit_indices"])))
 
 # %% ../nbs/04_data.ipynb #94dd79b8
-WORDS = ("book", "car", "cat", "chair", "cup", "dog", "door", "house", "light", "map", "road", "sky", "table",
-         "tree", "water", "window")  # the small-word vocabulary (all in the tiny tokenizer's word list)
+WORDS = (
+    "book",
+    "car",
+    "cat",
+    "chair",
+    "cup",
+    "dog",
+    "door",
+    "house",
+    "light",
+    "map",
+    "road",
+    "sky",
+    "table",
+    "tree",
+    "water",
+    "window",
+)  # the small-word vocabulary (all in the tiny tokenizer's word list)
 
-def word_label(word: str, # the text
-               font_size: int = 10, # font height in pixels
-               fill: tuple = (250, 250, 245), # label colour
-              ) -> Image.Image:
+
+def word_label(
+    word: str,  # the text
+    font_size: int = 10,  # font height in pixels
+    fill: tuple = (250, 250, 245),  # label colour
+) -> Image.Image:
     "The small label the word is printed on: dark text on a light box with a 2 px margin."
     font = default_font(font_size)
     x0, y0, x1, y1 = font.getbbox(word)
@@ -602,48 +825,66 @@ def word_label(word: str, # the text
 # %% ../nbs/04_data.ipynb #8e93789f
 class SmallWord(Task):
     "Read a small word (10 px font) placed at random in a large cluttered image: chance 1/len(words)."
+
     name = "small_word"
-    levels = {0: dict(font_size=20, n_clutter=20, n_decoys=2), 1: dict(font_size=10, n_clutter=60, n_decoys=6),
-              2: dict(font_size=8, n_clutter=90, n_decoys=10),
-              3: dict(font_size=7, n_clutter=120, n_decoys=14)}  # level → settings (level 1: the defaults)
-    def __init__(self, size: int = 1024, seed: int = 0, height: int | None = None, # image height (default 3/4 of `size`)
-                 font_size: int | None = None, # word height in pixels (>= 4)
-                 n_clutter: int | None = None, # random shapes and lines drawn behind the word
-                 n_decoys: int | None = None, # blank labels like the word's: the label alone does not give the place away
-                 words: tuple = WORDS, # the vocabulary
-                 level: int | None = None, # difficulty 0..3 (None: the defaults, which are level 1)
-                 captions: bool = False, # samples are the scene's caption instead of its question
-                ):
+    levels = {
+        0: dict(font_size=20, n_clutter=20, n_decoys=2),
+        1: dict(font_size=10, n_clutter=60, n_decoys=6),
+        2: dict(font_size=8, n_clutter=90, n_decoys=10),
+        3: dict(font_size=7, n_clutter=120, n_decoys=14),
+    }  # level → settings (level 1: the defaults)
+
+    def __init__(
+        self,
+        size: int = 1024,
+        seed: int = 0,
+        height: int | None = None,  # image height (default 3/4 of `size`)
+        font_size: int | None = None,  # word height in pixels (>= 4)
+        n_clutter: int | None = None,  # random shapes and lines drawn behind the word
+        n_decoys: int | None = None,  # blank labels like the word's: the label alone does not give the place away
+        words: tuple = WORDS,  # the vocabulary
+        level: int | None = None,  # difficulty 0..3 (None: the defaults, which are level 1)
+        captions: bool = False,  # samples are the scene's caption instead of its question
+    ):
         super().__init__(size, seed, level, captions)
         s = self.settings(font_size=font_size, n_clutter=n_clutter, n_decoys=n_decoys)
         self.height = height or size * 3 // 4
         self.font_size, self.n_clutter, self.n_decoys = s["font_size"], s["n_clutter"], s["n_decoys"]
-        if len(set(words)) < 2: raise ValueError(f"need at least two distinct words, got {words!r}")
+        if len(set(words)) < 2:
+            raise ValueError(f"need at least two distinct words, got {words!r}")
         self.words = self.answer_space = tuple(words)
         self._check_fits()
 
     def _check_fits(self):
         "ValueError unless font_size >= 4, the counts are >= 0 and every label (and decoy, 1.6× as wide) fits the image."
         if self.font_size < 4 or self.n_clutter < 0 or self.n_decoys < 0:
-            raise ValueError(f"need font_size >= 4, n_clutter >= 0 and n_decoys >= 0, "
-                             f"got {self.font_size}, {self.n_clutter}, {self.n_decoys}")
+            raise ValueError(
+                f"need font_size >= 4, n_clutter >= 0 and n_decoys >= 0, "
+                f"got {self.font_size}, {self.n_clutter}, {self.n_decoys}"
+            )
         labels = [word_label(w, self.font_size) for w in self.words]
         w, h = max(x.width for x in labels) * (1.6 if self.n_decoys else 1), max(x.height for x in labels)
         if w >= self.size or h >= self.height:
-            raise ValueError(f"{self.font_size} px labels need {w:.0f}×{h} px (decoys included), "
-                             f"more than the {self.size}×{self.height} image")
+            raise ValueError(
+                f"{self.font_size} px labels need {w:.0f}×{h} px (decoys included), "
+                f"more than the {self.size}×{self.height} image"
+            )
 
     @property
-    def question_chance(self): return 1 / len(self.words)
+    def question_chance(self):
+        return 1 / len(self.words)
 
     def _clutter(self, rng, d):
         W, H, cols = self.size, self.height, list(COLOURS.values())
         for _ in range(self.n_clutter):
             x, y, r = rng.uniform(0, W), rng.uniform(0, H), rng.uniform(8, 60)
             c, kind = cols[int(rng.integers(len(cols)))], int(rng.integers(3))
-            if kind == 0: d.ellipse((x - r, y - r, x + r, y + r), outline=c, width=3)
-            elif kind == 1: d.rectangle((x - r, y - r / 2, x + r, y + r / 2), fill=c)
-            else: d.line((x, y, x + rng.uniform(-120, 120), y + rng.uniform(-120, 120)), fill=c, width=2)
+            if kind == 0:
+                d.ellipse((x - r, y - r, x + r, y + r), outline=c, width=3)
+            elif kind == 1:
+                d.rectangle((x - r, y - r / 2, x + r, y + r / 2), fill=c)
+            else:
+                d.line((x, y, x + rng.uniform(-120, 120), y + rng.uniform(-120, 120)), fill=c, width=2)
 
     def make(self, rng, split):
         bg = tuple(int(v) for v in rng.integers(150, 230, size=3))
@@ -652,45 +893,65 @@ class SmallWord(Task):
         word = self.words[int(rng.integers(len(self.words)))]
         label = word_label(word, self.font_size)
         for _ in range(self.n_decoys):
-            w = int(label.width * rng.uniform(.6, 1.6))
+            w = int(label.width * rng.uniform(0.6, 1.6))
             x, y = int(rng.integers(0, self.size - w)), int(rng.integers(0, self.height - label.height))
             img.paste((250, 250, 245), (x, y, x + w, y + label.height))
         x, y = int(rng.integers(0, self.size - label.width)), int(rng.integers(0, self.height - label.height))
         img.paste(label, (x, y))
-        meta = dict(question_type="word", word=word, box=[x, y, x + label.width, y + label.height], font_size=self.font_size, options=list(self.words))
+        meta = dict(
+            question_type="word",
+            word=word,
+            box=[x, y, x + label.width, y + label.height],
+            font_size=self.font_size,
+            options=list(self.words),
+        )
         return [img], "What word is written in the image? Answer with the word.", word, meta
 
-    def answer_from_meta(self, meta): return meta["word"]
+    def answer_from_meta(self, meta):
+        return meta["word"]
 
 # %% ../nbs/04_data.ipynb #ad34fd9d
 class CompareCount(Task):
     "Which of 2–4 images has the most circles? Answer 'Image-k': chance 1/n_images."
+
     name = "compare_count"
-    levels = {0: dict(n_images=2, max_count=4, max_distractors=0, cells=3),
-              1: dict(n_images=2, max_count=6, max_distractors=3, cells=4),
-              2: dict(n_images=3, max_count=8, max_distractors=5, cells=4),
-              3: dict(n_images=4, max_count=10, max_distractors=8, cells=5)}  # level → settings (level 1: the defaults)
-    def __init__(self, size: int = 224, seed: int = 0, n_images: int | None = None, # images per sample (2..4)
-                 shape: str = "circle", # the shape to count
-                 max_count: int | None = None, # the images hold different numbers of the shape, in 1..max_count
-                 max_distractors: int | None = None, # up to this many shapes of other kinds per image
-                 cells: int | None = None, # shapes sit in a cells × cells grid, one a cell: fewer cells, bigger shapes
-                 level: int | None = None, # difficulty 0..3 (None: the defaults, which are level 1)
-                 captions: bool = False, # samples are the scene's caption instead of its question
-                ):
+    levels = {
+        0: dict(n_images=2, max_count=4, max_distractors=0, cells=3),
+        1: dict(n_images=2, max_count=6, max_distractors=3, cells=4),
+        2: dict(n_images=3, max_count=8, max_distractors=5, cells=4),
+        3: dict(n_images=4, max_count=10, max_distractors=8, cells=5),
+    }  # level → settings (level 1: the defaults)
+
+    def __init__(
+        self,
+        size: int = 224,
+        seed: int = 0,
+        n_images: int | None = None,  # images per sample (2..4)
+        shape: str = "circle",  # the shape to count
+        max_count: int | None = None,  # the images hold different numbers of the shape, in 1..max_count
+        max_distractors: int | None = None,  # up to this many shapes of other kinds per image
+        cells: int | None = None,  # shapes sit in a cells × cells grid, one a cell: fewer cells, bigger shapes
+        level: int | None = None,  # difficulty 0..3 (None: the defaults, which are level 1)
+        captions: bool = False,  # samples are the scene's caption instead of its question
+    ):
         super().__init__(size, seed, level, captions)
         s = self.settings(n_images=n_images, max_count=max_count, max_distractors=max_distractors, cells=cells)
         self.n_images, self.max_count = s["n_images"], s["max_count"]
         self.max_distractors, self.cells = s["max_distractors"], s["cells"]
-        if self.n_images not in (2, 3, 4): raise ValueError(f"n_images must be 2, 3 or 4, got {self.n_images}")
-        if shape not in SHAPES: raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
+        if self.n_images not in (2, 3, 4):
+            raise ValueError(f"n_images must be 2, 3 or 4, got {self.n_images}")
+        if shape not in SHAPES:
+            raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
         if self.max_count < self.n_images:
-            raise ValueError(f"max_count must be >= n_images (the counts differ), got {self.max_count} < {self.n_images}")
+            raise ValueError(
+                f"max_count must be >= n_images (the counts differ), got {self.max_count} < {self.n_images}"
+            )
         _check_grid(self.max_count, self.max_distractors, self.cells)
         self.shape, self.answer_space = shape, tuple(f"Image-{i + 1}" for i in range(self.n_images))
 
     @property
-    def question_chance(self): return 1 / self.n_images
+    def question_chance(self):
+        return 1 / self.n_images
 
     def make(self, rng, split):
         counts = [int(c) + 1 for c in rng.choice(self.max_count, size=self.n_images, replace=False)]
@@ -700,8 +961,11 @@ class CompareCount(Task):
             shapes = [self.shape] * k + [others[i] for i in rng.integers(len(others), size=nd)]
             scenes.append(_objects(rng, shapes, self.size, self.cells))
         opts = list(self.answer_space)
-        q = (f"Which image has more {_plural(self.shape)}? Answer Image-1 or Image-2." if self.n_images == 2 else
-             f"Which image has the most {_plural(self.shape)}? Answer {', '.join(opts[:-1])} or {opts[-1]}.")
+        q = (
+            f"Which image has more {_plural(self.shape)}? Answer Image-1 or Image-2."
+            if self.n_images == 2
+            else f"Which image has the most {_plural(self.shape)}? Answer {', '.join(opts[:-1])} or {opts[-1]}."
+        )
         meta = dict(question_type="compare", shape=self.shape, scenes=scenes, options=opts)
         return [draw_scene(o, self.size) for o in scenes], q, self.answer_from_meta(meta), meta
 
@@ -712,19 +976,30 @@ class CompareCount(Task):
 # %% ../nbs/04_data.ipynb #2d99d9c7
 class VideoMotion(Task):
     "Which of the shapes moves across the frames of a short video? Chance 1/n_objects."
+
     name = "video_motion"
     video = True
     answer_space = SHAPES
-    levels = {0: dict(n_objects=2, travel=(.5, .9)), 1: dict(n_objects=3, travel=(.5, .9)),
-              2: dict(n_objects=4, travel=(.2, .4)), 3: dict(n_objects=6, travel=(.06, .15))}  # level → settings
-    def __init__(self, size: int = 224, seed: int = 0, n_frames: int = 6, # frames per video
-                 n_objects: int | None = None, # shapes per video, one of which moves (2..6)
-                 travel: tuple[float, float] | None = None, # the mover's path range, as a share of its lane's free width
-                 level: int | None = None, # difficulty 0..3 (None: the defaults, which are level 1)
-                 captions: bool = False, # samples are the scene's caption instead of its question
-                ):
+    levels = {
+        0: dict(n_objects=2, travel=(0.5, 0.9)),
+        1: dict(n_objects=3, travel=(0.5, 0.9)),
+        2: dict(n_objects=4, travel=(0.2, 0.4)),
+        3: dict(n_objects=6, travel=(0.06, 0.15)),
+    }  # level → settings
+
+    def __init__(
+        self,
+        size: int = 224,
+        seed: int = 0,
+        n_frames: int = 6,  # frames per video
+        n_objects: int | None = None,  # shapes per video, one of which moves (2..6)
+        travel: tuple[float, float] | None = None,  # the mover's path range, as a share of its lane's free width
+        level: int | None = None,  # difficulty 0..3 (None: the defaults, which are level 1)
+        captions: bool = False,  # samples are the scene's caption instead of its question
+    ):
         super().__init__(size, seed, level, captions)
-        if not 2 <= n_frames <= 32: raise ValueError(f"n_frames must be in 2..32, got {n_frames}")
+        if not 2 <= n_frames <= 32:
+            raise ValueError(f"n_frames must be in 2..32, got {n_frames}")
         s = self.settings(n_objects=n_objects, travel=travel)
         self.n_frames, self.n_objects, self.travel = n_frames, s["n_objects"], tuple(s["travel"])
         if not 2 <= self.n_objects <= len(SHAPES):
@@ -732,14 +1007,20 @@ class VideoMotion(Task):
         if len(self.travel) != 2 or not 0 < self.travel[0] <= self.travel[1] <= 1:
             raise ValueError(f"travel must be (low, high) with 0 < low <= high <= 1, got {s['travel']}")
         if self.travel[0] * self._room() <= 1:
-            raise ValueError(f"the moving shape could travel only {self.travel[0] * self._room():.1f} px "
-                             f"(travel {self.travel} of {self._room()} px); raise travel or size")
+            raise ValueError(
+                f"the moving shape could travel only {self.travel[0] * self._room():.1f} px "
+                f"(travel {self.travel} of {self._room()} px); raise travel or size"
+            )
 
-    def _radius(self): return int(min(self.size / self.n_objects * .35, self.size * .09))
-    def _room(self): return self.size - 2 * self._radius() - 4  # the free width a shape's centre can move in
+    def _radius(self):
+        return int(min(self.size / self.n_objects * 0.35, self.size * 0.09))
+
+    def _room(self):
+        return self.size - 2 * self._radius() - 4  # the free width a shape's centre can move in
 
     @property
-    def question_chance(self): return 1 / self.n_objects
+    def question_chance(self):
+        return 1 / self.n_objects
 
     def make(self, rng, split):
         S, F, n = self.size, self.n_frames, self.n_objects
@@ -747,30 +1028,39 @@ class VideoMotion(Task):
         colours = [list(COLOURS)[i] for i in rng.choice(len(COLOURS), size=n, replace=False)]
         lane, mover, objs, r, room = S / n, int(rng.integers(n)), [], self._radius(), self._room()
         for k, lk in enumerate(rng.permutation(n)):
-            y = int((lk + .5) * lane)
+            y = int((lk + 0.5) * lane)
             if k == mover:
                 travel = rng.uniform(*self.travel) * room
-                x0 = r + 2 + rng.uniform(0, room - travel); step = travel / (F - 1)
-                if rng.random() < .5: x0, step = x0 + travel, -step
+                x0 = r + 2 + rng.uniform(0, room - travel)
+                step = travel / (F - 1)
+                if rng.random() < 0.5:
+                    x0, step = x0 + travel, -step
                 xs = [int(round(x0 + step * f)) for f in range(F)]
-            else: xs = [int(rng.integers(r + 2, S - r - 2))] * F
+            else:
+                xs = [int(rng.integers(r + 2, S - r - 2))] * F
             objs.append(dict(shape=shapes[k], colour=colours[k], xs=xs, y=y, r=r))
         frames = [draw_scene([dict(o, x=o["xs"][f]) for o in objs], S) for f in range(F)]
         opts = sorted(shapes)
         q = f"Which shape moves? Answer {', '.join(opts[:-1])} or {opts[-1]}."
         return frames, q, shapes[mover], dict(question_type="moving", objects=objs, options=opts)
 
-    def answer_from_meta(self, meta): return next(o["shape"] for o in meta["objects"] if len(set(o["xs"])) > 1)
+    def answer_from_meta(self, meta):
+        return next(o["shape"] for o in meta["objects"] if len(set(o["xs"])) > 1)
 
 # %% ../nbs/04_data.ipynb #e4688e34
-TASKS = {c.name: c for c in (ShapeCount, ColourPosition, BarChart, DigitSum, SmallWord, CompareCount, VideoMotion)}  # name → task class
+TASKS = {
+    c.name: c for c in (ShapeCount, ColourPosition, BarChart, DigitSum, SmallWord, CompareCount, VideoMotion)
+}  # name → task class
 CORE_TASKS = tuple(TASKS)  # this chapter's tasks; later chapters (the jigsaw tasks) add theirs to TASKS when imported
 
-def make_task(name: str, # a key of `TASKS`
-              **kwargs, # the task's settings (size, seed, …)
-             ) -> Task:
+
+def make_task(
+    name: str,  # a key of `TASKS`
+    **kwargs,  # the task's settings (size, seed, …)
+) -> Task:
     "Build a built-in task by name."
-    if name not in TASKS: raise ValueError(f"unknown task {name!r}; expected one of {sorted(TASKS)}")
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; expected one of {sorted(TASKS)}")
     return TASKS[name](**kwargs)
 
 # %% ../nbs/04_data.ipynb #dec6a690
@@ -778,14 +1068,18 @@ def image_hash(img: Image.Image) -> str:
     "A content hash of an image (mode, size and pixels)."
     return hashlib.sha1(f"{img.mode}{img.size}".encode() + img.tobytes()).hexdigest()
 
+
 def placeholders_match(sample: dict) -> bool:
     "One `<image>` per image, or exactly one `<video>` (and no `<image>`) for a video."
     text = "".join(m["content"] for m in sample["conversation"] if isinstance(m["content"], str))
-    if sample.get("video"): return text.count(VIDEO) == 1 and text.count(IMAGE) == 0 and len(sample["images"]) >= 1
+    if sample.get("video"):
+        return text.count(VIDEO) == 1 and text.count(IMAGE) == 0 and len(sample["images"]) >= 1
     return text.count(IMAGE) == len(sample["images"]) and text.count(VIDEO) == 0
 
 # %% ../nbs/04_data.ipynb #987413c1
-def _how_many(k: int, shape: str) -> str: return f"{k} {shape if k == 1 else _plural(shape)}"
+def _how_many(k: int, shape: str) -> str:
+    return f"{k} {shape if k == 1 else _plural(shape)}"
+
 
 @patch
 def describe(self: ShapeCount, meta: dict) -> str:
@@ -796,9 +1090,11 @@ def describe(self: ShapeCount, meta: dict) -> str:
 # %% ../nbs/04_data.ipynb #3e3d3c19
 def _placed(meta: dict) -> list[tuple[str, dict]]:
     "(place, object) for every shape of a colour_position scene: left to right, then top to bottom in a column."
-    if "distractors" not in meta: return list(zip(POSITIONS, sorted(meta["objects"], key=lambda o: o["x"])))
+    if "distractors" not in meta:
+        return list(zip(POSITIONS, sorted(meta["objects"], key=lambda o: o["x"])))
     every = [(_column(o, meta["size"]), o) for o in meta["objects"] + meta["distractors"]]
     return sorted(every, key=lambda p: (POSITIONS.index(p[0]), p[1]["y"], p[1]["x"]))
+
 
 @patch
 def describe(self: ColourPosition, meta: dict) -> str:
@@ -811,10 +1107,12 @@ def describe(self: BarChart, meta: dict) -> str:
     "Every bar's value, in order: 'A 3, B 7, C 0.'"
     return ", ".join(f"{chr(65 + i)} {v}" for i, v in enumerate(meta["values"])) + "."
 
+
 @patch
 def describe(self: DigitSum, meta: dict) -> str:
     "The digits as written, with their plus signs: '3 + 5.' (one digit: '3.')."
     return " + ".join(str(int(load_digit_images()[1][i])) for i in meta["digit_indices"]) + "."
+
 
 @patch
 def describe(self: SmallWord, meta: dict) -> str:
@@ -822,13 +1120,16 @@ def describe(self: SmallWord, meta: dict) -> str:
     return f"The word is {meta['word']}."
 
 # %% ../nbs/04_data.ipynb #cbcff276
-def _and(words: list[str]) -> str: return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
+def _and(words: list[str]) -> str:
+    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
+
 
 @patch
 def describe(self: CompareCount, meta: dict) -> str:
     "How many of the compared shape each image holds: 'Image-1: 3 circles, Image-2: 1 circle.'"
     counts = [sum(o["shape"] == meta["shape"] for o in sc) for sc in meta["scenes"]]
     return ", ".join(f"Image-{k + 1}: {_how_many(c, meta['shape'])}" for k, c in enumerate(counts)) + "."
+
 
 @patch
 def describe(self: VideoMotion, meta: dict) -> str:
@@ -841,6 +1142,7 @@ def describe(self: VideoMotion, meta: dict) -> str:
 @dataclass
 class BlindBaseline:
     "How well the question alone predicts the answer: fitted on train samples, scored on test samples."
+
     accuracy: float  # share of test samples whose answer is the most probable option of their question
     loss: float  # mean cross-entropy -ln p(answer | question) over the test samples, in nats
     uniform_loss: float  # mean ln(number of options): the loss of a uniform guess over the options
@@ -848,13 +1150,16 @@ class BlindBaseline:
     n_test: int  # samples scored
     unseen: int  # test questions never seen in train, scored with the frequencies of their question type
 
+
 def _answer_counts(train, key):
     "Answer counts per question key and per question type, and the number of samples counted."
     by_key, by_type, n = {}, {}, 0
     for s in train:
         by_key.setdefault(key(s), Counter())[s["answer"]] += 1
-        by_type.setdefault(sample_meta(s)["question_type"], Counter())[s["answer"]] += 1; n += 1
+        by_type.setdefault(sample_meta(s)["question_type"], Counter())[s["answer"]] += 1
+        n += 1
     return by_key, by_type, n
+
 
 def _most_probable(counts: Counter, opts: list) -> str:
     "The option counted most often; a tie goes to the answer counted first, then to the option listed first."
@@ -862,13 +1167,15 @@ def _most_probable(counts: Counter, opts: list) -> str:
     return min(opts, key=lambda o: (-counts[o], first.get(o, len(first)), opts.index(o)))
 
 # %% ../nbs/04_data.ipynb #1a4b54a5
-def blind_baseline(train: Iterable[dict], # samples the answer frequencies are fitted on
-                   test: Iterable[dict], # samples they are scored on
-                   key: Callable[[dict], str] = question_text, # what counts as the same question (default: its text)
-                  ) -> BlindBaseline:
+def blind_baseline(
+    train: Iterable[dict],  # samples the answer frequencies are fitted on
+    test: Iterable[dict],  # samples they are scored on
+    key: Callable[[dict], str] = question_text,  # what counts as the same question (default: its text)
+) -> BlindBaseline:
     "Accuracy and loss (nats) of the best image-blind predictor: per question, add-one smoothed answer frequencies."
     by_key, by_type, n_train = _answer_counts(train, key)
-    if not n_train: raise ValueError("blind_baseline needs train samples, got none")
+    if not n_train:
+        raise ValueError("blind_baseline needs train samples, got none")
     hits, nll, uniform, unseen, n = 0, 0.0, 0.0, 0, 0
     for s in test:
         m, k = sample_meta(s), key(s)
@@ -879,17 +1186,21 @@ def blind_baseline(train: Iterable[dict], # samples the answer frequencies are f
         if s["answer"] not in opts:
             raise ValueError(f"sample {s.get('id', n)}: answer {s['answer']!r} is not one of its options {opts}")
         c = [counts[o] + 1 for o in opts]
-        hits += _most_probable(counts, opts) == s["answer"]; nll -= math.log(c[opts.index(s["answer"])] / sum(c))
-        uniform += math.log(len(opts)); n += 1
-    if not n: raise ValueError("blind_baseline needs test samples, got none")
+        hits += _most_probable(counts, opts) == s["answer"]
+        nll -= math.log(c[opts.index(s["answer"])] / sum(c))
+        uniform += math.log(len(opts))
+        n += 1
+    if not n:
+        raise ValueError("blind_baseline needs test samples, got none")
     return BlindBaseline(hits / n, nll / n, uniform / n, n_train, n, unseen)
 
 # %% ../nbs/04_data.ipynb #fe56de93
-def task_blind_baseline(task: Task, # the task to measure
-                        n_train: int = 2000, # train samples the answer frequencies are fitted on
-                        n_test: int = 400, # samples of `split` they are scored on
-                        split: str = "test", # 'validation' or 'test'
-                       ) -> BlindBaseline:
+def task_blind_baseline(
+    task: Task,  # the task to measure
+    n_train: int = 2000,  # train samples the answer frequencies are fitted on
+    n_test: int = 400,  # samples of `split` they are scored on
+    split: str = "test",  # 'validation' or 'test'
+) -> BlindBaseline:
     "The image-blind baseline of a task: fitted on `n_train` train samples, scored on `n_test` samples of `split`."
     if check_split(split) == 0:
         raise ValueError("split must be 'validation' or 'test': the baseline is scored on samples it was not fitted on")
@@ -899,52 +1210,77 @@ def task_blind_baseline(task: Task, # the task to measure
 def _answer_position(sample):
     "A sample reduced to its question type and the position of its answer among its options."
     m = sample_meta(sample)
-    return dict(answer=str(m["options"].index(sample["answer"])),
-                meta=dict(question_type=m["question_type"], options=[str(i) for i in range(len(m["options"]))]))
+    return dict(
+        answer=str(m["options"].index(sample["answer"])),
+        meta=dict(question_type=m["question_type"], options=[str(i) for i in range(len(m["options"]))]),
+    )
 
-def blind_accuracy(samples: Iterable[dict], # samples of one task (`meta` with question_type and options)
-                  ) -> float:
+
+def blind_accuracy(
+    samples: Iterable[dict],  # samples of one task (`meta` with question_type and options)
+) -> float:
     "Cross-fitted accuracy of the best image-blind guess per question type (the most often right option position)."
     rows = [_answer_position(s) for s in samples]
-    if len(rows) < 2: raise ValueError(f"blind_accuracy needs at least two samples, got {len(rows)}")
+    if len(rows) < 2:
+        raise ValueError(f"blind_accuracy needs at least two samples, got {len(rows)}")
     qtype, (even, odd) = (lambda r: r["meta"]["question_type"]), (rows[0::2], rows[1::2])
     fits = blind_baseline(odd, even, qtype), blind_baseline(even, odd, qtype)
     return sum(round(b.accuracy * b.n_test) for b in fits) / len(rows)
 
 # %% ../nbs/04_data.ipynb #aaaf9947
 def _datasets():
-    try: import datasets
-    except ImportError as e: raise ImportError("to_dataset needs the Hugging Face `datasets` package: pip install datasets") from e
+    try:
+        import datasets
+    except ImportError as e:
+        raise ImportError("to_dataset needs the Hugging Face `datasets` package: pip install datasets") from e
     return datasets
+
 
 def dataset_features():
     "The `datasets.Features` of a sample: images, video flag, conversation, answer, task, split, id, meta (JSON)."
     ds = _datasets()
-    return ds.Features({"images": ds.List(ds.Image()), "video": ds.Value("bool"),
-                        "conversation": ds.List({"role": ds.Value("string"), "content": ds.Value("string")}),
-                        "answer": ds.Value("string"), "task": ds.Value("string"), "split": ds.Value("string"),
-                        "id": ds.Value("string"), "meta": ds.Value("string")})
+    return ds.Features(
+        {
+            "images": ds.List(ds.Image()),
+            "video": ds.Value("bool"),
+            "conversation": ds.List({"role": ds.Value("string"), "content": ds.Value("string")}),
+            "answer": ds.Value("string"),
+            "task": ds.Value("string"),
+            "split": ds.Value("string"),
+            "id": ds.Value("string"),
+            "meta": ds.Value("string"),
+        }
+    )
 
-def to_dataset(source: Task | Iterable[dict], # a task, or any iterable of samples
-               split: str = "train", # the split to draw (tasks only)
-               n: int | None = None, # number of samples (required for a task)
-               seed: int | None = None, # dataset seed (tasks only; default the task's)
-              ):
+
+def to_dataset(
+    source: Task | Iterable[dict],  # a task, or any iterable of samples
+    split: str = "train",  # the split to draw (tasks only)
+    n: int | None = None,  # number of samples (required for a task)
+    seed: int | None = None,  # dataset seed (tasks only; default the task's)
+):
     "Materialise samples as a `datasets.Dataset` (images as PIL via the Image feature, `meta` as JSON)."
     if isinstance(source, Task):
-        if n is None: raise ValueError("to_dataset(task, ...) needs n, the number of samples")
+        if n is None:
+            raise ValueError("to_dataset(task, ...) needs n, the number of samples")
         source = source.stream(split, n, seed)
-    rows = [dict(s, meta=s["meta"] if isinstance(s["meta"], str) else json.dumps(s["meta"])) for s in itertools.islice(source, n)]
-    if not rows: raise ValueError("to_dataset got no samples")
+    rows = [
+        dict(s, meta=s["meta"] if isinstance(s["meta"], str) else json.dumps(s["meta"]))
+        for s in itertools.islice(source, n)
+    ]
+    if not rows:
+        raise ValueError("to_dataset got no samples")
     return _datasets().Dataset.from_list(rows, features=dataset_features())
 
 # %% ../nbs/04_data.ipynb #e1917d55
-def repeat_indices(n: int, # size of the source
-                   r: float, # repeat factor (> 0)
-                   rng: np.random.Generator, # generator for the fractional subset
-                  ) -> np.ndarray:
+def repeat_indices(
+    n: int,  # size of the source
+    r: float,  # repeat factor (> 0)
+    rng: np.random.Generator,  # generator for the fractional subset
+) -> np.ndarray:
     "Indices of a source after a repeat factor: ⌊r⌋ full passes plus round(frac(r)·n) distinct random indices."
-    if not r > 0: raise ValueError(f"repeat factor must be > 0, got {r}")
+    if not r > 0:
+        raise ValueError(f"repeat factor must be > 0, got {r}")
     whole, frac = int(r), r - int(r)
     part = np.sort(rng.choice(n, size=int(round(frac * n)), replace=False)) if n else np.zeros(0, int)
     return np.concatenate([np.tile(np.arange(n), whole), part]).astype(int)
@@ -952,174 +1288,253 @@ def repeat_indices(n: int, # size of the source
 # %% ../nbs/04_data.ipynb #371fb80d
 class Mixture:
     "Several sources with repeat factors, shuffled deterministically; samples are produced on access."
-    def __init__(self, sources: list[tuple], # (task or sequence of samples, repeat factor) pairs
-                 n: int | None = None, # base samples per task (needed when a source is a task)
-                 split: str = "train", # split drawn from the tasks
-                 seed: int = 0, # seed of the subsets and the shuffle
-                 shuffle: bool = True, # interleave the sources (otherwise source after source)
-                ):
+
+    def __init__(
+        self,
+        sources: list[tuple],  # (task or sequence of samples, repeat factor) pairs
+        n: int | None = None,  # base samples per task (needed when a source is a task)
+        split: str = "train",  # split drawn from the tasks
+        seed: int = 0,  # seed of the subsets and the shuffle
+        shuffle: bool = True,  # interleave the sources (otherwise source after source)
+    ):
         check_split(split)
-        if not sources: raise ValueError("a Mixture needs at least one (source, repeat factor) pair")
+        if not sources:
+            raise ValueError("a Mixture needs at least one (source, repeat factor) pair")
         self.sources, self.split, self.seed, self.counts, plan = [], split, seed, {}, []
         for i, (src, r) in enumerate(sources):
-            if isinstance(src, Task) and n is None: raise ValueError(f"source {i} is a task: give n, the base samples per task")
+            if isinstance(src, Task) and n is None:
+                raise ValueError(f"source {i} is a task: give n, the base samples per task")
             base = n if isinstance(src, Task) else len(src)
             name = src.name if isinstance(src, Task) else f"source{i}"
-            if name in self.counts: name = f"{name}#{i}"
+            if name in self.counts:
+                name = f"{name}#{i}"
             idx = repeat_indices(base, r, np.random.default_rng([seed, i]))
-            self.sources.append(src); plan += [(i, int(j)) for j in idx]
+            self.sources.append(src)
+            plan += [(i, int(j)) for j in idx]
             self.counts[name] = dict(base=base, repeat=r, count=len(idx))
-        order = np.random.default_rng([seed, len(sources), 1 << 20]).permutation(len(plan)) if shuffle else range(len(plan))
+        order = (
+            np.random.default_rng([seed, len(sources), 1 << 20]).permutation(len(plan)) if shuffle else range(len(plan))
+        )
         self.plan = [plan[k] for k in order]
 
-    def __len__(self): return len(self.plan)
+    def __len__(self):
+        return len(self.plan)
+
     def __getitem__(self, k: int) -> dict:
-        i, j = self.plan[k]; src = self.sources[i]
+        i, j = self.plan[k]
+        src = self.sources[i]
         return src.sample(j, self.split) if isinstance(src, Task) else src[j]
-    def __iter__(self): return (self[k] for k in range(len(self)))
+
+    def __iter__(self):
+        return (self[k] for k in range(len(self)))
+
     def report(self) -> str:
         "A table of what each source contributes."
         lines = [f"{'source':18}{'base':>6}{'repeat':>8}{'count':>7}{'share':>7}"]
-        lines += [f"{k:18}{v['base']:6d}{v['repeat']:8.2f}{v['count']:7d}{v['count'] / len(self):7.1%}" for k, v in self.counts.items()]
+        lines += [
+            f"{k:18}{v['base']:6d}{v['repeat']:8.2f}{v['count']:7d}{v['count'] / len(self):7.1%}"
+            for k, v in self.counts.items()
+        ]
         return "\n".join(lines)
 
 # %% ../nbs/04_data.ipynb #a7e01e96
-def repetition_score(text: str, # the text to score
-                     n: int = 10, # n-gram length in words
-                    ) -> float:
+def repetition_score(
+    text: str,  # the text to score
+    n: int = 10,  # n-gram length in words
+) -> float:
     "Share of the word n-grams of `text` that occur more than once (0 when it has fewer than n words)."
     words = text.split()
-    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
-    if not grams: return 0.0
+    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+    if not grams:
+        return 0.0
     c = Counter(grams)
     return sum(c[g] > 1 for g in grams) / len(grams)
 
 # %% ../nbs/04_data.ipynb #ddff3a91
 def response_text(sample: dict) -> str:
     "All assistant turns of a sample's conversation, joined by newlines."
-    return "\n".join(m["content"] for m in sample["conversation"] if m["role"] == "assistant" and isinstance(m["content"], str))
+    return "\n".join(
+        m["content"] for m in sample["conversation"] if m["role"] == "assistant" and isinstance(m["content"], str)
+    )
 
-def repetition_filter(threshold: float = 0.4, # remove when the repetition score exceeds this
-                      n: int = 10, # n-gram length in words
-                     ) -> Callable[[dict], str | None]:
+
+def repetition_filter(
+    threshold: float = 0.4,  # remove when the repetition score exceeds this
+    n: int = 10,  # n-gram length in words
+) -> Callable[[dict], str | None]:
     "A filter removing samples whose responses repeat themselves (share of repeated word n-grams > threshold)."
+
     def f(sample):
         sc = repetition_score(response_text(sample), n)
         return f"repetition > {threshold}" if sc > threshold else None
+
     return f
 
 # %% ../nbs/04_data.ipynb #ca070e3b
 def _loads(im) -> bool:
     "Can this image (PIL image, path or file) be decoded?"
     try:
-        if isinstance(im, Image.Image): im.load(); return im.width > 0 and im.height > 0
-        with Image.open(im) as x: x.load()
+        if isinstance(im, Image.Image):
+            im.load()
+            return im.width > 0 and im.height > 0
+        with Image.open(im) as x:
+            x.load()
         return True
-    except Exception: return False
+    except Exception:
+        return False
 
-def heuristic_filter(max_answer_chars: int = 2000, # longest allowed response (characters)
-                    ) -> Callable[[dict], str | None]:
+
+def heuristic_filter(
+    max_answer_chars: int = 2000,  # longest allowed response (characters)
+) -> Callable[[dict], str | None]:
     "A filter for empty or too-long answers, images that fail to load, and placeholder/image count mismatches."
+
     def f(sample):
         text = response_text(sample)
-        if not text.strip(): return "empty answer"
-        if len(text) > max_answer_chars: return f"answer longer than {max_answer_chars} chars"
-        if not all(_loads(im) for im in sample["images"]): return "image failed to load"
-        if not placeholders_match(sample): return "placeholders do not match images"
+        if not text.strip():
+            return "empty answer"
+        if len(text) > max_answer_chars:
+            return f"answer longer than {max_answer_chars} chars"
+        if not all(_loads(im) for im in sample["images"]):
+            return "image failed to load"
+        if not placeholders_match(sample):
+            return "placeholders do not match images"
         return None
+
     return f
 
-def score_filter(score: Callable[[dict], float], # a model-based quality score of a sample (higher is better)
-                 threshold: float, # remove samples scoring below this
-                 name: str = "quality", # how the reason is labelled
-                ) -> Callable[[dict], str | None]:
+
+def score_filter(
+    score: Callable[[dict], float],  # a model-based quality score of a sample (higher is better)
+    threshold: float,  # remove samples scoring below this
+    name: str = "quality",  # how the reason is labelled
+) -> Callable[[dict], str | None]:
     "A filter removing samples whose model-based quality score is below `threshold`."
     return lambda s: f"{name} score < {threshold}" if score(s) < threshold else None
 
 # %% ../nbs/04_data.ipynb #b70289c8
 class FilterReport:
     "What `apply_filters` kept and removed: counts per reason and the removed samples' ids."
+
     def __init__(self, n_in: int, kept: list[int], removed: list[tuple[str, str]]):
         self.n_in, self.kept, self.removed = n_in, kept, removed
         self.reasons = Counter(r for _, r in removed)
-    @property
-    def n_out(self) -> int: return len(self.kept)
-    def __repr__(self):
-        return f"FilterReport(kept {self.n_out} of {self.n_in}; removed: " + (", ".join(f"{r}: {c}" for r, c in self.reasons.most_common()) or "none") + ")"
 
-def apply_filters(samples, # a list of samples or a `datasets.Dataset`
-                  filters: list[Callable[[dict], str | None]], # each returns a reason to remove, or None to keep
-                 ):
+    @property
+    def n_out(self) -> int:
+        return len(self.kept)
+
+    def __repr__(self):
+        return (
+            f"FilterReport(kept {self.n_out} of {self.n_in}; removed: "
+            + (", ".join(f"{r}: {c}" for r, c in self.reasons.most_common()) or "none")
+            + ")"
+        )
+
+
+def apply_filters(
+    samples,  # a list of samples or a `datasets.Dataset`
+    filters: list[Callable[[dict], str | None]],  # each returns a reason to remove, or None to keep
+):
     "Run the filters (first reason wins); return (the kept samples, a `FilterReport`). ValueError if none are left."
     kept, removed = [], []
     for i, s in enumerate(samples):
         reason = next((r for f in filters if (r := f(s)) is not None), None)
-        if reason is None: kept.append(i)
-        else: removed.append((s.get("id", str(i)), reason))
+        if reason is None:
+            kept.append(i)
+        else:
+            removed.append((s.get("id", str(i)), reason))
     rep = FilterReport(len(kept) + len(removed), kept, removed)
-    if not kept: raise ValueError(f"no samples left after filtering all {rep.n_in}: {dict(rep.reasons)}")
+    if not kept:
+        raise ValueError(f"no samples left after filtering all {rep.n_in}: {dict(rep.reasons)}")
     out = samples.select(kept) if hasattr(samples, "select") else [samples[i] for i in kept]
     return out, rep
 
 # %% ../nbs/04_data.ipynb #897280fc
 LOSS_MODES = ("token", "sample", "square")  # loss re-weighting modes (InternVL 2.5 default: square)
 
-def supervised_counts(labels: torch.Tensor, # (B, T) labels, `ignore_index` where unsupervised
-                      sample_ids: torch.Tensor | None = None, # (B, T) sample of each token in a packed row (None: one sample per row)
-                      ignore_index: int = -100, # the label of tokens without loss
-                     ) -> torch.Tensor:
+
+def supervised_counts(
+    labels: torch.Tensor,  # (B, T) labels, `ignore_index` where unsupervised
+    sample_ids: torch.Tensor | None = None,  # (B, T) sample of each token in a packed row (None: one sample per row)
+    ignore_index: int = -100,  # the label of tokens without loss
+) -> torch.Tensor:
     "(B, T): for each supervised token, the number x_i of supervised tokens of its sample; 0 elsewhere."
-    if labels.dim() != 2: raise ValueError(f"labels must be (B, T), got shape {tuple(labels.shape)}")
+    if labels.dim() != 2:
+        raise ValueError(f"labels must be (B, T), got shape {tuple(labels.shape)}")
     if sample_ids is not None and sample_ids.shape != labels.shape:
         raise ValueError(f"sample_ids {tuple(sample_ids.shape)} must match labels {tuple(labels.shape)}")
     mask = labels != ignore_index
-    if sample_ids is None or labels.numel() == 0: x = mask.sum(1, keepdim=True).expand_as(labels)
+    if sample_ids is None or labels.numel() == 0:
+        x = mask.sum(1, keepdim=True).expand_as(labels)
     else:
         key = sample_ids.long() - sample_ids.min()
         key = key + torch.arange(labels.shape[0], device=labels.device)[:, None] * (int(key.max()) + 1)
         x = torch.bincount(key[mask], minlength=int(key.max()) + 1)[key]
     return torch.where(mask, x, torch.zeros_like(x))
 
-def loss_weights(labels: torch.Tensor, # (B, T) labels, `ignore_index` where unsupervised
-                 mode: str = "square", # 'token' (1), 'sample' (1/x_i) or 'square' (1/√x_i)
-                 sample_ids: torch.Tensor | None = None, # (B, T) packed-sample ids (None: one sample per row)
-                 ignore_index: int = -100, # the label of tokens without loss
-                ) -> torch.Tensor:
+
+def loss_weights(
+    labels: torch.Tensor,  # (B, T) labels, `ignore_index` where unsupervised
+    mode: str = "square",  # 'token' (1), 'sample' (1/x_i) or 'square' (1/√x_i)
+    sample_ids: torch.Tensor | None = None,  # (B, T) packed-sample ids (None: one sample per row)
+    ignore_index: int = -100,  # the label of tokens without loss
+) -> torch.Tensor:
     "(B, T) float weights: w_i for each supervised token of sample i, 0 for the rest."
-    if mode not in LOSS_MODES: raise ValueError(f"unknown loss mode {mode!r}; expected one of {LOSS_MODES}")
+    if mode not in LOSS_MODES:
+        raise ValueError(f"unknown loss mode {mode!r}; expected one of {LOSS_MODES}")
     x = supervised_counts(labels, sample_ids, ignore_index).float()
     w = {"token": torch.ones_like(x), "sample": 1 / x.clamp(min=1), "square": x.clamp(min=1).rsqrt()}[mode]
     return torch.where(x > 0, w, torch.zeros_like(w))
 
 # %% ../nbs/04_data.ipynb #8f2add20
-def mean_across_ranks(x: torch.Tensor, # a local scalar (e.g. the sum of this rank's loss weights)
-                     ) -> torch.Tensor:
+def mean_across_ranks(
+    x: torch.Tensor,  # a local scalar (e.g. the sum of this rank's loss weights)
+) -> torch.Tensor:
     "The mean of `x` over all data-parallel ranks (one all-reduce); `x` itself when not distributed."
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()): return x
-    y = x.detach().clone(); torch.distributed.all_reduce(y)
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return x
+    y = x.detach().clone()
+    torch.distributed.all_reduce(y)
     return y / torch.distributed.get_world_size()
 
-def weighted_loss(logits_or_ce: torch.Tensor, # (B, T, V) logits, or (B, T) per-token cross-entropy aligned with labels
-                  labels: torch.Tensor, # (B, T) labels, `ignore_index` where unsupervised
-                  weights: torch.Tensor | None = None, # (B, T) weights aligned with labels (default: `loss_weights(labels, mode, sample_ids)`)
-                  mode: str = "square", # weighting when `weights` is None: 'token', 'sample' or 'square'
-                  sample_ids: torch.Tensor | None = None, # (B, T) packed-sample ids, for `mode`
-                  global_denominator: torch.Tensor | float | None = None, # divide by this instead of the local Σw (see `mean_across_ranks`)
-                  shift: bool = True, # with logits: position t predicts label t+1
-                  ignore_index: int = -100, # the label of tokens without loss
-                 ) -> torch.Tensor:
+
+def weighted_loss(
+    logits_or_ce: torch.Tensor,  # (B, T, V) logits, or (B, T) per-token cross-entropy aligned with labels
+    labels: torch.Tensor,  # (B, T) labels, `ignore_index` where unsupervised
+    weights: (
+        torch.Tensor | None
+    ) = None,  # (B, T) weights aligned with labels (default: `loss_weights(labels, mode, sample_ids)`)
+    mode: str = "square",  # weighting when `weights` is None: 'token', 'sample' or 'square'
+    sample_ids: torch.Tensor | None = None,  # (B, T) packed-sample ids, for `mode`
+    global_denominator: (
+        torch.Tensor | float | None
+    ) = None,  # divide by this instead of the local Σw (see `mean_across_ranks`)
+    shift: bool = True,  # with logits: position t predicts label t+1
+    ignore_index: int = -100,  # the label of tokens without loss
+) -> torch.Tensor:
     "Σ w·CE / Σ w over the supervised tokens (Σ w replaced by `global_denominator` when given)."
     x = logits_or_ce
-    if x.shape[:2] != labels.shape or x.dim() not in (2, 3): raise ValueError(f"logits/ce {tuple(x.shape)} do not match labels {tuple(labels.shape)}")
+    if x.shape[:2] != labels.shape or x.dim() not in (2, 3):
+        raise ValueError(f"logits/ce {tuple(x.shape)} do not match labels {tuple(labels.shape)}")
     if x.dim() == 3:
-        x = token_ce(x, labels, ignore_index, shift)   # the model's per-token core (chapter 03)
-        if shift: labels, weights, sample_ids = labels[:, 1:], *(None if t is None else t[:, 1:] for t in (weights, sample_ids))
-    if weights is None: weights = loss_weights(labels, mode, sample_ids, ignore_index)
-    elif weights.shape != labels.shape: raise ValueError(f"weights {tuple(weights.shape)} do not match labels {tuple(labels.shape)}")
+        x = token_ce(x, labels, ignore_index, shift)  # the model's per-token core (chapter 03)
+        if shift:
+            labels, weights, sample_ids = labels[:, 1:], *(
+                None if t is None else t[:, 1:] for t in (weights, sample_ids)
+            )
+    if weights is None:
+        weights = loss_weights(labels, mode, sample_ids, ignore_index)
+    elif weights.shape != labels.shape:
+        raise ValueError(f"weights {tuple(weights.shape)} do not match labels {tuple(labels.shape)}")
     mask = labels != ignore_index
     ce = torch.where(mask, x.float(), torch.zeros_like(x, dtype=torch.float))
     w = torch.where(mask, weights.float(), torch.zeros_like(weights, dtype=torch.float))
-    den = w.sum() if global_denominator is None else torch.as_tensor(global_denominator, dtype=torch.float, device=w.device)
+    den = (
+        w.sum()
+        if global_denominator is None
+        else torch.as_tensor(global_denominator, dtype=torch.float, device=w.device)
+    )
     return (w * ce).sum() / den.clamp_min(1e-12)  # no supervised token anywhere: 0 (with a graph), not NaN
 
 # %% ../nbs/04_data.ipynb #05e4b9a8
@@ -1127,134 +1542,188 @@ from transformers import BatchFeature
 
 PACK_STRATEGIES = ("first_fit", "best_fit_decreasing")  # the packers of `pack_indices`
 
-def pack_indices(lengths: list[int], # tokens of each sample, in arrival order
-                 max_tokens: int, # cap on the tokens of one pack
-                 tiles: list[int] | None = None, # image tiles of each sample (None: no tile cap)
-                 max_tiles: int | None = None, # cap on the tiles of one pack (None: no cap)
-                 strategy: str = "first_fit", # "first_fit" (arrival order) or "best_fit_decreasing" (longest first, tightest pack)
-                ) -> list[list[int]]:
+
+def pack_indices(
+    lengths: list[int],  # tokens of each sample, in arrival order
+    max_tokens: int,  # cap on the tokens of one pack
+    tiles: list[int] | None = None,  # image tiles of each sample (None: no tile cap)
+    max_tiles: int | None = None,  # cap on the tiles of one pack (None: no cap)
+    strategy: str = "first_fit",  # "first_fit" (arrival order) or "best_fit_decreasing" (longest first, tightest pack)
+) -> list[list[int]]:
     "Greedy packs within the token and tile caps (each sorted by arrival); ValueError for a sample over a cap."
     tiles = [0] * len(lengths) if tiles is None else [int(t) for t in tiles]
-    if len(tiles) != len(lengths): raise ValueError(f"got {len(lengths)} lengths but {len(tiles)} tile counts")
-    if max_tokens < 1 or (max_tiles is not None and max_tiles < 0): raise ValueError(f"need max_tokens >= 1 and max_tiles >= 0, got {max_tokens}, {max_tiles}")
-    if strategy not in PACK_STRATEGIES: raise ValueError(f"unknown packing strategy {strategy!r}; expected one of {PACK_STRATEGIES}")
+    if len(tiles) != len(lengths):
+        raise ValueError(f"got {len(lengths)} lengths but {len(tiles)} tile counts")
+    if max_tokens < 1 or (max_tiles is not None and max_tiles < 0):
+        raise ValueError(f"need max_tokens >= 1 and max_tiles >= 0, got {max_tokens}, {max_tiles}")
+    if strategy not in PACK_STRATEGIES:
+        raise ValueError(f"unknown packing strategy {strategy!r}; expected one of {PACK_STRATEGIES}")
     cap_t = max_tiles if max_tiles is not None else float("inf")
     for i, (n, t) in enumerate(zip(lengths, tiles)):
-        if n > max_tokens: raise ValueError(f"sample {i} has {n} tokens, more than max_tokens={max_tokens}; samples are never split")
-        if t > cap_t: raise ValueError(f"sample {i} has {t} image tiles, more than max_tiles={max_tiles}; samples are never split")
+        if n > max_tokens:
+            raise ValueError(f"sample {i} has {n} tokens, more than max_tokens={max_tokens}; samples are never split")
+        if t > cap_t:
+            raise ValueError(
+                f"sample {i} has {t} image tiles, more than max_tiles={max_tiles}; samples are never split"
+            )
     best = strategy == "best_fit_decreasing"
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], -tiles[i], i)) if best else range(len(lengths))
-    packs, used = [], []   # used: [tokens, tiles] of each open pack
+    packs, used = [], []  # used: [tokens, tiles] of each open pack
     for i in order:
         n, t = lengths[i], tiles[i]
         room = [k for k, (a, b) in enumerate(used) if a + n <= max_tokens and b + t <= cap_t]
         k = (min(room, key=lambda k: (max_tokens - used[k][0], k)) if best else room[0]) if room else len(packs)
-        if k == len(packs): packs.append([]); used.append([0, 0])
-        packs[k].append(i); used[k][0] += n; used[k][1] += t
+        if k == len(packs):
+            packs.append([])
+            used.append([0, 0])
+        packs[k].append(i)
+        used[k][0] += n
+        used[k][1] += t
     return sorted((sorted(p) for p in packs), key=lambda p: p[0])
 
 # %% ../nbs/04_data.ipynb #1b106607
-def collate_packed(samples: list[dict], # outputs of `MMProcessor.process` (unpadded)
-                   pad_token_id: int, # id written into the padding at the end of short rows
-                   max_tokens: int, # cap on the tokens of one row
-                   max_tiles: int | None = None, # cap on the image tiles of one row
-                   pad_to_multiple_of: int | None = None, # round the row length up to a multiple of this
-                   ignore_index: int = -100, # label of tokens without loss
-                   strategy: str = "first_fit", # the packer when `packs` is None (see `pack_indices`)
-                   packs: list[list[int]] | None = None, # a packing chosen beforehand (sample indices per row; checked against the caps)
-                  ) -> BatchFeature:
+def collate_packed(
+    samples: list[dict],  # outputs of `MMProcessor.process` (unpadded)
+    pad_token_id: int,  # id written into the padding at the end of short rows
+    max_tokens: int,  # cap on the tokens of one row
+    max_tiles: int | None = None,  # cap on the image tiles of one row
+    pad_to_multiple_of: int | None = None,  # round the row length up to a multiple of this
+    ignore_index: int = -100,  # label of tokens without loss
+    strategy: str = "first_fit",  # the packer when `packs` is None (see `pack_indices`)
+    packs: (
+        list[list[int]] | None
+    ) = None,  # a packing chosen beforehand (sample indices per row; checked against the caps)
+) -> BatchFeature:
     "Pack samples into rows: input_ids, labels, position_ids (restarting per sample), sample_ids (-1 on padding), pixel_values; no attention_mask."
-    if not samples: raise ValueError("no samples to pack")
+    if not samples:
+        raise ValueError("no samples to pack")
     lens, tiles = [len(s["input_ids"]) for s in samples], [sum(s["num_tiles"]) for s in samples]
-    if packs is None: packs = pack_indices(lens, max_tokens, tiles, max_tiles, strategy)
-    else: check_packs(packs, lens, tiles, max_tokens, max_tiles)
+    if packs is None:
+        packs = pack_indices(lens, max_tokens, tiles, max_tiles, strategy)
+    else:
+        check_packs(packs, lens, tiles, max_tokens, max_tiles)
     L = max(sum(lens[i] for i in p) for p in packs)
-    if pad_to_multiple_of: L = -(-L // pad_to_multiple_of) * pad_to_multiple_of
-    ids, labels = torch.full((len(packs), L), pad_token_id, dtype=torch.long), torch.full((len(packs), L), ignore_index, dtype=torch.long)
+    if pad_to_multiple_of:
+        L = -(-L // pad_to_multiple_of) * pad_to_multiple_of
+    ids, labels = torch.full((len(packs), L), pad_token_id, dtype=torch.long), torch.full(
+        (len(packs), L), ignore_index, dtype=torch.long
+    )
     pos, sid = torch.zeros_like(ids), torch.full_like(ids, -1)
     for r, p in enumerate(packs):
         at = 0
         for i in p:
-            n = lens[i]; ids[r, at:at + n], labels[r, at:at + n] = samples[i]["input_ids"], samples[i]["labels"]
-            labels[r, at], pos[r, at:at + n], sid[r, at:at + n] = ignore_index, torch.arange(n), i
+            n = lens[i]
+            ids[r, at : at + n], labels[r, at : at + n] = samples[i]["input_ids"], samples[i]["labels"]
+            labels[r, at], pos[r, at : at + n], sid[r, at : at + n] = ignore_index, torch.arange(n), i
             at += n
         pos[r, at:] = torch.arange(L - at)
     order = [i for p in packs for i in p]
     pix = torch.cat([samples[i]["pixel_values"] for i in order])
-    return BatchFeature(dict(input_ids=ids, labels=labels, position_ids=pos, sample_ids=sid, pixel_values=pix,
-                             image_flags=torch.ones(len(pix), dtype=torch.long),
-                             num_tiles=torch.tensor([t for i in order for t in samples[i]["num_tiles"]], dtype=torch.long),
-                             num_images=torch.tensor([len(samples[i]["num_tiles"]) for i in order], dtype=torch.long)))
+    return BatchFeature(
+        dict(
+            input_ids=ids,
+            labels=labels,
+            position_ids=pos,
+            sample_ids=sid,
+            pixel_values=pix,
+            image_flags=torch.ones(len(pix), dtype=torch.long),
+            num_tiles=torch.tensor([t for i in order for t in samples[i]["num_tiles"]], dtype=torch.long),
+            num_images=torch.tensor([len(samples[i]["num_tiles"]) for i in order], dtype=torch.long),
+        )
+    )
 
 # %% ../nbs/04_data.ipynb #c5f98cde
-def check_packs(packs: list[list[int]], # sample indices of each row
-                lengths: list[int], # tokens of each sample
-                tiles: list[int], # image tiles of each sample
-                max_tokens: int, # cap on the tokens of one row
-                max_tiles: int | None = None, # cap on the tiles of one row
-               ):
+def check_packs(
+    packs: list[list[int]],  # sample indices of each row
+    lengths: list[int],  # tokens of each sample
+    tiles: list[int],  # image tiles of each sample
+    max_tokens: int,  # cap on the tokens of one row
+    max_tiles: int | None = None,  # cap on the tiles of one row
+):
     "ValueError unless `packs` holds every sample exactly once and every row is within the caps."
     flat = sorted(i for p in packs for i in p)
-    if flat != list(range(len(lengths))) or not all(packs): raise ValueError(f"packs must hold each of the {len(lengths)} samples exactly once, got {packs}")
+    if flat != list(range(len(lengths))) or not all(packs):
+        raise ValueError(f"packs must hold each of the {len(lengths)} samples exactly once, got {packs}")
     for r, p in enumerate(packs):
         n, t = sum(lengths[i] for i in p), sum(tiles[i] for i in p)
         if n > max_tokens or (max_tiles is not None and t > max_tiles):
-            raise ValueError(f"row {r} holds {n} tokens and {t} tiles, over the caps max_tokens={max_tokens}, max_tiles={max_tiles}")
+            raise ValueError(
+                f"row {r} holds {n} tokens and {t} tiles, over the caps max_tokens={max_tokens}, max_tiles={max_tiles}"
+            )
 
-def padding_fraction(batch: dict, # a padded batch (with `attention_mask`) or a packed one (with `sample_ids`)
-                    ) -> float:
+
+def padding_fraction(
+    batch: dict,  # a padded batch (with `attention_mask`) or a packed one (with `sample_ids`)
+) -> float:
     "Share of the batch's token slots that hold padding."
-    if "sample_ids" in batch: return float((batch["sample_ids"] == -1).float().mean())
-    if "attention_mask" in batch: return float(1 - batch["attention_mask"].float().mean())
+    if "sample_ids" in batch:
+        return float((batch["sample_ids"] == -1).float().mean())
+    if "attention_mask" in batch:
+        return float(1 - batch["attention_mask"].float().mean())
     raise ValueError("the batch has neither sample_ids (packed) nor attention_mask (padded)")
 
 # %% ../nbs/04_data.ipynb #6a6341be
-def fits_rows(sizes: list[tuple[int, int]], # (tokens, tiles) of each sample, in order
-              rows: int, # packs available
-              max_tokens: int, # cap on the tokens of one pack
-              max_tiles: int | None = None, # cap on the tiles of one pack
-             ) -> bool:
+def fits_rows(
+    sizes: list[tuple[int, int]],  # (tokens, tiles) of each sample, in order
+    rows: int,  # packs available
+    max_tokens: int,  # cap on the tokens of one pack
+    max_tiles: int | None = None,  # cap on the tiles of one pack
+) -> bool:
     "Do the samples fit, first-fit in order, into at most `rows` packs? (ValueError for a sample over a cap.)"
-    if not sizes: return True
+    if not sizes:
+        return True
     return len(pack_indices([n for n, _ in sizes], max_tokens, [t for _, t in sizes], max_tiles)) <= rows
 
-def take_rows(sizes: list[tuple[int, int]], # (tokens, tiles) of the samples in a lookahead buffer, oldest first
-              rows: int, # packs to take
-              max_tokens: int, # cap on the tokens of one pack
-              max_tiles: int | None = None, # cap on the tiles of one pack
-             ) -> list[list[int]]:
+
+def take_rows(
+    sizes: list[tuple[int, int]],  # (tokens, tiles) of the samples in a lookahead buffer, oldest first
+    rows: int,  # packs to take
+    max_tokens: int,  # cap on the tokens of one pack
+    max_tiles: int | None = None,  # cap on the tiles of one pack
+) -> list[list[int]]:
     "Best-fit-decreasing packs of the buffer; keep the one holding the oldest sample and the `rows - 1` fullest others."
     packs = pack_indices([n for n, _ in sizes], max_tokens, [t for _, t in sizes], max_tiles, "best_fit_decreasing")
     fill = lambda p: sum(sizes[i][0] for i in p)
-    return sorted([packs[0]] + sorted(packs[1:], key=lambda p: (-fill(p), p[0]))[:rows - 1], key=lambda p: p[0])
+    return sorted([packs[0]] + sorted(packs[1:], key=lambda p: (-fill(p), p[0]))[: rows - 1], key=lambda p: p[0])
 
 # %% ../nbs/04_data.ipynb #c2ec7625
-def pack_stream(samples: Iterable[dict], # processed samples (`MMProcessor.process` outputs), in order
-                pad_token_id: int, # padding id
-                rows: int, # packed rows per batch
-                max_tokens: int, # cap on the tokens of one row
-                max_tiles: int | None = None, # cap on the tiles of one row
-                buffer: int = 0, # lookahead: 0 packs first-fit in order; n > 0 packs best-fit decreasing over the next n samples
-               ) -> Iterator[BatchFeature]:
+def pack_stream(
+    samples: Iterable[dict],  # processed samples (`MMProcessor.process` outputs), in order
+    pad_token_id: int,  # padding id
+    rows: int,  # packed rows per batch
+    max_tokens: int,  # cap on the tokens of one row
+    max_tiles: int | None = None,  # cap on the tiles of one row
+    buffer: int = 0,  # lookahead: 0 packs first-fit in order; n > 0 packs best-fit decreasing over the next n samples
+) -> Iterator[BatchFeature]:
     "Packed batches of `rows` rows filled greedily from a stream (first-fit in order, or best-fit over a lookahead buffer)."
-    if rows < 1 or buffer < 0: raise ValueError(f"need rows >= 1 and buffer >= 0, got rows={rows}, buffer={buffer}")
+    if rows < 1 or buffer < 0:
+        raise ValueError(f"need rows >= 1 and buffer >= 0, got rows={rows}, buffer={buffer}")
     size = lambda s: (len(s["input_ids"]), sum(s["num_tiles"]))
     batch = []
     for s in samples:
-        fits_rows([size(s)], 1, max_tokens, max_tiles)   # a sample over a cap raises here, naming its size
+        fits_rows([size(s)], 1, max_tokens, max_tiles)  # a sample over a cap raises here, naming its size
         if buffer:
             batch.append(s)
-            while len(batch) >= buffer: b, batch = _take_batch(batch, size, rows, pad_token_id, max_tokens, max_tiles); yield b
+            while len(batch) >= buffer:
+                b, batch = _take_batch(batch, size, rows, pad_token_id, max_tokens, max_tiles)
+                yield b
             continue
         if batch and not fits_rows([size(x) for x in batch] + [size(s)], rows, max_tokens, max_tiles):
-            yield collate_packed(batch, pad_token_id, max_tokens, max_tiles); batch = []
+            yield collate_packed(batch, pad_token_id, max_tokens, max_tiles)
+            batch = []
         batch.append(s)
-    while buffer and batch: b, batch = _take_batch(batch, size, rows, pad_token_id, max_tokens, max_tiles); yield b
-    if batch and not buffer: yield collate_packed(batch, pad_token_id, max_tokens, max_tiles)
+    while buffer and batch:
+        b, batch = _take_batch(batch, size, rows, pad_token_id, max_tokens, max_tiles)
+        yield b
+    if batch and not buffer:
+        yield collate_packed(batch, pad_token_id, max_tokens, max_tiles)
+
 
 def _take_batch(buf, size, rows, pad_token_id, max_tokens, max_tiles):
     "One packed batch from the buffer (`take_rows`) and the samples left in it, in order."
     packs = take_rows([size(x) for x in buf], rows, max_tokens, max_tiles)
     where = {i: j for j, i in enumerate(sorted(i for p in packs for i in p))}
-    b = collate_packed([buf[i] for i in where], pad_token_id, max_tokens, max_tiles, packs=[[where[i] for i in p] for p in packs])
+    b = collate_packed(
+        [buf[i] for i in where], pad_token_id, max_tokens, max_tiles, packs=[[where[i] for i in p] for p in packs]
+    )
     return b, [x for i, x in enumerate(buf) if i not in where]

@@ -26,99 +26,139 @@ __all__ = ['PISM_RATIOS', 'TIERS', 'CMAB_EPS', 'MASK_KINDS', 'SCORES', 'DIFFICUL
 PISM_RATIOS = tuple(round(0.1 * k, 1) for k in range(10))  # the paper's mask ratios λ = 0, 0.1, …, 0.9
 TIERS = ("unsolved", "hard", "medium", "easy")  # the difficulty tiers, hardest first
 
+
 def _numbers(x) -> np.ndarray:
     "A float64 array from a tensor, an array, a list or a number."
     return (x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)).astype(np.float64)
 
-def lambda_star(p_correct, # (N, R) share of masked copies answered correctly at each ratio
-                ratios, # (R,) the mask ratios, increasing
-                threshold: float = 0.1, # P(λ) below this: the answer is gone
-               ) -> np.ndarray:
+
+def lambda_star(
+    p_correct,  # (N, R) share of masked copies answered correctly at each ratio
+    ratios,  # (R,) the mask ratios, increasing
+    threshold: float = 0.1,  # P(λ) below this: the answer is gone
+) -> np.ndarray:
     "(N,) the smallest ratio with P(λ) < `threshold` for each sample; inf where there is none (it never fails)."
     p, r = _numbers(p_correct), _numbers(ratios)
     if p.ndim != 2 or r.ndim != 1 or p.shape[1] != r.shape[0] or r.shape[0] == 0:
         raise ValueError(f"p_correct must be (N, R) and ratios (R,) with R >= 1, got shapes {p.shape} and {r.shape}")
-    if (np.diff(r) <= 0).any(): raise ValueError(f"ratios must be strictly increasing, got {r.tolist()}")
+    if (np.diff(r) <= 0).any():
+        raise ValueError(f"ratios must be strictly increasing, got {r.tolist()}")
     fails = p < threshold
     return np.where(fails.any(1), r[fails.argmax(1)], np.inf)
 
 # %% ../nbs/09_difficulty.ipynb #2825119c
 _TOL = 1e-9  # ratios within this of a boundary count as on it (0.1 * 7 == 0.7000000000000001)
 
+
 def _pism_tier(ls: float, ok: bool) -> str:
-    if ls != ls: raise ValueError("lambda_star is NaN: every sample needs a ratio or inf")
-    if not ok: return "unsolved"
-    if ls <= 0.4 + _TOL: return "hard"
+    if ls != ls:
+        raise ValueError("lambda_star is NaN: every sample needs a ratio or inf")
+    if not ok:
+        return "unsolved"
+    if ls <= 0.4 + _TOL:
+        return "hard"
     return "medium" if ls < 0.7 - _TOL else "easy"
+
 
 def _tiers(rule, x, correct, x_name: str, correct_name: str) -> str | list[str]:
     "`rule(value, right)` for one sample, or per sample for (N,) values and bools; ValueError on mismatched shapes."
     v, ok = _numbers(x), np.asarray(correct.cpu() if isinstance(correct, torch.Tensor) else correct)
     if v.shape != ok.shape or v.ndim > 1:
-        raise ValueError(f"{x_name} and {correct_name} must be one value each or (N,) alike, got shapes {v.shape} and {ok.shape}")
-    if v.ndim == 0: return rule(float(v), bool(ok))
+        raise ValueError(
+            f"{x_name} and {correct_name} must be one value each or (N,) alike, got shapes {v.shape} and {ok.shape}"
+        )
+    if v.ndim == 0:
+        return rule(float(v), bool(ok))
     return [rule(float(a), bool(b)) for a, b in zip(v, ok)]
 
-def pism_tier(lambda_star, # λ* of one sample, or (N,) of several (inf: never fails)
-              correct_at_zero, # answered right on the clean image (λ = 0): a bool, or (N,) bools
-             ) -> str | list[str]:
+
+def pism_tier(
+    lambda_star,  # λ* of one sample, or (N,) of several (inf: never fails)
+    correct_at_zero,  # answered right on the clean image (λ = 0): a bool, or (N,) bools
+) -> str | list[str]:
     "'unsolved' | 'hard' | 'medium' | 'easy' by λ*: wrong at λ = 0, ≤ 0.4, in (0.4, 0.7), ≥ 0.7 or never."
     return _tiers(_pism_tier, lambda_star, correct_at_zero, "lambda_star", "correct_at_zero")
 
 # %% ../nbs/09_difficulty.ipynb #d85de72e
 CMAB_EPS = 1e-8  # added to each ρ(l, t) before the log
 
+
 def _mask(x) -> np.ndarray:
     return np.asarray(x.cpu() if isinstance(x, torch.Tensor) else x).astype(bool)
 
+
 def _check_cmab(a, im, tm):
-    if a.ndim != 3: raise ValueError(f"attn must be (L, T, S): layers × generated tokens × key positions, got shape {a.shape}")
+    if a.ndim != 3:
+        raise ValueError(f"attn must be (L, T, S): layers × generated tokens × key positions, got shape {a.shape}")
     if im.shape != (a.shape[2],) or tm.shape != (a.shape[2],):
-        raise ValueError(f"image_mask and text_mask must be ({a.shape[2]},) like attn's key axis, got shapes {im.shape} and {tm.shape}")
-    if a.shape[1] == 0: raise ValueError(f"attn has no generated tokens: shape {a.shape}")
-    if not im.any() or not tm.any(): raise ValueError(f"image_mask marks {im.sum()} positions and text_mask {tm.sum()}: both need at least one")
-    if (im & tm).any(): raise ValueError(f"image_mask and text_mask overlap at positions {np.flatnonzero(im & tm).tolist()}")
+        raise ValueError(
+            f"image_mask and text_mask must be ({a.shape[2]},) like attn's key axis, got shapes {im.shape} and {tm.shape}"
+        )
+    if a.shape[1] == 0:
+        raise ValueError(f"attn has no generated tokens: shape {a.shape}")
+    if not im.any() or not tm.any():
+        raise ValueError(f"image_mask marks {im.sum()} positions and text_mask {tm.sum()}: both need at least one")
+    if (im & tm).any():
+        raise ValueError(f"image_mask and text_mask overlap at positions {np.flatnonzero(im & tm).tolist()}")
 
 # %% ../nbs/09_difficulty.ipynb #4b139584
-def cmab_ratio(attn, # (L, T, S) attention of each generated token's query over the S key positions, per layer, heads averaged
-               image_mask, # (S,) bool: the prompt's image tokens
-               text_mask, # (S,) bool: the prompt's text tokens
-               layers: list[int] | None = None, # 0-based layers to average; None: the paper's 2 … L−1 (all but the first and last)
-              ) -> float:
+def cmab_ratio(
+    attn,  # (L, T, S) attention of each generated token's query over the S key positions, per layer, heads averaged
+    image_mask,  # (S,) bool: the prompt's image tokens
+    text_mask,  # (S,) bool: the prompt's text tokens
+    layers: (
+        list[int] | None
+    ) = None,  # 0-based layers to average; None: the paper's 2 … L−1 (all but the first and last)
+) -> float:
     "ρ̄: the mean over generated tokens of the geometric mean over layers of (attention on image) / (attention on text)."
     a, im, tm = _numbers(attn), _mask(image_mask), _mask(text_mask)
     _check_cmab(a, im, tm)
     L = a.shape[0]
     layers = list(range(1, L - 1)) if layers is None else list(layers)
-    if not layers: raise ValueError(f"the paper's layers 2 … L−1 need an LLM with at least 3 layers, attn has L = {L}: pass layers=[...]")
-    if any(not 0 <= l < L for l in layers): raise ValueError(f"layers {layers} out of range for L = {L}")
-    sel = a[layers]                                                   # (l, T, S)
-    with np.errstate(divide="ignore", invalid="ignore"): rho = sel[..., im].sum(-1) / sel[..., tm].sum(-1)   # (l, T)
+    if not layers:
+        raise ValueError(
+            f"the paper's layers 2 … L−1 need an LLM with at least 3 layers, attn has L = {L}: pass layers=[...]"
+        )
+    if any(not 0 <= l < L for l in layers):
+        raise ValueError(f"layers {layers} out of range for L = {L}")
+    sel = a[layers]  # (l, T, S)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rho = sel[..., im].sum(-1) / sel[..., tm].sum(-1)  # (l, T)
     return float(np.exp(np.log(rho + CMAB_EPS).mean(0)).mean())
 
 # %% ../nbs/09_difficulty.ipynb #951ddd61
 def _cmab_tier(r: float, ok: bool) -> str:
-    if not ok: return "unsolved"
-    if r != r: raise ValueError("rho is NaN for a correct answer")
-    if 0.4 <= r <= 1.6: return "hard"
+    if not ok:
+        return "unsolved"
+    if r != r:
+        raise ValueError("rho is NaN for a correct answer")
+    if 0.4 <= r <= 1.6:
+        return "hard"
     return "medium" if (0.1 <= r < 0.4 or 1.6 < r <= 1.9) else "easy"
 
-def cmab_tier(rho, # ρ̄ of one sample, or (N,) of several
-              correct, # the (greedy) answer was right: a bool, or (N,) bools
-             ) -> str | list[str]:
+
+def cmab_tier(
+    rho,  # ρ̄ of one sample, or (N,) of several
+    correct,  # the (greedy) answer was right: a bool, or (N,) bools
+) -> str | list[str]:
     "'unsolved' | 'hard' | 'medium' | 'easy' by ρ̄: wrong answer; [0.4, 1.6]; [0.1, 0.4) or (1.6, 1.9]; below 0.1 or above 1.9."
     return _tiers(_cmab_tier, rho, correct, "rho", "correct")
 
 # %% ../nbs/09_difficulty.ipynb #755f8376
 MASK_KINDS = ("pixels", "box")  # random pixels (the paper), one black rectangle (the released code)
 
-def _check_ratio(ratio):
-    if not 0 <= ratio < 1: raise ValueError(f"a mask ratio must be in [0, 1), got {ratio}")
 
-def pixel_mask(height: int, width: int, # image size in pixels
-               ratio: float, # share of pixels to hide, in [0, 1)
-               rng: np.random.Generator, # the random generator
-              ) -> np.ndarray:
+def _check_ratio(ratio):
+    if not 0 <= ratio < 1:
+        raise ValueError(f"a mask ratio must be in [0, 1), got {ratio}")
+
+
+def pixel_mask(
+    height: int,
+    width: int,  # image size in pixels
+    ratio: float,  # share of pixels to hide, in [0, 1)
+    rng: np.random.Generator,  # the random generator
+) -> np.ndarray:
     "(H, W) bool: exactly round(ratio·H·W) pixels, chosen uniformly at random."
     _check_ratio(ratio)
     m = np.zeros(height * width, bool)
@@ -126,51 +166,67 @@ def pixel_mask(height: int, width: int, # image size in pixels
     return m.reshape(height, width)
 
 # %% ../nbs/09_difficulty.ipynb #f51eac37
-def box_mask(height: int, width: int, # image size in pixels
-             ratio: float, # share of the area to hide, in [0, 1)
-             rng: np.random.Generator, # the random generator
-            ) -> np.ndarray:
+def box_mask(
+    height: int,
+    width: int,  # image size in pixels
+    ratio: float,  # share of the area to hide, in [0, 1)
+    rng: np.random.Generator,  # the random generator
+) -> np.ndarray:
     "(H, W) bool: one rectangle of area ≈ ratio·H·W (aspect between 1:2 and 2:1 where it fits) at a random place."
     _check_ratio(ratio)
     m, area = np.zeros((height, width), bool), ratio * height * width
-    if area < 1: return m
-    h = int(np.clip(round(np.sqrt(area * np.exp(rng.uniform(np.log(.5), np.log(2))))), 1, height))
-    w = int(np.clip(round(area / h), 1, width)); h = int(np.clip(round(area / w), 1, height))
+    if area < 1:
+        return m
+    h = int(np.clip(round(np.sqrt(area * np.exp(rng.uniform(np.log(0.5), np.log(2))))), 1, height))
+    w = int(np.clip(round(area / h), 1, width))
+    h = int(np.clip(round(area / w), 1, height))
     y, x = rng.integers(0, height - h + 1), rng.integers(0, width - w + 1)
-    m[y:y + h, x:x + w] = True
+    m[y : y + h, x : x + w] = True
     return m
 
-def mask_image(image: Image.Image, # the image
-               mask: np.ndarray, # (H, W) bool: pixels to black out
-              ) -> Image.Image:
+
+def mask_image(
+    image: Image.Image,  # the image
+    mask: np.ndarray,  # (H, W) bool: pixels to black out
+) -> Image.Image:
     "An RGB copy of `image` with the masked pixels black."
     a = np.array(image.convert("RGB"))
-    if mask.shape != a.shape[:2]: raise ValueError(f"mask {mask.shape} does not match the image's {a.shape[:2]} (height, width)")
+    if mask.shape != a.shape[:2]:
+        raise ValueError(f"mask {mask.shape} does not match the image's {a.shape[:2]} (height, width)")
     a[mask] = 0
     return Image.fromarray(a)
 
 # %% ../nbs/09_difficulty.ipynb #fe9046ec
-def mask_rng(sample: dict, # a task sample (its `id` seeds the masks)
-               seed: int = 0, # the masking seed
-              ) -> np.random.Generator:
+def mask_rng(
+    sample: dict,  # a task sample (its `id` seeds the masks)
+    seed: int = 0,  # the masking seed
+) -> np.random.Generator:
     "A generator for the masks of one sample: the same for the same (seed, id), whatever else is scored."
     return np.random.default_rng([seed, zlib.crc32(str(sample.get("id")).encode())])
+
 
 def with_images(sample: dict, images: list) -> dict:
     "A copy of `sample` showing `images` instead of its own."
     return {**sample, "images": images}
 
-def masked_copies(sample: dict, # a task sample
-                  ratio: float, # the mask ratio λ
-                  n: int, # copies (each with its own masks)
-                  kind: str, # "pixels" or "box"
-                  rng: np.random.Generator, # the sample's generator (`mask_rng`)
-                 ) -> list[dict]:
+
+def masked_copies(
+    sample: dict,  # a task sample
+    ratio: float,  # the mask ratio λ
+    n: int,  # copies (each with its own masks)
+    kind: str,  # "pixels" or "box"
+    rng: np.random.Generator,  # the sample's generator (`mask_rng`)
+) -> list[dict]:
     "`n` copies of the sample with every image masked at `ratio` (one copy when ratio is 0)."
-    if kind not in MASK_KINDS: raise ValueError(f"unknown mask kind {kind!r}; expected one of {MASK_KINDS}")
-    if ratio == 0: return [sample]
+    if kind not in MASK_KINDS:
+        raise ValueError(f"unknown mask kind {kind!r}; expected one of {MASK_KINDS}")
+    if ratio == 0:
+        return [sample]
     make = pixel_mask if kind == "pixels" else box_mask
-    return [with_images(sample, [mask_image(im, make(im.height, im.width, ratio, rng)) for im in sample["images"]]) for _ in range(n)]
+    return [
+        with_images(sample, [mask_image(im, make(im.height, im.width, ratio, rng)) for im in sample["images"]])
+        for _ in range(n)
+    ]
 
 # %% ../nbs/09_difficulty.ipynb #0bbfd85d
 @contextmanager
@@ -178,77 +234,109 @@ def eval_mode(model):
     "The model in eval mode inside the block (BatchNorm uses its running statistics), back to its own mode after."
     was = model.training
     model.eval()
-    try: yield model
-    finally: model.train(was)
+    try:
+        yield model
+    finally:
+        model.train(was)
+
 
 _CHECKS: dict = {}
+
+
 def _checker(task: str | None):
     "A built-in task's own answer check (None for other tasks)."
-    if task in TASKS and task not in _CHECKS: _CHECKS[task] = TASKS[task]().check
+    if task in TASKS and task not in _CHECKS:
+        _CHECKS[task] = TASKS[task]().check
     return _CHECKS.get(task)
 
 # %% ../nbs/09_difficulty.ipynb #92ed8e3d
-def greedy_correct(model, processor, # an MMModel and its MMProcessor
-                   samples: list[dict], # task samples (images, conversation ending in the reference answer, answer, task)
-                   max_new_tokens: int = 8, # answer budget
-                   batch_size: int = 100, # prompts per generate call
-                  ) -> list[bool]:
+def greedy_correct(
+    model,
+    processor,  # an MMModel and its MMProcessor
+    samples: list[dict],  # task samples (images, conversation ending in the reference answer, answer, task)
+    max_new_tokens: int = 8,  # answer budget
+    batch_size: int = 100,  # prompts per generate call
+) -> list[bool]:
     "Is the greedy answer right? One generate call per `batch_size` samples, scored as chapter 06 scores answers."
-    if batch_size < 1: raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     out = []
     for s0 in range(0, len(samples), batch_size):
-        chunk = samples[s0:s0 + batch_size]
+        chunk = samples[s0 : s0 + batch_size]
         prep = [processor.process(prompt_conversation(s), add_generation_prompt=True, **media(s)) for s in chunk]
         texts = generate_texts(model, processor, prep, max_new_tokens=max_new_tokens, do_sample=False)
-        out += [score_answer(extract_answer(t[0]), str(s["answer"]), _checker(s.get("task"))) for t, s in zip(texts, chunk)]
+        out += [
+            score_answer(extract_answer(t[0]), str(s["answer"]), _checker(s.get("task"))) for t, s in zip(texts, chunk)
+        ]
     return out
 
-def gold_prob(model, processor, # an MMModel and its MMProcessor
-              samples: list[dict], # task samples ending in the reference answer
-              batch_size: int = 100, # samples per forward pass
-             ) -> list[float]:
+
+def gold_prob(
+    model,
+    processor,  # an MMModel and its MMProcessor
+    samples: list[dict],  # task samples ending in the reference answer
+    batch_size: int = 100,  # samples per forward pass
+) -> list[float]:
     "p(reference answer | prompt, images) of each sample from one teacher-forced forward pass (chapter 06's `answer_nll`)."
     return np.exp(-np.array(answer_nll(model, processor, samples, batch_size))).tolist()
 
 # %% ../nbs/09_difficulty.ipynb #89c31722
 SCORES = ("greedy", "gold_prob")  # how a masked copy is scored: greedy answer right (the paper), or p(reference answer)
 
+
 def _copies(samples, ratios, n_masks, kind, seed):
     "(sample index, ratio index, masked copy) of every masked copy, sample by sample."
     for i, s in enumerate(samples):
         rng = mask_rng(s, seed)
         for j, r in enumerate(ratios):
-            for c in masked_copies(s, r, n_masks, kind, rng): yield i, j, c
+            for c in masked_copies(s, r, n_masks, kind, rng):
+                yield i, j, c
+
 
 def _check_pism(samples, ratios, n_masks, score):
-    if not samples: raise ValueError("no samples to score")
-    if score not in SCORES: raise ValueError(f"unknown score {score!r}; expected one of {SCORES}")
-    if not isinstance(n_masks, int) or n_masks < 1: raise ValueError(f"n_masks must be a positive int, got {n_masks!r}")
-    if not ratios or ratios[0] != 0: raise ValueError(f"ratios must start at 0 (the tier needs the clean image's answer), got {list(ratios)}")
+    if not samples:
+        raise ValueError("no samples to score")
+    if score not in SCORES:
+        raise ValueError(f"unknown score {score!r}; expected one of {SCORES}")
+    if not isinstance(n_masks, int) or n_masks < 1:
+        raise ValueError(f"n_masks must be a positive int, got {n_masks!r}")
+    if not ratios or ratios[0] != 0:
+        raise ValueError(f"ratios must start at 0 (the tier needs the clean image's answer), got {list(ratios)}")
 
 # %% ../nbs/09_difficulty.ipynb #967694ea
-def pism_scores(model, processor, # an MMModel and its MMProcessor
-                samples: list[dict], # task samples ending in the reference answer
-                ratios=PISM_RATIOS, # mask ratios, increasing from 0
-                n_masks: int = 10, # random masks per ratio (one copy at λ = 0)
-                kind: str = "pixels", # "pixels" (the paper) or "box" (the released code)
-                score: str = "greedy", # "greedy": share answered right (the paper); "gold_prob": mean p(reference answer)
-                seed: int = 0, # the masking seed
-                batch_size: int = 100, # masked copies per generate call / forward pass
-                max_new_tokens: int = 8, # answer budget (greedy)
-               ) -> dict:
+def pism_scores(
+    model,
+    processor,  # an MMModel and its MMProcessor
+    samples: list[dict],  # task samples ending in the reference answer
+    ratios=PISM_RATIOS,  # mask ratios, increasing from 0
+    n_masks: int = 10,  # random masks per ratio (one copy at λ = 0)
+    kind: str = "pixels",  # "pixels" (the paper) or "box" (the released code)
+    score: str = "greedy",  # "greedy": share answered right (the paper); "gold_prob": mean p(reference answer)
+    seed: int = 0,  # the masking seed
+    batch_size: int = 100,  # masked copies per generate call / forward pass
+    max_new_tokens: int = 8,  # answer budget (greedy)
+) -> dict:
     "P(λ) per sample over its masked copies, batched across masks and samples; λ*, right at λ = 0, and the PISM tier."
     samples, ratios = list(samples), [float(r) for r in ratios]
     _check_pism(samples, ratios, n_masks, score)
-    total, hits, stream = np.zeros((len(samples), len(ratios))), np.zeros((len(samples), len(ratios))), _copies(samples, ratios, n_masks, kind, seed)
+    total, hits, stream = (
+        np.zeros((len(samples), len(ratios))),
+        np.zeros((len(samples), len(ratios))),
+        _copies(samples, ratios, n_masks, kind, seed),
+    )
     with eval_mode(model), torch.no_grad():
         while chunk := list(itertools.islice(stream, batch_size)):
             copies = [c for _, _, c in chunk]
-            got = (greedy_correct(model, processor, copies, max_new_tokens, batch_size) if score == "greedy"
-                   else gold_prob(model, processor, copies, batch_size))
-            for (i, j, _), x in zip(chunk, got): total[i, j] += 1; hits[i, j] += float(x)
+            got = (
+                greedy_correct(model, processor, copies, max_new_tokens, batch_size)
+                if score == "greedy"
+                else gold_prob(model, processor, copies, batch_size)
+            )
+            for (i, j, _), x in zip(chunk, got):
+                total[i, j] += 1
+                hits[i, j] += float(x)
     p = hits / total
-    ok = p[:, 0] > 0.5   # greedy: the clean answer is right; gold_prob: p(answer) > ½, so greedy decoding starts with it
+    ok = p[:, 0] > 0.5  # greedy: the clean answer is right; gold_prob: p(answer) > ½, so greedy decoding starts with it
     ls = lambda_star(p, ratios)
     return dict(p=p, lambda_star=ls, correct_at_zero=ok, tier=pism_tier(ls, ok), ratios=ratios, kind=kind, score=score)
 
@@ -259,14 +347,18 @@ def eager_attention(model):
     lm = base_model(model).language_model
     old = lm.config._attn_implementation
     lm.set_attn_implementation("eager")
-    try: yield model
-    finally: lm.set_attn_implementation(old)
+    try:
+        yield model
+    finally:
+        lm.set_attn_implementation(old)
 
-def cmab_masks(input_ids: torch.Tensor, # (S,) one row: the (left-padded) prompt, then the answer
-               attention_mask: torch.Tensor, # (S,) 1 for real tokens
-               prompt_len: int, # positions before this are the prompt
-               processor, # the MMProcessor (its image token ids)
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+
+def cmab_masks(
+    input_ids: torch.Tensor,  # (S,) one row: the (left-padded) prompt, then the answer
+    attention_mask: torch.Tensor,  # (S,) 1 for real tokens
+    prompt_len: int,  # positions before this are the prompt
+    processor,  # the MMProcessor (its image token ids)
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     "(S,) bool masks: the prompt's image tokens, its text tokens, and the text tokens before the first image (the released code's 'text')."
     pos = torch.arange(input_ids.shape[0], device=input_ids.device)
     prompt = (pos < prompt_len) & attention_mask.bool()
@@ -278,114 +370,182 @@ def cmab_masks(input_ids: torch.Tensor, # (S,) one row: the (left-padded) prompt
 
 # %% ../nbs/09_difficulty.ipynb #f171f911
 @torch.no_grad()
-def answer_attention(model, processor, # an MMModel and its MMProcessor
-                     samples: list[dict], # task samples (their reference answers are dropped from the prompt)
-                     max_new_tokens: int = 8, # answer budget
-                    ) -> list[dict]:
+def answer_attention(
+    model,
+    processor,  # an MMModel and its MMProcessor
+    samples: list[dict],  # task samples (their reference answers are dropped from the prompt)
+    max_new_tokens: int = 8,  # answer budget
+) -> list[dict]:
     "Per sample: the greedy answer, whether it is right, its (L, T, S) attention rows (heads averaged) and the key masks."
-    m = base_model(model); dev = next(m.parameters()).device
+    m = base_model(model)
+    dev = next(m.parameters()).device
     b = {k: v.to(dev) for k, v in prompt_batch(processor, samples).items()}
-    out = m.generate(**b, do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=processor.eot_token_id, pad_token_id=processor.pad_token_id)
+    out = m.generate(
+        **b,
+        do_sample=False,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=processor.eot_token_id,
+        pad_token_id=processor.pad_token_id,
+    )
     P = b["input_ids"].shape[1]
-    cm, _ = completion_mask(out[:, P:], processor.eot_token_id)          # 1 through the first end of turn
+    cm, _ = completion_mask(out[:, P:], processor.eot_token_id)  # 1 through the first end of turn
     am = torch.cat([b["attention_mask"], cm.to(b["attention_mask"].dtype)], 1)
-    with eager_attention(m): att = m(input_ids=out, attention_mask=am, pixel_values=b["pixel_values"], output_attentions=True).attentions
+    with eager_attention(m):
+        att = m(input_ids=out, attention_mask=am, pixel_values=b["pixel_values"], output_attentions=True).attentions
     texts = processor.batch_decode([c[k.bool()] for c, k in zip(out[:, P:].cpu(), cm.cpu())])
     rows = []
     for i, s in enumerate(samples):
         T = int(cm[i].sum())
-        a = torch.stack([x[i].float().mean(0)[P - 1:P - 1 + T] for x in att]).cpu()   # (L, T, S): query P-1+t wrote answer token t
+        a = torch.stack(
+            [x[i].float().mean(0)[P - 1 : P - 1 + T] for x in att]
+        ).cpu()  # (L, T, S): query P-1+t wrote answer token t
         image, text, before = (x.cpu() for x in cmab_masks(out[i], am[i], P, processor))
         ok = score_answer(extract_answer(texts[i]), str(s["answer"]), _checker(s.get("task")))
         rows.append(dict(answer=texts[i], correct=ok, attn=a, image_mask=image, text_mask=text, before_mask=before))
     return rows
 
 # %% ../nbs/09_difficulty.ipynb #741d6005
-def code_layer(num_layers: int, # layers of the LLM
-              ) -> int:
+def code_layer(
+    num_layers: int,  # layers of the LLM
+) -> int:
     "The released code's one layer (index 20 of 28) at the same relative depth: round(L · 20/28), at most L − 1."
     return min(num_layers - 1, round(num_layers * 20 / 28))
 
-def cmab_ratio_code(attn, # (L, T, S) as for `cmab_ratio`
-                    image_mask, text_mask, # (S,) bool; the code's text: the tokens before the image
-                    layer: int, # the one 0-based layer
-                   ) -> float:
+
+def cmab_ratio_code(
+    attn,  # (L, T, S) as for `cmab_ratio`
+    image_mask,
+    text_mask,  # (S,) bool; the code's text: the tokens before the image
+    layer: int,  # the one 0-based layer
+) -> float:
     "The released code's ρ: in one layer, (attention on image summed over answer tokens) / (attention on text, summed)."
     a, im, tm = _numbers(attn), _mask(image_mask), _mask(text_mask)
     _check_cmab(a, im, tm)
-    if not 0 <= layer < a.shape[0]: raise ValueError(f"layer {layer} out of range for L = {a.shape[0]}")
-    with np.errstate(divide="ignore"): return float(a[layer][:, im].sum() / a[layer][:, tm].sum())
+    if not 0 <= layer < a.shape[0]:
+        raise ValueError(f"layer {layer} out of range for L = {a.shape[0]}")
+    with np.errstate(divide="ignore"):
+        return float(a[layer][:, im].sum() / a[layer][:, tm].sum())
 
 # %% ../nbs/09_difficulty.ipynb #eba5f180
-def cmab_scores(model, processor, # an MMModel and its MMProcessor (its LLM needs >= 3 layers for the paper's rule)
-                samples: list[dict], # task samples ending in the reference answer
-                max_new_tokens: int = 8, # answer budget
-                batch_size: int = 50, # samples per generate call and forward pass
-               ) -> dict:
+def cmab_scores(
+    model,
+    processor,  # an MMModel and its MMProcessor (its LLM needs >= 3 layers for the paper's rule)
+    samples: list[dict],  # task samples ending in the reference answer
+    max_new_tokens: int = 8,  # answer budget
+    batch_size: int = 50,  # samples per generate call and forward pass
+) -> dict:
     "ρ̄ by the paper's rule and by the released code's, ρ̄ of each single layer, greedy correctness and the CMAB tiers."
     samples = list(samples)
-    if not samples: raise ValueError("no samples to score")
-    with eval_mode(model): rows = [r for s0 in range(0, len(samples), batch_size) for r in answer_attention(model, processor, samples[s0:s0 + batch_size], max_new_tokens)]
+    if not samples:
+        raise ValueError("no samples to score")
+    with eval_mode(model):
+        rows = [
+            r
+            for s0 in range(0, len(samples), batch_size)
+            for r in answer_attention(model, processor, samples[s0 : s0 + batch_size], max_new_tokens)
+        ]
     L = rows[0]["attn"].shape[0]
     rho = np.array([cmab_ratio(r["attn"], r["image_mask"], r["text_mask"]) for r in rows])
     code = np.array([cmab_ratio_code(r["attn"], r["image_mask"], r["before_mask"], code_layer(L)) for r in rows])
     layers = np.array([[cmab_ratio(r["attn"], r["image_mask"], r["text_mask"], [l]) for l in range(L)] for r in rows])
     ok = np.array([bool(r["correct"]) for r in rows])
-    return dict(rho=rho, rho_code=code, rho_layers=layers, correct=ok, tier=cmab_tier(rho, ok), tier_code=cmab_tier(code, ok),
-                answers=[r["answer"] for r in rows])
+    return dict(
+        rho=rho,
+        rho_code=code,
+        rho_layers=layers,
+        correct=ok,
+        tier=cmab_tier(rho, ok),
+        tier_code=cmab_tier(code, ok),
+        answers=[r["answer"] for r in rows],
+    )
 
 # %% ../nbs/09_difficulty.ipynb #514640b0
-def add_difficulty(samples: list[dict], # the scored samples, in the order they were scored
-                   pism: dict, # `pism_scores` of these samples
-                   cmab: dict | None = None, # `cmab_scores` of these samples (None: no CMAB columns)
-                  ) -> list[dict]:
+def add_difficulty(
+    samples: list[dict],  # the scored samples, in the order they were scored
+    pism: dict,  # `pism_scores` of these samples
+    cmab: dict | None = None,  # `cmab_scores` of these samples (None: no CMAB columns)
+) -> list[dict]:
     "Copies of the samples with difficulty columns: lambda_star, pism_tier, p_masked (+ rho, cmab_tier, correct)."
     n = len(samples)
     if len(pism["tier"]) != n or (cmab is not None and len(cmab["tier"]) != n):
-        raise ValueError(f"{n} samples but {len(pism['tier'])} PISM scores" + ("" if cmab is None else f" and {len(cmab['tier'])} CMAB scores"))
+        raise ValueError(
+            f"{n} samples but {len(pism['tier'])} PISM scores"
+            + ("" if cmab is None else f" and {len(cmab['tier'])} CMAB scores")
+        )
     out = []
     for i, s in enumerate(samples):
-        row = {**s, "lambda_star": float(pism["lambda_star"][i]), "pism_tier": pism["tier"][i], "p_masked": [float(x) for x in pism["p"][i]]}
-        if cmab is not None: row.update(rho=float(cmab["rho"][i]), cmab_tier=cmab["tier"][i], correct=bool(cmab["correct"][i]))
+        row = {
+            **s,
+            "lambda_star": float(pism["lambda_star"][i]),
+            "pism_tier": pism["tier"][i],
+            "p_masked": [float(x) for x in pism["p"][i]],
+        }
+        if cmab is not None:
+            row.update(rho=float(cmab["rho"][i]), cmab_tier=cmab["tier"][i], correct=bool(cmab["correct"][i]))
         out.append(row)
     return out
 
-def score_difficulty(model, processor, # an MMModel and its MMProcessor
-                     samples: list[dict], # task samples ending in the reference answer
-                     kind: str = "pixels", # PISM mask kind
-                     seed: int = 0, # the masking seed
-                     batch_size: int = 100, # masked copies per call
-                    ) -> list[dict]:
+
+def score_difficulty(
+    model,
+    processor,  # an MMModel and its MMProcessor
+    samples: list[dict],  # task samples ending in the reference answer
+    kind: str = "pixels",  # PISM mask kind
+    seed: int = 0,  # the masking seed
+    batch_size: int = 100,  # masked copies per call
+) -> list[dict]:
     "The samples with their PISM and CMAB difficulty columns (see `add_difficulty`)."
     samples = list(samples)
-    return add_difficulty(samples, pism_scores(model, processor, samples, kind=kind, seed=seed, batch_size=batch_size),
-                          cmab_scores(model, processor, samples, batch_size=min(batch_size, 50)))
+    return add_difficulty(
+        samples,
+        pism_scores(model, processor, samples, kind=kind, seed=seed, batch_size=batch_size),
+        cmab_scores(model, processor, samples, batch_size=min(batch_size, 50)),
+    )
 
 # %% ../nbs/09_difficulty.ipynb #d5676112
-DIFFICULTY_COLUMNS = {"lambda_star": "float64", "pism_tier": "string", "p_masked": ["float64"], "rho": "float64",
-                      "cmab_tier": "string", "correct": "bool"}  # the columns `add_difficulty` writes, as `datasets` types
+DIFFICULTY_COLUMNS = {
+    "lambda_star": "float64",
+    "pism_tier": "string",
+    "p_masked": ["float64"],
+    "rho": "float64",
+    "cmab_tier": "string",
+    "correct": "bool",
+}  # the columns `add_difficulty` writes, as `datasets` types
 
-def tier_dataset(scored: list[dict], # samples with difficulty columns
-                ):
+
+def tier_dataset(
+    scored: list[dict],  # samples with difficulty columns
+):
     "The scored samples as a `datasets.Dataset`: chapter 04's sample features plus the difficulty columns they carry."
     import datasets
+
     cols = [c for c in DIFFICULTY_COLUMNS if c in scored[0]] if scored else []
-    if "pism_tier" not in cols and "cmab_tier" not in cols: raise ValueError("the samples carry no tier column: score them with score_difficulty first")
+    if "pism_tier" not in cols and "cmab_tier" not in cols:
+        raise ValueError("the samples carry no tier column: score them with score_difficulty first")
     val = lambda t: datasets.List(datasets.Value(t[0])) if isinstance(t, list) else datasets.Value(t)
     feats = datasets.Features({**dataset_features(), **{c: val(DIFFICULTY_COLUMNS[c]) for c in cols}})
-    rows = [{**{k: s[k] for k in feats}, "meta": s["meta"] if isinstance(s["meta"], str) else json.dumps(s["meta"])} for s in scored]
+    rows = [
+        {**{k: s[k] for k in feats}, "meta": s["meta"] if isinstance(s["meta"], str) else json.dumps(s["meta"])}
+        for s in scored
+    ]
     return datasets.Dataset.from_list(rows, features=feats)
 
-def select_tiers(samples, # scored samples: a list, or a `datasets.Dataset` from `tier_dataset`
-                 tiers=("medium", "hard"), # the tiers to keep
-                 by: str = "pism_tier", # the tier column: "pism_tier" or "cmab_tier"
-                ) -> list[dict]:
+
+def select_tiers(
+    samples,  # scored samples: a list, or a `datasets.Dataset` from `tier_dataset`
+    tiers=("medium", "hard"),  # the tiers to keep
+    by: str = "pism_tier",  # the tier column: "pism_tier" or "cmab_tier"
+) -> list[dict]:
     "The samples whose tier (column `by`) is one of `tiers`, in order; ValueError when none is."
     tiers = (tiers,) if isinstance(tiers, str) else tuple(tiers)
-    if bad := [t for t in tiers if t not in TIERS]: raise ValueError(f"unknown tiers {bad}; expected some of {TIERS}")
+    if bad := [t for t in tiers if t not in TIERS]:
+        raise ValueError(f"unknown tiers {bad}; expected some of {TIERS}")
     rows = list(samples)
     if missing := [s.get("id", i) for i, s in enumerate(rows) if by not in s][:3]:
         raise ValueError(f"samples {missing} have no {by!r} column: score them with score_difficulty first")
     kept = [s for s in rows if s[by] in tiers]
-    if not kept: raise ValueError(f"no sample is in the tiers {list(tiers)} by {by}: the {len(rows)} samples are {dict(sorted(Counter(s[by] for s in rows).items()))}")
+    if not kept:
+        raise ValueError(
+            f"no sample is in the tiers {list(tiers)} by {by}: the {len(rows)} samples are {dict(sorted(Counter(s[by] for s in rows).items()))}"
+        )
     return kept

@@ -27,206 +27,288 @@ __all__ = ['MAX_ANSWER_CHARS', 'MAX_REPETITION', 'ANSWER_KINDS', 'answer_tag', '
 
 # %% ../nbs/06_eval.ipynb #856894e3
 MAX_ANSWER_CHARS = 10_000  # longer outputs are not scored (None): a huge output must never earn a reward
-MAX_REPETITION = 0.4  # outputs whose share of repeated word 10-grams (or character 20-grams) exceeds this are degenerate (None)
+MAX_REPETITION = (
+    0.4  # outputs whose share of repeated word 10-grams (or character 20-grams) exceeds this are degenerate (None)
+)
 ANSWER_KINDS = ("auto", "number", "letter", "text", "tag", "boxed")  # what `extract_answer` can look for
 
-_TAG_PAIR = re.compile(r"<answer>((?:(?!</?answer>).)*)</answer>", re.I | re.S)  # an open tag, no tag inside, a close tag
+_TAG_PAIR = re.compile(
+    r"<answer>((?:(?!</?answer>).)*)</answer>", re.I | re.S
+)  # an open tag, no tag inside, a close tag
 _TAG_ANY = re.compile(r"</?answer>", re.I)
 
-def answer_tag(text: str, # a model output
-              ) -> str | None:
+
+def answer_tag(
+    text: str,  # a model output
+) -> str | None:
     "The content of the last complete `<answer>…</answer>` pair, stripped; None when there is none or it is empty."
     last = None
-    for last in _TAG_PAIR.finditer(text): pass
+    for last in _TAG_PAIR.finditer(text):
+        pass
     return (last.group(1).strip() or None) if last else None
 
 # %% ../nbs/06_eval.ipynb #275136c3
-def last_boxed(text: str, # a model output
-              ) -> str | None:
+def last_boxed(
+    text: str,  # a model output
+) -> str | None:
     "The content of the last `\\boxed{…}` (nested braces matched), stripped; None when absent, empty or unclosed."
     i = text.rfind("\\boxed")
-    if i < 0: return None
+    if i < 0:
+        return None
     j = i + len("\\boxed")
-    while j < len(text) and text[j] == " ": j += 1
-    if j >= len(text) or text[j] != "{": return None
+    while j < len(text) and text[j] == " ":
+        j += 1
+    if j >= len(text) or text[j] != "{":
+        return None
     depth = 0
     for k in range(j, len(text)):
         depth += {"{": 1, "}": -1}.get(text[k], 0)
-        if depth == 0: return text[j + 1:k].strip() or None
+        if depth == 0:
+            return text[j + 1 : k].strip() or None
     return None
 
 # %% ../nbs/06_eval.ipynb #36b277b0
-_PHRASE = re.compile(r"\b(?:final\s+)?answer\s*(?:is\s*:?|:|=)(?=[ \t]*(.*))", re.I)  # content in a look-ahead: every occurrence is found
+_PHRASE = re.compile(
+    r"\b(?:final\s+)?answer\s*(?:is\s*:?|:|=)(?=[ \t]*(.*))", re.I
+)  # content in a look-ahead: every occurrence is found
 _SENTENCE_END = re.compile(r"\.(?=\s|$)")  # a full stop that ends a sentence (not the one inside 3.5)
 
-def answer_phrase(text: str, # a model output
-                 ) -> tuple[bool, str | None]:
+
+def answer_phrase(
+    text: str,  # a model output
+) -> tuple[bool, str | None]:
     "Whether the text says 'answer is …' / 'Answer: …', and what follows the last such phrase up to the end of its sentence."
     last = None
-    for last in _PHRASE.finditer(text): pass
-    if last is None: return False, None
+    for last in _PHRASE.finditer(text):
+        pass
+    if last is None:
+        return False, None
     return True, _SENTENCE_END.split(last.group(1).strip(), maxsplit=1)[0].strip() or None
 
 # %% ../nbs/06_eval.ipynb #530cfd87
 _NUMBER = re.compile(r"(?<![\w.])-?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?|(?<![\w.])-?\.\d+")
 
-def last_number(text: str, # any text
-               ) -> str | None:
+
+def last_number(
+    text: str,  # any text
+) -> str | None:
     "The last number in `text` as written, thousands separators removed; None when there is none."
     last = None
-    for last in _NUMBER.finditer(text): pass
+    for last in _NUMBER.finditer(text):
+        pass
     return last.group(0).replace(",", "") if last else None
+
 
 _LETTER_ALONE = re.compile(r"[(\[]?([A-Za-z])[)\]]?[.:]?")
 _LETTER_LEAD = re.compile(r"[(\[]?([A-Z])[)\]]?(?=[\s.,:;)]|$)")
-_LETTER_MARKED = re.compile(r"\(([A-Z])\)|\[([A-Z])\]|^[ \t]*([A-Z])[.):](?=\s|$)|\b(?i:option|choice)\s+([A-Z])\b", re.M)
+_LETTER_MARKED = re.compile(
+    r"\(([A-Z])\)|\[([A-Z])\]|^[ \t]*([A-Z])[.):](?=\s|$)|\b(?i:option|choice)\s+([A-Z])\b", re.M
+)
 
-def option_letter(text: str, # an explicit answer, or a whole output
-                  explicit: bool = False, # `text` is an explicit answer (tag, box, 'answer is'): read its leading letter
-                 ) -> str | None:
+
+def option_letter(
+    text: str,  # an explicit answer, or a whole output
+    explicit: bool = False,  # `text` is an explicit answer (tag, box, 'answer is'): read its leading letter
+) -> str | None:
     "An option letter A–Z, upper-cased: the text alone, the leading letter of an explicit answer, or the one letter marked in free text."
     s = _strip_edges(text)
-    if m := _LETTER_ALONE.fullmatch(s): return m.group(1).upper()
-    if explicit: return m.group(1) if (m := _LETTER_LEAD.match(s)) else None
+    if m := _LETTER_ALONE.fullmatch(s):
+        return m.group(1).upper()
+    if explicit:
+        return m.group(1) if (m := _LETTER_LEAD.match(s)) else None
     found = {g for m in _LETTER_MARKED.finditer(text) for g in m.groups() if g}
     return found.pop() if len(found) == 1 else None
 
+
 _EDGES = re.compile(r"^[\s*`\"'“”‘’]+|[\s*`\"'“”‘’.,;:!?]+$")
+
 
 def _strip_edges(s: str) -> str:
     "Drop surrounding spaces, quotes and markdown emphasis, and trailing punctuation."
     return _EDGES.sub("", s)
 
-def short_text(text: str, # an explicit answer or a whole output
-               max_words: int = 2, # longer texts are not a short answer
-              ) -> str | None:
+
+def short_text(
+    text: str,  # an explicit answer or a whole output
+    max_words: int = 2,  # longer texts are not a short answer
+) -> str | None:
     "The text without surrounding quotes, emphasis and final punctuation, if it has at most `max_words` words; else None."
     s = _strip_edges(text)
     return s if s and len(s.split()) <= max_words else None
 
 # %% ../nbs/06_eval.ipynb #c109a97c
-def repeated_char_share(text: str, # any text
-                        n: int = 20, # n-gram length in characters
-                       ) -> float:
+def repeated_char_share(
+    text: str,  # any text
+    n: int = 20,  # n-gram length in characters
+) -> float:
     "Share of the character n-grams of `text` that occur more than once (0 when it is shorter than n)."
-    grams = [text[i:i + n] for i in range(len(text) - n + 1)]
-    if not grams: return 0.0
+    grams = [text[i : i + n] for i in range(len(text) - n + 1)]
+    if not grams:
+        return 0.0
     c = Counter(grams)
     return sum(c[g] > 1 for g in grams) / len(grams)
 
-def is_degenerate(text: str, # a model output
-                  max_repetition: float = MAX_REPETITION, # the largest share of repeated n-grams allowed
-                  min_chars: int = 100, # shorter texts are not checked on characters
-                 ) -> bool:
+
+def is_degenerate(
+    text: str,  # a model output
+    max_repetition: float = MAX_REPETITION,  # the largest share of repeated n-grams allowed
+    min_chars: int = 100,  # shorter texts are not checked on characters
+) -> bool:
     "Does the text repeat itself: repeated word 10-grams, or (≥ `min_chars`) repeated character 20-grams, above `max_repetition`?"
-    if repetition_score(text) > max_repetition: return True
+    if repetition_score(text) > max_repetition:
+        return True
     return len(text) >= min_chars and repeated_char_share(text) > max_repetition
 
 # %% ../nbs/06_eval.ipynb #bd1693a6
-def explicit_answer(text: str, # a model output
-                   ) -> tuple[str | None, str | None]:
+def explicit_answer(
+    text: str,  # a model output
+) -> tuple[str | None, str | None]:
     "(source, content) of the explicit answer: 'tag', 'boxed' or 'phrase' and its content (None when empty or malformed); (None, None) when there is none."
     if _TAG_ANY.search(text):
         t = answer_tag(text)
         return "tag", (last_boxed(t) or t) if t else None
-    if "\\boxed" in text: return "boxed", last_boxed(text)
+    if "\\boxed" in text:
+        return "boxed", last_boxed(text)
     found, p = answer_phrase(text)
     return ("phrase", p) if found else (None, None)
 
-def extract_answer(text: str | None, # a model output (decoded new tokens)
-                   kind: str = "auto", # one of ANSWER_KINDS
-                   max_chars: int = MAX_ANSWER_CHARS, # longer outputs give None
-                   max_repetition: float | None = MAX_REPETITION, # degenerate outputs (see `is_degenerate`) give None; None: no check
-                   max_words: int = 2, # the longest answer `auto` (without an explicit answer) and `text` take, in words
-                  ) -> str | None:
+
+def extract_answer(
+    text: str | None,  # a model output (decoded new tokens)
+    kind: str = "auto",  # one of ANSWER_KINDS
+    max_chars: int = MAX_ANSWER_CHARS,  # longer outputs give None
+    max_repetition: float | None = MAX_REPETITION,  # degenerate outputs (see `is_degenerate`) give None; None: no check
+    max_words: int = 2,  # the longest answer `auto` (without an explicit answer) and `text` take, in words
+) -> str | None:
     "The one answer a model output gives, or None (no answer: scored 0). Never raises on any text."
-    if kind not in ANSWER_KINDS: raise ValueError(f"unknown kind {kind!r}; expected one of {ANSWER_KINDS}")
-    if not isinstance(text, str) or not text.strip() or len(text) > max_chars: return None
-    text = text.replace("\u2212", "-")   # the Unicode minus sign
-    if max_repetition is not None and is_degenerate(text, max_repetition): return None
-    if kind == "tag": return answer_tag(text)
-    if kind == "boxed": return last_boxed(text)
+    if kind not in ANSWER_KINDS:
+        raise ValueError(f"unknown kind {kind!r}; expected one of {ANSWER_KINDS}")
+    if not isinstance(text, str) or not text.strip() or len(text) > max_chars:
+        return None
+    text = text.replace("\u2212", "-")  # the Unicode minus sign
+    if max_repetition is not None and is_degenerate(text, max_repetition):
+        return None
+    if kind == "tag":
+        return answer_tag(text)
+    if kind == "boxed":
+        return last_boxed(text)
     source, region = explicit_answer(text)
-    if source is not None and region is None: return None
+    if source is not None and region is None:
+        return None
     body = region if source else text
-    if kind == "number": return last_number(body)
-    if kind == "letter": return option_letter(body, explicit=source is not None)
-    if kind == "text": return short_text(body, max_words)
-    if source is not None: return _strip_edges(region) or None
+    if kind == "number":
+        return last_number(body)
+    if kind == "letter":
+        return option_letter(body, explicit=source is not None)
+    if kind == "text":
+        return short_text(body, max_words)
+    if source is not None:
+        return _strip_edges(region) or None
     return short_text(text, max_words) or last_number(text)
 
 # %% ../nbs/06_eval.ipynb #9d21bccb
 _NUMERIC = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)")
-_TOKENS = re.compile(r"(?<![^\W_])-?\d+(?:\.\d+)?|[^\W_]+")  # signed numbers (a minus after a letter is a hyphen) and words
+_TOKENS = re.compile(
+    r"(?<![^\W_])-?\d+(?:\.\d+)?|[^\W_]+"
+)  # signed numbers (a minus after a letter is a hyphen) and words
 _NUM_EDGES = re.compile(r"^[\s$(\[{*`\"']+|[\s$)\]}*`\"'.,;:!?]+$")
+
 
 def _canonical_number(s: str) -> str:
     "A number string in its shortest decimal form: 3.0 → 3, .50 → 0.5, -0 → 0."
-    try: d = Decimal(s)
-    except InvalidOperation: return s
-    if d == d.to_integral_value(): return str(int(d))
+    try:
+        d = Decimal(s)
+    except InvalidOperation:
+        return s
+    if d == d.to_integral_value():
+        return str(int(d))
     return format(d.normalize(), "f")
 
-def normalize_answer(s: str | None, # an answer (reference or extracted); None gives ""
-                    ) -> str:
+
+def normalize_answer(
+    s: str | None,  # an answer (reference or extracted); None gives ""
+) -> str:
     "Canonical form for exact match: case, spaces, punctuation and hyphens ignored, numbers compared by value."
-    if s is None: return ""
+    if s is None:
+        return ""
     s = unicodedata.normalize("NFKC", str(s)).replace("\u2212", "-").lower()
     s = re.sub(r"\\(?:text|mathrm|textbf|mathbf|operatorname)\s*\{([^{}]*)\}", r"\1", s)
     s = re.sub(r"(?<=\d),(?=\d{3}(?!\d))", "", s)
     whole = _NUM_EDGES.sub("", s)
-    if _NUMERIC.fullmatch(whole): return _canonical_number(whole)
+    if _NUMERIC.fullmatch(whole):
+        return _canonical_number(whole)
     return " ".join(_canonical_number(t) if _NUMERIC.fullmatch(t) else t for t in _TOKENS.findall(s))
 
 # %% ../nbs/06_eval.ipynb #55de7478
-def answers_match(pred: str | None, # an extracted answer (None: no answer)
-                  answer: str, # the reference answer
-                 ) -> bool:
+def answers_match(
+    pred: str | None,  # an extracted answer (None: no answer)
+    answer: str,  # the reference answer
+) -> bool:
     "Exact match after `normalize_answer`; never true for a missing prediction or an empty reference."
-    if pred is None: return False
+    if pred is None:
+        return False
     ref = normalize_answer(answer)
     return ref != "" and normalize_answer(pred) == ref
 
-def score_answer(extracted: str | None, # the extracted answer (None: the output gave no answer)
-                 answer: str, # the reference answer
-                 check: Callable[[str, str], bool] | None = None, # a task's own check(pred, answer), e.g. `Task.check`
-                ) -> bool:
+
+def score_answer(
+    extracted: str | None,  # the extracted answer (None: the output gave no answer)
+    answer: str,  # the reference answer
+    check: Callable[[str, str], bool] | None = None,  # a task's own check(pred, answer), e.g. `Task.check`
+) -> bool:
     "Is the extracted answer right? None is always wrong; else `answers_match`, or the task's `check`."
-    if extracted is None: return False
+    if extracted is None:
+        return False
     return answers_match(extracted, answer) or bool(check is not None and check(extracted, answer))
 
 # %% ../nbs/06_eval.ipynb #59a328e3
 def _z(confidence: float) -> float:
-    if not 0 < confidence < 1: raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
     return NormalDist().inv_cdf(0.5 + confidence / 2)
 
-def _check_counts(k, n):
-    if n < 0 or not 0 <= k <= n: raise ValueError(f"need 0 <= successes <= n, got successes={k}, n={n}")
 
-def wilson_interval(successes: float, # number right (may be fractional: a mean over samples times n)
-                    n: int, # number of questions
-                    confidence: float = 0.95, # two-sided level
-                   ) -> tuple[float, float]:
+def _check_counts(k, n):
+    if n < 0 or not 0 <= k <= n:
+        raise ValueError(f"need 0 <= successes <= n, got successes={k}, n={n}")
+
+
+def wilson_interval(
+    successes: float,  # number right (may be fractional: a mean over samples times n)
+    n: int,  # number of questions
+    confidence: float = 0.95,  # two-sided level
+) -> tuple[float, float]:
     "Wilson score interval for a proportion; (0, 1) when n is 0."
     _check_counts(successes, n)
-    if n == 0: return 0.0, 1.0
+    if n == 0:
+        return 0.0, 1.0
     z, p = _z(confidence), successes / n
     den = 1 + z * z / n
     centre, half = (p + z * z / (2 * n)) / den, z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
     return (0.0 if successes == 0 else max(0.0, centre - half)), (1.0 if successes == n else min(1.0, centre + half))
 
 # %% ../nbs/06_eval.ipynb #e32df8e6
-def binom_cdf(k: int, # successes
-              n: int, # trials
-              p: float, # success probability
-             ) -> float:
+def binom_cdf(
+    k: int,  # successes
+    n: int,  # trials
+    p: float,  # success probability
+) -> float:
     "P(X <= k) for X ~ Binomial(n, p), summed in log space."
-    if k < 0: return 0.0
-    if k >= n or p <= 0: return 1.0
-    if p >= 1: return 0.0
+    if k < 0:
+        return 0.0
+    if k >= n or p <= 0:
+        return 1.0
+    if p >= 1:
+        return 0.0
     lp, lq = math.log(p), math.log1p(-p)
     lc = math.lgamma(n + 1)
-    return min(1.0, math.fsum(math.exp(lc - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * lp + (n - i) * lq) for i in range(k + 1)))
+    return min(
+        1.0,
+        math.fsum(
+            math.exp(lc - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * lp + (n - i) * lq) for i in range(k + 1)
+        ),
+    )
+
 
 def _bisect(f, lo=0.0, hi=1.0, iters=60):
     "The root of an increasing f on [lo, hi]."
@@ -235,65 +317,83 @@ def _bisect(f, lo=0.0, hi=1.0, iters=60):
         lo, hi = (mid, hi) if f(mid) < 0 else (lo, mid)
     return (lo + hi) / 2
 
-def clopper_pearson_interval(successes: int, # number right
-                             n: int, # number of questions
-                             confidence: float = 0.95, # two-sided level
-                            ) -> tuple[float, float]:
+
+def clopper_pearson_interval(
+    successes: int,  # number right
+    n: int,  # number of questions
+    confidence: float = 0.95,  # two-sided level
+) -> tuple[float, float]:
     "The exact (Clopper–Pearson) interval: never below the nominal coverage; (0, 1) when n is 0."
-    _check_counts(successes, n); _z(confidence)
-    if n == 0: return 0.0, 1.0
+    _check_counts(successes, n)
+    _z(confidence)
+    if n == 0:
+        return 0.0, 1.0
     a, k = (1 - confidence) / 2, int(successes)
-    if k != successes: raise ValueError(f"Clopper-Pearson needs a whole number of successes, got {successes}")
-    lo = 0.0 if k == 0 else _bisect(lambda p: (1 - binom_cdf(k - 1, n, p)) - a)   # P(X >= k | p) grows with p
-    hi = 1.0 if k == n else _bisect(lambda p: a - binom_cdf(k, n, p))           # P(X <= k | p) falls with p
+    if k != successes:
+        raise ValueError(f"Clopper-Pearson needs a whole number of successes, got {successes}")
+    lo = 0.0 if k == 0 else _bisect(lambda p: (1 - binom_cdf(k - 1, n, p)) - a)  # P(X >= k | p) grows with p
+    hi = 1.0 if k == n else _bisect(lambda p: a - binom_cdf(k, n, p))  # P(X <= k | p) falls with p
     return lo, hi
 
 # %% ../nbs/06_eval.ipynb #e5166e46
-def proportion_ci(successes: float, # number right
-                  n: int, # number of questions
-                  confidence: float = 0.95, # two-sided level
-                  method: str = "wilson", # "wilson" or "clopper_pearson"
-                 ) -> tuple[float, float]:
+def proportion_ci(
+    successes: float,  # number right
+    n: int,  # number of questions
+    confidence: float = 0.95,  # two-sided level
+    method: str = "wilson",  # "wilson" or "clopper_pearson"
+) -> tuple[float, float]:
     "A confidence interval for an accuracy by `method`."
-    if method == "wilson": return wilson_interval(successes, n, confidence)
-    if method == "clopper_pearson": return clopper_pearson_interval(successes, n, confidence)
+    if method == "wilson":
+        return wilson_interval(successes, n, confidence)
+    if method == "clopper_pearson":
+        return clopper_pearson_interval(successes, n, confidence)
     raise ValueError(f"unknown interval method {method!r}; expected 'wilson' or 'clopper_pearson'")
 
 # %% ../nbs/06_eval.ipynb #b44c977f
-def pass_at_k(n: int, # samples drawn for a question
-              c: int, # how many of them were right
-              k: int, # the budget: is any of k samples right?
-             ) -> float:
+def pass_at_k(
+    n: int,  # samples drawn for a question
+    c: int,  # how many of them were right
+    k: int,  # the budget: is any of k samples right?
+) -> float:
     "Unbiased pass@k for one question: 1 − C(n−c, k) / C(n, k)."
-    if not 0 <= c <= n or not 1 <= k <= n: raise ValueError(f"need 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
-    if n - c < k: return 1.0
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"need 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    if n - c < k:
+        return 1.0
     return 1.0 - math.prod(1 - k / i for i in range(n - c + 1, n + 1))
+
 
 def pass_ks(num_samples: int) -> list[int]:
     "The k reported for `num_samples` samples per question: 1, 2, 4, … and num_samples itself."
-    return sorted({2 ** i for i in range(num_samples.bit_length()) if 2 ** i <= num_samples} | {num_samples})
+    return sorted({2**i for i in range(num_samples.bit_length()) if 2**i <= num_samples} | {num_samples})
 
 # %% ../nbs/06_eval.ipynb #f59cd00e
-def times_chance(accuracy: float, # measured accuracy
-                 chance: float | None, # the task's chance level
-                ) -> float | None:
+def times_chance(
+    accuracy: float,  # measured accuracy
+    chance: float | None,  # the task's chance level
+) -> float | None:
     "accuracy / chance (None when the chance level is unknown or 0)."
     return None if not chance else accuracy / chance
 
 # %% ../nbs/06_eval.ipynb #5b711076
 _PLACEHOLDER_LINE = re.compile(r"(?:Image-\d+: )?<(?:image|video)>\n?")
 
-def prompt_conversation(sample: dict, # a task sample (its conversation ends with the reference answer)
-                        suffix: str = "", # text appended to the last user turn (e.g. a format instruction)
-                       ) -> list[dict]:
+
+def prompt_conversation(
+    sample: dict,  # a task sample (its conversation ends with the reference answer)
+    suffix: str = "",  # text appended to the last user turn (e.g. a format instruction)
+) -> list[dict]:
     "The sample's conversation up to its last user turn: the reference answer is dropped."
     conv = list(sample["conversation"])
-    while conv and conv[-1]["role"] == "assistant": conv.pop()
-    if not conv or conv[-1]["role"] != "user": raise ValueError(f"sample {sample.get('id')!r} has no user turn to prompt with")
+    while conv and conv[-1]["role"] == "assistant":
+        conv.pop()
+    if not conv or conv[-1]["role"] != "user":
+        raise ValueError(f"sample {sample.get('id')!r} has no user turn to prompt with")
     if suffix:
         c = conv[-1]["content"]
         conv[-1] = {**conv[-1], "content": c + suffix if isinstance(c, str) else [*c, {"type": "text", "text": suffix}]}
     return conv
+
 
 def question_text(sample: dict) -> str:
     "The last user turn's text without image/video placeholders (for reports)."
@@ -302,63 +402,91 @@ def question_text(sample: dict) -> str:
     return _PLACEHOLDER_LINE.sub("", text).strip()
 
 # %% ../nbs/06_eval.ipynb #f6545b8a
-def check_compatible(model, # an MMModel (or anything with `config.image_token_id` / `tokens_per_tile`); stand-ins pass
-                     processor: MMProcessor, # the processor the prompts go through
-                    ):
+def check_compatible(
+    model,  # an MMModel (or anything with `config.image_token_id` / `tokens_per_tile`); stand-ins pass
+    processor: MMProcessor,  # the processor the prompts go through
+):
     "ValueError when model and processor disagree on the image token id or the visual tokens per tile."
     tid = getattr(getattr(model, "config", None), "image_token_id", None)
     if tid is not None and tid != processor.img_context_token_id:
-        raise ValueError(f"model.config.image_token_id is {tid} but the processor's <IMG_CONTEXT> id is {processor.img_context_token_id}: "
-                         "call fit_to_tokenizer(model, processor.tokenizer)")
+        raise ValueError(
+            f"model.config.image_token_id is {tid} but the processor's <IMG_CONTEXT> id is {processor.img_context_token_id}: "
+            "call fit_to_tokenizer(model, processor.tokenizer)"
+        )
     tpt = getattr(model, "tokens_per_tile", None)
     if isinstance(tpt, int) and tpt != processor.tokens_per_tile:
-        raise ValueError(f"the model makes {tpt} visual tokens per tile but the processor expands {processor.tokens_per_tile}: "
-                         "build the processor with MMProcessor.from_vision_config(model.config.vision_config)")
+        raise ValueError(
+            f"the model makes {tpt} visual tokens per tile but the processor expands {processor.tokens_per_tile}: "
+            "build the processor with MMProcessor.from_vision_config(model.config.vision_config)"
+        )
+
 
 def _model_device(model) -> torch.device:
     d = getattr(model, "device", None)
-    if isinstance(d, torch.device): return d
+    if isinstance(d, torch.device):
+        return d
     p = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
     return p.device if p is not None else torch.device("cpu")
 
 # %% ../nbs/06_eval.ipynb #a36b87b9
 def _prepare(processor, sample, suffix):
     "(processed sample, None) or (None, the reason it could not be processed)."
-    try: return processor.process(prompt_conversation(sample, suffix), add_generation_prompt=True, **media(sample)), None
-    except Exception as e: return None, f"{type(e).__name__}: {e}"   # an unreadable image, a bad sample: recorded, not raised
+    try:
+        return processor.process(prompt_conversation(sample, suffix), add_generation_prompt=True, **media(sample)), None
+    except Exception as e:
+        return None, f"{type(e).__name__}: {e}"  # an unreadable image, a bad sample: recorded, not raised
 
-def generate_texts(model, # anything with a transformers-style `generate`
-                   processor: MMProcessor, # the processor the prompts went through
-                   prepared: list[dict], # outputs of `processor.process(..., add_generation_prompt=True)`
-                   num_samples: int = 1, # completions per prompt
-                   **generate_kwargs, # max_new_tokens, do_sample, temperature, ...
-                  ) -> list[list[str]]:
+
+def generate_texts(
+    model,  # anything with a transformers-style `generate`
+    processor: MMProcessor,  # the processor the prompts went through
+    prepared: list[dict],  # outputs of `processor.process(..., add_generation_prompt=True)`
+    num_samples: int = 1,  # completions per prompt
+    **generate_kwargs,  # max_new_tokens, do_sample, temperature, ...
+) -> list[list[str]]:
     "Collate with left padding, generate, decode only the new tokens: `num_samples` texts per prompt."
     batch = processor.collate(prepared, padding_side="left")
     dev = _model_device(model)
     inputs = {k: v.to(dev) for k, v in processor.model_inputs(batch, labels=False).items()}
     with torch.inference_mode():
-        out = model.generate(**inputs, num_return_sequences=num_samples, eos_token_id=processor.eot_token_id,
-                             pad_token_id=processor.pad_token_id, **generate_kwargs)
+        out = model.generate(
+            **inputs,
+            num_return_sequences=num_samples,
+            eos_token_id=processor.eot_token_id,
+            pad_token_id=processor.pad_token_id,
+            **generate_kwargs,
+        )
     if out.shape[0] != len(prepared) * num_samples or out.shape[1] < inputs["input_ids"].shape[1]:
-        raise ValueError(f"generate returned shape {tuple(out.shape)}; expected {len(prepared) * num_samples} rows of at least {inputs['input_ids'].shape[1]} tokens")
-    texts = processor.batch_decode(out[:, inputs["input_ids"].shape[1]:].cpu())
-    return [texts[i * num_samples:(i + 1) * num_samples] for i in range(len(prepared))]
+        raise ValueError(
+            f"generate returned shape {tuple(out.shape)}; expected {len(prepared) * num_samples} rows of at least {inputs['input_ids'].shape[1]} tokens"
+        )
+    texts = processor.batch_decode(out[:, inputs["input_ids"].shape[1] :].cpu())
+    return [texts[i * num_samples : (i + 1) * num_samples] for i in range(len(prepared))]
 
 # %% ../nbs/06_eval.ipynb #085f7165
 class EvalResults:
     "Records and per-task summaries of one evaluation; save/load as JSON."
+
     FORMAT = "mmlit.eval/1"  # the `format` field of saved results
 
-    def __init__(self, records: list[dict], # one per completion (one per failed sample)
-                 tasks: dict[str, dict], # task name → {'chance', 'n', 'kind'}
-                 config: dict, # the settings of the run
-                 timing: dict | None = None, # seconds spent drawing samples and evaluating
-                ):
-        self.records, self.tasks, self.config, self.timing = list(records), dict(tasks), dict(config), dict(timing or {})
+    def __init__(
+        self,
+        records: list[dict],  # one per completion (one per failed sample)
+        tasks: dict[str, dict],  # task name → {'chance', 'n', 'kind'}
+        config: dict,  # the settings of the run
+        timing: dict | None = None,  # seconds spent drawing samples and evaluating
+    ):
+        self.records, self.tasks, self.config, self.timing = (
+            list(records),
+            dict(tasks),
+            dict(config),
+            dict(timing or {}),
+        )
 
     @property
-    def num_samples(self) -> int: return int(self.config.get("num_samples", 1))
+    def num_samples(self) -> int:
+        return int(self.config.get("num_samples", 1))
+
     @property
     def samples_per_s(self) -> float:
         "Questions evaluated per second (processing, generation and scoring; drawing the samples excluded)."
@@ -369,98 +497,151 @@ class EvalResults:
         "Right completions per question of `task` (every task when None), in record order."
         c: dict = {}
         for r in self.records:
-            if task is None or r["task"] == task: c[(r["task"], r["q"])] = c.get((r["task"], r["q"]), 0) + bool(r["correct"])
+            if task is None or r["task"] == task:
+                c[(r["task"], r["q"])] = c.get((r["task"], r["q"]), 0) + bool(r["correct"])
         return list(c.values())
 
-    def __repr__(self): return f"EvalResults({len(self.tasks)} tasks, {len(self.records)} records, num_samples={self.num_samples})\n" + self.table()
+    def __repr__(self):
+        return (
+            f"EvalResults({len(self.tasks)} tasks, {len(self.records)} records, num_samples={self.num_samples})\n"
+            + self.table()
+        )
 
 # %% ../nbs/06_eval.ipynb #900c2501
 def _resolve_tasks(tasks) -> list[tuple[str, Task | None, list | None]]:
     "(name, task or None, fixed samples or None) for every entry of `tasks`."
-    if tasks is None: tasks = list(CORE_TASKS)
-    if isinstance(tasks, (str, Task)) or (isinstance(tasks, tuple) and len(tasks) == 2 and isinstance(tasks[1], (list, tuple))): tasks = [tasks]
+    if tasks is None:
+        tasks = list(CORE_TASKS)
+    if isinstance(tasks, (str, Task)) or (
+        isinstance(tasks, tuple) and len(tasks) == 2 and isinstance(tasks[1], (list, tuple))
+    ):
+        tasks = [tasks]
     out = []
     for t in tasks:
-        t, samples = (t if isinstance(t, tuple) else (t, None))
-        if isinstance(t, str): name, task = t, (make_task(t) if t in TASKS or samples is None else None)
-        elif isinstance(t, Task): name, task = t.name, t
-        else: raise ValueError(f"a task must be a name, a Task or a (task, samples) pair, got {t!r:.60}")
+        t, samples = t if isinstance(t, tuple) else (t, None)
+        if isinstance(t, str):
+            name, task = t, (make_task(t) if t in TASKS or samples is None else None)
+        elif isinstance(t, Task):
+            name, task = t.name, t
+        else:
+            raise ValueError(f"a task must be a name, a Task or a (task, samples) pair, got {t!r:.60}")
         out.append((name, task, None if samples is None else list(samples)))
     names = [o[0] for o in out]
-    if len(set(names)) != len(names): raise ValueError(f"task names must be unique, got {names}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"task names must be unique, got {names}")
     return out
 
 # %% ../nbs/06_eval.ipynb #bfb682e0
 def _gen_kwargs(greedy, num_samples, temperature, top_p, max_new_tokens):
-    if num_samples < 1: raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-    if greedy and num_samples > 1: raise ValueError(f"greedy decoding gives {num_samples} identical answers; use greedy=False and a temperature for pass@k")
-    if max_new_tokens < 1: raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if greedy: return dict(max_new_tokens=max_new_tokens, do_sample=False)
-    if not temperature > 0: raise ValueError(f"sampling needs temperature > 0, got {temperature}")
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    if greedy and num_samples > 1:
+        raise ValueError(
+            f"greedy decoding gives {num_samples} identical answers; use greedy=False and a temperature for pass@k"
+        )
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if greedy:
+        return dict(max_new_tokens=max_new_tokens, do_sample=False)
+    if not temperature > 0:
+        raise ValueError(f"sampling needs temperature > 0, got {temperature}")
     return dict(max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
+
 
 def _batch_seed(seed: int, task: str, start: int) -> int:
     "The torch seed of the batch of `task` starting at question `start`: a task's results do not depend on the other tasks."
     return int(np.random.SeedSequence([seed, zlib.crc32(task.encode()), start]).generate_state(1)[0])
 
+
 def _records_for(name, q, sample, texts, error, kind, check):
     "The records of question `q` of a task: one per completion, or one carrying the error."
-    base = dict(task=name, q=q, id=sample.get("id"), question=question_text(sample) if error is None else "", answer=str(sample["answer"]))
-    if error is not None: return [dict(base, k=0, prediction=None, extracted=None, correct=False, error=error)]
+    base = dict(
+        task=name,
+        q=q,
+        id=sample.get("id"),
+        question=question_text(sample) if error is None else "",
+        answer=str(sample["answer"]),
+    )
+    if error is not None:
+        return [dict(base, k=0, prediction=None, extracted=None, correct=False, error=error)]
     out = []
     for j, t in enumerate(texts):
         ex = extract_answer(t, kind)
-        out.append(dict(base, k=j, prediction=t, extracted=ex, correct=score_answer(ex, base["answer"], check), error=None))
+        out.append(
+            dict(base, k=j, prediction=t, extracted=ex, correct=score_answer(ex, base["answer"], check), error=None)
+        )
     return out
 
 # %% ../nbs/06_eval.ipynb #0a6c6f10
-def evaluate(model, # an MMModel, or anything with a transformers-style `generate`
-             processor: MMProcessor, # the one processor prompts go through
-             tasks=None, # names, Task objects or (task, samples) pairs (default: chapter 04's tasks, `CORE_TASKS`)
-             split: str = "test", # the split drawn from the tasks
-             n: int = 16, # samples per task (ignored for fixed samples)
-             greedy: bool = True, # greedy decoding (one answer per question)
-             num_samples: int = 1, # completions per question when sampling (greedy=False): gives pass@k
-             temperature: float = 1.0, # sampling temperature
-             top_p: float = 1.0, # nucleus sampling threshold
-             max_new_tokens: int = 32, # generation budget per completion
-             batch_size: int = 8, # questions per generate call
-             seed: int = 0, # seeds sampling (per batch) — same seed, same results
-             kind: str | dict = "auto", # extraction kind for every task, or {task name: kind}
-             suffix: str = "", # appended to every question (e.g. a format instruction)
-             task_seed: int | None = None, # dataset seed of the tasks (default: each task's own)
-            ) -> EvalResults:
+def evaluate(
+    model,  # an MMModel, or anything with a transformers-style `generate`
+    processor: MMProcessor,  # the one processor prompts go through
+    tasks=None,  # names, Task objects or (task, samples) pairs (default: chapter 04's tasks, `CORE_TASKS`)
+    split: str = "test",  # the split drawn from the tasks
+    n: int = 16,  # samples per task (ignored for fixed samples)
+    greedy: bool = True,  # greedy decoding (one answer per question)
+    num_samples: int = 1,  # completions per question when sampling (greedy=False): gives pass@k
+    temperature: float = 1.0,  # sampling temperature
+    top_p: float = 1.0,  # nucleus sampling threshold
+    max_new_tokens: int = 32,  # generation budget per completion
+    batch_size: int = 8,  # questions per generate call
+    seed: int = 0,  # seeds sampling (per batch) — same seed, same results
+    kind: str | dict = "auto",  # extraction kind for every task, or {task name: kind}
+    suffix: str = "",  # appended to every question (e.g. a format instruction)
+    task_seed: int | None = None,  # dataset seed of the tasks (default: each task's own)
+) -> EvalResults:
     "Generate answers for `n` samples of each task and score them: an `EvalResults` with every record and per-task summaries."
     gen = _gen_kwargs(greedy, num_samples, temperature, top_p, max_new_tokens)
-    if batch_size < 1: raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     check_compatible(model, processor)
     for kd in (kind.values() if isinstance(kind, dict) else [kind]):
-        if kd not in ANSWER_KINDS: raise ValueError(f"unknown kind {kd!r}; expected one of {ANSWER_KINDS}")
+        if kd not in ANSWER_KINDS:
+            raise ValueError(f"unknown kind {kd!r}; expected one of {ANSWER_KINDS}")
     resolved, was_training = _resolve_tasks(tasks), getattr(model, "training", False)
-    if hasattr(model, "eval"): model.eval()
+    if hasattr(model, "eval"):
+        model.eval()
     records, meta, t_data, t_eval = [], {}, 0.0, 0.0
     try:
         for name, task, fixed in resolved:
             t0 = time.perf_counter()
             samples = fixed if fixed is not None else list(task.stream(split, n, seed=task_seed))
-            t1 = time.perf_counter(); t_data += t1 - t0
-            k_name, check = (kind.get(name, "auto") if isinstance(kind, dict) else kind), (task.check if task is not None else None)
+            t1 = time.perf_counter()
+            t_data += t1 - t0
+            k_name, check = (kind.get(name, "auto") if isinstance(kind, dict) else kind), (
+                task.check if task is not None else None
+            )
             meta[name] = dict(chance=None if task is None else float(task.chance), n=len(samples), kind=k_name)
             for s0 in range(0, len(samples), batch_size):
-                chunk = samples[s0:s0 + batch_size]
+                chunk = samples[s0 : s0 + batch_size]
                 prep = [_prepare(processor, s, suffix) for s in chunk]
                 good = [p for p, e in prep if e is None]
                 texts = iter([])
                 if good:
-                    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
+                    with torch.random.fork_rng(
+                        devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []
+                    ):
                         torch.manual_seed(_batch_seed(seed, name, s0))
                         texts = iter(generate_texts(model, processor, good, num_samples, **gen))
-                for q, s, (p, e) in zip(itertools.count(s0), chunk, prep): records += _records_for(name, q, s, None if e else next(texts), e, k_name, check)
+                for q, s, (p, e) in zip(itertools.count(s0), chunk, prep):
+                    records += _records_for(name, q, s, None if e else next(texts), e, k_name, check)
             t_eval += time.perf_counter() - t1
     finally:
-        if hasattr(model, "train"): model.train(was_training)
-    config = dict(split=split, n=n, greedy=greedy, num_samples=num_samples, temperature=None if greedy else temperature,
-                  top_p=None if greedy else top_p, max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed, suffix=suffix, task_seed=task_seed)
+        if hasattr(model, "train"):
+            model.train(was_training)
+    config = dict(
+        split=split,
+        n=n,
+        greedy=greedy,
+        num_samples=num_samples,
+        temperature=None if greedy else temperature,
+        top_p=None if greedy else top_p,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        seed=seed,
+        suffix=suffix,
+        task_seed=task_seed,
+    )
     return EvalResults(records, meta, config, dict(seconds=t_eval, data_seconds=t_data))
 
 # %% ../nbs/06_eval.ipynb #7740a258
@@ -468,51 +649,96 @@ def _summarise(res: EvalResults, name: str | None, confidence: float, method: st
     "Summary of one task (or every task when `name` is None)."
     k, c = res.num_samples, res._per_question(name)
     recs = [r for r in res.records if name is None or r["task"] == name]
-    n = len(c); acc = sum(c) / (n * k) if n else float("nan")
-    lo, hi = proportion_ci(sum(c) if k == 1 else acc * n, n, confidence, method if k == 1 else "wilson") if n else (float("nan"),) * 2
+    n = len(c)
+    acc = sum(c) / (n * k) if n else float("nan")
+    lo, hi = (
+        proportion_ci(sum(c) if k == 1 else acc * n, n, confidence, method if k == 1 else "wilson")
+        if n
+        else (float("nan"),) * 2
+    )
     if name is None:
         ch = [m["chance"] for m in res.tasks.values()]
-        chance = None if None in ch or not ch else sum(m["chance"] * m["n"] for m in res.tasks.values()) / max(1, sum(m["n"] for m in res.tasks.values()))
-    else: chance = res.tasks[name]["chance"]
-    out = dict(n=n, correct=sum(c), accuracy=acc, ci_low=lo, ci_high=hi, chance=chance, x_chance=times_chance(acc, chance) if n else None,
-               unparsed=sum(r["error"] is None and r["extracted"] is None for r in recs), errors=sum(r["error"] is not None for r in recs))
-    if k > 1: out["pass@k"] = {kk: float(np.mean([pass_at_k(k, ci, kk) for ci in c])) if n else float("nan") for kk in pass_ks(k)}
+        chance = (
+            None
+            if None in ch or not ch
+            else sum(m["chance"] * m["n"] for m in res.tasks.values()) / max(1, sum(m["n"] for m in res.tasks.values()))
+        )
+    else:
+        chance = res.tasks[name]["chance"]
+    out = dict(
+        n=n,
+        correct=sum(c),
+        accuracy=acc,
+        ci_low=lo,
+        ci_high=hi,
+        chance=chance,
+        x_chance=times_chance(acc, chance) if n else None,
+        unparsed=sum(r["error"] is None and r["extracted"] is None for r in recs),
+        errors=sum(r["error"] is not None for r in recs),
+    )
+    if k > 1:
+        out["pass@k"] = {
+            kk: float(np.mean([pass_at_k(k, ci, kk) for ci in c])) if n else float("nan") for kk in pass_ks(k)
+        }
     return out
 
-#| export
+
 @patch
-def summary(self: EvalResults, confidence: float = 0.95, # two-sided level of the intervals
-            method: str = "wilson", # "wilson" or "clopper_pearson" (greedy runs)
-           ) -> dict[str, dict]:
+def summary(
+    self: EvalResults,
+    confidence: float = 0.95,  # two-sided level of the intervals
+    method: str = "wilson",  # "wilson" or "clopper_pearson" (greedy runs)
+) -> dict[str, dict]:
     "Per-task summaries, plus an 'all' row pooling every question when there are several tasks."
     out = {name: _summarise(self, name, confidence, method) for name in self.tasks}
-    if len(self.tasks) > 1: out["all"] = _summarise(self, None, confidence, method)
+    if len(self.tasks) > 1:
+        out["all"] = _summarise(self, None, confidence, method)
     return out
 
+
 @patch
-def accuracy(self: EvalResults, task: str | None = None, # a task name (None: every question)
-            ) -> float:
+def accuracy(
+    self: EvalResults,
+    task: str | None = None,  # a task name (None: every question)
+) -> float:
     "Right completions / completions, for one task or overall."
     return _summarise(self, task, 0.95, "wilson")["accuracy"]
 
-def _pct(x): return "–" if x is None or x != x else f"{100 * x:.1f}"
+
+def _pct(x):
+    return "–" if x is None or x != x else f"{100 * x:.1f}"
+
 
 @patch
-def table(self: EvalResults, confidence: float = 0.95, # two-sided level of the intervals
-          method: str = "wilson", # "wilson" or "clopper_pearson"
-         ) -> str:
+def table(
+    self: EvalResults,
+    confidence: float = 0.95,  # two-sided level of the intervals
+    method: str = "wilson",  # "wilson" or "clopper_pearson"
+) -> str:
     "A markdown table: task, n, accuracy and its interval, chance, ×chance, unparsed, errors (and pass@k when sampling)."
     ks = pass_ks(self.num_samples) if self.num_samples > 1 else []
-    head = ["task", "n", "accuracy %", f"{confidence * 100:g} % CI", "chance %", "× chance", "unparsed", "errors"] + [f"pass@{k} %" for k in ks]
+    head = ["task", "n", "accuracy %", f"{confidence * 100:g} % CI", "chance %", "× chance", "unparsed", "errors"] + [
+        f"pass@{k} %" for k in ks
+    ]
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     for name, s in self.summary(confidence, method).items():
-        row = [name, str(s["n"]), _pct(s["accuracy"]), f"{_pct(s['ci_low'])}–{_pct(s['ci_high'])}", _pct(s["chance"]),
-               "–" if s["x_chance"] is None else f"{s['x_chance']:.2f}", str(s["unparsed"]), str(s["errors"])]
+        row = [
+            name,
+            str(s["n"]),
+            _pct(s["accuracy"]),
+            f"{_pct(s['ci_low'])}–{_pct(s['ci_high'])}",
+            _pct(s["chance"]),
+            "–" if s["x_chance"] is None else f"{s['x_chance']:.2f}",
+            str(s["unparsed"]),
+            str(s["errors"]),
+        ]
         lines.append("| " + " | ".join(row + [_pct(s["pass@k"][k]) for k in ks]) + " |")
     return "\n".join(lines)
 
+
 @patch
-def _repr_markdown_(self: EvalResults) -> str: return self.table()
+def _repr_markdown_(self: EvalResults) -> str:
+    return self.table()
 
 # %% ../nbs/06_eval.ipynb #19ac36f7
 @patch
@@ -520,83 +746,128 @@ def to_dict(self: EvalResults) -> dict:
     "Everything needed to rebuild the results: format tag, config, tasks, timing, records."
     return dict(format=self.FORMAT, config=self.config, tasks=self.tasks, timing=self.timing, records=self.records)
 
+
 @patch(cls_method=True)
 def from_dict(cls: EvalResults, d: dict) -> EvalResults:
     "Results from `to_dict`'s output; ValueError for anything else."
     if not isinstance(d, dict) or d.get("format") != cls.FORMAT:
-        raise ValueError(f"not mmlit evaluation results: format {d.get('format') if isinstance(d, dict) else type(d).__name__!r}, expected {cls.FORMAT!r}")
+        raise ValueError(
+            f"not mmlit evaluation results: format {d.get('format') if isinstance(d, dict) else type(d).__name__!r}, expected {cls.FORMAT!r}"
+        )
     return cls(d["records"], d["tasks"], d["config"], d.get("timing"))
 
+
 @patch
-def save(self: EvalResults, path: str | Path, # the JSON file to write (parent folders are created)
-        ) -> Path:
+def save(
+    self: EvalResults,
+    path: str | Path,  # the JSON file to write (parent folders are created)
+) -> Path:
     "Write the results as JSON, atomically: a crash leaves the old file or the new one, never half of one."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f: json.dump(self.to_dict(), f, indent=1, allow_nan=False)
+        with os.fdopen(fd, "w") as f:
+            json.dump(self.to_dict(), f, indent=1, allow_nan=False)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True); raise
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return path
+
 
 @patch(cls_method=True)
 def load(cls: EvalResults, path: str | Path) -> EvalResults:
     "Read results written by `save`."
     p = Path(path)
-    if not p.is_file(): raise ValueError(f"no results file at {p}")
-    try: d = json.loads(p.read_text())
-    except json.JSONDecodeError as e: raise ValueError(f"{p} is not valid JSON: {e}") from e
+    if not p.is_file():
+        raise ValueError(f"no results file at {p}")
+    try:
+        d = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{p} is not valid JSON: {e}") from e
     return cls.from_dict(d)
 
 # %% ../nbs/06_eval.ipynb #c0dd12f4
-def plot_accuracy(results_by_stage: dict[str, EvalResults] | EvalResults, # {stage label: results}, drawn side by side
-                  tasks: list[str] | None = None, # tasks to draw, in order (default: every task of any stage)
-                  confidence: float = 0.95, # level of the error bars
-                  all_row: bool = False, # add the pooled 'all' group
-                  ax=None, # a matplotlib axes to draw on
-                 ):
+def plot_accuracy(
+    results_by_stage: dict[str, EvalResults] | EvalResults,  # {stage label: results}, drawn side by side
+    tasks: list[str] | None = None,  # tasks to draw, in order (default: every task of any stage)
+    confidence: float = 0.95,  # level of the error bars
+    all_row: bool = False,  # add the pooled 'all' group
+    ax=None,  # a matplotlib axes to draw on
+):
     "Grouped bars of accuracy per task and stage, confidence intervals as error bars, each task's chance as a dashed line."
     import matplotlib.pyplot as plt
-    if isinstance(results_by_stage, EvalResults): results_by_stage = {"accuracy": results_by_stage}
-    if not results_by_stage: raise ValueError("plot_accuracy needs at least one EvalResults")
+
+    if isinstance(results_by_stage, EvalResults):
+        results_by_stage = {"accuracy": results_by_stage}
+    if not results_by_stage:
+        raise ValueError("plot_accuracy needs at least one EvalResults")
     summ = {st: r.summary(confidence) for st, r in results_by_stage.items()}
-    tasks = list(tasks or dict.fromkeys(t for r in results_by_stage.values() for t in r.tasks)) + (["all"] if all_row else [])
-    if ax is None: _, ax = plt.subplots(figsize=(min(11, 2.5 + len(tasks) * (0.4 + 0.25 * len(summ))), 3.4))
+    tasks = list(tasks or dict.fromkeys(t for r in results_by_stage.values() for t in r.tasks)) + (
+        ["all"] if all_row else []
+    )
+    if ax is None:
+        _, ax = plt.subplots(figsize=(min(11, 2.5 + len(tasks) * (0.4 + 0.25 * len(summ))), 3.4))
     x, w = np.arange(len(tasks)), 0.8 / len(summ)
     for i, (st, s) in enumerate(summ.items()):
         get = lambda key: np.array([s[t][key] if t in s else np.nan for t in tasks], dtype=float)
         acc, lo, hi = get("accuracy"), get("ci_low"), get("ci_high")
-        ax.bar(x + (i - (len(summ) - 1) / 2) * w, acc, w * .92, label=st,
-               yerr=np.nan_to_num(np.vstack([acc - lo, hi - acc])), capsize=3, error_kw=dict(lw=1))
+        ax.bar(
+            x + (i - (len(summ) - 1) / 2) * w,
+            acc,
+            w * 0.92,
+            label=st,
+            yerr=np.nan_to_num(np.vstack([acc - lo, hi - acc])),
+            capsize=3,
+            error_kw=dict(lw=1),
+        )
     labelled = False
     for j, t in enumerate(tasks):
         ch = next((s[t]["chance"] for s in summ.values() if t in s and s[t]["chance"] is not None), None)
-        if ch is None: continue
-        ax.hlines(ch, j - .45, j + .45, colors="k", linestyles="--", lw=1.3, zorder=3, label=None if labelled else "chance"); labelled = True
-    ax.set_xticks(x, tasks, rotation=20, ha="right"); ax.set_ylim(0, 1.05); ax.set_ylabel("accuracy")
+        if ch is None:
+            continue
+        ax.hlines(
+            ch, j - 0.45, j + 0.45, colors="k", linestyles="--", lw=1.3, zorder=3, label=None if labelled else "chance"
+        )
+        labelled = True
+    ax.set_xticks(x, tasks, rotation=20, ha="right")
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("accuracy")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
     return ax
 
 # %% ../nbs/06_eval.ipynb #fe3884d1
-def end_of_turn_ids(processor: MMProcessor, # the processor whose chat template closes each turn
-                   ) -> set[int]:
+def end_of_turn_ids(
+    processor: MMProcessor,  # the processor whose chat template closes each turn
+) -> set[int]:
     "Token ids that close an assistant turn: the processor's `<|im_end|>` and the tokenizer's eos."
     return {processor.eot_token_id, processor.tokenizer.eos_token_id} - {None}
 
-def answer_span(processor: MMProcessor, # the processor that made `processed`
-                processed: dict, # `processor.process(...)` of a conversation that ends with the reference answer
-               ) -> tuple[int, int]:
+
+def answer_span(
+    processor: MMProcessor,  # the processor that made `processed`
+    processed: dict,  # `processor.process(...)` of a conversation that ends with the reference answer
+) -> tuple[int, int]:
     "[start, stop) of the reference answer's tokens: the last run of supervised labels, without the end-of-turn token(s) closing it."
     ids, sup = processed["input_ids"], (processed["labels"] != IGNORE_INDEX).tolist()
-    if not any(sup): raise ValueError("the processed sample has no supervised tokens: its conversation must end with the reference answer")
+    if not any(sup):
+        raise ValueError(
+            "the processed sample has no supervised tokens: its conversation must end with the reference answer"
+        )
     stop = len(sup) - sup[::-1].index(True)
     start = stop
-    while start > 0 and sup[start - 1]: start -= 1
+    while start > 0 and sup[start - 1]:
+        start -= 1
     ends = end_of_turn_ids(processor)
-    if int(ids[stop - 1]) not in ends: raise ValueError(f"the answer ends with token {int(ids[stop - 1])}, not an end-of-turn token: the sample was truncated")
-    while stop > start and int(ids[stop - 1]) in ends: stop -= 1
-    if stop == start: raise ValueError("the reference answer has no tokens besides the end of turn")
+    if int(ids[stop - 1]) not in ends:
+        raise ValueError(
+            f"the answer ends with token {int(ids[stop - 1])}, not an end-of-turn token: the sample was truncated"
+        )
+    while stop > start and int(ids[stop - 1]) in ends:
+        stop -= 1
+    if stop == start:
+        raise ValueError("the reference answer has no tokens besides the end of turn")
     return start, stop
 
 # %% ../nbs/06_eval.ipynb #dcd70da9
@@ -605,48 +876,57 @@ def _answer_inputs(processor, sample):
     try:
         p = processor.process(sample["conversation"], **media(sample))
         return (p, answer_span(processor, p)), None
-    except Exception as e: return None, f"{type(e).__name__}: {e}"   # an unreadable image, a truncated answer: NaN, not a crash
+    except Exception as e:
+        return None, f"{type(e).__name__}: {e}"  # an unreadable image, a truncated answer: NaN, not a crash
+
 
 def _batch_nll(model, processor, prepared):
     "Summed answer −log p (nats) of each (processed sample, span) of a batch, from one teacher-forced forward pass."
-    batch = processor.collate([p for p, _ in prepared])   # right padding: a token keeps its index
+    batch = processor.collate([p for p, _ in prepared])  # right padding: a token keeps its index
     dev = _model_device(model)
-    logits = model(**{k: v.to(dev) for k, v in processor.model_inputs(batch, labels=False).items()}).logits   # (B, L, V)
-    rows = torch.cat([torch.full((b - a,), i) for i, (_, (a, b)) in enumerate(prepared)])   # one entry per answer token
+    logits = model(**{k: v.to(dev) for k, v in processor.model_inputs(batch, labels=False).items()}).logits  # (B, L, V)
+    rows = torch.cat([torch.full((b - a,), i) for i, (_, (a, b)) in enumerate(prepared)])  # one entry per answer token
     pos = torch.cat([torch.arange(a, b) for _, (a, b) in prepared])
-    logp = logits[rows.to(dev), (pos - 1).to(dev)].float().log_softmax(-1)   # token t is predicted at t - 1
+    logp = logits[rows.to(dev), (pos - 1).to(dev)].float().log_softmax(-1)  # token t is predicted at t - 1
     nll = -logp.gather(1, batch["input_ids"][rows, pos].to(dev)[:, None])[:, 0]
     return torch.zeros(len(prepared), dtype=torch.float64).index_add_(0, rows, nll.double().cpu()).tolist()
 
 # %% ../nbs/06_eval.ipynb #5b634708
-def answer_nll(model, # an MMModel, a peft-wrapped one, or anything whose forward returns `.logits`
-               processor: MMProcessor, # the processor the samples go through
-               samples: Iterable[dict], # task samples whose conversation ends with the reference assistant answer
-               batch_size: int = 32, # samples per forward pass
-              ) -> list[float]:
+def answer_nll(
+    model,  # an MMModel, a peft-wrapped one, or anything whose forward returns `.logits`
+    processor: MMProcessor,  # the processor the samples go through
+    samples: Iterable[dict],  # task samples whose conversation ends with the reference assistant answer
+    batch_size: int = 32,  # samples per forward pass
+) -> list[float]:
     "Teacher-forced −ln p(reference answer | prompt, images) in nats per sample, end of turn excluded; NaN where processing fails."
-    if batch_size < 1: raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     samples = list(samples)
     for i, s in enumerate(samples):
         if not s["conversation"] or s["conversation"][-1]["role"] != "assistant":
-            raise ValueError(f"sample {s.get('id', i)!r} does not end with an assistant turn: answer_nll scores the reference answer it ends with")
+            raise ValueError(
+                f"sample {s.get('id', i)!r} does not end with an assistant turn: answer_nll scores the reference answer it ends with"
+            )
     was_training, out = getattr(model, "training", False), []
-    if hasattr(model, "eval"): model.eval()
+    if hasattr(model, "eval"):
+        model.eval()
     try:
         with torch.no_grad():
             for s0 in range(0, len(samples), batch_size):
-                prep = [_answer_inputs(processor, s) for s in samples[s0:s0 + batch_size]]
+                prep = [_answer_inputs(processor, s) for s in samples[s0 : s0 + batch_size]]
                 good = [p for p, e in prep if e is None]
                 nll = iter(_batch_nll(model, processor, good) if good else [])
                 out += [math.nan if e else next(nll) for _, e in prep]
     finally:
-        if hasattr(model, "train"): model.train(was_training)
+        if hasattr(model, "train"):
+            model.train(was_training)
     return out
 
 # %% ../nbs/06_eval.ipynb #97836ad3
 @dataclass
 class GroundingVerdict:
     "Does a model use the image? Its accuracy interval against the image-blind one, its answer loss against the blind loss."
+
     accuracy: float  # the model's accuracy, correct / n
     interval: tuple[float, float]  # its Wilson interval
     blind_accuracy: float  # the image-blind predictor's accuracy
@@ -666,8 +946,10 @@ def _loss_pair(a: float, b: float) -> tuple[str, str]:
     "Two losses with 2 decimals, or more when 2 would print two different losses the same."
     for d in (2, 3, 4):
         sa, sb = f"{a:.{d}f}", f"{b:.{d}f}"
-        if sa != sb or a == b: break
+        if sa != sb or a == b:
+            break
     return sa, sb
+
 
 @patch(as_prop=True)
 def sentence(self: GroundingVerdict) -> str:
@@ -675,27 +957,43 @@ def sentence(self: GroundingVerdict) -> str:
     f = lambda x: f"{100 * x:.1f}"
     acc = f"{f(self.accuracy)} % ({f(self.interval[0])}–{f(self.interval[1])}) vs {f(self.blind_accuracy)} % blind ({f(self.blind_interval[0])}–{f(self.blind_interval[1])})"
     loss, blind = _loss_pair(self.loss, self.blind_loss)
-    if self.grounded: return f"grounded: {acc}, answer loss {loss} < {blind} blind"
-    if self.above_blind: return f"not grounded: answer loss {loss} is not below the blind {blind}, although the accuracy {acc} is above"
+    if self.grounded:
+        return f"grounded: {acc}, answer loss {loss} < {blind} blind"
+    if self.above_blind:
+        return f"not grounded: answer loss {loss} is not below the blind {blind}, although the accuracy {acc} is above"
     where = "lies below" if self.interval[1] < self.blind_interval[0] else "overlaps"
     why = f"the accuracy interval {where} the blind one, {acc}"
-    return f"not grounded: {why}" + ("" if self.below_blind_loss else f"; answer loss {loss} is not below the blind {blind}")
+    return f"not grounded: {why}" + (
+        "" if self.below_blind_loss else f"; answer loss {loss} is not below the blind {blind}"
+    )
+
 
 @patch
-def __str__(self: GroundingVerdict) -> str: return self.sentence
+def __str__(self: GroundingVerdict) -> str:
+    return self.sentence
 
 # %% ../nbs/06_eval.ipynb #918eac7a
-def grounding_verdict(correct: int, # questions the model got right
-                      n: int, # questions it was asked
-                      blind_accuracy: float, # the image-blind predictor's accuracy (`BlindBaseline.accuracy`)
-                      blind_n: int, # questions the blind predictor was scored on (`BlindBaseline.n_test`)
-                      loss: float, # the model's mean answer loss in nats (mean of `answer_nll`)
-                      blind_loss: float, # the blind predictor's mean answer loss in nats (`BlindBaseline.loss`)
-                      confidence: float = 0.95, # level of both intervals
-                     ) -> GroundingVerdict:
+def grounding_verdict(
+    correct: int,  # questions the model got right
+    n: int,  # questions it was asked
+    blind_accuracy: float,  # the image-blind predictor's accuracy (`BlindBaseline.accuracy`)
+    blind_n: int,  # questions the blind predictor was scored on (`BlindBaseline.n_test`)
+    loss: float,  # the model's mean answer loss in nats (mean of `answer_nll`)
+    blind_loss: float,  # the blind predictor's mean answer loss in nats (`BlindBaseline.loss`)
+    confidence: float = 0.95,  # level of both intervals
+) -> GroundingVerdict:
     "Grounded iff the model's Wilson interval lies entirely above the blind accuracy's and its answer loss is below the blind loss."
-    if not 0 <= blind_accuracy <= 1: raise ValueError(f"blind_accuracy must be in [0, 1], got {blind_accuracy}")
+    if not 0 <= blind_accuracy <= 1:
+        raise ValueError(f"blind_accuracy must be in [0, 1], got {blind_accuracy}")
     iv = wilson_interval(correct, n, confidence)
     blind_iv = wilson_interval(min(blind_n, blind_accuracy * blind_n), blind_n, confidence)
-    return GroundingVerdict(correct / n if n else math.nan, iv, blind_accuracy, blind_iv, loss, blind_loss,
-                            above_blind=iv[0] > blind_iv[1], below_blind_loss=loss < blind_loss)
+    return GroundingVerdict(
+        correct / n if n else math.nan,
+        iv,
+        blind_accuracy,
+        blind_iv,
+        loss,
+        blind_loss,
+        above_blind=iv[0] > blind_iv[1],
+        below_blind_loss=loss < blind_loss,
+    )

@@ -17,8 +17,20 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from .core import seed_everything
 from .data import Task, media, sample_meta, weighted_loss
-from .train import (TrainConfig, make_optimizer, make_scheduler, batch_weights, forward_logits, latest_checkpoint, prune_checkpoints, resume_checkpoint, rng_state,
-                         set_rng_state, verify_checkpoint, write_checkpoint)
+from mmlit.train import (
+    TrainConfig,
+    make_optimizer,
+    make_scheduler,
+    batch_weights,
+    forward_logits,
+    latest_checkpoint,
+    prune_checkpoints,
+    resume_checkpoint,
+    rng_state,
+    set_rng_state,
+    verify_checkpoint,
+    write_checkpoint,
+)
 from .eval import answer_tag
 from .grpo import accuracy_reward, base_model, policy_train_mode, prompt_embeddings, rollout, sample_completions
 
@@ -32,66 +44,82 @@ __all__ = ['THINK_SUFFIX', 'RATIONALES', 'SELECT_STRATEGIES', 'VARIANTS', 'TEMPE
 # %% ../nbs/08_evolve.ipynb #8b9abb01
 THINK_SUFFIX = " Think step by step."  # appended to a question when the model should reason before it answers
 
+
 def _cell(o: dict, size: int, cells: int) -> tuple[int, int]:
     "The (row, column) of the grid cell holding an object's centre, counting from 1."
     c = size / cells
     return int(o["y"] // c) + 1, int(o["x"] // c) + 1
+
 
 def count_steps(task: Task, meta: dict) -> list[str]:
     "Each counted shape with its cell, row by row: 'star at row 1 column 3'."
     found = sorted(_cell(o, task.size, task.cells) for o in meta["objects"] if o["shape"] == meta["target"])
     return [f"{meta['target']} at row {r} column {c}" for r, c in found]
 
+
 def caption_steps(task: Task, meta: dict) -> list[str]:
     "The items of the task's caption, one a step: 'A 3', 'B 7' for a chart; 'red star left' for shapes."
     return [s.strip() for s in task.describe(meta).rstrip(".").split(", ") if s.strip()]
 
+
 RATIONALES = {"count": count_steps}  # task name → steps writer (task, meta) → list[str]; others use `caption_steps`
 
 # %% ../nbs/08_evolve.ipynb #7de534ec
-def gold_steps(task: Task, # the task the sample came from
-               sample: dict, # one of its samples
-              ) -> list[str]:
+def gold_steps(
+    task: Task,  # the task the sample came from
+    sample: dict,  # one of its samples
+) -> list[str]:
     "The true reasoning steps of a sample's scene."
     writer = RATIONALES.get(task.name, caption_steps)
     if writer is caption_steps and type(task).describe is Task.describe:
-        raise ValueError(f"task {task.name!r} has no rationale writer in RATIONALES and no describe(meta) to fall back on")
+        raise ValueError(
+            f"task {task.name!r} has no rationale writer in RATIONALES and no describe(meta) to fall back on"
+        )
     return writer(task, sample_meta(sample))
 
-def format_response(steps: list[str], # the reasoning steps, one a line
-                    answer: str, # the final answer
-                   ) -> str:
+
+def format_response(
+    steps: list[str],  # the reasoning steps, one a line
+    answer: str,  # the final answer
+) -> str:
     "`<think>` one step a line `</think><answer>…</answer>`."
     return "<think>\n" + "".join(s + "\n" for s in steps) + "</think><answer>" + str(answer) + "</answer>"
 
 # %% ../nbs/08_evolve.ipynb #80f5b119
 _THINK = re.compile(r"<think>(.*?)</think>", re.S)
 
-def response_steps(text: str, # a model response
-                  ) -> list[str]:
+
+def response_steps(
+    text: str,  # a model response
+) -> list[str]:
     "The non-empty lines of the response's first `<think>…</think>` block ([] without one)."
     m = _THINK.search(text or "")
     return [l.strip() for l in m.group(1).split("\n") if l.strip()] if m else []
 
-def step_truth(task: Task, # the sample's task
-               sample: dict, # the sample
-               steps: list[str], # steps of a response
-              ) -> list[bool]:
+
+def step_truth(
+    task: Task,  # the sample's task
+    sample: dict,  # the sample
+    steps: list[str],  # steps of a response
+) -> list[bool]:
     "Per step: is it one of the scene's gold steps, and not a repeat?"
     gold, seen, out = set(gold_steps(task, sample)), set(), []
     for st in steps:
-        out.append(st in gold and st not in seen); seen.add(st)
+        out.append(st in gold and st not in seen)
+        seen.add(st)
     return out
 
 # %% ../nbs/08_evolve.ipynb #7d302f99
-def with_response(sample: dict, # a task sample
-                  response: str, # the assistant turn to train on
-                  suffix: str = THINK_SUFFIX, # appended to the question
-                 ) -> dict:
+def with_response(
+    sample: dict,  # a task sample
+    response: str,  # the assistant turn to train on
+    suffix: str = THINK_SUFFIX,  # appended to the question
+) -> dict:
     "A copy of the sample whose question carries `suffix` and whose answer turn is `response`."
     user, *_ = [m for m in sample["conversation"] if m["role"] == "user"]
     conv = [dict(user, content=user["content"] + suffix), {"role": "assistant", "content": response}]
     return dict(sample, conversation=conv)
+
 
 def with_rationale(task: Task, sample: dict, suffix: str = THINK_SUFFIX) -> dict:
     "The sample with its gold reasoning as the answer turn (warm-up data)."
@@ -100,11 +128,15 @@ def with_rationale(task: Task, sample: dict, suffix: str = THINK_SUFFIX) -> dict
 # %% ../nbs/08_evolve.ipynb #f255df86
 def _check_table(correct, scores=None):
     c = torch.as_tensor(np.asarray(correct)).bool()
-    if c.ndim != 2: raise ValueError(f"correct must be (N, K), got shape {tuple(c.shape)}")
-    if scores is None: return c, None
+    if c.ndim != 2:
+        raise ValueError(f"correct must be (N, K), got shape {tuple(c.shape)}")
+    if scores is None:
+        return c, None
     s = torch.as_tensor(np.asarray(scores, dtype=np.float64))
-    if s.shape != c.shape: raise ValueError(f"scores {tuple(s.shape)} do not match correct {tuple(c.shape)}")
+    if s.shape != c.shape:
+        raise ValueError(f"scores {tuple(s.shape)} do not match correct {tuple(c.shape)}")
     return c, s
+
 
 def pass_at_k(correct) -> float:
     "(N, K) bool → the share of queries with at least one correct response."
@@ -116,35 +148,45 @@ def _top(s: torch.Tensor, k: int) -> torch.Tensor:
     "Indices of the k highest scores per row; ties go to the earlier response."
     return torch.sort(-s, dim=-1, stable=True).indices[..., :k]
 
-def reward_pass_at_k(correct, # (N, K) bool: is response j to query i right?
-                     scores, # (N, K) float: the reward model's score of each response
-                     k: int = 2, # how many of the best-scored responses count
-                    ) -> float:
+
+def reward_pass_at_k(
+    correct,  # (N, K) bool: is response j to query i right?
+    scores,  # (N, K) float: the reward model's score of each response
+    k: int = 2,  # how many of the best-scored responses count
+) -> float:
     "The share of queries whose k highest-scored responses include a correct one."
     c, s = _check_table(correct, scores)
-    if k < 1: raise ValueError(f"k must be >= 1, got {k}")
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
     return float(c.gather(1, _top(s, k)).any(1).double().mean()) if len(c) else float("nan")
 
 # %% ../nbs/08_evolve.ipynb #7f2aab26
 SELECT_STRATEGIES = ("top", "random", "all")  # how `select_responses` picks among the correct responses
 
-def select_responses(correct, # (N, K) bool
-                     scores=None, # (N, K) float, needed by "top"
-                     k: int = 2, # responses kept per query ("top" and "random")
-                     strategy: str = "top", # "top": the k best-scored correct; "random": k random correct; "all": every correct one
-                     rng: np.random.Generator | None = None, # for "random" (default: seeded 0)
-                    ) -> list[list[int]]:
+
+def select_responses(
+    correct,  # (N, K) bool
+    scores=None,  # (N, K) float, needed by "top"
+    k: int = 2,  # responses kept per query ("top" and "random")
+    strategy: str = "top",  # "top": the k best-scored correct; "random": k random correct; "all": every correct one
+    rng: np.random.Generator | None = None,  # for "random" (default: seeded 0)
+) -> list[list[int]]:
     "Per query, the indices of the responses to train on (fewer than k when fewer are correct)."
-    if strategy not in SELECT_STRATEGIES: raise ValueError(f"unknown strategy {strategy!r}; expected one of {SELECT_STRATEGIES}")
-    if strategy == "top" and scores is None: raise ValueError("strategy 'top' needs scores (e.g. process rewards)")
+    if strategy not in SELECT_STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; expected one of {SELECT_STRATEGIES}")
+    if strategy == "top" and scores is None:
+        raise ValueError("strategy 'top' needs scores (e.g. process rewards)")
     c, s = _check_table(correct, scores)
     rng = rng if rng is not None else np.random.default_rng(0)
     out = []
     for i in range(len(c)):
         ok = torch.nonzero(c[i]).flatten()
-        if strategy == "all": out.append(ok.tolist())
-        elif strategy == "random": out.append(sorted(rng.choice(ok.numpy(), min(k, len(ok)), replace=False).tolist()))
-        else: out.append(ok[_top(s[i, ok], k)].tolist())
+        if strategy == "all":
+            out.append(ok.tolist())
+        elif strategy == "random":
+            out.append(sorted(rng.choice(ok.numpy(), min(k, len(ok)), replace=False).tolist()))
+        else:
+            out.append(ok[_top(s[i, ok], k)].tolist())
     return out
 
 # %% ../nbs/08_evolve.ipynb #fa7e3163
@@ -152,32 +194,50 @@ def tag_accuracy(prompts: list, completions: list[str], **columns) -> list[float
     "The accuracy reward on the `<answer>` tag only (TRL's signature): a response without the tag scores 0."
     return accuracy_reward(prompts, completions, kind="tag", **columns)
 
-def sample_groups(model: nn.Module, # the policy
-                  processor, # its processor
-                  samples: list[dict], # labelled prompts
-                  k: int = 8, # responses per prompt
-                  temperature: float = 1.0, # sampling temperature
-                  max_new_tokens: int = 64, # response budget
-                  reward_funcs: list[Callable] | None = None, # TRL-signature functions (default: `tag_accuracy`)
-                  threshold: float = 1.0, # a response is correct when its summed reward reaches this
-                  suffix: str = THINK_SUFFIX, # appended to the questions
-                  batch_size: int = 32, # prompts per generation call
-                 ) -> tuple[list, torch.Tensor]:
+
+def sample_groups(
+    model: nn.Module,  # the policy
+    processor,  # its processor
+    samples: list[dict],  # labelled prompts
+    k: int = 8,  # responses per prompt
+    temperature: float = 1.0,  # sampling temperature
+    max_new_tokens: int = 64,  # response budget
+    reward_funcs: list[Callable] | None = None,  # TRL-signature functions (default: `tag_accuracy`)
+    threshold: float = 1.0,  # a response is correct when its summed reward reaches this
+    suffix: str = THINK_SUFFIX,  # appended to the questions
+    batch_size: int = 32,  # prompts per generation call
+) -> tuple[list, torch.Tensor]:
     "Chapter 07's rollout groups for every prompt and the (N, K) correctness table."
     groups = []
     for i in range(0, len(samples), batch_size):
-        groups += rollout(model, processor, samples[i:i + batch_size], reward_funcs or [tag_accuracy], k, max_new_tokens, temperature, suffix=suffix)
-    correct = torch.stack([g.rewards.nan_to_num(0).sum(1) >= threshold for g in groups]) if groups else torch.zeros(0, k, dtype=torch.bool)
+        groups += rollout(
+            model,
+            processor,
+            samples[i : i + batch_size],
+            reward_funcs or [tag_accuracy],
+            k,
+            max_new_tokens,
+            temperature,
+            suffix=suffix,
+        )
+    correct = (
+        torch.stack([g.rewards.nan_to_num(0).sum(1) >= threshold for g in groups])
+        if groups
+        else torch.zeros(0, k, dtype=torch.bool)
+    )
     return groups, correct
 
 # %% ../nbs/08_evolve.ipynb #8cc74908
-def sft_loss(model: nn.Module, # the policy
-             processor, # its processor
-             samples: list[dict], # samples whose answer turn is the response to learn
-             mode: str = "square", # chapter 04's loss re-weighting
-            ) -> torch.Tensor:
+def sft_loss(
+    model: nn.Module,  # the policy
+    processor,  # its processor
+    samples: list[dict],  # samples whose answer turn is the response to learn
+    mode: str = "square",  # chapter 04's loss re-weighting
+) -> torch.Tensor:
     "Chapter 05's weighted SFT loss of one micro-batch."
-    batch = processor.collate([processor.process(s["conversation"], **media(s)) for s in samples]).to(next(model.parameters()).device)
+    batch = processor.collate([processor.process(s["conversation"], **media(s)) for s in samples]).to(
+        next(model.parameters()).device
+    )
     return weighted_loss(forward_logits(model, batch), batch["labels"], batch_weights(batch, mode))
 
 # %% ../nbs/08_evolve.ipynb #95cc9bf5
@@ -188,6 +248,7 @@ TEMPERATURES = tuple(round(0.3 + 0.1 * i, 1) for i in range(14))  # the automati
 @dataclass
 class EvolveConfig:
     "Every setting of a self-evolution run (saved in each checkpoint)."
+
     output_dir: str = "runs/evolve"  # metrics.jsonl and checkpoints/ go here
     variant: str = "continuous"  # "continuous", "iterative" (RFT) or "restem"
     rounds: int = 8  # self-evolution rounds
@@ -195,14 +256,18 @@ class EvolveConfig:
     k: int = 8  # responses sampled per prompt
     select: str = "top"  # "top" (needs a PRM), "random" or "all": see `select_responses`
     keep: int = 2  # correct responses kept per prompt ("top", "random")
-    min_process_reward: float | None = None  # also drop correct responses whose process reward is below this (needs a PRM)
+    min_process_reward: float | None = (
+        None  # also drop correct responses whose process reward is below this (needs a PRM)
+    )
     temperature: float = 1.0  # sampling temperature (the starting one with `auto_temperature`)
     auto_temperature: bool = False  # every `auto_every` rounds pick the temperature maximising Reward-Pass@2
     temperatures: tuple = TEMPERATURES  # the grid searched
     auto_every: int = 2  # rounds between temperature searches
     max_new_tokens: int = 64  # response budget
     steps_per_round: int = 20  # SFT optimizer steps per round
-    explore_prompts: int | None = None  # held-out prompts (spread evenly) whose K samples give Pass@K and Reward-Pass@2 (None: all)
+    explore_prompts: int | None = (
+        None  # held-out prompts (spread evenly) whose K samples give Pass@K and Reward-Pass@2 (None: all)
+    )
     batch_size: int = 8  # responses per SFT step
     lr: float = 1e-4  # peak learning rate
     warmup_ratio: float = 0.05  # share of the (run's or round's) steps with a linear warm-up
@@ -215,17 +280,23 @@ class EvolveConfig:
     progress: bool = True  # tqdm progress bar
 
     def __post_init__(self):
-        if self.variant not in VARIANTS: raise ValueError(f"unknown variant {self.variant!r}; expected one of {VARIANTS}")
-        if self.select not in SELECT_STRATEGIES: raise ValueError(f"unknown select {self.select!r}; expected one of {SELECT_STRATEGIES}")
-        if not 0 < self.round_fraction <= 1: raise ValueError(f"round_fraction must be in (0, 1], got {self.round_fraction}")
+        if self.variant not in VARIANTS:
+            raise ValueError(f"unknown variant {self.variant!r}; expected one of {VARIANTS}")
+        if self.select not in SELECT_STRATEGIES:
+            raise ValueError(f"unknown select {self.select!r}; expected one of {SELECT_STRATEGIES}")
+        if not 0 < self.round_fraction <= 1:
+            raise ValueError(f"round_fraction must be in (0, 1], got {self.round_fraction}")
         for n in ("rounds", "k", "keep", "auto_every", "max_new_tokens", "steps_per_round", "batch_size"):
-            if not isinstance(getattr(self, n), int) or getattr(self, n) < 1: raise ValueError(f"{n} must be a positive int, got {getattr(self, n)!r}")
-        if not self.temperature > 0 or not all(t > 0 for t in self.temperatures): raise ValueError("temperatures must be > 0")
+            if not isinstance(getattr(self, n), int) or getattr(self, n) < 1:
+                raise ValueError(f"{n} must be a positive int, got {getattr(self, n)!r}")
+        if not self.temperature > 0 or not all(t > 0 for t in self.temperatures):
+            raise ValueError("temperatures must be > 0")
         if self.explore_prompts is not None and (not isinstance(self.explore_prompts, int) or self.explore_prompts < 1):
             raise ValueError(f"explore_prompts must be a positive int or None, got {self.explore_prompts!r}")
         self.temperatures = tuple(self.temperatures)
 
-    def to_dict(self) -> dict: return {**dataclasses.asdict(self), "temperatures": list(self.temperatures)}
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "temperatures": list(self.temperatures)}
 
 # %% ../nbs/08_evolve.ipynb #7dcd66ce
 def _optimizer(model: nn.Module, cfg: EvolveConfig, steps: int):
@@ -234,29 +305,39 @@ def _optimizer(model: nn.Module, cfg: EvolveConfig, steps: int):
     opt = make_optimizer(model, tc)
     return opt, make_scheduler(opt, tc)
 
+
 class SelfEvolver:
     "M-STaR's self-evolving loop over a pool of labelled prompts, for any MMModel, processor and checker."
-    def __init__(self, model: nn.Module, # the policy (an MMModel), trained in place
-                 processor, # its processor
-                 prompts: list[dict], # the labelled prompt pool (task samples with `answer` and `task`)
-                 cfg: EvolveConfig, # the settings
-                 prm: "ProcessRewardModel | None" = None, # scores steps; needed by select="top" and the temperature search
-                 reward_funcs: list[Callable] | None = None, # TRL-signature checkers (default: `tag_accuracy`)
-                 heldout: list[dict] | None = None, # labelled held-out prompts for the per-round metrics
-                 tune: list[dict] | None = None, # labelled prompts for the temperature search (default: `heldout`)
-                ):
-        if not prompts: raise ValueError("the prompt pool is empty")
+
+    def __init__(
+        self,
+        model: nn.Module,  # the policy (an MMModel), trained in place
+        processor,  # its processor
+        prompts: list[dict],  # the labelled prompt pool (task samples with `answer` and `task`)
+        cfg: EvolveConfig,  # the settings
+        prm: "ProcessRewardModel | None" = None,  # scores steps; needed by select="top" and the temperature search
+        reward_funcs: list[Callable] | None = None,  # TRL-signature checkers (default: `tag_accuracy`)
+        heldout: list[dict] | None = None,  # labelled held-out prompts for the per-round metrics
+        tune: list[dict] | None = None,  # labelled prompts for the temperature search (default: `heldout`)
+    ):
+        if not prompts:
+            raise ValueError("the prompt pool is empty")
         if (cfg.select == "top" or cfg.auto_temperature or cfg.min_process_reward is not None) and prm is None:
-            raise ValueError("select='top', auto_temperature and min_process_reward need a process reward model (prm=...)")
+            raise ValueError(
+                "select='top', auto_temperature and min_process_reward need a process reward model (prm=...)"
+            )
         self.model, self.processor, self.cfg, self.prm, self.heldout = model, processor, cfg, prm, heldout or []
         self.tune = tune or self.heldout
         self.reward_funcs, self.out = reward_funcs or [tag_accuracy], Path(cfg.output_dir)
-        self.pool = list(prompts); random.Random(cfg.seed).shuffle(self.pool)
+        self.pool = list(prompts)
+        random.Random(cfg.seed).shuffle(self.pool)
         self.per_round = max(1, round(cfg.round_fraction * len(self.pool)))
-        self.initial = {k: v.detach().clone() for k, v in model.state_dict().items()}   # ReST-EM restarts from here
+        self.initial = {k: v.detach().clone() for k, v in model.state_dict().items()}  # ReST-EM restarts from here
         self.round, self.temperature, self.rng = 0, cfg.temperature, np.random.default_rng(cfg.seed)
         seed_everything(cfg.seed)
-        self.optimizer, self.scheduler = _optimizer(model, cfg, cfg.steps_per_round * (cfg.rounds if cfg.variant == "continuous" else 1))
+        self.optimizer, self.scheduler = _optimizer(
+            model, cfg, cfg.steps_per_round * (cfg.rounds if cfg.variant == "continuous" else 1)
+        )
 
 # %% ../nbs/08_evolve.ipynb #a7e2be2e
 @patch
@@ -265,51 +346,71 @@ def round_prompts(self: SelfEvolver, r: int) -> list[dict]:
     start = r * self.per_round
     return [self.pool[(start + i) % len(self.pool)] for i in range(self.per_round)]
 
+
 @patch
 def _start_round(self: SelfEvolver):
     "Reset what the variant resets at the start of a round."
     cfg = self.cfg
-    if cfg.variant == "restem": self.model.load_state_dict(self.initial)
-    if cfg.variant != "continuous" and self.round > 0: self.optimizer, self.scheduler = _optimizer(self.model, cfg, cfg.steps_per_round)
+    if cfg.variant == "restem":
+        self.model.load_state_dict(self.initial)
+    if cfg.variant != "continuous" and self.round > 0:
+        self.optimizer, self.scheduler = _optimizer(self.model, cfg, cfg.steps_per_round)
 
 # %% ../nbs/08_evolve.ipynb #25eaca7f
 @patch
 def _scores(self: SelfEvolver, groups: list) -> torch.Tensor:
     "(N, K) process rewards (the PRM's minimum step score); zeros without a PRM."
-    if self.prm is None: return torch.zeros(len(groups), self.cfg.k)
+    if self.prm is None:
+        return torch.zeros(len(groups), self.cfg.k)
     return torch.tensor([self.prm.process_rewards(g.sample, g.completions) for g in groups])
+
 
 @patch
 def _train_on(self: SelfEvolver, data: list[dict]) -> float | None:
     "`steps_per_round` SFT steps on batches drawn from `data`; the mean loss (None when nothing was kept)."
     cfg, losses = self.cfg, []
-    if not data: return None
+    if not data:
+        return None
     policy_train_mode(self.model)
     for _ in range(cfg.steps_per_round):
         batch = [data[i] for i in self.rng.integers(len(data), size=cfg.batch_size)]
         loss = sft_loss(self.model, self.processor, batch, cfg.loss_mode)
         loss.backward()
-        if cfg.max_grad_norm is not None: torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], cfg.max_grad_norm)
-        self.optimizer.step(); self.scheduler.step(); self.optimizer.zero_grad(); losses.append(float(loss.detach()))
+        if cfg.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], cfg.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad()
+        losses.append(float(loss.detach()))
     self.model.eval()
     return float(np.mean(losses))
 
 # %% ../nbs/08_evolve.ipynb #47c65b6c
 @patch
-def measure(self: SelfEvolver, temperature: float | None = None, # sampling temperature (default: the current one)
-           ) -> dict:
+def measure(
+    self: SelfEvolver,
+    temperature: float | None = None,  # sampling temperature (default: the current one)
+) -> dict:
     "On the held-out prompts: greedy accuracy, and Pass@K and Reward-Pass@2 of K responses sampled at `temperature`."
-    if not self.heldout: return {}
+    if not self.heldout:
+        return {}
     cfg, T = self.cfg, temperature or self.temperature
     n = len(self.heldout) if cfg.explore_prompts is None else min(cfg.explore_prompts, len(self.heldout))
-    some = self.heldout[::math.ceil(len(self.heldout) / n)]
-    groups, correct = sample_groups(self.model, self.processor, some, cfg.k, T, cfg.max_new_tokens, self.reward_funcs, suffix=cfg.suffix)
-    greedy = sample_groups(self.model, self.processor, self.heldout, 1, 1e-4, cfg.max_new_tokens, self.reward_funcs, suffix=cfg.suffix)[1][:, 0]
+    some = self.heldout[:: math.ceil(len(self.heldout) / n)]
+    groups, correct = sample_groups(
+        self.model, self.processor, some, cfg.k, T, cfg.max_new_tokens, self.reward_funcs, suffix=cfg.suffix
+    )
+    greedy = sample_groups(
+        self.model, self.processor, self.heldout, 1, 1e-4, cfg.max_new_tokens, self.reward_funcs, suffix=cfg.suffix
+    )[1][:, 0]
     row = dict(greedy=float(greedy.float().mean()), pass_at_k=pass_at_k(correct))
-    if self.prm is not None: row["reward_pass_at_2"] = reward_pass_at_k(correct, self._scores(groups), 2)
+    if self.prm is not None:
+        row["reward_pass_at_2"] = reward_pass_at_k(correct, self._scores(groups), 2)
     by_task = {}
-    for s, ok in zip(self.heldout, greedy.tolist()): by_task.setdefault(s["task"], []).append(ok)
+    for s, ok in zip(self.heldout, greedy.tolist()):
+        by_task.setdefault(s["task"], []).append(ok)
     return {**row, **{f"greedy_{t}": float(np.mean(v)) for t, v in by_task.items()}}
+
 
 @patch
 def pick_temperature(self: SelfEvolver) -> tuple[float, dict]:
@@ -317,11 +418,20 @@ def pick_temperature(self: SelfEvolver) -> tuple[float, dict]:
     rp = {T: self.measure_reward_pass(T) for T in self.cfg.temperatures}
     return max(rp, key=lambda T: (rp[T], -T)), rp
 
+
 @patch
 def measure_reward_pass(self: SelfEvolver, temperature: float) -> float:
     "Reward-Pass@2 on the tuning prompts of K responses sampled at `temperature`."
-    groups, correct = sample_groups(self.model, self.processor, self.tune, self.cfg.k, temperature, self.cfg.max_new_tokens,
-                                    self.reward_funcs, suffix=self.cfg.suffix)
+    groups, correct = sample_groups(
+        self.model,
+        self.processor,
+        self.tune,
+        self.cfg.k,
+        temperature,
+        self.cfg.max_new_tokens,
+        self.reward_funcs,
+        suffix=self.cfg.suffix,
+    )
     return reward_pass_at_k(correct, self._scores(groups), 2)
 
 # %% ../nbs/08_evolve.ipynb #0719f6c8
@@ -330,149 +440,219 @@ def run_round(self: SelfEvolver) -> dict:
     "One round: (maybe pick a temperature,) sample with the current policy, select, start the variant's round, SFT, measure."
     cfg, t0, row = self.cfg, time.perf_counter(), {"round": self.round + 1}
     if cfg.auto_temperature and self.round % cfg.auto_every == 0 and self.tune:
-        self.temperature, rp = self.pick_temperature(); row["temperature_search"] = {str(k): v for k, v in rp.items()}
+        self.temperature, rp = self.pick_temperature()
+        row["temperature_search"] = {str(k): v for k, v in rp.items()}
     prompts, t1 = self.round_prompts(self.round), time.perf_counter()
-    groups, correct = sample_groups(self.model, self.processor, prompts, cfg.k, self.temperature, cfg.max_new_tokens, self.reward_funcs, suffix=cfg.suffix)
+    groups, correct = sample_groups(
+        self.model,
+        self.processor,
+        prompts,
+        cfg.k,
+        self.temperature,
+        cfg.max_new_tokens,
+        self.reward_funcs,
+        suffix=cfg.suffix,
+    )
     t_roll = time.perf_counter() - t1
     scores = self._scores(groups) if cfg.select == "top" or cfg.min_process_reward is not None else None
     ok = correct if cfg.min_process_reward is None else correct & (scores >= cfg.min_process_reward)
     keep = select_responses(ok, scores, cfg.keep, cfg.select, self.rng)
     data = [with_response(g.sample, g.texts[j], cfg.suffix) for g, js in zip(groups, keep) for j in js]
-    self._start_round()   # after sampling: ReST-EM trains the initial model on what the latest policy wrote
-    row.update(temperature=self.temperature, prompts=len(prompts), train_correct=float(correct.float().mean()),
-               train_pass_at_k=pass_at_k(correct), kept=len(data), responses_per_s=correct.numel() / t_roll, rollout_s=t_roll)
+    self._start_round()  # after sampling: ReST-EM trains the initial model on what the latest policy wrote
+    row.update(
+        temperature=self.temperature,
+        prompts=len(prompts),
+        train_correct=float(correct.float().mean()),
+        train_pass_at_k=pass_at_k(correct),
+        kept=len(data),
+        responses_per_s=correct.numel() / t_roll,
+        rollout_s=t_roll,
+    )
     row["sft_loss"] = self._train_on(data)
     self.round += 1
-    row.update(self.measure()); row["round_s"] = time.perf_counter() - t0
+    row.update(self.measure())
+    row["round_s"] = time.perf_counter() - t0
     return row
 
 # %% ../nbs/08_evolve.ipynb #1d0ae8e8
 @patch
 def save(self: SelfEvolver) -> Path:
     "Write `checkpoints/step-NNNNNN` (NNNNNN = rounds done) atomically; prune old ones."
+
     def write(d: Path):
-        save_file({k: v.detach().clone().contiguous() for k, v in self.model.state_dict().items()}, str(d / "model.safetensors"))
+        save_file(
+            {k: v.detach().clone().contiguous() for k, v in self.model.state_dict().items()},
+            str(d / "model.safetensors"),
+        )
         save_file({k: v.contiguous() for k, v in self.initial.items()}, str(d / "initial.safetensors"))
         torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}, d / "optim.pt")
-        st = dict(round=self.round, temperature=self.temperature, rng=rng_state(), evolve_rng=self.rng.bit_generator.state, config=self.cfg.to_dict())
+        st = dict(
+            round=self.round,
+            temperature=self.temperature,
+            rng=rng_state(),
+            evolve_rng=self.rng.bit_generator.state,
+            config=self.cfg.to_dict(),
+        )
         (d / "state.json").write_text(json.dumps(st))
+
     path = write_checkpoint(self.out / "checkpoints" / f"step-{self.round:06d}", write)
     prune_checkpoints(self.out, self.cfg.keep_last)
     return path
 
+
 @patch
 def load(self: SelfEvolver, path: str | Path):
     "Restore a checkpoint written by `save` (verified first)."
-    path = Path(path); verify_checkpoint(path)
+    path = Path(path)
+    verify_checkpoint(path)
     st = json.loads((path / "state.json").read_text())
-    if st["config"]["variant"] != self.cfg.variant: raise ValueError(f"checkpoint {path} is a {st['config']['variant']!r} run, this one is {self.cfg.variant!r}")
+    if st["config"]["variant"] != self.cfg.variant:
+        raise ValueError(f"checkpoint {path} is a {st['config']['variant']!r} run, this one is {self.cfg.variant!r}")
     self.model.load_state_dict(load_file(str(path / "model.safetensors")))
     self.initial = load_file(str(path / "initial.safetensors"))
     self.round, self.temperature = st["round"], st["temperature"]
-    if self.cfg.variant != "continuous" and self.round > 0: self.optimizer, self.scheduler = _optimizer(self.model, self.cfg, self.cfg.steps_per_round)
+    if self.cfg.variant != "continuous" and self.round > 0:
+        self.optimizer, self.scheduler = _optimizer(self.model, self.cfg, self.cfg.steps_per_round)
     opt = torch.load(path / "optim.pt", weights_only=True)
-    self.optimizer.load_state_dict(opt["optimizer"]); self.scheduler.load_state_dict(opt["scheduler"])
-    set_rng_state(st["rng"]); self.rng.bit_generator.state = st["evolve_rng"]
+    self.optimizer.load_state_dict(opt["optimizer"])
+    self.scheduler.load_state_dict(opt["scheduler"])
+    set_rng_state(st["rng"])
+    self.rng.bit_generator.state = st["evolve_rng"]
 
 # %% ../nbs/08_evolve.ipynb #2882444e
 def _truncate_rows(path: Path, rounds: int):
     "Keep the metrics lines of the first `rounds` rounds (a killed run may have written one more)."
-    if not path.is_file(): return
+    if not path.is_file():
+        return
     keep = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l)["round"] <= rounds]
     path.write_text("".join(l + "\n" for l in keep))
 
+
 @patch
-def train(self: SelfEvolver, resume: bool | str | Path | None = None, # True: the newest checkpoint in output_dir; a path: that one
-         ) -> list[dict]:
+def train(
+    self: SelfEvolver,
+    resume: bool | str | Path | None = None,  # True: the newest checkpoint in output_dir; a path: that one
+) -> list[dict]:
     "Run the remaining rounds (a checkpoint and a metrics line after each); returns every round's metrics."
     self.out.mkdir(parents=True, exist_ok=True)
-    if (ck := resume_checkpoint(self.out, resume)) is not None: self.load(ck)
-    log = self.out / "metrics.jsonl"; _truncate_rows(log, self.round)
+    if (ck := resume_checkpoint(self.out, resume)) is not None:
+        self.load(ck)
+    log = self.out / "metrics.jsonl"
+    _truncate_rows(log, self.round)
     if self.round == 0 and self.heldout:
-        with open(log, "w") as f: f.write(json.dumps({"round": 0, "temperature": self.temperature, **self.measure()}) + "\n")
-    for _ in tqdm(range(self.round, self.cfg.rounds), desc=f"self-evolve ({self.cfg.variant})", disable=not self.cfg.progress):
+        with open(log, "w") as f:
+            f.write(json.dumps({"round": 0, "temperature": self.temperature, **self.measure()}) + "\n")
+    for _ in tqdm(
+        range(self.round, self.cfg.rounds), desc=f"self-evolve ({self.cfg.variant})", disable=not self.cfg.progress
+    ):
         row = self.run_round()
-        with open(log, "a") as f: f.write(json.dumps(row) + "\n")
+        with open(log, "a") as f:
+            f.write(json.dumps(row) + "\n")
         self.save()
     return [json.loads(l) for l in log.read_text().splitlines() if l.strip()]
 
 # %% ../nbs/08_evolve.ipynb #1b3cb539
-def step_ends(processor, # the processor (its tokenizer decodes the ids)
-              ids: list[int], # a response's token ids
-             ) -> list[tuple[str, int]]:
+def step_ends(
+    processor,  # the processor (its tokenizer decodes the ids)
+    ids: list[int],  # a response's token ids
+) -> list[tuple[str, int]]:
     "(step text, index of the token that ends it) for each non-empty line of the response's `<think>` block."
     pieces = [processor.tokenizer.decode([i]) for i in ids]
-    ends = np.cumsum([len(p) for p in pieces])   # the text of tokens 0..j has ends[j] characters
+    ends = np.cumsum([len(p) for p in pieces])  # the text of tokens 0..j has ends[j] characters
     text = "".join(pieces)
     m = _THINK.search(text)
-    if not m: return []
+    if not m:
+        return []
     out, pos = [], m.start(1)
-    for line in m.group(1).split("\n")[:-1]:   # lines closed by a newline; the last piece runs into </think>
-        nl = pos + len(line)                  # the newline's character index
-        if line.strip(): out.append((line.strip(), int(np.searchsorted(ends, nl + 1))))
+    for line in m.group(1).split("\n")[:-1]:  # lines closed by a newline; the last piece runs into </think>
+        nl = pos + len(line)  # the newline's character index
+        if line.strip():
+            out.append((line.strip(), int(np.searchsorted(ends, nl + 1))))
         pos = nl + 1
     return out
 
 # %% ../nbs/08_evolve.ipynb #2669d2ff
-def prefix_prompts(processor, # the processor
-                   samples: list[dict], # one sample per row
-                   prefixes: list[list[int]], # per row, the response tokens the assistant turn already starts with
-                   suffix: str = THINK_SUFFIX, # appended to the questions
-                  ) -> dict:
+def prefix_prompts(
+    processor,  # the processor
+    samples: list[dict],  # one sample per row
+    prefixes: list[list[int]],  # per row, the response tokens the assistant turn already starts with
+    suffix: str = THINK_SUFFIX,  # appended to the questions
+) -> dict:
     "Left-padded generation prompts whose assistant turn starts with the given tokens: input_ids, attention_mask, pixel_values."
     from mmlit.grpo import prompt_batch
-    if len(samples) != len(prefixes): raise ValueError(f"{len(samples)} samples but {len(prefixes)} prefixes")
+
+    if len(samples) != len(prefixes):
+        raise ValueError(f"{len(samples)} samples but {len(prefixes)} prefixes")
     cache, rows, pix = {}, [], []
     for s, p in zip(samples, prefixes):
-        if s["id"] not in cache: cache[s["id"]] = prompt_batch(processor, [s], suffix)
+        if s["id"] not in cache:
+            cache[s["id"]] = prompt_batch(processor, [s], suffix)
         b = cache[s["id"]]
-        rows.append(torch.cat([b["input_ids"][0], torch.as_tensor(p, dtype=torch.long)])); pix.append(b["pixel_values"])
+        rows.append(torch.cat([b["input_ids"][0], torch.as_tensor(p, dtype=torch.long)]))
+        pix.append(b["pixel_values"])
     L = max(len(r) for r in rows)
-    ids = torch.full((len(rows), L), processor.pad_token_id, dtype=torch.long); am = torch.zeros_like(ids)
-    for i, r in enumerate(rows): ids[i, L - len(r):], am[i, L - len(r):] = r, 1
+    ids = torch.full((len(rows), L), processor.pad_token_id, dtype=torch.long)
+    am = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, L - len(r) :], am[i, L - len(r) :] = r, 1
     return dict(input_ids=ids, attention_mask=am, pixel_values=torch.cat(pix))
 
 # %% ../nbs/08_evolve.ipynb #9220c255
 def _decode(processor, comp: torch.Tensor) -> list[str]:
     from mmlit.grpo import completion_mask
+
     mask, _ = completion_mask(comp, processor.eot_token_id)
     return processor.batch_decode([c[m.bool()] for c, m in zip(comp, mask)])
 
+
 @torch.no_grad()
-def mc_step_labels(model: nn.Module, # the policy that finishes the prefixes
-                   processor, # its processor
-                   items: list[tuple[dict, list[int]]], # (sample, response token ids) pairs
-                   n: int = 4, # finishes per step prefix
-                   temperature: float = 1.0, # their sampling temperature
-                   max_new_tokens: int = 64, # their budget
-                   suffix: str = THINK_SUFFIX, # appended to the questions
-                   batch_size: int = 64, # prefixes per generation call
-                  ) -> list[list[float]]:
+def mc_step_labels(
+    model: nn.Module,  # the policy that finishes the prefixes
+    processor,  # its processor
+    items: list[tuple[dict, list[int]]],  # (sample, response token ids) pairs
+    n: int = 4,  # finishes per step prefix
+    temperature: float = 1.0,  # their sampling temperature
+    max_new_tokens: int = 64,  # their budget
+    suffix: str = THINK_SUFFIX,  # appended to the questions
+    batch_size: int = 64,  # prefixes per generation call
+) -> list[list[float]]:
     "Per response, per step: the share of `n` finishes from the prefix through that step whose answer is right."
-    rows = [(i, s, ids[:j + 1]) for i, (s, ids) in enumerate(items) for _, j in step_ends(processor, ids)]
+    rows = [(i, s, ids[: j + 1]) for i, (s, ids) in enumerate(items) for _, j in step_ends(processor, ids)]
     shares = []
     for b in range(0, len(rows), batch_size):
-        chunk = rows[b:b + batch_size]
+        chunk = rows[b : b + batch_size]
         pr = prefix_prompts(processor, [s for _, s, _ in chunk], [p for _, _, p in chunk], suffix)
-        comp = sample_completions(model, pr, n, processor.eot_token_id, processor.pad_token_id, max_new_tokens, temperature)
+        comp = sample_completions(
+            model, pr, n, processor.eot_token_id, processor.pad_token_id, max_new_tokens, temperature
+        )
         fin = _decode(processor, comp)
         texts = [processor.tokenizer.decode(p) + fin[r * n + m] for r, (_, _, p) in enumerate(chunk) for m in range(n)]
-        ok = tag_accuracy(None, texts, answer=[s["answer"] for _, s, _ in chunk for _ in range(n)], task=[s["task"] for _, s, _ in chunk for _ in range(n)])
-        shares += [float(np.mean(ok[r * n:(r + 1) * n])) for r in range(len(chunk))]
+        ok = tag_accuracy(
+            None,
+            texts,
+            answer=[s["answer"] for _, s, _ in chunk for _ in range(n)],
+            task=[s["task"] for _, s, _ in chunk for _ in range(n)],
+        )
+        shares += [float(np.mean(ok[r * n : (r + 1) * n])) for r in range(len(chunk))]
     out = [[] for _ in items]
-    for (i, _, _), v in zip(rows, shares): out[i].append(v)
+    for (i, _, _), v in zip(rows, shares):
+        out[i].append(v)
     return out
 
 # %% ../nbs/08_evolve.ipynb #4463c35b
 class ProcessRewardModel(nn.Module):
     "A value head on a frozen copy of a model: per-step success scores; process reward = the weakest step's score."
-    def __init__(self, model: nn.Module, # the model whose hidden states the head reads (copied and frozen)
-                 processor, # its processor
-                 hidden: int = 64, # the head's hidden width
-                 suffix: str = THINK_SUFFIX, # appended to the questions (as in the rollouts)
-                ):
+
+    def __init__(
+        self,
+        model: nn.Module,  # the model whose hidden states the head reads (copied and frozen)
+        processor,  # its processor
+        hidden: int = 64,  # the head's hidden width
+        suffix: str = THINK_SUFFIX,  # appended to the questions (as in the rollouts)
+    ):
         super().__init__()
         import copy
+
         self.encoder = copy.deepcopy(base_model(model)).eval().requires_grad_(False)
         self.processor, self.suffix = processor, suffix
         d = self.encoder.config.text_config.hidden_size
@@ -481,92 +661,140 @@ class ProcessRewardModel(nn.Module):
 # %% ../nbs/08_evolve.ipynb #33a7b642
 @patch
 @torch.no_grad()
-def step_features(self: ProcessRewardModel, sample: dict, # the prompt's sample
-                  responses: list[list[int]], # token ids of responses to it
-                 ) -> list[torch.Tensor]:
+def step_features(
+    self: ProcessRewardModel,
+    sample: dict,  # the prompt's sample
+    responses: list[list[int]],  # token ids of responses to it
+) -> list[torch.Tensor]:
     "Per response, (steps, D): the frozen model's last hidden state at each step's end token."
     from mmlit.grpo import prompt_batch, _positions
-    if not responses: return []
+
+    if not responses:
+        return []
     pr, T = prompt_batch(self.processor, [sample], self.suffix), max(1, max(len(r) for r in responses))
     comp = torch.full((len(responses), T), self.processor.pad_token_id, dtype=torch.long)
-    for i, r in enumerate(responses): comp[i, :len(r)] = torch.as_tensor(r, dtype=torch.long)
+    for i, r in enumerate(responses):
+        comp[i, : len(r)] = torch.as_tensor(r, dtype=torch.long)
     m, L = self.encoder, pr["input_ids"].shape[1]
-    emb = torch.cat([prompt_embeddings(m, pr["input_ids"], pr["pixel_values"]).expand(len(responses), -1, -1), m.get_input_embeddings()(comp)], 1)
-    am = torch.cat([pr["attention_mask"].expand(len(responses), -1), (torch.arange(T)[None] < torch.tensor([len(r) for r in responses])[:, None]).long()], 1)
-    h = m.language_model.model(inputs_embeds=emb, attention_mask=am, position_ids=_positions(am), use_cache=False).last_hidden_state
+    emb = torch.cat(
+        [
+            prompt_embeddings(m, pr["input_ids"], pr["pixel_values"]).expand(len(responses), -1, -1),
+            m.get_input_embeddings()(comp),
+        ],
+        1,
+    )
+    am = torch.cat(
+        [
+            pr["attention_mask"].expand(len(responses), -1),
+            (torch.arange(T)[None] < torch.tensor([len(r) for r in responses])[:, None]).long(),
+        ],
+        1,
+    )
+    h = m.language_model.model(
+        inputs_embeds=emb, attention_mask=am, position_ids=_positions(am), use_cache=False
+    ).last_hidden_state
     return [h[i, [L + j for _, j in step_ends(self.processor, r)]] for i, r in enumerate(responses)]
 
 # %% ../nbs/08_evolve.ipynb #d81e3629
 @patch
 def step_scores(self: ProcessRewardModel, sample: dict, responses: list[list[int]]) -> list[list[float]]:
     "Per response, the head's success probability after each step."
-    with torch.no_grad(): return [torch.sigmoid(self.head(f)).flatten().tolist() for f in self.step_features(sample, responses)]
+    with torch.no_grad():
+        return [torch.sigmoid(self.head(f)).flatten().tolist() for f in self.step_features(sample, responses)]
+
 
 @patch
 def process_rewards(self: ProcessRewardModel, sample: dict, responses: list[list[int]]) -> list[float]:
     "Per response, its weakest step's score (0.0 for a response without steps)."
     return [min(s) if s else 0.0 for s in self.step_scores(sample, responses)]
 
+
 @patch
-def fit(self: ProcessRewardModel, features: torch.Tensor, # (n, D) step features
-        labels: torch.Tensor, # (n,) Monte-Carlo success shares in [0, 1]
-        epochs: int = 300, lr: float = 3e-3, seed: int = 0) -> list[float]:
+def fit(
+    self: ProcessRewardModel,
+    features: torch.Tensor,  # (n, D) step features
+    labels: torch.Tensor,  # (n,) Monte-Carlo success shares in [0, 1]
+    epochs: int = 300,
+    lr: float = 3e-3,
+    seed: int = 0,
+) -> list[float]:
     "Train the head with binary cross-entropy on the soft labels (full batch, Adam); the loss per epoch."
-    if len(features) != len(labels) or not len(labels): raise ValueError(f"{len(features)} features but {len(labels)} labels")
-    torch.manual_seed(seed); opt, hist = torch.optim.Adam(self.head.parameters(), lr=lr), []
+    if len(features) != len(labels) or not len(labels):
+        raise ValueError(f"{len(features)} features but {len(labels)} labels")
+    torch.manual_seed(seed)
+    opt, hist = torch.optim.Adam(self.head.parameters(), lr=lr), []
     for _ in range(epochs):
         loss = F.binary_cross_entropy_with_logits(self.head(features).flatten(), labels.float())
-        opt.zero_grad(); loss.backward(); opt.step(); hist.append(float(loss.detach()))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        hist.append(float(loss.detach()))
     return hist
 
 # %% ../nbs/08_evolve.ipynb #3f586fce
 class RationaleData:
     "Warm-up data: sample i of the tasks (in turn), with its gold reasoning as the answer turn; an indexable sequence."
-    def __init__(self, tasks: list[Task], # tasks with a rationale writer or a caption
-                 n: int, # samples
-                 split: str = "train", # the split drawn from
-                 suffix: str = THINK_SUFFIX, # appended to the questions
-                 start: int = 0, # each task's first sample index (skip what earlier training read)
-                ):
-        if not tasks or n < 1 or start < 0: raise ValueError(f"need tasks, n >= 1 and start >= 0, got {len(tasks)} tasks, n={n}, start={start}")
+
+    def __init__(
+        self,
+        tasks: list[Task],  # tasks with a rationale writer or a caption
+        n: int,  # samples
+        split: str = "train",  # the split drawn from
+        suffix: str = THINK_SUFFIX,  # appended to the questions
+        start: int = 0,  # each task's first sample index (skip what earlier training read)
+    ):
+        if not tasks or n < 1 or start < 0:
+            raise ValueError(f"need tasks, n >= 1 and start >= 0, got {len(tasks)} tasks, n={n}, start={start}")
         self.tasks, self.n, self.split, self.suffix, self.start = list(tasks), n, split, suffix, start
-    def __len__(self): return self.n
+
+    def __len__(self):
+        return self.n
+
     def __getitem__(self, i: int) -> dict:
-        if not 0 <= i < self.n: raise IndexError(i)
+        if not 0 <= i < self.n:
+            raise IndexError(i)
         t = self.tasks[i % len(self.tasks)]
         return with_rationale(t, t.sample(self.start + i // len(self.tasks), self.split), self.suffix)
 
 # %% ../nbs/08_evolve.ipynb #9fca5b42
-def prm_dataset(prm: ProcessRewardModel, # the PRM whose frozen model gives the features
-                policy: nn.Module, # the model that wrote the responses and finishes the prefixes
-                groups: list, # rollout groups (chapter 07's `RolloutGroup`)
-                tasks: dict[str, Task], # task name → the task object the samples came from
-                n: int = 4, # Monte-Carlo finishes per step
-                max_new_tokens: int = 64, # their budget
-               ) -> dict:
+def prm_dataset(
+    prm: ProcessRewardModel,  # the PRM whose frozen model gives the features
+    policy: nn.Module,  # the model that wrote the responses and finishes the prefixes
+    groups: list,  # rollout groups (chapter 07's `RolloutGroup`)
+    tasks: dict[str, Task],  # task name → the task object the samples came from
+    n: int = 4,  # Monte-Carlo finishes per step
+    max_new_tokens: int = 64,  # their budget
+) -> dict:
     "Step features (n_steps, D), Monte-Carlo labels and scene truth for every step of every response in `groups`."
     items = [(g.sample, c) for g in groups for c in g.completions]
     labels = mc_step_labels(policy, prm.processor, items, n, max_new_tokens=max_new_tokens, suffix=prm.suffix)
     feats = [f for g in groups for f in prm.step_features(g.sample, g.completions)]
     truth = [step_truth(tasks[s["task"]], s, [t for t, _ in step_ends(prm.processor, c)]) for s, c in items]
-    return dict(features=torch.cat(feats), labels=torch.tensor([v for l in labels for v in l]),
-                truth=torch.tensor([v for t in truth for v in t]))
+    return dict(
+        features=torch.cat(feats),
+        labels=torch.tensor([v for l in labels for v in l]),
+        truth=torch.tensor([v for t in truth for v in t]),
+    )
 
-def train_prm(model: nn.Module, # the policy: it writes the responses, finishes the prefixes, and a frozen copy gives the features
-              processor, # its processor
-              prompts: list[dict], # labelled prompts
-              tasks: dict[str, Task], # task name → the task object the prompts came from
-              k: int = 4, # responses per prompt
-              n: int = 4, # Monte-Carlo finishes per step
-              max_new_tokens: int = 64, # response budget
-              seed: int = 0, # seeds the sampling and the head
-             ) -> tuple[ProcessRewardModel, dict, list[float]]:
+
+def train_prm(
+    model: nn.Module,  # the policy: it writes the responses, finishes the prefixes, and a frozen copy gives the features
+    processor,  # its processor
+    prompts: list[dict],  # labelled prompts
+    tasks: dict[str, Task],  # task name → the task object the prompts came from
+    k: int = 4,  # responses per prompt
+    n: int = 4,  # Monte-Carlo finishes per step
+    max_new_tokens: int = 64,  # response budget
+    seed: int = 0,  # seeds the sampling and the head
+) -> tuple[ProcessRewardModel, dict, list[float]]:
     "Sample k responses per prompt at T = 1, label every step by Monte-Carlo finishes, fit a value head: (prm, its data, the fit's losses)."
     seed_everything(seed)
     groups, _ = sample_groups(model, processor, prompts, k, 1.0, max_new_tokens)
     if not any(step_ends(processor, c) for g in groups for c in g.completions):
-        raise ValueError(f"none of the {k * len(prompts)} responses has a reasoning step (`<think>` lines) to label: "
-                         "warm the model up on gold reasoning first (`RationaleData`), or for longer")
+        raise ValueError(
+            f"none of the {k * len(prompts)} responses has a reasoning step (`<think>` lines) to label: "
+            "warm the model up on gold reasoning first (`RationaleData`), or for longer"
+        )
     prm = ProcessRewardModel(model, processor)
     data = prm_dataset(prm, model, groups, tasks, n, max_new_tokens)
     return prm, data, prm.fit(data["features"], data["labels"], seed=seed)

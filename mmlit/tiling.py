@@ -25,53 +25,68 @@ __all__ = ['Size', 'Box', 'LLAVA_NEXT_GRIDS', 'BLUELM_ALPHA', 'RULES', 'DEFAULT_
 Size = tuple[int, int]
 Box = tuple[int, int, int, int]
 
+
 def _as_int(name: str, value, low: int = 1) -> int:
     "Check that `value` is an integer ≥ `low` (bools and floats are refused) and return it as `int`."
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise ValueError(f"{name} must be an integer, got {value!r}")
-    if value < low: raise ValueError(f"{name} must be ≥ {low}, got {value}")
+    if value < low:
+        raise ValueError(f"{name} must be ≥ {low}, got {value}")
     return int(value)
+
 
 def _check_size(width, height) -> Size:
     "Validate an image size: two positive integers."
-    if isinstance(width, bool) or isinstance(height, bool) or not all(isinstance(v, (int, np.integer)) for v in (width, height)):
+    if (
+        isinstance(width, bool)
+        or isinstance(height, bool)
+        or not all(isinstance(v, (int, np.integer)) for v in (width, height))
+    ):
         raise ValueError(f"image size must be two integers, got {width!r}×{height!r}")
-    if width < 1 or height < 1: raise ValueError(f"image size must be positive, got {width}×{height} (a zero-size image)")
+    if width < 1 or height < 1:
+        raise ValueError(f"image size must be positive, got {width}×{height} (a zero-size image)")
     return int(width), int(height)
 
 # %% ../nbs/01_tiling.ipynb #672a917a
-def internvl_candidates(min_num: int = 1, # fewest tiles allowed
-                        max_num: int = 12, # most tiles allowed
-                       ) -> list[Size]:
+def internvl_candidates(
+    min_num: int = 1,  # fewest tiles allowed
+    max_num: int = 12,  # most tiles allowed
+) -> list[Size]:
     "Every grid (cols, rows) with min_num ≤ cols·rows ≤ max_num, by tile count, then cols ascending."
     min_num, max_num = _as_int('min_num', min_num), _as_int('max_num', max_num)
-    if min_num > max_num: raise ValueError(f"min_num ({min_num}) must be ≤ max_num ({max_num})")
+    if min_num > max_num:
+        raise ValueError(f"min_num ({min_num}) must be ≤ max_num ({max_num})")
     grids = [(i, j) for i in range(1, max_num + 1) for j in range(1, max_num // i + 1) if i * j >= min_num]
     return sorted(grids, key=lambda g: g[0] * g[1])
 
 # %% ../nbs/01_tiling.ipynb #2987004e
-def closest_aspect_grid(width: int, # image width in pixels
-                        height: int, # image height in pixels
-                        candidates: Sequence[Size], # grids (cols, rows) in walking order
-                        image_size: int = 448, # tile side S in pixels
-                       ) -> Size:
+def closest_aspect_grid(
+    width: int,  # image width in pixels
+    height: int,  # image height in pixels
+    candidates: Sequence[Size],  # grids (cols, rows) in walking order
+    image_size: int = 448,  # tile side S in pixels
+) -> Size:
     "InternVL's walk: the grid with the closest cols/rows to W/H; on an exact tie the later wins only if W·H > 0.5·S²·cols·rows."
     width, height = _check_size(width, height)
-    if not candidates: raise ValueError(f"no candidate grids for a {width}×{height} image")
+    if not candidates:
+        raise ValueError(f"no candidate grids for a {width}×{height} image")
     ratio, area, best, best_diff = width / height, width * height, None, float('inf')
     for cols, rows in candidates:
         diff = abs(ratio - cols / rows)
-        if diff < best_diff: best, best_diff = (cols, rows), diff
-        elif diff == best_diff and area > 0.5 * image_size * image_size * cols * rows: best = (cols, rows)
+        if diff < best_diff:
+            best, best_diff = (cols, rows), diff
+        elif diff == best_diff and area > 0.5 * image_size * image_size * cols * rows:
+            best = (cols, rows)
     return best
 
 # %% ../nbs/01_tiling.ipynb #fe511ca7
-def internvl_grid(width: int, # image width in pixels
-                  height: int, # image height in pixels
-                  min_num: int = 1, # fewest tiles
-                  max_num: int = 12, # most tiles (InternVL's training code uses 6)
-                  image_size: int = 448, # tile side S in pixels
-                 ) -> Size:
+def internvl_grid(
+    width: int,  # image width in pixels
+    height: int,  # image height in pixels
+    min_num: int = 1,  # fewest tiles
+    max_num: int = 12,  # most tiles (InternVL's training code uses 6)
+    image_size: int = 448,  # tile side S in pixels
+) -> Size:
     "InternVL's grid (cols, rows): closest aspect ratio among min_num..max_num tiles, with its exact tie rule."
     return closest_aspect_grid(width, height, internvl_candidates(min_num, max_num), _as_int('image_size', image_size))
 
@@ -82,31 +97,36 @@ def _hd_layout(width: int, height: int, hd_num: int, base: int):
     w, h = (height, width) if transposed else (width, height)
     r = w / h
     s = 1
-    while (s + 1) * math.ceil((s + 1) / r) <= hd_num: s += 1
+    while (s + 1) * math.ceil((s + 1) / r) <= hd_num:
+        s += 1
     new_h = max(1, int(base * s / r))  # the released code has no max(1, ·): a 1:10000 image would get height 0
     return transposed, s, new_h, math.ceil(new_h / base)
 
-def hd_grid(width: int, # image width in pixels
-            height: int, # image height in pixels
-            hd_num: int = 16, # tile budget (HD-16 training, HD-25/55 chat)
-            base: int = 336, # tile side in pixels
-           ) -> Size:
+
+def hd_grid(
+    width: int,  # image width in pixels
+    height: int,  # image height in pixels
+    hd_num: int = 16,  # tile budget (HD-16 training, HD-25/55 chat)
+    base: int = 336,  # tile side in pixels
+) -> Size:
     "InternLM-XComposer2-4KHD's grid (cols, rows): the widest grid whose padded height fits hd_num tiles."
     width, height = _check_size(width, height)
     transposed, s, _, rows = _hd_layout(width, height, _as_int('hd_num', hd_num), _as_int('base', base))
     return (rows, s) if transposed else (s, rows)
 
 # %% ../nbs/01_tiling.ipynb #f1df93be
-def minicpm_grid(width: int, # image width in pixels
-                 height: int, # image height in pixels
-                 max_slices: int = 9, # most slices (max_slice_nums)
-                 scale_resolution: int = 448, # side of the area unit in pixels
-                ) -> Size | None:
+def minicpm_grid(
+    width: int,  # image width in pixels
+    height: int,  # image height in pixels
+    max_slices: int = 9,  # most slices (max_slice_nums)
+    scale_resolution: int = 448,  # side of the area unit in pixels
+) -> Size | None:
     "MiniCPM-V's slice grid (cols, rows), or None when the image is not sliced."
     width, height = _check_size(width, height)
     max_slices, scale_resolution = _as_int('max_slices', max_slices), _as_int('scale_resolution', scale_resolution)
-    multiple = min(math.ceil(width * height / scale_resolution ** 2), max_slices)
-    if multiple <= 1: return None
+    multiple = min(math.ceil(width * height / scale_resolution**2), max_slices)
+    if multiple <= 1:
+        return None
     counts = [n for n in (multiple - 1, multiple, multiple + 1) if n != 1 and n <= max_slices]
     grids = [(m, n // m) for n in counts for m in range(1, n + 1) if n % m == 0]
     log_ratio = math.log(width / height)
@@ -117,13 +137,17 @@ def _ensure_divide(length: float, unit: int) -> int:
     "Round `length` to a multiple of `unit`, at least one unit (MiniCPM-V's ensure_divide)."
     return max(round(length / unit) * unit, unit)
 
-def _minicpm_resize(width: float, height: float, scale_resolution: int, patch_size: int, allow_upscale: bool = False) -> Size:
+
+def _minicpm_resize(
+    width: float, height: float, scale_resolution: int, patch_size: int, allow_upscale: bool = False
+) -> Size:
     "MiniCPM-V's find_best_resize: about scale_resolution² pixels, aspect kept, sides multiples of patch_size."
-    if width * height > scale_resolution ** 2 or allow_upscale:
+    if width * height > scale_resolution**2 or allow_upscale:
         r = width / height
         height = int(scale_resolution / math.sqrt(r))
         width = int(height * r)
     return _ensure_divide(width, patch_size), _ensure_divide(height, patch_size)
+
 
 def _minicpm_refine(width: int, height: int, grid: Size, scale_resolution: int, patch_size: int) -> Size:
     "MiniCPM-V's get_refine_size: the canvas the slices are cut from (every slice the same size)."
@@ -134,7 +158,14 @@ def _minicpm_refine(width: int, height: int, grid: Size, scale_resolution: int, 
     return sw * cols, sh * rows
 
 # %% ../nbs/01_tiling.ipynb #d12df50a
-LLAVA_NEXT_GRIDS = ((1, 2), (2, 1), (2, 2), (3, 1), (1, 3))  # LLaVA-NeXT 1.6's image_grid_pinpoints at S = 336, as (cols, rows)
+LLAVA_NEXT_GRIDS = (
+    (1, 2),
+    (2, 1),
+    (2, 2),
+    (3, 1),
+    (1, 3),
+)  # LLaVA-NeXT 1.6's image_grid_pinpoints at S = 336, as (cols, rows)
+
 
 def _resolution_scores(width: int, height: int, canvas: Size) -> tuple[int, int]:
     "LLaVA-NeXT's (effective, wasted) resolution of an image fitted into `canvas` with its aspect ratio kept."
@@ -143,78 +174,98 @@ def _resolution_scores(width: int, height: int, canvas: Size) -> tuple[int, int]
     effective = min(int(width * s) * int(height * s), width * height)
     return effective, cw * ch - effective
 
+
 def _anyres_candidates(max_num: int, grids: Sequence[Size] | None) -> list[Size]:
     "Candidate grids by increasing tile count: `grids` if given, else every grid up to max_num tiles."
-    if grids is None: return internvl_candidates(1, max_num)
+    if grids is None:
+        return internvl_candidates(1, max_num)
     grids = [(_as_int('grid cols', c), _as_int('grid rows', r)) for c, r in grids]
-    if not grids: raise ValueError("grids must hold at least one (cols, rows)")
+    if not grids:
+        raise ValueError("grids must hold at least one (cols, rows)")
     return sorted(grids, key=lambda g: g[0] * g[1])
 
-def llava_anyres_grid(width: int, # image width in pixels
-                      height: int, # image height in pixels
-                      max_num: int = 9, # most tiles when `grids` is None
-                      image_size: int = 336, # tile side S in pixels
-                      grids: Sequence[Size] | None = None, # explicit candidate grids, e.g. LLAVA_NEXT_GRIDS
-                     ) -> Size:
+
+def llava_anyres_grid(
+    width: int,  # image width in pixels
+    height: int,  # image height in pixels
+    max_num: int = 9,  # most tiles when `grids` is None
+    image_size: int = 336,  # tile side S in pixels
+    grids: Sequence[Size] | None = None,  # explicit candidate grids, e.g. LLAVA_NEXT_GRIDS
+) -> Size:
     "LLaVA-NeXT's grid (cols, rows): maximal effective resolution, then minimal wasted resolution."
     width, height = _check_size(width, height)
     S, best = _as_int('image_size', image_size), None
     for g in _anyres_candidates(_as_int('max_num', max_num), grids):
         eff, waste = _resolution_scores(width, height, (g[0] * S, g[1] * S))
-        if best is None or eff > best_eff or (eff == best_eff and waste < best_waste): best, best_eff, best_waste = g, eff, waste
+        if best is None or eff > best_eff or (eff == best_eff and waste < best_waste):
+            best, best_eff, best_waste = g, eff, waste
     return best
 
 # %% ../nbs/01_tiling.ipynb #8c515087
 BLUELM_ALPHA = 0.1  # unconfirmed: the paper's value could not be retrieved; see the text above
 
-def bluelm_grid(width: int, # image width in pixels
-                height: int, # image height in pixels
-                max_num: int = 9, # most tiles when `grids` is None
-                image_size: int = 384, # tile side S in pixels (SigLIP-400M/384)
-                alpha: float = BLUELM_ALPHA, # relative threshold α of the relaxed matching
-                grids: Sequence[Size] | None = None, # explicit candidate grids
-               ) -> Size:
+
+def bluelm_grid(
+    width: int,  # image width in pixels
+    height: int,  # image height in pixels
+    max_num: int = 9,  # most tiles when `grids` is None
+    image_size: int = 384,  # tile side S in pixels (SigLIP-400M/384)
+    alpha: float = BLUELM_ALPHA,  # relative threshold α of the relaxed matching
+    grids: Sequence[Size] | None = None,  # explicit candidate grids
+) -> Size:
     "BlueLM-V-3B's relaxed aspect ratio matching: LLaVA-NeXT's scores, gains below α·R_e do not buy more tiles."
     width, height = _check_size(width, height)
-    if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha >= 0): raise ValueError(f"alpha must be a finite number ≥ 0, got {alpha!r}")
+    if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha >= 0):
+        raise ValueError(f"alpha must be a finite number ≥ 0, got {alpha!r}")
     S, best = _as_int('image_size', image_size), None
     for g in _anyres_candidates(_as_int('max_num', max_num), grids):
         eff, waste = _resolution_scores(width, height, (g[0] * S, g[1] * S))
-        if best is None or eff - best_eff > alpha * best_eff or (abs(eff - best_eff) < alpha * best_eff and waste < best_waste):
+        if (
+            best is None
+            or eff - best_eff > alpha * best_eff
+            or (abs(eff - best_eff) < alpha * best_eff and waste < best_waste)
+        ):
             best, best_eff, best_waste = g, eff, waste
     return best
 
 # %% ../nbs/01_tiling.ipynb #15dc5a11
-def msac_grids(width: int, # image width in pixels
-               height: int, # image height in pixels
-               min_num: int = 4, # fewest detailed tiles
-               max_num: int = 12, # most detailed tiles
-               adaptive_min: int = 3, # fewest adaptive tiles
-               adaptive_max: int = 7, # most adaptive tiles
-               image_size: int = 448, # tile side S in pixels
-              ) -> tuple[Size, Size]:
+def msac_grids(
+    width: int,  # image width in pixels
+    height: int,  # image height in pixels
+    min_num: int = 4,  # fewest detailed tiles
+    max_num: int = 12,  # most detailed tiles
+    adaptive_min: int = 3,  # fewest adaptive tiles
+    adaptive_max: int = 7,  # most adaptive tiles
+    image_size: int = 448,  # tile side S in pixels
+) -> tuple[Size, Size]:
     "Mini-Monkey's (detailed, adaptive) grids; adaptive grids whose cuts coincide with the detailed ones are excluded."
     detailed = internvl_grid(width, height, min_num, max_num, image_size)
     dc, dr = detailed
     allowed = [(i, j) for i, j in internvl_candidates(adaptive_min, adaptive_max) if not (dc % i == 0 and dr % j == 0)]
-    if not allowed: raise ValueError(f"no adaptive grid with {adaptive_min}..{adaptive_max} tiles avoids the detailed grid {detailed} of a {width}×{height} image")
+    if not allowed:
+        raise ValueError(
+            f"no adaptive grid with {adaptive_min}..{adaptive_max} tiles avoids the detailed grid {detailed} of a {width}×{height} image"
+        )
     return detailed, closest_aspect_grid(width, height, allowed, image_size)
 
 # %% ../nbs/01_tiling.ipynb #43bfd3d7
 @dataclass(frozen=True)
 class Layer:
     "One resized canvas and the crops cut from it."
-    name: str # 'tiles', 'thumbnail', 'global', 'local', 'source', 'slices', 'detailed' or 'adaptive'
-    canvas: Size # (w, h) the image is resized onto
-    content: Box # where the resized image lies on the canvas; the rest is padding
-    grid: Size # (cols, rows) of the crops
-    boxes: tuple[Box, ...] # crop boxes on this canvas, row-major
+
+    name: str  # 'tiles', 'thumbnail', 'global', 'local', 'source', 'slices', 'detailed' or 'adaptive'
+    canvas: Size  # (w, h) the image is resized onto
+    content: Box  # where the resized image lies on the canvas; the rest is padding
+    grid: Size  # (cols, rows) of the crops
+    boxes: tuple[Box, ...]  # crop boxes on this canvas, row-major
+
 
 def _grid_boxes(canvas: Size, grid: Size) -> tuple[Box, ...]:
     "Row-major crop boxes of a canvas cut into a grid of equal tiles."
     (cw, ch), (cols, rows) = canvas, grid
     tw, th = cw // cols, ch // rows
     return tuple((c * tw, r * th, (c + 1) * tw, (r + 1) * th) for r in range(rows) for c in range(cols))
+
 
 def _layer(name: str, canvas: Size, grid: Size = (1, 1), content: Box | None = None) -> Layer:
     "A layer whose canvas is cut into `grid` tiles; the image fills the canvas unless `content` says otherwise."
@@ -224,26 +275,28 @@ def _layer(name: str, canvas: Size, grid: Size = (1, 1), content: Box | None = N
 @dataclass(frozen=True)
 class TilePlan:
     "The full tiling layout of one image, computed from its size alone."
-    rule: str # the grid rule
-    size: Size # (W, H) of the source image
-    grid: Size # (cols, rows) of the main layer
-    canvas: Size # (w, h) of the main layer's resized canvas
-    boxes: tuple[Box, ...] # every crop box (left, top, right, bottom), model order, on its layer's canvas
-    box_layers: tuple[int, ...] # index into `layers` for each box
-    thumbnail: bool # whether a whole-image view (thumbnail / global view / source image) is among the crops
-    tile_size: Size # (w, h) of one main-layer crop
-    num_tiles: int # number of crops = images the vision encoder sees
-    num_tokens: int # visual tokens of the whole layout
-    tokens_per_tile: int # tokens per crop (4KHD: g² per 336 view)
-    layers: tuple[Layer, ...] # every canvas in model order
-    main: int = 0 # index of the main layer in `layers`
-    adaptive_grid: Size | None = None # MSAC's adaptive grid
-    fill: tuple[int, int, int] = (0, 0, 0) # padding colour
+
+    rule: str  # the grid rule
+    size: Size  # (W, H) of the source image
+    grid: Size  # (cols, rows) of the main layer
+    canvas: Size  # (w, h) of the main layer's resized canvas
+    boxes: tuple[Box, ...]  # every crop box (left, top, right, bottom), model order, on its layer's canvas
+    box_layers: tuple[int, ...]  # index into `layers` for each box
+    thumbnail: bool  # whether a whole-image view (thumbnail / global view / source image) is among the crops
+    tile_size: Size  # (w, h) of one main-layer crop
+    num_tiles: int  # number of crops = images the vision encoder sees
+    num_tokens: int  # visual tokens of the whole layout
+    tokens_per_tile: int  # tokens per crop (4KHD: g² per 336 view)
+    layers: tuple[Layer, ...]  # every canvas in model order
+    main: int = 0  # index of the main layer in `layers`
+    adaptive_grid: Size | None = None  # MSAC's adaptive grid
+    fill: tuple[int, int, int] = (0, 0, 0)  # padding colour
 
     @property
     def crops(self) -> list[tuple[Layer, Box]]:
         "(layer, box) pairs in model order."
         return [(self.layers[i], b) for i, b in zip(self.box_layers, self.boxes)]
+
 
 def _plan(rule, size, layers, main, tokens_per_tile, num_tokens=None, thumbnail=True, **kw) -> TilePlan:
     "Assemble a TilePlan from its layers (model order)."
@@ -252,8 +305,22 @@ def _plan(rule, size, layers, main, tokens_per_tile, num_tokens=None, thumbnail=
     m = layers[main]
     tile = (m.canvas[0] // m.grid[0], m.canvas[1] // m.grid[1])
     n = len(boxes)
-    return TilePlan(rule, size, m.grid, m.canvas, boxes, box_layers, thumbnail, tile, n,
-                    n * tokens_per_tile if num_tokens is None else num_tokens, tokens_per_tile, tuple(layers), main, **kw)
+    return TilePlan(
+        rule,
+        size,
+        m.grid,
+        m.canvas,
+        boxes,
+        box_layers,
+        thumbnail,
+        tile,
+        n,
+        n * tokens_per_tile if num_tokens is None else num_tokens,
+        tokens_per_tile,
+        tuple(layers),
+        main,
+        **kw,
+    )
 
 # %% ../nbs/01_tiling.ipynb #3a3d4f68
 def _plan_internvl(w, h, tokens_per_tile, min_num=1, max_num=12, image_size=448, use_thumbnail=True):
@@ -261,13 +328,19 @@ def _plan_internvl(w, h, tokens_per_tile, min_num=1, max_num=12, image_size=448,
     cols, rows = internvl_grid(w, h, min_num, max_num, S)
     layers = [_layer('tiles', (cols * S, rows * S), (cols, rows))]
     thumb = bool(use_thumbnail) and cols * rows > 1
-    if thumb: layers.append(_layer('thumbnail', (S, S)))
+    if thumb:
+        layers.append(_layer('thumbnail', (S, S)))
     return _plan('internvl', (w, h), layers, 0, tokens_per_tile, thumbnail=thumb)
+
 
 def _plan_msac(w, h, tokens_per_tile, min_num=4, max_num=12, adaptive_min=3, adaptive_max=7, image_size=448):
     S = _as_int('image_size', image_size)
     (dc, dr), (ac, ar) = msac_grids(w, h, min_num, max_num, adaptive_min, adaptive_max, S)
-    layers = [_layer('detailed', (dc * S, dr * S), (dc, dr)), _layer('adaptive', (ac * S, ar * S), (ac, ar)), _layer('thumbnail', (S, S))]
+    layers = [
+        _layer('detailed', (dc * S, dr * S), (dc, dr)),
+        _layer('adaptive', (ac * S, ar * S), (ac, ar)),
+        _layer('thumbnail', (S, S)),
+    ]
     return _plan('msac', (w, h), layers, 0, tokens_per_tile, adaptive_grid=(ac, ar))
 
 # %% ../nbs/01_tiling.ipynb #0d280af2
@@ -277,39 +350,51 @@ def _scale_box(box: Box, src: Size, dst: Size) -> Box:
     l, t = round(box[0] * sx), round(box[1] * sy)
     return (l, t, max(l + 1, round(box[2] * sx)), max(t + 1, round(box[3] * sy)))
 
+
 def _hd_tokens(grid: Size, tokens_per_tile: int) -> int:
     "4KHD's token count: global g×g view + newlines, a separator, the local views as one grid + newlines."
     g = math.isqrt(tokens_per_tile)
-    if g * g != tokens_per_tile: raise ValueError(f"4KHD needs a square number of tokens per view (g²), got {tokens_per_tile}")
+    if g * g != tokens_per_tile:
+        raise ValueError(f"4KHD needs a square number of tokens per view (g²), got {tokens_per_tile}")
     cols, rows = grid
     return (rows * cols + 1) * g * g + 1 + (rows + 1) * g
+
 
 def _plan_hd(w, h, tokens_per_tile, hd_num=16, base=336):
     hd_num, base = _as_int('hd_num', hd_num), _as_int('base', base)
     transposed, s, new_h, rows = _hd_layout(w, h, hd_num, base)
     top = (rows * base - new_h) // 2  # floor above, ceil below
-    if transposed: canvas, content, grid = (rows * base, s * base), (top, 0, top + new_h, s * base), (rows, s)
-    else: canvas, content, grid = (s * base, rows * base), (0, top, s * base, top + new_h), (s, rows)
+    if transposed:
+        canvas, content, grid = (rows * base, s * base), (top, 0, top + new_h, s * base), (rows, s)
+    else:
+        canvas, content, grid = (s * base, rows * base), (0, top, s * base, top + new_h), (s, rows)
     local = _layer('local', canvas, grid, content)
     glob = _layer('global', (base, base), content=_scale_box(content, canvas, (base, base)))
-    return _plan('hd', (w, h), [glob, local], 1, tokens_per_tile, _hd_tokens(grid, tokens_per_tile), fill=(255, 255, 255))
+    return _plan(
+        'hd', (w, h), [glob, local], 1, tokens_per_tile, _hd_tokens(grid, tokens_per_tile), fill=(255, 255, 255)
+    )
 
 # %% ../nbs/01_tiling.ipynb #4d49fc4a
 def _plan_minicpm(w, h, tokens_per_tile, max_slices=9, scale_resolution=448, patch_size=14):
     S, P = _as_int('scale_resolution', scale_resolution), _as_int('patch_size', patch_size)
     grid = minicpm_grid(w, h, max_slices, S)
     source = _layer('source', _minicpm_resize(w, h, S, P, allow_upscale=grid is None))
-    if grid is None: return _plan('minicpm', (w, h), [source], 0, tokens_per_tile, thumbnail=False)
+    if grid is None:
+        return _plan('minicpm', (w, h), [source], 0, tokens_per_tile, thumbnail=False)
     slices = _layer('slices', _minicpm_refine(w, h, grid, S, P), grid)
     return _plan('minicpm', (w, h), [source, slices], 1, tokens_per_tile)
+
 
 def _fit_content(size: Size, canvas: Size) -> Box:
     "LLaVA-NeXT's resize-and-pad: the image fitted into `canvas` with its aspect kept, centred."
     (W, H), (cw, ch) = size, canvas
-    if cw / W < ch / H: nw, nh = cw, min(math.ceil(H * cw / W), ch)
-    else: nw, nh = min(math.ceil(W * ch / H), cw), ch
+    if cw / W < ch / H:
+        nw, nh = cw, min(math.ceil(H * cw / W), ch)
+    else:
+        nw, nh = min(math.ceil(W * ch / H), cw), ch
     x, y = (cw - nw) // 2, (ch - nh) // 2
     return (x, y, x + nw, y + nh)
+
 
 def _plan_anyres(rule, w, h, tokens_per_tile, image_size, grid):
     S = image_size
@@ -317,29 +402,51 @@ def _plan_anyres(rule, w, h, tokens_per_tile, image_size, grid):
     layers = [_layer('global', (S, S)), _layer('tiles', canvas, grid, _fit_content((w, h), canvas))]
     return _plan(rule, (w, h), layers, 1, tokens_per_tile)
 
+
 def _plan_llava(w, h, tokens_per_tile, max_num=9, image_size=336, grids=None):
-    return _plan_anyres('llava', w, h, tokens_per_tile, _as_int('image_size', image_size), llava_anyres_grid(w, h, max_num, image_size, grids))
+    return _plan_anyres(
+        'llava',
+        w,
+        h,
+        tokens_per_tile,
+        _as_int('image_size', image_size),
+        llava_anyres_grid(w, h, max_num, image_size, grids),
+    )
+
 
 def _plan_bluelm(w, h, tokens_per_tile, max_num=9, image_size=384, alpha=BLUELM_ALPHA, grids=None):
-    return _plan_anyres('bluelm', w, h, tokens_per_tile, _as_int('image_size', image_size), bluelm_grid(w, h, max_num, image_size, alpha, grids))
+    return _plan_anyres(
+        'bluelm',
+        w,
+        h,
+        tokens_per_tile,
+        _as_int('image_size', image_size),
+        bluelm_grid(w, h, max_num, image_size, alpha, grids),
+    )
 
 # %% ../nbs/01_tiling.ipynb #ccf6a1eb
-_PLANNERS = dict(internvl=_plan_internvl, hd=_plan_hd, minicpm=_plan_minicpm, llava=_plan_llava, bluelm=_plan_bluelm, msac=_plan_msac)
+_PLANNERS = dict(
+    internvl=_plan_internvl, hd=_plan_hd, minicpm=_plan_minicpm, llava=_plan_llava, bluelm=_plan_bluelm, msac=_plan_msac
+)
 RULES = tuple(_PLANNERS)
 DEFAULT_TOKENS_PER_TILE = dict(internvl=256, hd=144, minicpm=64, llava=576, bluelm=196, msac=256)
 
-def plan_tiles(width: int, # image width in pixels
-               height: int, # image height in pixels
-               rule: str = 'internvl', # one of RULES
-               tokens_per_tile: int | None = None, # visual tokens per crop (default: DEFAULT_TOKENS_PER_TILE[rule])
-               **rule_kwargs, # the rule's knobs, e.g. max_num, image_size, hd_num, max_slices, alpha
-              ) -> TilePlan:
+
+def plan_tiles(
+    width: int,  # image width in pixels
+    height: int,  # image height in pixels
+    rule: str = 'internvl',  # one of RULES
+    tokens_per_tile: int | None = None,  # visual tokens per crop (default: DEFAULT_TOKENS_PER_TILE[rule])
+    **rule_kwargs,  # the rule's knobs, e.g. max_num, image_size, hd_num, max_slices, alpha
+) -> TilePlan:
     "The tiling layout of a `width`×`height` image under `rule`, computed before any pixel is touched."
     width, height = _check_size(width, height)
-    if rule not in _PLANNERS: raise ValueError(f"unknown tiling rule {rule!r}; choose one of {RULES}")
+    if rule not in _PLANNERS:
+        raise ValueError(f"unknown tiling rule {rule!r}; choose one of {RULES}")
     planner = _PLANNERS[rule]
     allowed = [p for p in inspect.signature(planner).parameters if p not in ('w', 'h', 'tokens_per_tile')]
-    if unknown := set(rule_kwargs) - set(allowed): raise ValueError(f"rule {rule!r} takes {allowed}, not {sorted(unknown)}")
+    if unknown := set(rule_kwargs) - set(allowed):
+        raise ValueError(f"rule {rule!r} takes {allowed}, not {sorted(unknown)}")
     tpt = _as_int('tokens_per_tile', DEFAULT_TOKENS_PER_TILE[rule] if tokens_per_tile is None else tokens_per_tile)
     return planner(width, height, tpt, **rule_kwargs)
 
@@ -347,56 +454,77 @@ def plan_tiles(width: int, # image width in pixels
 MAX_PIXELS = 89_478_485  # Pillow's own warning threshold (about 0.25 GB as RGB)
 _ALPHA_MODES = {'RGBA', 'LA', 'PA', 'La', 'RGBa'}
 
+
 def _describe(source) -> str:
     "A short name for error messages."
-    if isinstance(source, Image.Image): return f"PIL image ({source.mode}, {source.size[0]}×{source.size[1]})"
-    if isinstance(source, (str, os.PathLike)): return f"'{os.fspath(source)}'"
+    if isinstance(source, Image.Image):
+        return f"PIL image ({source.mode}, {source.size[0]}×{source.size[1]})"
+    if isinstance(source, (str, os.PathLike)):
+        return f"'{os.fspath(source)}'"
     return f"file object {getattr(source, 'name', type(source).__name__)!r}"
+
 
 def _check_pixels(size: Size, max_pixels: int, name: str):
     "Refuse zero-size images and images over the pixel limit."
     w, h = size
-    if w < 1 or h < 1: raise ValueError(f"{name}: zero-size image ({w}×{h})")
+    if w < 1 or h < 1:
+        raise ValueError(f"{name}: zero-size image ({w}×{h})")
     if w * h > max_pixels:
-        raise ValueError(f"{name}: {w}×{h} = {w * h:,} pixels exceeds the limit of {max_pixels:,} (max_pixels); not decoded (possible decompression bomb)")
+        raise ValueError(
+            f"{name}: {w}×{h} = {w * h:,} pixels exceeds the limit of {max_pixels:,} (max_pixels); not decoded (possible decompression bomb)"
+        )
 
 # %% ../nbs/01_tiling.ipynb #0cd61d51
 def _to_8bit(arr: np.ndarray, mode: str) -> np.ndarray:
     "Scale a 16-bit, 32-bit integer or float image to uint8."
     if mode == 'F':
         a = np.nan_to_num(arr.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
-        if a.size and a.max() <= 1.0: a = a * 255.0
+        if a.size and a.max() <= 1.0:
+            a = a * 255.0
         return np.clip(np.rint(a), 0, 255).astype(np.uint8)
     return np.rint(np.clip(arr.astype(np.float64), 0, 65535) / 257.0).astype(np.uint8)
 
-def to_rgb(image: Image.Image, # a decoded PIL image of any mode
-           name: str = 'image', # what to call it in errors
-          ) -> Image.Image:
+
+def to_rgb(
+    image: Image.Image,  # a decoded PIL image of any mode
+    name: str = 'image',  # what to call it in errors
+) -> Image.Image:
     "Convert any Pillow mode to RGB: alpha composited on white, 16-bit and float scaled to 8 bits."
     mode = image.mode
-    if mode == 'RGB': return image
-    if mode.startswith('I') or mode == 'F': return Image.fromarray(_to_8bit(np.asarray(image), mode), 'L').convert('RGB')
-    if mode == 'La': image = image.convert('LA')
+    if mode == 'RGB':
+        return image
+    if mode.startswith('I') or mode == 'F':
+        return Image.fromarray(_to_8bit(np.asarray(image), mode), 'L').convert('RGB')
+    if mode == 'La':
+        image = image.convert('LA')
     if image.mode in _ALPHA_MODES or 'transparency' in image.info:
         rgba = image.convert('RGBA')
         return Image.alpha_composite(Image.new('RGBA', rgba.size, (255, 255, 255, 255)), rgba).convert('RGB')
-    try: return image.convert('RGB')
-    except (ValueError, OSError) as e: raise ValueError(f"{name}: cannot convert mode {mode} to RGB ({e})") from None
+    try:
+        return image.convert('RGB')
+    except (ValueError, OSError) as e:
+        raise ValueError(f"{name}: cannot convert mode {mode} to RGB ({e})") from None
 
 # %% ../nbs/01_tiling.ipynb #7395a3db
 def _open(source, name: str) -> Image.Image:
     "Image.open with every failure turned into a ValueError naming the file."
     if isinstance(source, (str, os.PathLike)):
         p = Path(source)
-        if not p.exists(): raise ValueError(f"{name}: no such file")
-        if p.is_dir(): raise ValueError(f"{name}: is a directory, not an image file")
+        if not p.exists():
+            raise ValueError(f"{name}: no such file")
+        if p.is_dir():
+            raise ValueError(f"{name}: is a directory, not an image file")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter('ignore', Image.DecompressionBombWarning)  # our own max_pixels check decides
             return Image.open(source)
-    except Image.DecompressionBombError as e: raise ValueError(f"{name}: decompression bomb refused by Pillow ({e})") from None
-    except UnidentifiedImageError: raise ValueError(f"{name}: not an image file (Pillow cannot identify its format)") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as e: raise ValueError(f"{name}: cannot open image ({e})") from None
+    except Image.DecompressionBombError as e:
+        raise ValueError(f"{name}: decompression bomb refused by Pillow ({e})") from None
+    except UnidentifiedImageError:
+        raise ValueError(f"{name}: not an image file (Pillow cannot identify its format)") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise ValueError(f"{name}: cannot open image ({e})") from None
+
 
 def _decode(image: Image.Image, name: str) -> Image.Image:
     "Decode the pixels; truncated or corrupt data becomes a ValueError."
@@ -408,16 +536,20 @@ def _decode(image: Image.Image, name: str) -> Image.Image:
         raise ValueError(f"{name}: truncated or corrupt image data ({e})") from None
     return image
 
+
 def _exif_upright(image: Image.Image) -> Image.Image:
     "Apply the EXIF orientation tag, if there is one."
-    try: orientation = image.getexif().get(0x0112, 1)
-    except Exception: return image  # unreadable EXIF: keep the pixels as stored
+    try:
+        orientation = image.getexif().get(0x0112, 1)
+    except Exception:
+        return image  # unreadable EXIF: keep the pixels as stored
     return ImageOps.exif_transpose(image) if orientation in range(2, 9) else image
 
 # %% ../nbs/01_tiling.ipynb #56f40afa
-def load_image(source, # a path, a binary file object, or a PIL image
-               max_pixels: int = MAX_PIXELS, # refuse images with more pixels than this (checked on the header)
-              ) -> Image.Image:
+def load_image(
+    source,  # a path, a binary file object, or a PIL image
+    max_pixels: int = MAX_PIXELS,  # refuse images with more pixels than this (checked on the header)
+) -> Image.Image:
     "Open `source` as an upright RGB PIL image, or raise ValueError naming the file and the problem."
     name, max_pixels = _describe(source), _as_int('max_pixels', max_pixels)
     if isinstance(source, Image.Image):
@@ -430,27 +562,39 @@ def load_image(source, # a path, a binary file object, or a PIL image
         _check_pixels(image.size, max_pixels, name)
         out = to_rgb(_exif_upright(_decode(image, name)), name)
         return out.copy() if out is image else out
-    finally: image.close()
+    finally:
+        image.close()
 
 # %% ../nbs/01_tiling.ipynb #0eae5780
-DEFAULT_RESAMPLE = dict(internvl=Image.Resampling.BICUBIC, hd=Image.Resampling.BILINEAR, minicpm=Image.Resampling.BICUBIC,
-                        llava=Image.Resampling.BICUBIC, bluelm=Image.Resampling.BICUBIC, msac=Image.Resampling.BICUBIC)
+DEFAULT_RESAMPLE = dict(
+    internvl=Image.Resampling.BICUBIC,
+    hd=Image.Resampling.BILINEAR,
+    minicpm=Image.Resampling.BICUBIC,
+    llava=Image.Resampling.BICUBIC,
+    bluelm=Image.Resampling.BICUBIC,
+    msac=Image.Resampling.BICUBIC,
+)
+
 
 def _render_layer(image: Image.Image, layer: Layer, fill, resample) -> Image.Image:
     "Resize the image into the layer's content box and pad it to the canvas."
     l, t, r, b = layer.content
     resized = image if image.size == (r - l, b - t) else image.resize((r - l, b - t), resample)
-    if (l, t, r, b) == (0, 0, *layer.canvas): return resized
+    if (l, t, r, b) == (0, 0, *layer.canvas):
+        return resized
     canvas = Image.new('RGB', layer.canvas, fill)
     canvas.paste(resized, (l, t))
     return canvas
 
-def render_tiles(image: Image.Image, # an RGB image of size plan.size
-                 plan: TilePlan, # the layout from plan_tiles
-                 resample: int | None = None, # Pillow filter (default: DEFAULT_RESAMPLE[plan.rule])
-                ) -> list[Image.Image]:
+
+def render_tiles(
+    image: Image.Image,  # an RGB image of size plan.size
+    plan: TilePlan,  # the layout from plan_tiles
+    resample: int | None = None,  # Pillow filter (default: DEFAULT_RESAMPLE[plan.rule])
+) -> list[Image.Image]:
     "Cut `image` into the crops of `plan`, in model order."
-    if image.size != plan.size: raise ValueError(f"image is {image.size[0]}×{image.size[1]} but the plan is for {plan.size[0]}×{plan.size[1]}")
+    if image.size != plan.size:
+        raise ValueError(f"image is {image.size[0]}×{image.size[1]} but the plan is for {plan.size[0]}×{plan.size[1]}")
     resample = DEFAULT_RESAMPLE[plan.rule] if resample is None else resample
     tiles = []
     for layer in plan.layers:
@@ -459,12 +603,13 @@ def render_tiles(image: Image.Image, # an RGB image of size plan.size
     return tiles
 
 # %% ../nbs/01_tiling.ipynb #1d1b60a5
-def tile_image(image, # a path, file object or PIL image (anything load_image takes)
-               rule: str = 'internvl', # one of RULES
-               resample: int | None = None, # Pillow filter (default: DEFAULT_RESAMPLE[rule])
-               max_pixels: int = MAX_PIXELS, # load_image's pixel limit
-               **rule_kwargs, # the rule's knobs (max_num, image_size, tokens_per_tile, ...)
-              ) -> list[Image.Image]:
+def tile_image(
+    image,  # a path, file object or PIL image (anything load_image takes)
+    rule: str = 'internvl',  # one of RULES
+    resample: int | None = None,  # Pillow filter (default: DEFAULT_RESAMPLE[rule])
+    max_pixels: int = MAX_PIXELS,  # load_image's pixel limit
+    **rule_kwargs,  # the rule's knobs (max_num, image_size, tokens_per_tile, ...)
+) -> list[Image.Image]:
     "Load `image` and cut it into the tiles of `rule`, in model order (thumbnail / global view included)."
     image = load_image(image, max_pixels)
     return render_tiles(image, plan_tiles(*image.size, rule=rule, **rule_kwargs), resample)
@@ -475,40 +620,50 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
+
 def _normalize(arr: np.ndarray, mean, std) -> torch.Tensor:
     "uint8 (..., H, W, 3) → float32 (..., 3, H, W), scaled to 0–1 and normalised."
     x = torch.from_numpy(arr if arr.flags.writeable else arr.copy()).movedim(-1, -3)
-    out = torch.empty(x.shape, dtype=torch.float32).copy_(x)   # one pass: uint8 → float, channels first
+    out = torch.empty(x.shape, dtype=torch.float32).copy_(x)  # one pass: uint8 → float, channels first
     std = torch.tensor(std, dtype=torch.float64)
-    scale = (1.0 / (255.0 * std)).float().view(3, 1, 1)        # (x/255 − mean)/std as one multiply-subtract
+    scale = (1.0 / (255.0 * std)).float().view(3, 1, 1)  # (x/255 − mean)/std as one multiply-subtract
     shift = (torch.tensor(mean, dtype=torch.float64) / std).float().view(3, 1, 1)
     return out.mul_(scale).sub_(shift)
 
+
 def _rgb_array(tile, k: int) -> np.ndarray:
     "A tile as a uint8 (h, w, 3) array."
-    if not isinstance(tile, Image.Image): raise ValueError(f"tile {k} is a {type(tile).__name__}, not a PIL image")
+    if not isinstance(tile, Image.Image):
+        raise ValueError(f"tile {k} is a {type(tile).__name__}, not a PIL image")
     return np.asarray(tile if tile.mode == 'RGB' else to_rgb(tile, f"tile {k}"))
 
 # %% ../nbs/01_tiling.ipynb #909e63a2
-def tiles_to_tensor(tiles: Sequence[Image.Image], # crops from tile_image / render_tiles
-                    image_size: int = 448, # expected tile side S
-                    mean: Sequence[float] = IMAGENET_MEAN, # per-channel mean (IMAGENET_MEAN or CLIP_MEAN)
-                    std: Sequence[float] = IMAGENET_STD, # per-channel std (IMAGENET_STD or CLIP_STD)
-                   ) -> torch.Tensor:
+def tiles_to_tensor(
+    tiles: Sequence[Image.Image],  # crops from tile_image / render_tiles
+    image_size: int = 448,  # expected tile side S
+    mean: Sequence[float] = IMAGENET_MEAN,  # per-channel mean (IMAGENET_MEAN or CLIP_MEAN)
+    std: Sequence[float] = IMAGENET_STD,  # per-channel std (IMAGENET_STD or CLIP_STD)
+) -> torch.Tensor:
     "Stack S×S tiles into a normalised float32 tensor (N, 3, S, S)."
-    if len(tiles) == 0: raise ValueError("no tiles to convert")
+    if len(tiles) == 0:
+        raise ValueError("no tiles to convert")
     sizes = sorted({t.size for t in tiles if isinstance(t, Image.Image)})
     if sizes != [(image_size, image_size)]:
-        raise ValueError(f"tiles_to_tensor needs {image_size}×{image_size} tiles, got sizes {sizes}; MiniCPM-V slices keep their "
-                         "own aspect ratio: use slices_to_tensors, which returns one tensor per crop")
+        raise ValueError(
+            f"tiles_to_tensor needs {image_size}×{image_size} tiles, got sizes {sizes}; MiniCPM-V slices keep their "
+            "own aspect ratio: use slices_to_tensors, which returns one tensor per crop"
+        )
     return _normalize(np.stack([_rgb_array(t, k) for k, t in enumerate(tiles)]), mean, std)
 
-def slices_to_tensors(tiles: Sequence[Image.Image], # crops of any sizes (e.g. MiniCPM-V's source image and slices)
-                      mean: Sequence[float] = IMAGENET_MEAN, # per-channel mean
-                      std: Sequence[float] = IMAGENET_STD, # per-channel std
-                     ) -> list[torch.Tensor]:
+
+def slices_to_tensors(
+    tiles: Sequence[Image.Image],  # crops of any sizes (e.g. MiniCPM-V's source image and slices)
+    mean: Sequence[float] = IMAGENET_MEAN,  # per-channel mean
+    std: Sequence[float] = IMAGENET_STD,  # per-channel std
+) -> list[torch.Tensor]:
     "One normalised float32 tensor (3, h, w) per crop, for layouts whose crops differ in size."
-    if len(tiles) == 0: raise ValueError("no tiles to convert")
+    if len(tiles) == 0:
+        raise ValueError("no tiles to convert")
     return [_normalize(_rgb_array(t, k), mean, std) for k, t in enumerate(tiles)]
 
 # %% ../nbs/01_tiling.ipynb #43d27d18
@@ -522,45 +677,60 @@ def _tile_uint8(image, rule, resample, max_pixels, **rule_kwargs) -> np.ndarray:
     for layer in plan.layers:
         canvas = np.asarray(_render_layer(image, layer, plan.fill, resample))
         for l, t, r, b in layer.boxes:
-            if (r - l, b - t) != (w, h): raise ValueError(f"rule {rule!r} makes a {r-l}×{b-t} crop, not {w}×{h}: use slices_to_tensors")
-            buf[k] = canvas[t:b, l:r]; k += 1
+            if (r - l, b - t) != (w, h):
+                raise ValueError(f"rule {rule!r} makes a {r-l}×{b-t} crop, not {w}×{h}: use slices_to_tensors")
+            buf[k] = canvas[t:b, l:r]
+            k += 1
     return buf
 
-def tile_tensor(image, # a path, file object or PIL image (anything load_image takes)
-                rule: str = 'internvl', # one of RULES whose crops are all S×S (not minicpm)
-                mean: Sequence[float] = IMAGENET_MEAN, # per-channel mean
-                std: Sequence[float] = IMAGENET_STD, # per-channel std
-                resample: int | None = None, # Pillow filter (default: DEFAULT_RESAMPLE[rule])
-                max_pixels: int = MAX_PIXELS, # load_image's pixel limit
-                **rule_kwargs, # the rule's knobs (max_num, image_size, ...)
-               ) -> torch.Tensor:
+
+def tile_tensor(
+    image,  # a path, file object or PIL image (anything load_image takes)
+    rule: str = 'internvl',  # one of RULES whose crops are all S×S (not minicpm)
+    mean: Sequence[float] = IMAGENET_MEAN,  # per-channel mean
+    std: Sequence[float] = IMAGENET_STD,  # per-channel std
+    resample: int | None = None,  # Pillow filter (default: DEFAULT_RESAMPLE[rule])
+    max_pixels: int = MAX_PIXELS,  # load_image's pixel limit
+    **rule_kwargs,  # the rule's knobs (max_num, image_size, ...)
+) -> torch.Tensor:
     "`tiles_to_tensor(tile_image(...))` in one pass: (N, 3, S, S) float32, tiles sliced from each resized canvas."
     return _normalize(_tile_uint8(image, rule, resample, max_pixels, **rule_kwargs), mean, std)
 
 # %% ../nbs/01_tiling.ipynb #0cb420e4
-def tile_tensors(images: Sequence, # paths, file objects or PIL images
-                 rule: str = 'internvl', # one of RULES whose crops are all S×S
-                 mean: Sequence[float] = IMAGENET_MEAN, # per-channel mean
-                 std: Sequence[float] = IMAGENET_STD, # per-channel std
-                 num_threads: int | None = None, # worker threads (default: the cores available)
-                 resample: int | None = None, # Pillow filter (default: DEFAULT_RESAMPLE[rule])
-                 max_pixels: int = MAX_PIXELS, # load_image's pixel limit
-                 **rule_kwargs, # the rule's knobs (max_num, image_size, ...)
-                ) -> tuple[torch.Tensor, list[int]]:
+def tile_tensors(
+    images: Sequence,  # paths, file objects or PIL images
+    rule: str = 'internvl',  # one of RULES whose crops are all S×S
+    mean: Sequence[float] = IMAGENET_MEAN,  # per-channel mean
+    std: Sequence[float] = IMAGENET_STD,  # per-channel std
+    num_threads: int | None = None,  # worker threads (default: the cores available)
+    resample: int | None = None,  # Pillow filter (default: DEFAULT_RESAMPLE[rule])
+    max_pixels: int = MAX_PIXELS,  # load_image's pixel limit
+    **rule_kwargs,  # the rule's knobs (max_num, image_size, ...)
+) -> tuple[torch.Tensor, list[int]]:
     "Tile many images at once: all their tiles as one (N, 3, S, S) tensor, and the number of tiles of each image."
     from concurrent.futures import ThreadPoolExecutor
     from mmlit.core import cpu_cores
-    if len(images) == 0: raise ValueError("no images to tile")
+
+    if len(images) == 0:
+        raise ValueError("no images to tile")
     work = lambda im: _tile_uint8(im, rule, resample, max_pixels, **rule_kwargs)
     n = min(len(images), num_threads or cpu_cores())
-    if n <= 1: arrays = [work(im) for im in images]
+    if n <= 1:
+        arrays = [work(im) for im in images]
     else:
-        with ThreadPoolExecutor(n) as pool: arrays = list(pool.map(work, images))
+        with ThreadPoolExecutor(n) as pool:
+            arrays = list(pool.map(work, images))
     return _normalize(np.concatenate(arrays), mean, std), [len(a) for a in arrays]
 
 # %% ../nbs/01_tiling.ipynb #64b07c96
-_LAYER_STYLE = dict(tiles=('tab:red', '-'), local=('tab:red', '-'), slices=('tab:red', '-'), detailed=('tab:red', '-'),
-                    adaptive=('tab:cyan', '--'))
+_LAYER_STYLE = dict(
+    tiles=('tab:red', '-'),
+    local=('tab:red', '-'),
+    slices=('tab:red', '-'),
+    detailed=('tab:red', '-'),
+    adaptive=('tab:cyan', '--'),
+)
+
 
 def _to_image_box(box: Box, layer: Layer, size: Size) -> tuple[float, float, float, float]:
     "Map a canvas box back to image coordinates through the layer's content box."
@@ -568,29 +738,39 @@ def _to_image_box(box: Box, layer: Layer, size: Size) -> tuple[float, float, flo
     sx, sy = size[0] / (r - l), size[1] / (b - t)
     return ((box[0] - l) * sx, (box[1] - t) * sy, (box[2] - l) * sx, (box[3] - t) * sy)
 
-def draw_plan(image, # the image the plan was made for (PIL image or array)
-              plan: TilePlan, # the layout to draw
-              ax=None, # matplotlib axes (default: a new figure)
-             ):
+
+def draw_plan(
+    image,  # the image the plan was made for (PIL image or array)
+    plan: TilePlan,  # the layout to draw
+    ax=None,  # matplotlib axes (default: a new figure)
+):
     "Draw the crop boxes of `plan` over `image` (or a smaller copy of the same shape); returns the axes."
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
+
     W, H = plan.size
     arr = np.asarray(image)
-    if abs(arr.shape[1] * H - arr.shape[0] * W) > max(W, H) or arr.shape[1] > W:   # the same image, possibly shrunk
+    if abs(arr.shape[1] * H - arr.shape[0] * W) > max(W, H) or arr.shape[1] > W:  # the same image, possibly shrunk
         raise ValueError(f"image is {arr.shape[1]}×{arr.shape[0]} but the plan is for {W}×{H}")
-    if ax is None: ax = plt.subplots(figsize=(5, 5 * H / W))[1]
+    if ax is None:
+        ax = plt.subplots(figsize=(5, 5 * H / W))[1]
     ax.imshow(arr, extent=(0, W, H, 0))
     x0, y0, x1, y1 = 0, 0, W, H
     for layer in plan.layers:
-        if layer.name not in _LAYER_STYLE: continue
+        if layer.name not in _LAYER_STYLE:
+            continue
         color, ls = _LAYER_STYLE[layer.name]
         for box in layer.boxes:
             l, t, r, b = _to_image_box(box, layer, plan.size)
             ax.add_patch(Rectangle((l, t), r - l, b - t, fill=False, edgecolor=color, linestyle=ls, linewidth=1.8))
             x0, y0, x1, y1 = min(x0, l), min(y0, t), max(x1, r), max(y1, b)
-    ax.set_xlim(x0 - 2, x1 + 2); ax.set_ylim(y1 + 2, y0 - 2); ax.set_xticks([]); ax.set_yticks([])
-    grid = f"{plan.grid[0]}×{plan.grid[1]}" + (f" + {plan.adaptive_grid[0]}×{plan.adaptive_grid[1]}" if plan.adaptive_grid else '')
+    ax.set_xlim(x0 - 2, x1 + 2)
+    ax.set_ylim(y1 + 2, y0 - 2)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    grid = f"{plan.grid[0]}×{plan.grid[1]}" + (
+        f" + {plan.adaptive_grid[0]}×{plan.adaptive_grid[1]}" if plan.adaptive_grid else ''
+    )
     ax.set_title(f"{plan.rule}: {grid}{' + global' if plan.thumbnail else ''} · {plan.num_tokens} tok", fontsize=9)
     return ax
 
@@ -600,29 +780,35 @@ def aspect_distortion(plan: TilePlan) -> float:
     l, t, r, b = plan.layers[plan.main].content
     return abs(math.log(((r - l) / (b - t)) / (plan.size[0] / plan.size[1])))
 
+
 def padding_share(plan: TilePlan) -> float:
     "Share of the main layer's canvas that is padding rather than image."
     l, t, r, b = plan.layers[plan.main].content
     return 1 - (r - l) * (b - t) / (plan.canvas[0] * plan.canvas[1])
 
 # %% ../nbs/01_tiling.ipynb #e8365c6a
-def multi_image_max_num(n_images: int, # images in the sample
-                        max_num: int = 12, # tile budget for a single image
-                       ) -> int:
+def multi_image_max_num(
+    n_images: int,  # images in the sample
+    max_num: int = 12,  # tile budget for a single image
+) -> int:
     "InternVL's per-image tile budget when a sample holds several images."
     return max(1, _as_int('max_num', max_num) // _as_int('n_images', n_images))
 
-def video_frame_indices(num_frames: int, # frames in the video
-                        num_segments: int = 8, # frames to sample
-                       ) -> list[int]:
+
+def video_frame_indices(
+    num_frames: int,  # frames in the video
+    num_segments: int = 8,  # frames to sample
+) -> list[int]:
     "Uniform sampling: the middle frame of each of `num_segments` equal segments (InternVL's get_index)."
     num_frames, num_segments = _as_int('num_frames', num_frames), _as_int('num_segments', num_segments)
     seg = (num_frames - 1) / num_segments
     return [int(seg / 2 + round(seg * i)) for i in range(num_segments)]
 
-def numbered_image_prompt(n: int, # number of images or frames
-                          label: str = 'Image-', # 'Image-', 'Frame-' (training) or 'Frame' (released chat code)
-                         ) -> str:
+
+def numbered_image_prompt(
+    n: int,  # number of images or frames
+    label: str = 'Image-',  # 'Image-', 'Frame-' (training) or 'Frame' (released chat code)
+) -> str:
     "One `{label}{i}: <image>` line per image, numbered from 1."
     return ''.join(f"{label}{i}: <image>\n" for i in range(1, _as_int('n', n) + 1))
 
@@ -630,44 +816,59 @@ def numbered_image_prompt(n: int, # number of images or frames
 @dataclass(frozen=True)
 class VideoPlan:
     "Which frames a video contributes, their shared tile plan, tokens and prompt."
-    frame_indices: tuple[int, ...] # sampled frame indices
-    frame_plan: TilePlan # the plan of one frame: one tile, no thumbnail
-    num_tokens: int # visual tokens of all sampled frames
-    prompt: str # one `Frame-{i}: <image>` line per frame
 
-def plan_video(width: int, # frame width in pixels
-               height: int, # frame height in pixels
-               num_frames: int, # frames in the video
-               num_segments: int = 8, # frames to sample
-               image_size: int = 448, # tile side S
-               tokens_per_tile: int = 256, # visual tokens per frame
-               label: str = 'Frame-', # prompt label ('Frame' for the released chat format)
-              ) -> VideoPlan:
+    frame_indices: tuple[int, ...]  # sampled frame indices
+    frame_plan: TilePlan  # the plan of one frame: one tile, no thumbnail
+    num_tokens: int  # visual tokens of all sampled frames
+    prompt: str  # one `Frame-{i}: <image>` line per frame
+
+
+def plan_video(
+    width: int,  # frame width in pixels
+    height: int,  # frame height in pixels
+    num_frames: int,  # frames in the video
+    num_segments: int = 8,  # frames to sample
+    image_size: int = 448,  # tile side S
+    tokens_per_tile: int = 256,  # visual tokens per frame
+    label: str = 'Frame-',  # prompt label ('Frame' for the released chat format)
+) -> VideoPlan:
     "InternVL's video layout: uniformly sampled frames, one S×S tile each, no thumbnail."
     frame = plan_tiles(width, height, 'internvl', tokens_per_tile, min_num=1, max_num=1, image_size=image_size)
     idx = video_frame_indices(num_frames, num_segments)
     return VideoPlan(tuple(idx), frame, len(idx) * frame.num_tokens, numbered_image_prompt(len(idx), label))
 
 # %% ../nbs/01_tiling.ipynb #579bccac
-BUDGET_KNOB = dict(internvl='max_num', msac='max_num', llava='max_num', bluelm='max_num', hd='hd_num', minicpm='max_slices')
+BUDGET_KNOB = dict(
+    internvl='max_num', msac='max_num', llava='max_num', bluelm='max_num', hd='hd_num', minicpm='max_slices'
+)
 
-def fit_token_budget(sizes: Sequence[Size], # (width, height) of every image in the sample
-                     max_tokens: int, # visual-token cap for the whole sample
-                     rule: str = 'internvl', # one of RULES
-                     max_num: int = 12, # the budget knob's value for a single image
-                     **rule_kwargs, # other knobs of the rule (image_size, tokens_per_tile, ...)
-                    ) -> list[TilePlan]:
+
+def fit_token_budget(
+    sizes: Sequence[Size],  # (width, height) of every image in the sample
+    max_tokens: int,  # visual-token cap for the whole sample
+    rule: str = 'internvl',  # one of RULES
+    max_num: int = 12,  # the budget knob's value for a single image
+    **rule_kwargs,  # other knobs of the rule (image_size, tokens_per_tile, ...)
+) -> list[TilePlan]:
     "Plans for all images with the largest shared budget ≤ max(1, max_num // n) whose total tokens fit `max_tokens`."
-    if rule not in BUDGET_KNOB: raise ValueError(f"unknown tiling rule {rule!r}; choose one of {RULES}")
+    if rule not in BUDGET_KNOB:
+        raise ValueError(f"unknown tiling rule {rule!r}; choose one of {RULES}")
     sizes = [_check_size(*s) for s in sizes]
-    if not sizes: raise ValueError("no images to plan")
+    if not sizes:
+        raise ValueError("no images to plan")
     knob, max_tokens, fewest = BUDGET_KNOB[rule], _as_int('max_tokens', max_tokens), None
-    if knob in rule_kwargs: raise ValueError(f"pass the budget as max_num, not {knob}")
+    if knob in rule_kwargs:
+        raise ValueError(f"pass the budget as max_num, not {knob}")
     for k in range(multi_image_max_num(len(sizes), max_num), 0, -1):
-        try: plans = [plan_tiles(w, h, rule, **{knob: k}, **rule_kwargs) for w, h in sizes]
-        except ValueError: continue  # a budget the rule cannot take (e.g. below Mini-Monkey's 4 detailed tiles)
+        try:
+            plans = [plan_tiles(w, h, rule, **{knob: k}, **rule_kwargs) for w, h in sizes]
+        except ValueError:
+            continue  # a budget the rule cannot take (e.g. below Mini-Monkey's 4 detailed tiles)
         total = sum(p.num_tokens for p in plans)
-        if total <= max_tokens: return plans
+        if total <= max_tokens:
+            return plans
         fewest = total if fewest is None else min(fewest, total)
-    raise ValueError(f"{len(sizes)} image(s) need at least {fewest} visual tokens under rule {rule!r} ({knob} down to the "
-                     f"smallest it accepts), over the budget of {max_tokens}")
+    raise ValueError(
+        f"{len(sizes)} image(s) need at least {fewest} visual tokens under rule {rule!r} ({knob} down to the "
+        f"smallest it accepts), over the budget of {max_tokens}"
+    )
