@@ -12,11 +12,12 @@ from .core import set_torch_threads
 from .tiling import load_image, tile_tensors, CLIP_MEAN, CLIP_STD
 
 # %% auto #0
-__all__ = ['BENCH_SIZES', 'GRPO_PROMPTS', 'timeit', 'bench_images', 'mmlit_internvl', 'hf_internvl_processor', 'hf_internvl',
-           'BenchResult', 'bench_tiling', 'tiny_bench_model', 'smollm2_bench_model', 'synthetic_batch',
-           'bench_generation', 'peak_memory_rise', 'bench_train_step', 'run_isolated', 'grpo_bench_model',
-           'grpo_id_reward', 'hf_internvl_grpo_processor', 'StepClock', 'bench_grpo_mmlit', 'bench_grpo_trl',
-           'bench_grpo', 'format_grpo', 'main']
+__all__ = ['BENCH_SIZES', 'GRPO_PROMPTS', 'GRPO_SIDES', 'timeit', 'bench_images', 'mmlit_internvl', 'hf_internvl_processor',
+           'hf_internvl', 'BenchResult', 'bench_tiling', 'tiny_bench_model', 'smollm2_bench_model', 'synthetic_batch',
+           'bench_generation', 'peak_memory_rise', 'bench_train_step', 'run_isolated', 'copy_rate', 'gemv_rate',
+           'decode_weight_bytes', 'bench_decode', 'packing_pool', 'bench_packing', 'grpo_bench_model', 'grpo_id_reward',
+           'hf_internvl_grpo_processor', 'StepClock', 'bench_grpo_mmlit', 'bench_grpo_trl', 'bench_grpo', 'format_grpo',
+           'bench_grpo_phases', 'main']
 
 # %% ../nbs/12_bench.ipynb #6f0b7fd1
 def timeit(fn, # the function to time, called without arguments
@@ -199,6 +200,111 @@ def run_isolated(model_fn: str, # name of a model builder in this module
     if res.returncode != 0: raise RuntimeError(f"{bench_fn}({model_fn}()) failed:\n{res.stderr[-2000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])
 
+# %% ../nbs/12_bench.ipynb #962bcd7c
+def copy_rate(mib: int = 512, # size of the copied tensor (well beyond the caches)
+              repeats: int = 5) -> float:
+    "Bytes read per second (GB/s) by `dst.copy_(src)` of a `mib`-MiB fp32 tensor (median)."
+    src = torch.ones(mib * 2**18); dst = torch.empty_like(src)
+    return src.numel() * 4 / timeit(lambda: dst.copy_(src), repeats) / 1e9
+
+def gemv_rate(mib: int = 512, repeats: int = 5) -> float:
+    "Bytes of matrix read per second (GB/s) by a fp32 matrix–vector product over a `mib`-MiB matrix (median)."
+    w = torch.ones(mib * 2**18 // 1024, 1024); x = torch.ones(1024)
+    return w.numel() * 4 / timeit(lambda: w @ x, repeats) / 1e9
+
+def decode_weight_bytes(model) -> int:
+    "Bytes of language-model weights read per decoded token: every parameter once (tied ones once), but only one row of an untied input embedding."
+    lm = model.language_model if hasattr(model, "language_model") else model
+    seen, total = set(), 0
+    emb, head = lm.get_input_embeddings().weight, lm.get_output_embeddings().weight if lm.get_output_embeddings() is not None else None
+    for p in lm.parameters():
+        if id(p) in seen: continue
+        seen.add(id(p))
+        total += (p.shape[-1] if (p is emb and p is not head) else p.numel()) * p.element_size()
+    return total
+
+# %% ../nbs/12_bench.ipynb #67ad94bf
+def bench_decode(model, batches=(1, 16), # rows decoded together
+                 new_tokens: int = 48, prompt_text: int = 16, repeats: int = 3) -> dict:
+    "Greedy cached decoding of `new_tokens` tokens at each batch size (one-tile image prompts): tokens/s, against the memory-bandwidth bound."
+    model.eval()
+    out = dict(weight_bytes=decode_weight_bytes(model), copy_gb_s=round(copy_rate(), 2), gemv_gb_s=round(gemv_rate(), 2), tok_s={})
+    for B in batches:
+        b = synthetic_batch(model, batch=B, tiles=1, text=prompt_text)
+        kw = dict(input_ids=b['input_ids'], attention_mask=b['attention_mask'], pixel_values=b['pixel_values'],
+                  max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+        with torch.no_grad():
+            model.generate(**{**kw, 'max_new_tokens': 2, 'min_new_tokens': 2})
+            out['tok_s'][B] = round(B * new_tokens / timeit(lambda: model.generate(**kw), repeats, warmup=0), 1)
+    for k in ('copy', 'gemv'): out[f'bound_tok_s_{k}'] = round(out[f'{k}_gb_s'] * 1e9 / out['weight_bytes'], 1)
+    one = out['tok_s'][batches[0]]
+    out['share_of_copy_bound'] = round(one / out['bound_tok_s_copy'], 2); out['share_of_gemv_bound'] = round(one / out['bound_tok_s_gemv'], 2)
+    out['batched_vs_1'] = round(out['tok_s'][batches[-1]] / one, 2)
+    return out
+
+# %% ../nbs/12_bench.ipynb #a9cfd2cb
+def packing_pool(n: int = 48, max_num: int = 4):
+    "(tiny SigLIP-encoder model, processor, `n` processed samples of chapter 05's mix: compare_count, count, video_motion)."
+    from mmlit.core import seed_everything
+    from mmlit.data import make_task, media
+    from mmlit.model import MMModel, fit_to_tokenizer, tiny_config
+    from mmlit.processing import MMProcessor
+    cfg = tiny_config(image_size=64, patch_size=8, vision_hidden=128, vision_layers=3, text_hidden=192, text_layers=3,
+                      vision_model_type="siglip_vision_model")
+    proc = MMProcessor.from_vision_config(cfg.vision_config, max_num=max_num, use_thumbnail=True)
+    seed_everything(0); model = MMModel(cfg); fit_to_tokenizer(model, proc.tokenizer)
+    tasks = [make_task("compare_count"), make_task("count"), make_task("video_motion")]
+    pool = [proc.process(s["conversation"], **media(s), train=True, seed=i) for i, s in ((i, tasks[i % 3].sample(i // 3, "train")) for i in range(n))]
+    return model, proc, pool
+
+# %% ../nbs/12_bench.ipynb #291dd7b9
+def _packing_pass(model, batches, per_sample: bool, llm_only: bool) -> float:
+    "CPU seconds of forward + backward (square-weighted loss) over `batches`."
+    from mmlit.data import weighted_loss
+    from mmlit.train import PACKED_ATTENTION, batch_weights, forward_logits, llm_attention
+    from contextlib import nullcontext
+    t0 = time.process_time()
+    for b in batches:
+        packed = "position_ids" in b
+        if llm_only:
+            kw = dict(position_ids=b["position_ids"]) if packed else dict(attention_mask=b["attention_mask"])
+            with llm_attention(model, PACKED_ATTENTION) if packed and per_sample else nullcontext():
+                logits = model.language_model(inputs_embeds=b["_emb"], use_cache=False, **kw).logits
+        elif packed and not per_sample:
+            logits = model(input_ids=b["input_ids"], pixel_values=b["pixel_values"], position_ids=b["position_ids"], use_cache=False).logits
+        else: logits = forward_logits(model, b)
+        weighted_loss(logits, b["labels"], batch_weights(b, "square")).backward(); model.zero_grad(set_to_none=True)
+    return time.process_time() - t0
+
+def bench_packing(n: int = 48, repeats: int = 3, rows: int = 2, max_tokens: int = 512) -> dict:
+    "Real tokens per CPU second of padded batches, packed rows with the block mask, packed rows with per-sample attention."
+    from mmlit.data import pack_stream, padding_fraction
+    from mmlit.train import stage_model
+    model, proc, pool = packing_pool(n)
+    stage_model(model, "2"); model.train()
+    layouts = {"padded (8 samples)": [proc.collate(pool[k:k + 8]) for k in range(0, n, 8)],
+               "packed, block mask": list(pack_stream(pool, proc.pad_token_id, rows=rows, max_tokens=max_tokens))}
+    layouts["packed, per-sample attention"] = layouts["packed, block mask"]
+    with torch.no_grad():
+        for b in [b for bs in layouts.values() for b in bs]:
+            if "_emb" not in b: b["_emb"] = _embed(model, b)
+    real = sum(len(s["input_ids"]) for s in pool)
+    t = {k: {"whole": [], "llm": []} for k in layouts}
+    for _ in range(repeats):
+        for k, bs in layouts.items():
+            for part in ("whole", "llm"): t[k][part].append(_packing_pass(model, bs, "per-sample" in k, part == "llm"))
+    pad = {k: round(float(statistics.mean(padding_fraction(b) for b in bs)), 3) for k, bs in layouts.items()}
+    tok = {k: {p: round(real / statistics.median(v), 1) for p, v in d.items()} for k, d in t.items()}
+    base = tok["padded (8 samples)"]
+    return dict(real_tokens=real, padding=pad, tok_per_cpu_s=tok, cpu_s=t,
+                ratio={k: {p: round(v[p] / base[p], 2) for p in v} for k, v in tok.items()})
+
+def _embed(model, b):
+    "Input embeddings with the image features scattered in (what the language model receives)."
+    from mmlit.model import scatter_image_features
+    emb = model.get_input_embeddings()(b["input_ids"])
+    return scatter_image_features(b["input_ids"], emb, model.get_image_features(b["pixel_values"]), model.config.image_token_id)
+
 # %% ../nbs/12_bench.ipynb #c3dab0a5
 GRPO_PROMPTS = ["blue", "red", "cat", "sun", "tree", "two", "dog", "one", "box", "car", "sky", "sea"]
 
@@ -263,6 +369,8 @@ def _step_result(side, clock, lengths, P, G, warmup):
 def bench_grpo_mmlit(setup, # (model, processor) from `grpo_bench_model`
                      prompts_per_step: int = 4, group_size: int = 8, max_new_tokens: int = 32, steps: int = 4, warmup: int = 1,
                      tiles: int = 0, # 0: text prompts; k: one image of k tiles (+ thumbnail) per prompt
+                     shared_prompt: bool = True, # prefill each prompt once (`GRPOConfig.shared_prompt`); False: transformers' generate
+                     sampler: str = "inverse_cdf", # the draw of the shared-prompt decoder
                     ) -> dict:
     "Full GRPO steps of mmlit's `GRPOTrainer`: wall and CPU seconds per step (after `warmup`), mean completion length."
     import tempfile
@@ -272,7 +380,8 @@ def bench_grpo_mmlit(setup, # (model, processor) from `grpo_bench_model`
     clock = StepClock()
     with tempfile.TemporaryDirectory() as d:
         cfg = GRPOConfig(output_dir=d, steps=steps, prompts_per_step=prompts_per_step, group_size=group_size,
-                         max_new_tokens=max_new_tokens, cpu=True, progress=False)
+                         max_new_tokens=max_new_tokens, cpu=True, progress=False,
+                         shared_prompt=shared_prompt, sampler=sampler)
         tr = GRPOTrainer(model, proc, _grpo_samples(steps * prompts_per_step, tiles, proc.image_size), cfg, [grpo_id_reward])
         step = tr._train_step   # the whole step: collect (sample, score) → advantages → update
         def timed():
@@ -280,7 +389,7 @@ def bench_grpo_mmlit(setup, # (model, processor) from `grpo_bench_model`
         tr._train_step = timed
         tr.train()
         rows = read_metrics(d)
-    return _step_result("mmlit", clock, [r["completion_len"] for r in rows[warmup:]], prompts_per_step, group_size, warmup)
+    return _step_result("mmlit" if shared_prompt else "mmlit (generate)", clock, [r["completion_len"] for r in rows[warmup:]], prompts_per_step, group_size, warmup)
 
 def bench_grpo_trl(setup, # (model, processor) from `grpo_bench_model`
                    prompts_per_step: int = 4, group_size: int = 8, max_new_tokens: int = 32, steps: int = 4, warmup: int = 1,
@@ -317,17 +426,21 @@ def bench_grpo_trl(setup, # (model, processor) from `grpo_bench_model`
     return _step_result("trl", clock, lengths[warmup:], prompts_per_step, group_size, warmup)
 
 # %% ../nbs/12_bench.ipynb #56679f47
-def _run_grpo_side(side: str, threads: int, **kwargs) -> dict:
-    "`bench_grpo_<side>(grpo_bench_model(tiles=…), **kwargs)` in a fresh Python process."
-    return run_isolated("grpo_bench_model", f"bench_grpo_{side}", threads, model_kwargs=dict(tiles=kwargs.get("tiles", 0)), **kwargs)
+GRPO_SIDES = {"mmlit": ("mmlit", {}), "mmlit (generate)": ("mmlit", {"shared_prompt": False}), "trl": ("trl", {})}
 
-def bench_grpo(rounds: int = 2, # fresh-process runs per side (alternating)
+def _run_grpo_side(side: str, threads: int, **kwargs) -> dict:
+    "`bench_grpo_<mmlit|trl>(grpo_bench_model(tiles=…), **kwargs)` for one of `GRPO_SIDES`, in a fresh Python process."
+    fn, extra = GRPO_SIDES[side]
+    return run_isolated("grpo_bench_model", f"bench_grpo_{fn}", threads, model_kwargs=dict(tiles=kwargs.get("tiles", 0)), **kwargs, **extra)
+
+def bench_grpo(rounds: int = 2, # fresh-process runs per side (the sides alternate within a round)
                threads: int = 1, # torch threads in each child process
+               sides=tuple(GRPO_SIDES), # which of `GRPO_SIDES` to run ("trl" is needed for the ratios)
                **kwargs, # prompts_per_step, group_size, max_new_tokens, steps, warmup, tiles
               ) -> dict:
-    "Completions/s of a full GRPO step (rollout + update), mmlit against TRL, each side in fresh processes; with the ratio."
+    "Completions/s of a full GRPO step (rollout + update), mmlit (shared prompt, and through `generate`) against TRL, each in fresh processes."
     if importlib.util.find_spec("trl") is None: raise ImportError("the GRPO benchmark needs TRL: pip install 'trl>=1.0'")
-    runs = {"mmlit": [], "trl": []}
+    runs = {s: [] for s in sides}
     for _ in range(rounds):
         for side in runs: runs[side].append(_run_grpo_side(side, threads, **kwargs))
     out = {}
@@ -335,21 +448,53 @@ def bench_grpo(rounds: int = 2, # fresh-process runs per side (alternating)
         wall, cpu = (statistics.median([t for r in rs for t in r[k]]) for k in ("step_s", "cpu_s"))
         n = rs[0]["completions"]
         out[side] = dict(s_per_step=round(wall, 3), completions_per_s=round(n / wall, 2), cpu_s_per_step=round(cpu, 3),
-                         completions_per_cpu_s=round(n / cpu, 2), completion_len=round(statistics.mean(r["completion_len"] for r in rs), 2))
-    out["ratio"] = round(out["mmlit"]["completions_per_s"] / out["trl"]["completions_per_s"], 2)
-    out["ratio_cpu"] = round(out["mmlit"]["completions_per_cpu_s"] / out["trl"]["completions_per_cpu_s"], 2)
-    out["setup"] = dict(completions_per_step=runs["mmlit"][0]["completions"], threads=threads, rounds=rounds, **kwargs)
+                         completions_per_cpu_s=round(n / cpu, 2), completion_len=round(statistics.mean(r["completion_len"] for r in rs), 2),
+                         step_s=[t for r in rs for t in r["step_s"]], cpu_s=[t for r in rs for t in r["cpu_s"]])
+    for side in list(runs):
+        if side == "trl" or "trl" not in out: continue
+        sfx = "" if side == "mmlit" else "_generate"
+        out["ratio" + sfx] = round(out[side]["completions_per_s"] / out["trl"]["completions_per_s"], 2)
+        out["ratio_cpu" + sfx] = round(out[side]["completions_per_cpu_s"] / out["trl"]["completions_per_cpu_s"], 2)
+    out["setup"] = dict(completions_per_step=next(iter(runs.values()))[0]["completions"], threads=threads, rounds=rounds, **kwargs)
     return out
 
 def format_grpo(res: dict) -> str:
     "The `bench_grpo` result as a few lines."
     lines = [f"== GRPO step (rollout + update), {res['setup']}"]
-    for side in ("mmlit", "trl"):
+    for side in (s for s in GRPO_SIDES if s in res):
         r = res[side]
-        lines.append(f"{side:<8}{r['completions_per_s']:8.2f} completions/s  {r['s_per_step']:.3f} s/step  "
+        lines.append(f"{side:<17}{r['completions_per_s']:8.2f} completions/s  {r['s_per_step']:.3f} s/step  "
                      f"({r['cpu_s_per_step']:.3f} CPU s/step)  mean completion {r['completion_len']} tokens")
-    lines.append(f"ratio mmlit/trl = {res['ratio']:.2f}x wall-clock, {res['ratio_cpu']:.2f}x per CPU second")
+    for sfx, name in (("", "mmlit"), ("_generate", "mmlit (generate)")):
+        if "ratio" + sfx in res:
+            lines.append(f"ratio {name}/trl = {res['ratio' + sfx]:.2f}x wall-clock, {res['ratio_cpu' + sfx]:.2f}x per CPU second")
     return "\n".join(lines)
+
+# %% ../nbs/12_bench.ipynb #f13fad68
+def bench_grpo_phases(setup, # (model, processor) from `grpo_bench_model`
+                      prompts_per_step: int = 4, group_size: int = 8, max_new_tokens: int = 32, tiles: int = 0,
+                      repeats: int = 5) -> dict:
+    "Median CPU seconds of sampling (generate vs prefill-once decoding) and of the log-prob forward + backward (G copies vs shared prompt)."
+    from mmlit.grpo import (completion_logps, completion_mask, decode_completions, policy_train_mode, prompt_batch, sample_completions,
+                            shared_prompt_logps)
+    model, proc = setup
+    prompts = prompt_batch(proc, _grpo_samples(prompts_per_step, tiles, proc.image_size))
+    args = (model, prompts, group_size, proc.eot_token_id, proc.pad_token_id, max_new_tokens)
+    comp = sample_completions(*args); mask, _ = completion_mask(comp, proc.eot_token_id)
+    def train_pass(fn):
+        policy_train_mode(model); lp, _ = fn(model, prompts, comp, mask, with_entropy=True)
+        (lp * mask).sum().backward(); model.zero_grad(set_to_none=True); model.eval()
+    fns = {"sample: generate (G copies)": lambda: sample_completions(*args),
+           "sample: prefill once, multinomial": lambda: decode_completions(*args, sampler="multinomial"),
+           "sample: prefill once, inverse CDF": lambda: decode_completions(*args),
+           "loss fwd+bwd: G copies": lambda: train_pass(completion_logps),
+           "loss fwd+bwd: shared prompt": lambda: train_pass(shared_prompt_logps)}
+    model.eval(); times = {k: [] for k in fns}
+    for _ in range(repeats + 1):   # the first round warms up
+        for k, f in fns.items():
+            t0 = time.process_time(); f(); times[k].append(time.process_time() - t0)
+    return dict(cpu_s={k: round(statistics.median(v[1:]), 4) for k, v in times.items()}, prompt_tokens=prompts["input_ids"].shape[1],
+                completion_tokens=comp.shape[1], completions=comp.shape[0])
 
 # %% ../nbs/12_bench.ipynb #ff5bcd5d
 def main(argv: list[str] | None = None) -> None:
@@ -357,7 +502,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog='python -m mmlit.bench')
     p.add_argument('--repeats', type=int, default=5)
     p.add_argument('--threads', type=int, default=None, help='torch threads (default: the cores available)')
-    p.add_argument('--only', choices=['tiling', 'model', 'grpo'], help='run one group of benchmarks')
+    p.add_argument('--only', choices=['tiling', 'model', 'packing', 'grpo'], help='run one group of benchmarks')
     p.add_argument('--smollm2', action='store_true', help='also benchmark the SmolLM2-135M-backed model (minutes)')
     a = p.parse_args(argv)
     threads = set_torch_threads(a.threads)
@@ -367,10 +512,16 @@ def main(argv: list[str] | None = None) -> None:
         for m in models:
             for t in (1, 4): print(m, run_isolated(m, 'bench_generation', threads=threads, tiles=t))
             print(m, run_isolated(m, 'bench_train_step', threads=threads, batch=8 if m.startswith('tiny') else 4, steps=3))
+            print(m, 'decoding vs the memory-bandwidth bound', run_isolated(m, 'bench_decode', threads=threads))
+    if a.only in (None, 'packing'):
+        r = bench_packing(repeats=max(1, min(a.repeats, 3)))
+        print("== packed vs padded SFT (tokens per CPU second, x padded; whole model / language model):", r["padding"], r["ratio"])
     if a.only in (None, 'grpo'):
         if importlib.util.find_spec('trl') is None: print("GRPO benchmark skipped: it needs TRL (pip install 'trl>=1.0')")
         else:
-            for tiles in (0, 4): print(format_grpo(bench_grpo(rounds=max(1, min(a.repeats, 3)), threads=threads, steps=5, tiles=tiles)))
+            for tiles in (0, 4):
+                print(format_grpo(bench_grpo(rounds=max(1, min(a.repeats, 3)), threads=threads, steps=5, tiles=tiles)))
+                print("   phases (CPU s):", run_isolated("grpo_bench_model", "bench_grpo_phases", threads, model_kwargs=dict(tiles=tiles), tiles=tiles)["cpu_s"])
 
 # %% ../nbs/12_bench.ipynb #b3ce26d4
 #| eval: false

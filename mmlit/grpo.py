@@ -348,7 +348,8 @@ def inverse_cdf_sample(probs: torch.Tensor, # (N, V) probabilities (each row's t
     cdf = probs.cumsum(-1)
     if u is None: u = torch.rand(probs.shape[0], device=probs.device, dtype=cdf.dtype)
     idx = torch.searchsorted(cdf, (u.to(cdf.dtype) * cdf[:, -1])[:, None], right=True).squeeze(-1)
-    return idx.clamp_(max=probs.shape[1] - 1)
+    last = (cdf < cdf[:, -1:]).sum(-1)   # the last token of non-zero probability (u × total may round up to the total)
+    return torch.minimum(idx, last)
 
 def top_p_filter(scores: torch.Tensor, # (N, V) logits already divided by the temperature
                  top_p: float, # keep the smallest set of most likely tokens whose probability reaches top_p

@@ -268,6 +268,8 @@ def test_inverse_cdf_sample():
     d = inverse_cdf_sample(p.expand(100_000, 4), torch.rand(100_000, generator=g))
     torch.testing.assert_close(torch.bincount(d, minlength=4) / 1e5, p[0], atol=6e-3, rtol=0)
     assert not (d == 1).any()
+    tail0 = torch.tensor([[0.5, 0.5, 0.0, 0.0]])   # u × total rounding up to the total never picks a zero-probability tail
+    assert inverse_cdf_sample(tail0.expand(2, 4), torch.tensor([1.0, 1 - 1e-9])).tolist() == [1, 1]
     with pytest.raises(ValueError, match="rows, vocabulary"): inverse_cdf_sample(p[0])
 
 
