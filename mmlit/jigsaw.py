@@ -12,15 +12,15 @@ from .data import COLOURS, SHAPES, TASKS, Task, draw_scene, sample_meta, shape_p
 
 # %% auto #0
 __all__ = ['REWARD_VARIANTS', 'PHOTO_SPLITS', 'PICTURES', 'JIGSAW_SOURCES', 'CAMERA', 'SKY', 'GROUND', 'OBJECT_COLOURS',
-           'MARKERS', 'JIGSAW_TASKS', 'SFT_PROBE', 'WARMUP_SETTINGS', 'JIGSAW_GRPO', 'PROBE_TRAIN', 'PROBE',
+           'MARKERS', 'JIGSAW_TASKS', 'WARMUP_SETTINGS', 'JIGSAW_GRPO', 'SFT_PROBE', 'PROBE_TRAIN', 'PROBE',
            'FORMAT_WEIGHT', 'CUE_GRPO', 'CUE_ARMS', 'is_permutation', 'jigsaw_reward', 'parse_order', 'format_order',
            'jigsaw_reward_func', 'order_format_reward', 'repetition_penalty_reward', 'order_from_keys', 'JigsawTask',
            'load_photo', 'photo_crop', 'procedural_picture', 'gradient_picture', 'ImageJigsaw', 'show_jigsaw',
            'clip_times', 'moving_shapes', 'video_frame', 'VideoJigsaw', 'project', 'ground_depth', 'place_objects',
-           'render_depth_scene', 'pick_points', 'draw_markers', 'DepthJigsaw', 'sft_probe', 'jigsaw_mixture',
-           'order_scores', 'jigsaw_eval_fn', 'warmup', 'grpo', 'format_texts', 'warmup_data', 'cue_warmup',
-           'probe_scores', 'held_out', 'cue_held_out', 'cue_grpo_run', 'jigsaw_warmup_run', 'jigsaw_grpo_seed',
-           'answer_position_nll', 'text_permutation_samples', 'curriculum_warmup']
+           'render_depth_scene', 'pick_points', 'draw_markers', 'DepthJigsaw', 'order_scores', 'jigsaw_eval_fn',
+           'warmup', 'grpo', 'sft_probe', 'text_permutation_samples', 'uninformed', 'warmup_data', 'cue_warmup',
+           'probe_scores', 'cue_held_out', 'cue_grpo_run', 'jigsaw_mixture', 'held_out', 'jigsaw_warmup_run',
+           'jigsaw_grpo_seed', 'answer_position_nll', 'curriculum_warmup']
 
 # %% ../nbs/10_jigsaw.ipynb #j006
 REWARD_VARIANTS = ("paper", "code")  # the paper's rule; the released code's (partial credit only for K > 4)
@@ -465,30 +465,6 @@ class DepthJigsaw(JigsawTask):
 JIGSAW_TASKS = {c.name: c for c in (ImageJigsaw, VideoJigsaw, DepthJigsaw)}  # name → task class
 TASKS.update(JIGSAW_TASKS)
 
-# %% ../nbs/10_jigsaw.ipynb #j055b
-SFT_PROBE = dict(steps=120, batch_size=16, lr=1e-3)  # the answer-given probe: steps of 16 samples
-
-def sft_probe(source: str, # one of JIGSAW_SOURCES
-              out: str | Path, # the run's folder
-              grid: int = 2, # tiles per side
-              n_test: int = 50, # held-out test jigsaws (dataset seed 0)
-              **settings, # over SFT_PROBE
-             ) -> dict:
-    "Answer-given training on one image-jigsaw source from the base model: {'loss': per step, 'scores': held-out order scores}."
-    from mmlit.train import load_base
-    base, proc = load_base()
-    test = ImageJigsaw(grid=grid, seed=0, source=source)
-    m, loss = warmup(base, proc, ImageJigsaw(grid=grid, seed=2000, source=source), 0, out, **{**SFT_PROBE, **settings})
-    return dict(source=source, grid=grid, loss=loss, scores=order_scores(m, proc, test, list(test.stream("test", n_test))))
-
-# %% ../nbs/10_jigsaw.ipynb #j057
-def jigsaw_mixture(seed: int = 0, # the dataset seed of every task
-                  ) -> dict[str, JigsawTask]:
-    "The chapter's training mixture, kind → task: 2×2 photos and scenes, 4-clip videos, 4-point depth, 3×3 photos."
-    return {"photo 2x2": ImageJigsaw(level=0, seed=seed), "scene 2x2": ImageJigsaw(level=0, seed=seed, source="scene"),
-            "video K=4": VideoJigsaw(level=0, seed=seed), "depth K=4": DepthJigsaw(level=0, seed=seed),
-            "photo 3x3": ImageJigsaw(level=1, seed=seed)}
-
 # %% ../nbs/10_jigsaw.ipynb #j058
 def order_scores(model, # an MMModel
                  processor, # its processor
@@ -537,46 +513,84 @@ def grpo(model, processor, # the policy (trained in place) and its processor
          eval_fn=None, # called every `eval_every` steps
          **settings, # GRPOConfig settings over JIGSAW_GRPO
         ) -> dict:
-    "GRPO on the CPU: {'reward': per step, 'zero_var': per step, 'evals': eval_fn results with their step}."
+    "GRPO on the CPU: {'reward', 'zero_var', 'completion_len': per step, 'evals': eval_fn results with their step}."
     from mmlit.grpo import GRPOTrainer, GRPOConfig
     from mmlit.train import read_metrics
     cfg = GRPOConfig(output_dir=str(out), seed=seed, cpu=True, progress=False, **{**JIGSAW_GRPO, **settings})
     GRPOTrainer(model, processor, data, cfg, reward_funcs, eval_fn=eval_fn).train()
     rows = read_metrics(out)
     return dict(reward=[r["reward"] for r in rows], zero_var=[r["zero_var_frac"] for r in rows],
+                completion_len=[r["completion_len"] for r in rows],
                 evals=[{k: v for k, v in e.items() if k != "kind"} for e in read_metrics(out, "eval")])
+
+# %% ../nbs/10_jigsaw.ipynb #j055b
+SFT_PROBE = dict(steps=120, batch_size=16, lr=1e-3)  # the answer-given probe: steps of 16 samples
+
+def sft_probe(source: str, # one of JIGSAW_SOURCES
+              out: str | Path, # the run's folder
+              grid: int = 2, # tiles per side
+              n_test: int = 50, # held-out test jigsaws (dataset seed 0)
+              **settings, # over SFT_PROBE
+             ) -> dict:
+    "Answer-given training on one image-jigsaw source from the base model: {'loss': per step, 'scores': held-out order scores}."
+    from mmlit.train import load_base
+    base, proc = load_base()
+    test = ImageJigsaw(grid=grid, seed=0, source=source)
+    m, loss = warmup(base, proc, ImageJigsaw(grid=grid, seed=2000, source=source), 0, out, **{**SFT_PROBE, **settings})
+    return dict(source=source, grid=grid, loss=loss, scores=order_scores(m, proc, test, list(test.stream("test", n_test))))
+
+# %% ../nbs/10_jigsaw.ipynb #j072
+def text_permutation_samples(n: int, # samples
+                             k: int = 4, # the numbers 0 … k-1
+                             seed: int = 0, # seeds the orders
+                            ) -> list[dict]:
+    "Text-only samples whose answer is a uniformly random order of 0 … k-1: the rule of a permutation, nothing else."
+    rng, q = np.random.default_rng(seed), f"The numbers 0 to {k - 1} in a random order?"
+    out = []
+    for i in range(n):
+        a = format_order(rng.permutation(k).tolist())
+        out.append(dict(images=[], video=False, answer=a, task="text_permutation", id=f"text_permutation/{seed}/{i}", meta={},
+                        conversation=[{"role": "user", "content": q}, {"role": "assistant", "content": a}]))
+    return out
 
 # %% ../nbs/10_jigsaw.ipynb #jw1
 PROBE_TRAIN = ("count", "colour_position", "bar_chart")  # the base model's own tasks, kept in the warm-up (level 1)
 
-def format_texts(n: int, # samples per K
-                 seed: int = 0, # seeds the orders
-                ) -> list[dict]:
-    "Text-only random orders of 4 and of 9 numbers, interleaved: the answer format of 2×2 and 3×3 jigsaws, nothing else."
-    return [s for pair in zip(text_permutation_samples(n, 4, seed), text_permutation_samples(n, 9, seed + 1)) for s in pair]
+def uninformed(task: JigsawTask, # a jigsaw task
+               n: int, # samples
+               seed: int = 0, # seeds the answers
+              ) -> list[dict]:
+    "The task's training prompts with a random order as the answer: the format on its very prompts, no information."
+    rng, out = np.random.default_rng(seed), []
+    for s in task.stream("train", n):
+        a = format_order(rng.permutation(task.pieces).tolist())
+        out.append(dict(s, answer=a, conversation=[s["conversation"][0], dict(s["conversation"][1], content=a)]))
+    return out
 
 def warmup_data(n: int = 1000, # samples per source
                 seed: int = 2000, # the dataset seed
                ):
-    "The warm-up mixture: random orders as text, 2×2 and 3×3 photo jigsaws (no usable cue), the old tasks' own questions."
+    "Stage 2: 2×2 photo and scene jigsaws, gradient jigsaws with random answers, and the old tasks with their own answers."
     from mmlit.data import Mixture, make_task
-    srcs = [(format_texts(n // 2, seed), 1), (ImageJigsaw(level=0, seed=seed), 1), (ImageJigsaw(level=1, seed=seed), 1)]
+    srcs = [(ImageJigsaw(level=0, seed=seed), 1), (ImageJigsaw(level=0, seed=seed, source="scene"), 1),
+            (uninformed(ImageJigsaw(level=0, seed=seed, source="gradient"), n, seed), 1)]
     return Mixture(srcs + [(make_task(t, level=1, seed=seed), 1) for t in PROBE_TRAIN], n=n, seed=seed)
 
+# %% ../nbs/10_jigsaw.ipynb #jw2
 def cue_warmup(out: str | Path, # a folder for the two stages
-               text_steps: int = 600, # stage 1: text-only random orders, batches of 32
-               mix_steps: int = 300, # stage 2: `warmup_data`, batches of 16
+               text_steps: int = 400, # stage 1: text-only random orders of 4 numbers, batches of 32
+               mix_steps: int = 150, # stage 2: `warmup_data`, batches of 16
               ) -> tuple:
     "The answer format without the answers: (model, processor, {'text_loss', 'loss'}), from the base model."
     from mmlit.train import load_base
     base, proc = load_base()
-    m, tl = warmup(base, proc, format_texts(10000), 0, Path(out) / "text", steps=text_steps, batch_size=32)
+    m, tl = warmup(base, proc, text_permutation_samples(20000), 0, Path(out) / "text", steps=text_steps, batch_size=32)
     m, loss = warmup(m, proc, warmup_data(), 0, Path(out) / "mix", steps=mix_steps, batch_size=16)
     return m, proc, dict(text_loss=tl, loss=loss)
 
 # %% ../nbs/10_jigsaw.ipynb #j061
 PROBE = (("colour_position", 3), ("count", 0), ("bar_chart", 0))  # the transfer probe: built-in task, level
-FORMAT_WEIGHT = 0.1  # the weight of `order_format_reward` beside the order reward
+FORMAT_WEIGHT = 0.1  # the weight of `order_format_reward` beside the order reward (the first experiment)
 
 def probe_scores(model, processor, # the model and its processor
                  n: int = 200, # test questions per probe task
@@ -588,14 +602,9 @@ def probe_scores(model, processor, # the model and its processor
     return {f"{t.name} L{t.level}": evaluate(model, processor, [(t, list(t.stream("test", n)))], max_new_tokens=8,
                                              batch_size=50).accuracy() for t in tasks}
 
-def held_out(n: int = 50, # test questions per kind
-            ) -> dict:
-    "The jigsaw test questions, kind → (task, samples), dataset seed 0."
-    return {k: (t, list(t.stream("test", n))) for k, t in jigsaw_mixture(0).items()}
-
 # %% ../nbs/10_jigsaw.ipynb #jg1
-CUE_GRPO = dict(steps=50, prompts_per_step=4, group_size=16, eval_every=10)  # G = 16, as the paper (over JIGSAW_GRPO)
-CUE_ARMS = {"graded": 0.2, "exact": 0.0, "control": None}  # arm → γ of the jigsaw reward (None: GRPO on the probe tasks)
+CUE_GRPO = dict(prompts_per_step=4, group_size=16, eval_every=10, steps=40, lr=3e-4)  # G = 16, as the paper (over JIGSAW_GRPO)
+CUE_ARMS = {"graded": 0.2, "exact": 0.0, "control": None, "repeat": 0.2}  # arm → γ (None: GRPO on the probe tasks; "repeat": + the −0.5 penalty)
 
 def cue_held_out(n: int = 50, # test jigsaws
                  grid: int = 2, # tiles per side
@@ -619,8 +628,22 @@ def cue_grpo_run(warm, processor, # the warmed-up model (copied, not changed) an
     m, ev = copy.deepcopy(warm), jigsaw_eval_fn(processor, cue_held_out(grid=grid))
     if arm == "control": data, rf, mnt = [make_task(t, level=l, seed=1000 + seed) for t, l in PROBE], [accuracy_reward], 8
     else: data, rf, mnt = [ImageJigsaw(grid=grid, seed=1000 + seed, source="gradient")], [jigsaw_reward_func(CUE_ARMS[arm])], 2 * grid ** 2 + 1
+    if arm == "repeat": rf.append(repetition_penalty_reward)
     res = grpo(m, processor, data, rf, seed, out, ev, max_new_tokens=mnt, **{**CUE_GRPO, **settings})
     return dict(res, probe=probe_scores(m, processor))
+
+# %% ../nbs/10_jigsaw.ipynb #j057
+def jigsaw_mixture(seed: int = 0, # the dataset seed of every task
+                  ) -> dict[str, JigsawTask]:
+    "The chapter's training mixture, kind → task: 2×2 photos and scenes, 4-clip videos, 4-point depth, 3×3 photos."
+    return {"photo 2x2": ImageJigsaw(level=0, seed=seed), "scene 2x2": ImageJigsaw(level=0, seed=seed, source="scene"),
+            "video K=4": VideoJigsaw(level=0, seed=seed), "depth K=4": DepthJigsaw(level=0, seed=seed),
+            "photo 3x3": ImageJigsaw(level=1, seed=seed)}
+
+def held_out(n: int = 50, # test questions per kind
+            ) -> dict:
+    "The jigsaw test questions of the mixture, kind → (task, samples), dataset seed 0."
+    return {k: (t, list(t.stream("test", n))) for k, t in jigsaw_mixture(0).items()}
 
 # %% ../nbs/10_jigsaw.ipynb #j062
 def jigsaw_warmup_run(out: str | Path, # the run's folder (the model is saved in its last checkpoint)
@@ -675,20 +698,6 @@ def answer_position_nll(model, processor, # the model and its processor
     nll = -lp.gather(-1, tgt.clamp(min=0)[..., None]).squeeze(-1)
     rows = [nll[i][tgt[i] != -100][0:-1:2] for i in range(len(samples))]   # the numbers, not the commas nor the end
     return torch.stack(rows).mean(0).tolist()
-
-# %% ../nbs/10_jigsaw.ipynb #j072
-def text_permutation_samples(n: int, # samples
-                             k: int = 4, # the numbers 0 … k-1
-                             seed: int = 0, # seeds the orders
-                            ) -> list[dict]:
-    "Text-only samples whose answer is a uniformly random order of 0 … k-1: the rule of a permutation, nothing else."
-    rng, q = np.random.default_rng(seed), f"The numbers 0 to {k - 1} in a random order?"
-    out = []
-    for i in range(n):
-        a = format_order(rng.permutation(k).tolist())
-        out.append(dict(images=[], video=False, answer=a, task="text_permutation", id=f"text_permutation/{seed}/{i}", meta={},
-                        conversation=[{"role": "user", "content": q}, {"role": "assistant", "content": a}]))
-    return out
 
 # %% ../nbs/10_jigsaw.ipynb #j081
 def curriculum_warmup(out: str | Path, # a folder for the two runs

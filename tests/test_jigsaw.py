@@ -198,14 +198,16 @@ def test_repetition_penalty_reward():
 
 
 def test_warmup_data_mixes_format_and_old_tasks():
-    from mmlit.jigsaw import PROBE_TRAIN, warmup_data
+    from mmlit.jigsaw import PROBE_TRAIN, uninformed, warmup_data
     d = warmup_data(n=20, seed=3)
     tasks = [d[i]["task"] for i in range(len(d))]
-    assert len(d) == 120 and {t: tasks.count(t) for t in set(tasks)} == {"text_permutation": 20, "jigsaw_image": 40, **dict.fromkeys(PROBE_TRAIN, 20)}
+    assert len(d) == 120 and {t: tasks.count(t) for t in set(tasks)} == {"jigsaw_image": 60, **dict.fromkeys(PROBE_TRAIN, 20)}
     jig = [d[i] for i in range(len(d)) if d[i]["task"] == "jigsaw_image"]
-    assert all(s["meta"]["source"] == "photo" for s in jig) and {s["meta"]["grid"] for s in jig} == {2, 3}
-    texts = [len(parse_order(d[i]["answer"])) for i in range(len(d)) if d[i]["task"] == "text_permutation"]
-    assert texts.count(4) == texts.count(9) == 10
+    assert sorted(s["meta"]["source"] for s in jig) == ["gradient"] * 20 + ["photo"] * 20 + ["scene"] * 20
+    assert all(is_permutation(parse_order(s["answer"]), 4) for s in jig)
+    t = ImageJigsaw(level=0, source="gradient")
+    u = uninformed(t, 100, seed=1)   # random answers: right about 1 time in 24, whatever the picture
+    assert 0 < sum(t.verify(s) for s in u) < 15 and all(s["conversation"][1]["content"] == s["answer"] for s in u)
 
 
 def test_cue_grpo_run_rejects_unknown_arm():
