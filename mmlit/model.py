@@ -38,7 +38,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
 # %% ../nbs/03_model.ipynb #58049f3f
-from .processing import IMG_START, IMG_END, IMG_CONTEXT, MMProcessor
+from .processing import IMG_START, IMG_END, IMG_CONTEXT, MMProcessor, hw_pair, tokens_per_tile
 
 # %% ../nbs/03_model.ipynb #b3d15eeb
 def unshuffle_factor(
@@ -86,10 +86,6 @@ class MMProjector(nn.Module):
         return self.linear_2(self.act(self.linear_1(self.layer_norm(x))))
 
 # %% ../nbs/03_model.ipynb #ed438efa
-def _pair(x):
-    return tuple(x) if isinstance(x, (list, tuple)) else (x, x)
-
-
 def patch_grid(
     vision_model: nn.Module,  # a transformers vision model (SigLIP, CLIP, InternViT, ResNet, ConvNeXt, ...)
     pixel_values: torch.Tensor,  # tiles (N, 3, H, W)
@@ -100,7 +96,7 @@ def patch_grid(
         raise ValueError(f"pixel_values must be (tiles, channels, H, W), got {tuple(pixel_values.shape)}")
     out = vision_model(pixel_values=pixel_values.to(vision_model.dtype), output_hidden_states=select_layer != -1)
     feats = out.last_hidden_state if select_layer == -1 else out.hidden_states[select_layer]
-    ph, pw = _pair(vision_model.config.patch_size)
+    ph, pw = hw_pair(vision_model.config.patch_size)
     gh, gw = pixel_values.shape[-2] // ph, pixel_values.shape[-1] // pw
     if feats.ndim == 4:  # a convolutional encoder: a (N, C, H', W') feature map
         if tuple(feats.shape[-2:]) != (gh, gw):
@@ -272,10 +268,9 @@ class MMModel(PreTrainedModel, GenerationMixin):
 
     @property
     def tokens_per_tile(self) -> int:
-        "Visual tokens one tile becomes: (H/p · ratio) · (W/p · ratio)."
-        k, vc = unshuffle_factor(self.config.downsample_ratio), self.config.vision_config
-        (h, w), (ph, pw) = _pair(vc.image_size), _pair(vc.patch_size)
-        return (h // ph // k) * (w // pw // k)
+        "Visual tokens one tile becomes (`mmlit.processing.tokens_per_tile` of the vision config)."
+        vc = self.config.vision_config
+        return tokens_per_tile(hw_pair(vc.image_size), hw_pair(vc.patch_size), self.config.downsample_ratio)
 
     def get_image_features(
         self,
@@ -552,7 +547,7 @@ def init_sincos_positions(
     "Overwrite a from-scratch encoder's learned position table with 2-D sine-cosine codes (a CLS row, if any, gets zeros)."
     w = _position_table(vision_model)
     n, c = w.shape[-2], w.shape[-1]
-    (ih, iw), (ph, pw) = _pair(vision_model.config.image_size), _pair(vision_model.config.patch_size)
+    (ih, iw), (ph, pw) = hw_pair(vision_model.config.image_size), hw_pair(vision_model.config.patch_size)
     rows, cols = ih // ph, iw // pw
     if n not in (rows * cols, rows * cols + 1):
         raise ValueError(

@@ -29,10 +29,11 @@ from mmlit.tiling import (
 # %% auto #0
 __all__ = ['IMG_START', 'IMG_END', 'IMG_CONTEXT', 'IMAGE_PLACEHOLDER', 'VIDEO_PLACEHOLDER', 'IM_START', 'IM_END', 'PAD_TOKEN',
            'BOS_TOKEN', 'IMAGE_TOKENS', 'IGNORE_INDEX', 'ROLES', 'JPEG_MIN_TILE', 'TINY_SPECIAL_TOKENS',
-           'CHAT_TEMPLATE', 'PLACEHOLDER_RE', 'SQUARE_TILE_RULES', 'TOKEN_KINDS', 'tokens_per_tile', 'jpeg_compress',
-           'random_jpeg', 'jpeg_applies', 'image_pixels', 'tiny_corpus', 'build_tiny_tokenizer', 'tiny_tokenizer_path',
-           'add_mm_tokens', 'tiny_tokenizer', 'check_conversation', 'image_line', 'render_chat', 'image_span',
-           'video_span', 'expand_placeholders', 'tokenize_with_labels', 'MMProcessor', 'token_kinds', 'show_tokens']
+           'CHAT_TEMPLATE', 'PLACEHOLDER_RE', 'SQUARE_TILE_RULES', 'TOKEN_KINDS', 'hw_pair', 'tokens_per_tile',
+           'jpeg_compress', 'random_jpeg', 'jpeg_applies', 'image_pixels', 'tiny_corpus', 'build_tiny_tokenizer',
+           'tiny_tokenizer_path', 'add_mm_tokens', 'tiny_tokenizer', 'check_conversation', 'image_line', 'render_chat',
+           'image_span', 'video_span', 'expand_placeholders', 'tokenize_with_labels', 'MMProcessor', 'token_kinds',
+           'show_tokens']
 
 # %% ../nbs/02_processing.ipynb #0d4ea7e6
 IMG_START, IMG_END, IMG_CONTEXT = (
@@ -48,20 +49,26 @@ IGNORE_INDEX = -100  # label of every token the loss must not see (torch's cross
 ROLES = ("system", "user", "assistant")
 
 # %% ../nbs/02_processing.ipynb #139826cb
+def hw_pair(x) -> tuple:
+    "(x, x) for one number, the pair itself for a (height, width) pair."
+    return (x, x) if isinstance(x, (int, float)) else tuple(x)
+
+
 def tokens_per_tile(
-    image_size: int = 448,  # tile side in pixels, as the vision encoder sees it
-    patch_size: int = 14,  # the vision encoder's patch size
+    image_size: int | tuple[int, int] = 448,  # tile side in pixels as the vision encoder sees it, or (height, width)
+    patch_size: int | tuple[int, int] = 14,  # the vision encoder's patch size (or total stride), or (height, width)
     downsample_ratio: float = 0.5,  # pixel-unshuffle scale (0.5 merges 2×2 tokens into one)
 ) -> int:
-    "Visual tokens one tile becomes: (image_size / patch_size · downsample_ratio)²."
-    if image_size <= 0 or patch_size <= 0 or image_size % patch_size:
-        raise ValueError(f"image_size {image_size} must be a positive multiple of patch_size {patch_size}")
-    side = image_size // patch_size * downsample_ratio
-    if side < 1 or side != int(side):
-        raise ValueError(
-            f"{image_size // patch_size} patches per side times downsample_ratio {downsample_ratio} is not a whole number"
-        )
-    return int(side) ** 2
+    "Visual tokens one tile becomes: (H / patch · downsample_ratio) · (W / patch · downsample_ratio)."
+    n = 1
+    for side, patch in zip(hw_pair(image_size), hw_pair(patch_size)):
+        if side <= 0 or patch <= 0 or side % patch:
+            raise ValueError(f"image_size {image_size} must be a positive multiple of patch_size {patch_size}")
+        tokens = side // patch * downsample_ratio
+        if tokens < 1 or tokens != int(tokens):
+            raise ValueError(f"{side // patch} patches per side times downsample_ratio {downsample_ratio} is not a whole number")
+        n *= int(tokens)
+    return n
 
 # %% ../nbs/02_processing.ipynb #52038a25
 def jpeg_compress(
