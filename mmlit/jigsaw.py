@@ -25,27 +25,37 @@ __all__ = ['REWARD_VARIANTS', 'PHOTO_SPLITS', 'PICTURES', 'JIGSAW_SOURCES', 'CAM
 # %% ../nbs/10_jigsaw.ipynb #j006
 REWARD_VARIANTS = ("paper", "code")  # the paper's rule; the released code's (partial credit only for K > 4)
 
-def is_permutation(order, # anything
-                   k: int, # the number of pieces
-                  ) -> bool:
+
+def is_permutation(
+    order,  # anything
+    k: int,  # the number of pieces
+) -> bool:
     "Is `order` a list (or tuple) of the ints 0 … k-1, each once?"
-    if not isinstance(order, (list, tuple)) or len(order) != k: return False
-    if not all(isinstance(i, (int, np.integer)) and not isinstance(i, bool) for i in order): return False
+    if not isinstance(order, (list, tuple)) or len(order) != k:
+        return False
+    if not all(isinstance(i, (int, np.integer)) and not isinstance(i, bool) for i in order):
+        return False
     return sorted(int(i) for i in order) == list(range(k))
 
 # %% ../nbs/10_jigsaw.ipynb #j008
-def jigsaw_reward(pred: list[int] | None, # the parsed order (None: the output did not parse)
-                  truth: list[int], # the true order, a permutation of range(K)
-                  gamma: float = 0.2, # the weight of partial credit
-                  variant: str = "paper", # "paper", or "code" (the released code: partial credit only for K > 4)
-                 ) -> float:
+def jigsaw_reward(
+    pred: list[int] | None,  # the parsed order (None: the output did not parse)
+    truth: list[int],  # the true order, a permutation of range(K)
+    gamma: float = 0.2,  # the weight of partial credit
+    variant: str = "paper",  # "paper", or "code" (the released code: partial credit only for K > 4)
+) -> float:
     "1.0 for the exact order; gamma × (positions right) / K for another valid permutation; 0.0 for anything else."
-    if variant not in REWARD_VARIANTS: raise ValueError(f"unknown variant {variant!r}; expected one of {REWARD_VARIANTS}")
+    if variant not in REWARD_VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; expected one of {REWARD_VARIANTS}")
     k = len(truth) if isinstance(truth, (list, tuple)) else 0
-    if not is_permutation(truth, k) or k < 2: raise ValueError(f"truth must be a permutation of range(K), K >= 2, got {truth!r}")
-    if not is_permutation(pred, k): return 0.0
-    if [int(i) for i in pred] == [int(i) for i in truth]: return 1.0
-    if variant == "code" and k <= 4: return 0.0
+    if not is_permutation(truth, k) or k < 2:
+        raise ValueError(f"truth must be a permutation of range(K), K >= 2, got {truth!r}")
+    if not is_permutation(pred, k):
+        return 0.0
+    if [int(i) for i in pred] == [int(i) for i in truth]:
+        return 1.0
+    if variant == "code" and k <= 4:
+        return 0.0
     return gamma * sum(int(p) == int(t) for p, t in zip(pred, truth)) / k
 
 # %% ../nbs/10_jigsaw.ipynb #j013
@@ -53,62 +63,89 @@ _TAG = re.compile(r"<answer>(.*?)</answer>", re.S)
 _BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
 _ORDER = re.compile(r"\[?\s*\d{1,3}(?:\s*[,\s]\s*\d{1,3})*\s*\]?\.?")
 
-def parse_order(text: str | None, # a model output (or a reference answer)
-               ) -> list[int] | None:
+
+def parse_order(
+    text: str | None,  # a model output (or a reference answer)
+) -> list[int] | None:
     "The order an output writes (`2 0 3 1`, `2,0,3,1`, `[2, 0, 3, 1]`, in `<answer>` or `\\boxed{}`), else None."
-    if not isinstance(text, str): return None
+    if not isinstance(text, str):
+        return None
     s = text.strip()
     if "<answer>" in s or "</answer>" in s:
         tags = _TAG.findall(s)
-        if not tags: return None
+        if not tags:
+            return None
         s = tags[-1].strip()
     boxed = _BOXED.findall(s)
-    if boxed: s = boxed[-1].strip()
-    if not _ORDER.fullmatch(s): return None
+    if boxed:
+        s = boxed[-1].strip()
+    if not _ORDER.fullmatch(s):
+        return None
     return [int(x) for x in re.findall(r"\d+", s)]
 
-def format_order(order: list[int], # a permutation
-                ) -> str:
+
+def format_order(
+    order: list[int],  # a permutation
+) -> str:
     "The reference answer text of an order: `2,0,3,1`."
     return ",".join(str(int(i)) for i in order)
 
 # %% ../nbs/10_jigsaw.ipynb #j016
 def _orders(completions, answer):
-    if answer is None: raise ValueError("jigsaw rewards need the 'answer' column (the reference order)")
-    if len(answer) != len(completions): raise ValueError(f"{len(completions)} completions but {len(answer)} answers")
+    if answer is None:
+        raise ValueError("jigsaw rewards need the 'answer' column (the reference order)")
+    if len(answer) != len(completions):
+        raise ValueError(f"{len(completions)} completions but {len(answer)} answers")
     return [(parse_order(c), None if a is None else parse_order(str(a))) for c, a in zip(completions, answer)]
 
-def jigsaw_reward_func(gamma: float = 0.2, # the weight of partial credit (0: all-or-nothing)
-                       variant: str = "paper", # "paper" or "code"
-                      ):
+
+def jigsaw_reward_func(
+    gamma: float = 0.2,  # the weight of partial credit (0: all-or-nothing)
+    variant: str = "paper",  # "paper" or "code"
+):
     "A reward function with TRL's signature that scores each completion with `jigsaw_reward` (None without an answer)."
-    if variant not in REWARD_VARIANTS: raise ValueError(f"unknown variant {variant!r}; expected one of {REWARD_VARIANTS}")
+    if variant not in REWARD_VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; expected one of {REWARD_VARIANTS}")
+
     def reward(prompts: list, completions: list[str], answer: list[str] | None = None, **columns) -> list[float | None]:
         return [None if t is None else jigsaw_reward(p, t, gamma, variant) for p, t in _orders(completions, answer)]
+
     reward.__name__ = "jigsaw_exact_reward" if gamma == 0 else f"jigsaw_{variant}_reward"
     return reward
 
-def order_format_reward(prompts: list, completions: list[str], # TRL's signature: one entry per completion
-                        answer: list[str] | None = None, # the reference orders (their length is K)
-                        **columns) -> list[float | None]:
+
+def order_format_reward(
+    prompts: list,
+    completions: list[str],  # TRL's signature: one entry per completion
+    answer: list[str] | None = None,  # the reference orders (their length is K)
+    **columns,
+) -> list[float | None]:
     "1.0 when the completion parses as a permutation of range(K), else 0.0."
     return [None if t is None else float(is_permutation(p, len(t))) for p, t in _orders(completions, answer)]
 
 # %% ../nbs/10_jigsaw.ipynb #j017c
-def repetition_penalty_reward(prompts: list, completions: list[str], # TRL's signature: one entry per completion
-                              answer: list[str] | None = None, # the reference orders (their length is K)
-                              penalty: float = -0.5, # the released code's
-                              **columns) -> list[float | None]:
+def repetition_penalty_reward(
+    prompts: list,
+    completions: list[str],  # TRL's signature: one entry per completion
+    answer: list[str] | None = None,  # the reference orders (their length is K)
+    penalty: float = -0.5,  # the released code's
+    **columns,
+) -> list[float | None]:
     "`penalty` when the completion lists K numbers with one repeated, else 0.0 (None without an answer)."
-    return [None if t is None else float(penalty) * (p is not None and len(p) == len(t) and len(set(p)) < len(p))
-            for p, t in _orders(completions, answer)]
+    return [
+        None if t is None else float(penalty) * (p is not None and len(p) == len(t) and len(set(p)) < len(p))
+        for p, t in _orders(completions, answer)
+    ]
 
 # %% ../nbs/10_jigsaw.ipynb #j019
-def order_from_keys(keys: list, # one key per shown piece (distinct)
-                   ) -> list[int]:
+def order_from_keys(
+    keys: list,  # one key per shown piece (distinct)
+) -> list[int]:
     "The shown pieces sorted by key: the answer of a jigsaw."
-    if len(set(keys)) != len(keys): raise ValueError(f"the keys of a jigsaw must be distinct, got {keys}")
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"the keys of a jigsaw must be distinct, got {keys}")
     return sorted(range(len(keys)), key=lambda i: keys[i])
+
 
 def _tile_labels(content: str) -> str:
     return re.sub(r"Image-(\d+): ", lambda m: f"Tile {int(m.group(1)) - 1}: ", content)
@@ -116,19 +153,29 @@ def _tile_labels(content: str) -> str:
 # %% ../nbs/10_jigsaw.ipynb #j021
 class JigsawTask(Task):
     "Base of the ordering tasks: K shown pieces with distinct keys; the answer is the pieces sorted by key (`2,0,3,1`)."
+
     name = "jigsaw"
+
     @property
-    def pieces(self) -> int: raise NotImplementedError
+    def pieces(self) -> int:
+        raise NotImplementedError
+
     @property
-    def question_chance(self): return 1 / math.factorial(self.pieces)
-    def answer_from_meta(self, meta): return format_order(order_from_keys(meta["keys"]))
+    def question_chance(self):
+        return 1 / math.factorial(self.pieces)
+
+    def answer_from_meta(self, meta):
+        return format_order(order_from_keys(meta["keys"]))
+
     def check(self, pred: str, answer: str) -> bool:
         "Is `pred` the order `answer` gives, in any format `parse_order` reads?"
         p = parse_order(pred)
         return p is not None and p == parse_order(answer)
+
     def verify(self, sample: dict) -> bool:
         "Does the sample's answer follow from its keys?"
         return self.answer_from_meta(sample_meta(sample)) == sample["answer"]
+
     def sample(self, index: int, split: str = "train", seed: int | None = None) -> dict:
         "One sample (see `Task.sample`), its images labelled `Tile 0`, `Tile 1`, …"
         s = super().sample(index, split, seed)
@@ -136,68 +183,105 @@ class JigsawTask(Task):
         return dict(s, conversation=[dict(user, content=_tile_labels(user["content"])), *rest])
 
 # %% ../nbs/10_jigsaw.ipynb #j023
-PHOTO_SPLITS = {"train": ("astronaut", "rocket", "hubble_deep_field", "immunohistochemistry", "retina", "stereo_motorcycle",
-                          "camera", "coins", "moon", "brick", "grass", "gravel", "china"),
-                "validation": ("clock", "grace_hopper"),
-                "test": ("chelsea", "coffee", "flower")}  # split → the photos its samples are cut from
+PHOTO_SPLITS = {
+    "train": (
+        "astronaut",
+        "rocket",
+        "hubble_deep_field",
+        "immunohistochemistry",
+        "retina",
+        "stereo_motorcycle",
+        "camera",
+        "coins",
+        "moon",
+        "brick",
+        "grass",
+        "gravel",
+        "china",
+    ),
+    "validation": ("clock", "grace_hopper"),
+    "test": ("chelsea", "coffee", "flower"),
+}  # split → the photos its samples are cut from
+
 
 @functools.lru_cache(maxsize=None)
-def load_photo(name: str, # a name in `PHOTO_SPLITS`
-              ) -> Image.Image:
+def load_photo(
+    name: str,  # a name in `PHOTO_SPLITS`
+) -> Image.Image:
     "A photo that scikit-image, scikit-learn or matplotlib ships, as RGB (short side at most 512 px)."
     if name in ("china", "flower"):
         from sklearn.datasets import load_sample_image
+
         arr = load_sample_image(f"{name}.jpg")
     elif name == "grace_hopper":
         from matplotlib import cbook
+
         arr = np.asarray(Image.open(cbook.get_sample_data("grace_hopper.jpg")))
     elif name in itertools.chain(*PHOTO_SPLITS.values()):
         import skimage.data
+
         arr = getattr(skimage.data, name)()
-        if name == "stereo_motorcycle": arr = arr[0]
-    else: raise ValueError(f"unknown photo {name!r}; expected one of {sorted(itertools.chain(*PHOTO_SPLITS.values()))}")
+        if name == "stereo_motorcycle":
+            arr = arr[0]
+    else:
+        raise ValueError(f"unknown photo {name!r}; expected one of {sorted(itertools.chain(*PHOTO_SPLITS.values()))}")
     img = Image.fromarray(np.asarray(arr)).convert("RGB")
     img.thumbnail((512, 512))
     return img
 
 # %% ../nbs/10_jigsaw.ipynb #j024
-def photo_crop(rng: np.random.Generator, # the sample's generator
-               split: str, # the split whose photos are used
-               side: int, # the crop's side after resizing, in pixels
-              ) -> tuple[Image.Image, dict]:
+def photo_crop(
+    rng: np.random.Generator,  # the sample's generator
+    split: str,  # the split whose photos are used
+    side: int,  # the crop's side after resizing, in pixels
+) -> tuple[Image.Image, dict]:
     "A random square crop of one of the split's photos, resized to `side`, and where it came from."
     name = PHOTO_SPLITS[split][int(rng.integers(len(PHOTO_SPLITS[split])))]
     img = load_photo(name)
-    c = int(min(img.size) * rng.uniform(.4, 1.0))
+    c = int(min(img.size) * rng.uniform(0.4, 1.0))
     x, y = int(rng.integers(img.size[0] - c + 1)), int(rng.integers(img.size[1] - c + 1))
-    flip = bool(rng.random() < .5)
+    flip = bool(rng.random() < 0.5)
     out = img.crop((x, y, x + c, y + c)).resize((side, side), Image.BICUBIC)
     return (out.transpose(Image.FLIP_LEFT_RIGHT) if flip else out), dict(photo=name, crop=[x, y, c], flip=flip)
 
 # %% ../nbs/10_jigsaw.ipynb #j025
-def _blend(c1, c2, w): return tuple(int(a * (1 - w) + b * w) for a, b in zip(c1, c2))
+def _blend(c1, c2, w):
+    return tuple(int(a * (1 - w) + b * w) for a, b in zip(c1, c2))
 
-def procedural_picture(rng: np.random.Generator, # the sample's generator
-                       side: int, # the picture's side in pixels
-                       n_shapes: int = 7, # large shapes drawn over the background
-                      ) -> tuple[Image.Image, dict]:
+
+def procedural_picture(
+    rng: np.random.Generator,  # the sample's generator
+    side: int,  # the picture's side in pixels
+    n_shapes: int = 7,  # large shapes drawn over the background
+) -> tuple[Image.Image, dict]:
     "A scene with no blank region: a two-colour gradient in a random direction under large overlapping shapes."
     names = list(COLOURS)
-    c1, c2 = (_blend(COLOURS[names[i]], (255, 255, 255), .55) for i in rng.choice(len(names), 2, replace=False))
+    c1, c2 = (_blend(COLOURS[names[i]], (255, 255, 255), 0.55) for i in rng.choice(len(names), 2, replace=False))
     a = rng.uniform(0, 2 * math.pi)
     yy, xx = np.mgrid[0:side, 0:side] / side
-    w = np.clip((np.cos(a) * (xx - .5) + np.sin(a) * (yy - .5)) + .5, 0, 1)[..., None]
+    w = np.clip((np.cos(a) * (xx - 0.5) + np.sin(a) * (yy - 0.5)) + 0.5, 0, 1)[..., None]
     bg = Image.fromarray((np.array(c1) * (1 - w) + np.array(c2) * w).astype(np.uint8))
-    objs = [dict(shape=SHAPES[int(rng.integers(len(SHAPES)))], colour=names[int(rng.integers(len(names)))],
-                 x=float(rng.uniform(0, side)), y=float(rng.uniform(0, side)), r=float(side * rng.uniform(.1, .25)))
-            for _ in range(n_shapes)]
-    img = draw_scene(objs, side); mask = draw_scene([dict(o, colour="red") for o in objs], side, background=(0, 0, 0))
-    return Image.composite(img, bg, mask.convert("L").point(lambda v: 255 if v else 0)), dict(objects=objs, gradient=[c1, c2, a])
+    objs = [
+        dict(
+            shape=SHAPES[int(rng.integers(len(SHAPES)))],
+            colour=names[int(rng.integers(len(names)))],
+            x=float(rng.uniform(0, side)),
+            y=float(rng.uniform(0, side)),
+            r=float(side * rng.uniform(0.1, 0.25)),
+        )
+        for _ in range(n_shapes)
+    ]
+    img = draw_scene(objs, side)
+    mask = draw_scene([dict(o, colour="red") for o in objs], side, background=(0, 0, 0))
+    return Image.composite(img, bg, mask.convert("L").point(lambda v: 255 if v else 0)), dict(
+        objects=objs, gradient=[c1, c2, a]
+    )
 
 # %% ../nbs/10_jigsaw.ipynb #j025b
-def gradient_picture(rng: np.random.Generator, # the sample's generator
-                     side: int, # the picture's side in pixels
-                    ) -> tuple[Image.Image, dict]:
+def gradient_picture(
+    rng: np.random.Generator,  # the sample's generator
+    side: int,  # the picture's side in pixels
+) -> tuple[Image.Image, dict]:
     "Red rises left → right and green top → bottom (random ranges, random blue): every piece's colour says where it goes."
     lo, hi = rng.uniform(0, 50, 2), rng.uniform(205, 255, 2)
     yy, xx = np.mgrid[0:side, 0:side] / (side - 1)
@@ -206,80 +290,113 @@ def gradient_picture(rng: np.random.Generator, # the sample's generator
     return Image.fromarray(arr.astype(np.uint8)), dict(gradient=[lo.tolist(), hi.tolist(), b])
 
 # %% ../nbs/10_jigsaw.ipynb #j029
-PICTURES = {"scene": procedural_picture, "gradient": gradient_picture}  # procedural sources: name → (rng, side) → picture
+PICTURES = {
+    "scene": procedural_picture,
+    "gradient": gradient_picture,
+}  # procedural sources: name → (rng, side) → picture
 JIGSAW_SOURCES = ("photo", *PICTURES)  # what an image jigsaw cuts up: photos the packages ship, or procedural pictures
+
 
 class ImageJigsaw(JigsawTask):
     "Put the shuffled tiles of a g × g grid back in raster order. Chance 1/(g²)!."
+
     name = "jigsaw_image"
-    levels = {0: dict(grid=2), 1: dict(grid=3), 2: dict(grid=4), 3: dict(grid=5)}  # level → settings (level 1: the paper's)
-    def __init__(self, size: int = 64, # the side of one tile in pixels
-                 seed: int = 0, grid: int | None = None, # the picture is cut into grid × grid tiles (2..6)
-                 source: str = "photo", # one of JIGSAW_SOURCES
-                 level: int | None = None, # difficulty 0..3 (None: the defaults, which are level 1)
-                 captions: bool = False, # jigsaws have no captions (True raises)
-                ):
+    levels = {
+        0: dict(grid=2),
+        1: dict(grid=3),
+        2: dict(grid=4),
+        3: dict(grid=5),
+    }  # level → settings (level 1: the paper's)
+
+    def __init__(
+        self,
+        size: int = 64,  # the side of one tile in pixels
+        seed: int = 0,
+        grid: int | None = None,  # the picture is cut into grid × grid tiles (2..6)
+        source: str = "photo",  # one of JIGSAW_SOURCES
+        level: int | None = None,  # difficulty 0..3 (None: the defaults, which are level 1)
+        captions: bool = False,  # jigsaws have no captions (True raises)
+    ):
         super().__init__(size, seed, level, captions)
         self.grid = self.settings(grid=grid)["grid"]
-        if not isinstance(self.grid, int) or not 2 <= self.grid <= 6: raise ValueError(f"grid must be an int in 2..6, got {self.grid!r}")
-        if source not in JIGSAW_SOURCES: raise ValueError(f"unknown source {source!r}; expected one of {JIGSAW_SOURCES}")
+        if not isinstance(self.grid, int) or not 2 <= self.grid <= 6:
+            raise ValueError(f"grid must be an int in 2..6, got {self.grid!r}")
+        if source not in JIGSAW_SOURCES:
+            raise ValueError(f"unknown source {source!r}; expected one of {JIGSAW_SOURCES}")
         self.source = source
+
     @property
-    def pieces(self): return self.grid ** 2
+    def pieces(self):
+        return self.grid**2
 
     def make(self, rng, split):
         g, t = self.grid, self.size
         pic, where = photo_crop(rng, split, g * t) if self.source == "photo" else PICTURES[self.source](rng, g * t)
         tiles = [pic.crop((c * t, r * t, (c + 1) * t, (r + 1) * t)) for r in range(g) for c in range(g)]
-        keys = [int(i) for i in rng.permutation(g * g)]   # shown tile j is the picture's tile keys[j]
+        keys = [int(i) for i in rng.permutation(g * g)]  # shown tile j is the picture's tile keys[j]
         q = f"The tiles of a {g}x{g} picture, shuffled. Tile numbers in reading order?"
         meta = dict(question_type="jigsaw_image", source=self.source, grid=g, keys=keys, **where)
         return [tiles[k] for k in keys], q, self.answer_from_meta(meta), meta
 
 # %% ../nbs/10_jigsaw.ipynb #j030
-def show_jigsaw(sample: dict, # a jigsaw sample
-                ax_row=None, # a row of matplotlib axes to draw into (None: a new figure)
-               ):
+def show_jigsaw(
+    sample: dict,  # a jigsaw sample
+    ax_row=None,  # a row of matplotlib axes to draw into (None: a new figure)
+):
     "The shown pieces with their numbers, and the pieces put back in the answer's order."
     import matplotlib.pyplot as plt
+
     imgs, order = sample["images"], parse_order(sample["answer"])
     axs = ax_row if ax_row is not None else plt.subplots(1, 2 * len(imgs), figsize=(1.1 * 2 * len(imgs), 1.4))[1]
     for j, img in enumerate(imgs):
-        axs[j].imshow(img); axs[j].set_title(f"tile {j}", fontsize=7)
+        axs[j].imshow(img)
+        axs[j].set_title(f"tile {j}", fontsize=7)
     for p, j in enumerate(order):
-        axs[len(imgs) + p].imshow(imgs[j]); axs[len(imgs) + p].set_title(f"place {p}: {j}", fontsize=7)
-    for a in axs: a.set_xticks([]); a.set_yticks([])
+        axs[len(imgs) + p].imshow(imgs[j])
+        axs[len(imgs) + p].set_title(f"place {p}: {j}", fontsize=7)
+    for a in axs:
+        a.set_xticks([])
+        a.set_yticks([])
     return axs
 
 # %% ../nbs/10_jigsaw.ipynb #j037
-def clip_times(clips: int, # K: clips the video is cut into
-               frames_per_clip: int = 2, # F: frames kept per clip
-               trim: float = 0.05, # share of each clip cut off at each of its ends
-              ) -> list[list[float]]:
+def clip_times(
+    clips: int,  # K: clips the video is cut into
+    frames_per_clip: int = 2,  # F: frames kept per clip
+    trim: float = 0.05,  # share of each clip cut off at each of its ends
+) -> list[list[float]]:
     "The times (in [0, 1]) of the frames of each clip, clips in time order: F even steps inside the trimmed clip."
-    if clips < 2 or frames_per_clip < 1: raise ValueError(f"need clips >= 2 and frames_per_clip >= 1, got {clips}, {frames_per_clip}")
-    if not 0 <= trim < .5: raise ValueError(f"trim must be in [0, 0.5), got {trim}")
+    if clips < 2 or frames_per_clip < 1:
+        raise ValueError(f"need clips >= 2 and frames_per_clip >= 1, got {clips}, {frames_per_clip}")
+    if not 0 <= trim < 0.5:
+        raise ValueError(f"trim must be in [0, 0.5), got {trim}")
     return [np.linspace((k + trim) / clips, (k + 1 - trim) / clips, frames_per_clip).tolist() for k in range(clips)]
 
 # %% ../nbs/10_jigsaw.ipynb #j039
-def moving_shapes(rng: np.random.Generator, # the sample's generator
-                  size: int, # the frame side in pixels
-                  n: int = 2, # moving shapes
-                 ) -> list[dict]:
+def moving_shapes(
+    rng: np.random.Generator,  # the sample's generator
+    size: int,  # the frame side in pixels
+    n: int = 2,  # moving shapes
+) -> list[dict]:
     "Shapes with a straight path (x0, y0) → (x1, y1); the first travels at least half the frame."
     names, objs = list(COLOURS), []
-    for k, (si, ci) in enumerate(zip(rng.choice(len(SHAPES), n, replace=False), rng.choice(len(names), n, replace=False))):
-        r = size * rng.uniform(.1, .15)
+    for k, (si, ci) in enumerate(
+        zip(rng.choice(len(SHAPES), n, replace=False), rng.choice(len(names), n, replace=False))
+    ):
+        r = size * rng.uniform(0.1, 0.15)
         while True:
             p0, p1 = rng.uniform(r, size - r, 2), rng.uniform(r, size - r, 2)
-            if k > 0 or np.hypot(*(p1 - p0)) >= size / 2: break
+            if k > 0 or np.hypot(*(p1 - p0)) >= size / 2:
+                break
         objs.append(dict(shape=SHAPES[si], colour=names[ci], r=float(r), start=p0.tolist(), end=p1.tolist()))
     return objs
 
-def video_frame(objects: list[dict], # `moving_shapes` output
-                t: float, # the time in [0, 1]
-                size: int, # the frame side in pixels
-               ) -> Image.Image:
+
+def video_frame(
+    objects: list[dict],  # `moving_shapes` output
+    t: float,  # the time in [0, 1]
+    size: int,  # the frame side in pixels
+) -> Image.Image:
     "The frame at time t: every shape at its point of its path."
     at = lambda o, i: o["start"][i] + (o["end"][i] - o["start"][i]) * t
     return draw_scene([dict(o, x=at(o, 0), y=at(o, 1)) for o in objects], size)
@@ -287,69 +404,115 @@ def video_frame(objects: list[dict], # `moving_shapes` output
 # %% ../nbs/10_jigsaw.ipynb #j040
 class VideoJigsaw(JigsawTask):
     "Put the shuffled clips of a procedural video back in time order. Chance 1/K!."
+
     name = "jigsaw_video"
     video = True
-    levels = {0: dict(clips=4), 1: dict(clips=6), 2: dict(clips=8), 3: dict(clips=10)}  # level → settings (level 1: the paper's)
-    def __init__(self, size: int = 64, # the frame side in pixels
-                 seed: int = 0, clips: int | None = None, # K: clips the video is cut into (2..12)
-                 frames_per_clip: int = 2, # F: frames shown per clip
-                 trim: float = 0.05, # share of each clip trimmed at each end
-                 level: int | None = None, # difficulty 0..3 (None: the defaults, which are level 1)
-                 captions: bool = False, # jigsaws have no captions (True raises)
-                ):
+    levels = {
+        0: dict(clips=4),
+        1: dict(clips=6),
+        2: dict(clips=8),
+        3: dict(clips=10),
+    }  # level → settings (level 1: the paper's)
+
+    def __init__(
+        self,
+        size: int = 64,  # the frame side in pixels
+        seed: int = 0,
+        clips: int | None = None,  # K: clips the video is cut into (2..12)
+        frames_per_clip: int = 2,  # F: frames shown per clip
+        trim: float = 0.05,  # share of each clip trimmed at each end
+        level: int | None = None,  # difficulty 0..3 (None: the defaults, which are level 1)
+        captions: bool = False,  # jigsaws have no captions (True raises)
+    ):
         super().__init__(size, seed, level, captions)
         self.clips, self.frames_per_clip, self.trim = self.settings(clips=clips)["clips"], frames_per_clip, trim
-        if not isinstance(self.clips, int) or not 2 <= self.clips <= 12: raise ValueError(f"clips must be an int in 2..12, got {self.clips!r}")
-        clip_times(self.clips, frames_per_clip, trim)   # checks frames_per_clip and trim
+        if not isinstance(self.clips, int) or not 2 <= self.clips <= 12:
+            raise ValueError(f"clips must be an int in 2..12, got {self.clips!r}")
+        clip_times(self.clips, frames_per_clip, trim)  # checks frames_per_clip and trim
+
     @property
-    def pieces(self): return self.clips
+    def pieces(self):
+        return self.clips
 
     def make(self, rng, split):
         K, F, S = self.clips, self.frames_per_clip, self.size
         objs, times = moving_shapes(rng, S), clip_times(K, F, self.trim)
-        keys = [int(i) for i in rng.permutation(K)]   # shown clip j is the video's clip keys[j]
+        keys = [int(i) for i in rng.permutation(K)]  # shown clip j is the video's clip keys[j]
         frames = [video_frame(objs, t, S) for k in keys for t in times[k]]
         q = f"{K} shuffled clips of {F} frames each (clip 0 = frames 1-{F}, clip 1 = frames {F + 1}-{2 * F}, ...). Clips in time order?"
-        meta = dict(question_type="jigsaw_video", clips=K, frames_per_clip=F, keys=keys, objects=objs, times=[times[k] for k in keys])
+        meta = dict(
+            question_type="jigsaw_video",
+            clips=K,
+            frames_per_clip=F,
+            keys=keys,
+            objects=objs,
+            times=[times[k] for k in keys],
+        )
         return frames, q, self.answer_from_meta(meta), meta
 
 # %% ../nbs/10_jigsaw.ipynb #j043
-CAMERA = dict(height=1.6, focal=0.9, horizon=0.38)  # metres above the ground; focal length × image width; horizon row × height
-SKY, GROUND = ((150, 190, 235), (225, 235, 245)), ((120, 150, 90), (95, 125, 70))  # sky top/horizon; the two checker colours
-OBJECT_COLOURS = ((150, 115, 85), (120, 120, 130), (80, 130, 135), (175, 160, 135), (125, 100, 135))  # muted: never a marker's colour
+CAMERA = dict(
+    height=1.6, focal=0.9, horizon=0.38
+)  # metres above the ground; focal length × image width; horizon row × height
+SKY, GROUND = ((150, 190, 235), (225, 235, 245)), (
+    (120, 150, 90),
+    (95, 125, 70),
+)  # sky top/horizon; the two checker colours
+OBJECT_COLOURS = (
+    (150, 115, 85),
+    (120, 120, 130),
+    (80, 130, 135),
+    (175, 160, 135),
+    (125, 100, 135),
+)  # muted: never a marker's colour
 
-def project(x: float, y: float, z: float, # a world point in metres (x right, y up, z ahead; z > 0)
-            size: int, # the image side in pixels
-            camera: dict = CAMERA, # height, focal, horizon
-           ) -> tuple[float, float]:
+
+def project(
+    x: float,
+    y: float,
+    z: float,  # a world point in metres (x right, y up, z ahead; z > 0)
+    size: int,  # the image side in pixels
+    camera: dict = CAMERA,  # height, focal, horizon
+) -> tuple[float, float]:
     "The pixel (u, v) a world point lands on."
     f = camera["focal"] * size
     return size / 2 + f * x / z, camera["horizon"] * size + f * (camera["height"] - y) / z
 
-def ground_depth(size: int, # the image side in pixels
-                 camera: dict = CAMERA, # height, focal, horizon
-                ) -> tuple[np.ndarray, np.ndarray]:
+
+def ground_depth(
+    size: int,  # the image side in pixels
+    camera: dict = CAMERA,  # height, focal, horizon
+) -> tuple[np.ndarray, np.ndarray]:
     "(depth z, lateral x) of the ground plane at every pixel, (size, size) each; z is inf at and above the horizon."
     f, h = camera["focal"] * size, camera["height"]
-    v, u = np.mgrid[0:size, 0:size] + .5
+    v, u = np.mgrid[0:size, 0:size] + 0.5
     dv = v - camera["horizon"] * size
     z = np.where(dv > 0, f * h / np.where(dv > 0, dv, 1), np.inf)
     return z, np.where(dv > 0, (u - size / 2) * z / f, 0.0)
 
 # %% ../nbs/10_jigsaw.ipynb #j045
-def place_objects(rng: np.random.Generator, # the sample's generator
-                  n: int, # objects to place
-                  camera: dict = CAMERA, # the camera (for the field of view)
-                 ) -> list[dict]:
+def place_objects(
+    rng: np.random.Generator,  # the sample's generator
+    n: int,  # objects to place
+    camera: dict = CAMERA,  # the camera (for the field of view)
+) -> list[dict]:
     "n spheres and pillars standing on the ground, 3–14 m ahead, inside the view, not touching each other."
     objs = []
     while len(objs) < n:
-        z, r = rng.uniform(3, 14), rng.uniform(.3, .8)
-        x = rng.uniform(-1, 1) * .85 * z * .5 / camera["focal"]
-        if all(math.hypot(x - o["x"], z - o["z"]) > r + o["r"] + .2 for o in objs):
-            kind = "sphere" if rng.random() < .5 else "pillar"
-            objs.append(dict(kind=kind, x=float(x), z=float(z), r=float(r), height=float(r * 2 if kind == "sphere" else rng.uniform(1, 2.5)),
-                             colour=OBJECT_COLOURS[int(rng.integers(len(OBJECT_COLOURS)))]))
+        z, r = rng.uniform(3, 14), rng.uniform(0.3, 0.8)
+        x = rng.uniform(-1, 1) * 0.85 * z * 0.5 / camera["focal"]
+        if all(math.hypot(x - o["x"], z - o["z"]) > r + o["r"] + 0.2 for o in objs):
+            kind = "sphere" if rng.random() < 0.5 else "pillar"
+            objs.append(
+                dict(
+                    kind=kind,
+                    x=float(x),
+                    z=float(z),
+                    r=float(r),
+                    height=float(r * 2 if kind == "sphere" else rng.uniform(1, 2.5)),
+                    colour=OBJECT_COLOURS[int(rng.integers(len(OBJECT_COLOURS)))],
+                )
+            )
     return objs
 
 # %% ../nbs/10_jigsaw.ipynb #j046
@@ -360,31 +523,40 @@ def _ground_colour(z, x):
     haze = (1 - np.exp(-np.where(np.isfinite(z), z, 1e9) / 30))[..., None]
     return col * (1 - haze) + np.array(SKY[1]) * haze
 
+
 def _object_pixels(o, size, camera):
     "Mask, depth and shading of one object at every pixel."
-    f, v, u = camera["focal"] * size, *(np.mgrid[0:size, 0:size] + .5)
+    f, v, u = camera["focal"] * size, *(np.mgrid[0:size, 0:size] + 0.5)
     if o["kind"] == "sphere":
-        cu, cv = project(o["x"], o["r"], o["z"], size, camera); R = f * o["r"] / o["z"]
-        d2 = ((u - cu) ** 2 + (v - cv) ** 2) / R ** 2; inside = d2 <= 1
+        cu, cv = project(o["x"], o["r"], o["z"], size, camera)
+        R = f * o["r"] / o["z"]
+        d2 = ((u - cu) ** 2 + (v - cv) ** 2) / R**2
+        inside = d2 <= 1
         nz = np.sqrt(np.clip(1 - d2, 0, 1))
-        light = np.clip(.45 * (-(u - cu) / R - (v - cv) / R) / 1.4 + .45 * nz, 0, 1)
-        return inside, o["z"] - o["r"] * nz, .55 + .45 * light
-    (u0, vb), (u1, vt) = project(o["x"] - o["r"], 0, o["z"], size, camera), project(o["x"] + o["r"], o["height"], o["z"], size, camera)
+        light = np.clip(0.45 * (-(u - cu) / R - (v - cv) / R) / 1.4 + 0.45 * nz, 0, 1)
+        return inside, o["z"] - o["r"] * nz, 0.55 + 0.45 * light
+    (u0, vb), (u1, vt) = project(o["x"] - o["r"], 0, o["z"], size, camera), project(
+        o["x"] + o["r"], o["height"], o["z"], size, camera
+    )
     inside = (u >= u0) & (u <= u1) & (v >= vt) & (v <= vb)
-    return inside, np.full((size, size), o["z"] - o["r"]), .7 + .3 * (u1 - u) / max(u1 - u0, 1e-6)
+    return inside, np.full((size, size), o["z"] - o["r"]), 0.7 + 0.3 * (u1 - u) / max(u1 - u0, 1e-6)
 
-def render_depth_scene(objects: list[dict], # `place_objects` output
-                       size: int = 128, # the image side in pixels
-                       camera: dict = CAMERA, # height, focal, horizon
-                      ) -> tuple[Image.Image, np.ndarray, np.ndarray]:
+
+def render_depth_scene(
+    objects: list[dict],  # `place_objects` output
+    size: int = 128,  # the image side in pixels
+    camera: dict = CAMERA,  # height, focal, horizon
+) -> tuple[Image.Image, np.ndarray, np.ndarray]:
     "(RGB image, depth map in metres, object index per pixel (-1: ground or sky)), nearer objects hiding farther ones."
     z, x = ground_depth(size, camera)
     t = (np.arange(size)[:, None, None] / max(camera["horizon"] * size, 1)).clip(0, 1)
     img = np.where(np.isfinite(z)[..., None], _ground_colour(z, x), np.array(SKY[0]) * (1 - t) + np.array(SKY[1]) * t)
-    for o in objects:   # shadows on the ground: a dark ellipse under each object
-        img = img * np.where((((x - o["x"]) / (o["r"] * 1.2)) ** 2 + ((z - o["z"]) / (o["r"] * .9)) ** 2 <= 1)[..., None], .6, 1.0)
+    for o in objects:  # shadows on the ground: a dark ellipse under each object
+        img = img * np.where(
+            (((x - o["x"]) / (o["r"] * 1.2)) ** 2 + ((z - o["z"]) / (o["r"] * 0.9)) ** 2 <= 1)[..., None], 0.6, 1.0
+        )
     depth, ids = z.copy(), np.full((size, size), -1)
-    for i in sorted(range(len(objects)), key=lambda i: -objects[i]["z"]):   # far to near: the painter's algorithm
+    for i in sorted(range(len(objects)), key=lambda i: -objects[i]["z"]):  # far to near: the painter's algorithm
         inside, d, shade = _object_pixels(objects[i], size, camera)
         img[inside] = (np.array(objects[i]["colour"]) * shade[..., None])[inside]
         depth[inside], ids[inside] = d[inside], i
@@ -393,31 +565,39 @@ def render_depth_scene(objects: list[dict], # `place_objects` output
 # %% ../nbs/10_jigsaw.ipynb #j049
 MARKERS = tuple(COLOURS)  # point i is drawn in colour MARKERS[i]
 
-def pick_points(rng: np.random.Generator, # the sample's generator
-                depth: np.ndarray, # (S, S) depth map
-                ids: np.ndarray, # (S, S) object index per pixel (-1: none)
-                k: int, # points to pick
-                min_px: float, # the least distance between two points, in pixels
-                min_gap: float, # the least depth difference between two points, in metres
-                max_depth: float = 15.0, # no point farther than this
-                tries: int = 3000, # random candidates tried
-               ) -> list[tuple[int, int, float]] | None:
+
+def pick_points(
+    rng: np.random.Generator,  # the sample's generator
+    depth: np.ndarray,  # (S, S) depth map
+    ids: np.ndarray,  # (S, S) object index per pixel (-1: none)
+    k: int,  # points to pick
+    min_px: float,  # the least distance between two points, in pixels
+    min_gap: float,  # the least depth difference between two points, in metres
+    max_depth: float = 15.0,  # no point farther than this
+    tries: int = 3000,  # random candidates tried
+) -> list[tuple[int, int, float]] | None:
     "k points (u, v, depth) far enough apart in the image and in depth, or None when the tries run out."
     S, m = depth.shape[0], max(3, depth.shape[0] // 20)
     ok = np.isfinite(depth) & (depth <= max_depth)
-    ok[:m] = ok[-m:] = False; ok[:, :m] = ok[:, -m:] = False
+    ok[:m] = ok[-m:] = False
+    ok[:, :m] = ok[:, -m:] = False
     pools = [np.argwhere(ok & (ids >= 0)), np.argwhere(ok)]
     pts = []
     for _ in range(tries):
-        pool = pools[0] if len(pools[0]) and rng.random() < .5 else pools[1]
-        v, u = pool[int(rng.integers(len(pool)))]; d = float(depth[v, u])
-        if all(math.hypot(u - pu, v - pv) >= min_px and abs(d - pd) > min_gap for pu, pv, pd in pts): pts.append((int(u), int(v), d))
-        if len(pts) == k: return pts
+        pool = pools[0] if len(pools[0]) and rng.random() < 0.5 else pools[1]
+        v, u = pool[int(rng.integers(len(pool)))]
+        d = float(depth[v, u])
+        if all(math.hypot(u - pu, v - pv) >= min_px and abs(d - pd) > min_gap for pu, pv, pd in pts):
+            pts.append((int(u), int(v), d))
+        if len(pts) == k:
+            return pts
     return None
 
-def draw_markers(img: Image.Image, # the rendered scene
-                 points: list[tuple], # (u, v, …) per point
-                ) -> Image.Image:
+
+def draw_markers(
+    img: Image.Image,  # the rendered scene
+    points: list[tuple],  # (u, v, …) per point
+) -> Image.Image:
     "The scene with point i drawn as a dot of colour MARKERS[i] in a white ring."
     out, r = img.copy(), max(2.0, img.size[0] / 26)
     d = ImageDraw.Draw(out)
@@ -429,36 +609,55 @@ def draw_markers(img: Image.Image, # the rendered scene
 # %% ../nbs/10_jigsaw.ipynb #j050
 class DepthJigsaw(JigsawTask):
     "Order the marked points of a rendered scene from near to far. Chance 1/K!."
+
     name = "jigsaw_depth"
-    levels = {0: dict(points=4, min_gap=1.0, objects=3), 1: dict(points=6, min_gap=.2, objects=4),
-              2: dict(points=6, min_gap=.2, objects=6), 3: dict(points=6, min_gap=.2, objects=9)}  # level → settings (1: the paper's)
-    def __init__(self, size: int = 128, # the image side in pixels
-                 seed: int = 0, points: int | None = None, # K: marked points (2..6, one marker colour each)
-                 min_gap: float | None = None, # the least depth difference between two points (m)
-                 objects: int | None = None, # spheres and pillars in the scene
-                 level: int | None = None, # difficulty 0..3 (None: the defaults, which are level 1)
-                 captions: bool = False, # jigsaws have no captions (True raises)
-                ):
+    levels = {
+        0: dict(points=4, min_gap=1.0, objects=3),
+        1: dict(points=6, min_gap=0.2, objects=4),
+        2: dict(points=6, min_gap=0.2, objects=6),
+        3: dict(points=6, min_gap=0.2, objects=9),
+    }  # level → settings (1: the paper's)
+
+    def __init__(
+        self,
+        size: int = 128,  # the image side in pixels
+        seed: int = 0,
+        points: int | None = None,  # K: marked points (2..6, one marker colour each)
+        min_gap: float | None = None,  # the least depth difference between two points (m)
+        objects: int | None = None,  # spheres and pillars in the scene
+        level: int | None = None,  # difficulty 0..3 (None: the defaults, which are level 1)
+        captions: bool = False,  # jigsaws have no captions (True raises)
+    ):
         super().__init__(size, seed, level, captions)
         s = self.settings(points=points, min_gap=min_gap, objects=objects)
         self.points, self.min_gap, self.objects = s["points"], float(s["min_gap"]), s["objects"]
         if not isinstance(self.points, int) or not 2 <= self.points <= len(MARKERS):
-            raise ValueError(f"points must be an int in 2..{len(MARKERS)} (one marker colour each), got {self.points!r}")
-        if self.min_gap <= 0: raise ValueError(f"min_gap must be > 0 m, got {self.min_gap}")
+            raise ValueError(
+                f"points must be an int in 2..{len(MARKERS)} (one marker colour each), got {self.points!r}"
+            )
+        if self.min_gap <= 0:
+            raise ValueError(f"min_gap must be > 0 m, got {self.min_gap}")
+
     @property
-    def pieces(self): return self.points
+    def pieces(self):
+        return self.points
+
     @property
-    def min_px(self) -> float: return 40 * self.size / 320   # 40 px on a 320-px image
+    def min_px(self) -> float:
+        return 40 * self.size / 320  # 40 px on a 320-px image
 
     def make(self, rng, split):
-        while True:   # a scene where the points do not fit is drawn again
+        while True:  # a scene where the points do not fit is drawn again
             objs = place_objects(rng, self.objects)
             img, depth, ids = render_depth_scene(objs, self.size)
             pts = pick_points(rng, depth, ids, self.points, self.min_px, self.min_gap)
-            if pts is not None: break
+            if pts is not None:
+                break
         names = ", ".join(f"{i} {MARKERS[i]}" for i in range(self.points))
         q = f"Points {names}. Order near to far?"
-        meta = dict(question_type="jigsaw_depth", objects=objs, points=[[u, v] for u, v, _ in pts], keys=[d for *_, d in pts])
+        meta = dict(
+            question_type="jigsaw_depth", objects=objs, points=[[u, v] for u, v, _ in pts], keys=[d for *_, d in pts]
+        )
         return [draw_markers(img, pts)], q, self.answer_from_meta(meta), meta
 
 # %% ../nbs/10_jigsaw.ipynb #j053
@@ -466,100 +665,154 @@ JIGSAW_TASKS = {c.name: c for c in (ImageJigsaw, VideoJigsaw, DepthJigsaw)}  # n
 TASKS.update(JIGSAW_TASKS)
 
 # %% ../nbs/10_jigsaw.ipynb #j058
-def order_scores(model, # an MMModel
-                 processor, # its processor
-                 task: JigsawTask, # the task the samples come from
-                 samples: list[dict], # jigsaw samples
-                 batch_size: int = 50, # questions per generate call
-                ) -> dict:
+def order_scores(
+    model,  # an MMModel
+    processor,  # its processor
+    task: JigsawTask,  # the task the samples come from
+    samples: list[dict],  # jigsaw samples
+    batch_size: int = 50,  # questions per generate call
+) -> dict:
     "Greedy answers scored as orders: exact share, share of positions right (0 for an invalid answer), valid share."
     from mmlit.eval import evaluate
+
     res = evaluate(model, processor, [(task, samples)], max_new_tokens=2 * task.pieces + 1, batch_size=batch_size)
     pairs = [(parse_order(r["prediction"]), parse_order(r["answer"])) for r in res.records]
     right = [sum(a == b for a, b in zip(p, t)) / len(t) if is_permutation(p, len(t)) else 0.0 for p, t in pairs]
-    return dict(exact=float(np.mean([p == t for p, t in pairs])), positions=float(np.mean(right)),
-                valid=float(np.mean([is_permutation(p, len(t)) for p, t in pairs])))
+    return dict(
+        exact=float(np.mean([p == t for p, t in pairs])),
+        positions=float(np.mean(right)),
+        valid=float(np.mean([is_permutation(p, len(t)) for p, t in pairs])),
+    )
 
-def jigsaw_eval_fn(processor, # the processor
-                   held: dict, # kind → (task, samples)
-                  ):
+
+def jigsaw_eval_fn(
+    processor,  # the processor
+    held: dict,  # kind → (task, samples)
+):
     "An `eval_fn` for the trainers: every kind's `order_scores`, as flat keys `kind/exact`, `kind/positions`, `kind/valid`."
+
     def eval_fn(model) -> dict:
         return {f"{k}/{m}": v for k, (t, s) in held.items() for m, v in order_scores(model, processor, t, s).items()}
+
     return eval_fn
 
 # %% ../nbs/10_jigsaw.ipynb #j059
 WARMUP_SETTINGS = dict(stage="2", steps=300, batch_size=8, lr=1e-3, warmup_ratio=0.05)  # the supervised warm-up
-JIGSAW_GRPO = dict(steps=12, prompts_per_step=8, group_size=8, max_new_tokens=18, lr=1e-3, warmup_ratio=0.1,
-                   temperature=1.0, loss_type="dapo", beta=0.0)  # GRPO on the mixture: no KL, T = 1, as the paper
+JIGSAW_GRPO = dict(
+    steps=12,
+    prompts_per_step=8,
+    group_size=8,
+    max_new_tokens=18,
+    lr=1e-3,
+    warmup_ratio=0.1,
+    temperature=1.0,
+    loss_type="dapo",
+    beta=0.0,
+)  # GRPO on the mixture: no KL, T = 1, as the paper
 
-def warmup(model, processor, # the model to train (in place) and its processor
-           data, # a Task or a list of Tasks
-           seed: int, # seeds the run
-           out: str | Path, # the run's folder
-           **settings, # TrainConfig settings over WARMUP_SETTINGS
-          ) -> tuple:
+
+def warmup(
+    model,
+    processor,  # the model to train (in place) and its processor
+    data,  # a Task or a list of Tasks
+    seed: int,  # seeds the run
+    out: str | Path,  # the run's folder
+    **settings,  # TrainConfig settings over WARMUP_SETTINGS
+) -> tuple:
     "Supervised warm-up (chapter 05's Trainer, on the CPU, fp32): (the trained model, its per-step losses)."
     from mmlit.train import Trainer, TrainConfig, read_metrics
-    cfg = TrainConfig(output_dir=str(out), seed=seed, mixed_precision="no", cpu=True, progress=False, **{**WARMUP_SETTINGS, **settings})
-    tr = Trainer(model, processor, data, cfg); tr.train()
+
+    cfg = TrainConfig(
+        output_dir=str(out),
+        seed=seed,
+        mixed_precision="no",
+        cpu=True,
+        progress=False,
+        **{**WARMUP_SETTINGS, **settings},
+    )
+    tr = Trainer(model, processor, data, cfg)
+    tr.train()
     return tr.unwrapped, [r["loss"] for r in read_metrics(out)]
 
-def grpo(model, processor, # the policy (trained in place) and its processor
-         data, # a Task or a list of Tasks
-         reward_funcs: list, # TRL-signature reward functions
-         seed: int, # seeds the run
-         out: str | Path, # the run's folder
-         eval_fn=None, # called every `eval_every` steps
-         **settings, # GRPOConfig settings over JIGSAW_GRPO
-        ) -> dict:
+
+def grpo(
+    model,
+    processor,  # the policy (trained in place) and its processor
+    data,  # a Task or a list of Tasks
+    reward_funcs: list,  # TRL-signature reward functions
+    seed: int,  # seeds the run
+    out: str | Path,  # the run's folder
+    eval_fn=None,  # called every `eval_every` steps
+    **settings,  # GRPOConfig settings over JIGSAW_GRPO
+) -> dict:
     "GRPO on the CPU: {'reward', 'zero_var', 'completion_len': per step, 'evals': eval_fn results with their step}."
     from mmlit.grpo import GRPOTrainer, GRPOConfig
     from mmlit.train import read_metrics
+
     cfg = GRPOConfig(output_dir=str(out), seed=seed, cpu=True, progress=False, **{**JIGSAW_GRPO, **settings})
     GRPOTrainer(model, processor, data, cfg, reward_funcs, eval_fn=eval_fn).train()
     rows = read_metrics(out)
-    return dict(reward=[r["reward"] for r in rows], zero_var=[r["zero_var_frac"] for r in rows],
-                completion_len=[r["completion_len"] for r in rows],
-                evals=[{k: v for k, v in e.items() if k != "kind"} for e in read_metrics(out, "eval")])
+    return dict(
+        reward=[r["reward"] for r in rows],
+        zero_var=[r["zero_var_frac"] for r in rows],
+        completion_len=[r["completion_len"] for r in rows],
+        evals=[{k: v for k, v in e.items() if k != "kind"} for e in read_metrics(out, "eval")],
+    )
 
 # %% ../nbs/10_jigsaw.ipynb #j055b
 SFT_PROBE = dict(steps=120, batch_size=16, lr=1e-3)  # the answer-given probe: steps of 16 samples
 
-def sft_probe(source: str, # one of JIGSAW_SOURCES
-              out: str | Path, # the run's folder
-              grid: int = 2, # tiles per side
-              n_test: int = 50, # held-out test jigsaws (dataset seed 0)
-              **settings, # over SFT_PROBE
-             ) -> dict:
+
+def sft_probe(
+    source: str,  # one of JIGSAW_SOURCES
+    out: str | Path,  # the run's folder
+    grid: int = 2,  # tiles per side
+    n_test: int = 50,  # held-out test jigsaws (dataset seed 0)
+    **settings,  # over SFT_PROBE
+) -> dict:
     "Answer-given training on one image-jigsaw source from the base model: {'loss': per step, 'scores': held-out order scores}."
     from mmlit.train import load_base
+
     base, proc = load_base()
     test = ImageJigsaw(grid=grid, seed=0, source=source)
     m, loss = warmup(base, proc, ImageJigsaw(grid=grid, seed=2000, source=source), 0, out, **{**SFT_PROBE, **settings})
-    return dict(source=source, grid=grid, loss=loss, scores=order_scores(m, proc, test, list(test.stream("test", n_test))))
+    return dict(
+        source=source, grid=grid, loss=loss, scores=order_scores(m, proc, test, list(test.stream("test", n_test)))
+    )
 
 # %% ../nbs/10_jigsaw.ipynb #j072
-def text_permutation_samples(n: int, # samples
-                             k: int = 4, # the numbers 0 … k-1
-                             seed: int = 0, # seeds the orders
-                            ) -> list[dict]:
+def text_permutation_samples(
+    n: int,  # samples
+    k: int = 4,  # the numbers 0 … k-1
+    seed: int = 0,  # seeds the orders
+) -> list[dict]:
     "Text-only samples whose answer is a uniformly random order of 0 … k-1: the rule of a permutation, nothing else."
     rng, q = np.random.default_rng(seed), f"The numbers 0 to {k - 1} in a random order?"
     out = []
     for i in range(n):
         a = format_order(rng.permutation(k).tolist())
-        out.append(dict(images=[], video=False, answer=a, task="text_permutation", id=f"text_permutation/{seed}/{i}", meta={},
-                        conversation=[{"role": "user", "content": q}, {"role": "assistant", "content": a}]))
+        out.append(
+            dict(
+                images=[],
+                video=False,
+                answer=a,
+                task="text_permutation",
+                id=f"text_permutation/{seed}/{i}",
+                meta={},
+                conversation=[{"role": "user", "content": q}, {"role": "assistant", "content": a}],
+            )
+        )
     return out
 
 # %% ../nbs/10_jigsaw.ipynb #jw1
 PROBE_TRAIN = ("count", "colour_position", "bar_chart")  # the base model's own tasks, kept in the warm-up (level 1)
 
-def uninformed(task: JigsawTask, # a jigsaw task
-               n: int, # samples
-               seed: int = 0, # seeds the answers
-              ) -> list[dict]:
+
+def uninformed(
+    task: JigsawTask,  # a jigsaw task
+    n: int,  # samples
+    seed: int = 0,  # seeds the answers
+) -> list[dict]:
     "The task's training prompts with a random order as the answer: the format on its very prompts, no information."
     rng, out = np.random.default_rng(seed), []
     for s in task.stream("train", n):
@@ -567,22 +820,30 @@ def uninformed(task: JigsawTask, # a jigsaw task
         out.append(dict(s, answer=a, conversation=[s["conversation"][0], dict(s["conversation"][1], content=a)]))
     return out
 
-def warmup_data(n: int = 1000, # samples per source
-                seed: int = 2000, # the dataset seed
-               ):
+
+def warmup_data(
+    n: int = 1000,  # samples per source
+    seed: int = 2000,  # the dataset seed
+):
     "Stage 2: 2×2 photo and scene jigsaws, gradient jigsaws with random answers, and the old tasks with their own answers."
     from mmlit.data import Mixture, make_task
-    srcs = [(ImageJigsaw(level=0, seed=seed), 1), (ImageJigsaw(level=0, seed=seed, source="scene"), 1),
-            (uninformed(ImageJigsaw(level=0, seed=seed, source="gradient"), n, seed), 1)]
+
+    srcs = [
+        (ImageJigsaw(level=0, seed=seed), 1),
+        (ImageJigsaw(level=0, seed=seed, source="scene"), 1),
+        (uninformed(ImageJigsaw(level=0, seed=seed, source="gradient"), n, seed), 1),
+    ]
     return Mixture(srcs + [(make_task(t, level=1, seed=seed), 1) for t in PROBE_TRAIN], n=n, seed=seed)
 
 # %% ../nbs/10_jigsaw.ipynb #jw2
-def cue_warmup(out: str | Path, # a folder for the two stages
-               text_steps: int = 400, # stage 1: text-only random orders of 4 numbers, batches of 32
-               mix_steps: int = 150, # stage 2: `warmup_data`, batches of 16
-              ) -> tuple:
+def cue_warmup(
+    out: str | Path,  # a folder for the two stages
+    text_steps: int = 400,  # stage 1: text-only random orders of 4 numbers, batches of 32
+    mix_steps: int = 150,  # stage 2: `warmup_data`, batches of 16
+) -> tuple:
     "The answer format without the answers: (model, processor, {'text_loss', 'loss'}), from the base model."
     from mmlit.train import load_base
+
     base, proc = load_base()
     m, tl = warmup(base, proc, text_permutation_samples(20000), 0, Path(out) / "text", steps=text_steps, batch_size=32)
     m, loss = warmup(m, proc, warmup_data(), 0, Path(out) / "mix", steps=mix_steps, batch_size=16)
@@ -592,120 +853,181 @@ def cue_warmup(out: str | Path, # a folder for the two stages
 PROBE = (("colour_position", 3), ("count", 0), ("bar_chart", 0))  # the transfer probe: built-in task, level
 FORMAT_WEIGHT = 0.1  # the weight of `order_format_reward` beside the order reward (the first experiment)
 
-def probe_scores(model, processor, # the model and its processor
-                 n: int = 200, # test questions per probe task
-                ) -> dict:
+
+def probe_scores(
+    model,
+    processor,  # the model and its processor
+    n: int = 200,  # test questions per probe task
+) -> dict:
     "Greedy test accuracy on each probe task (dataset seed 0): {'task Lk': accuracy}."
     from mmlit.data import make_task
     from mmlit.eval import evaluate
+
     tasks = [make_task(name, level=level) for name, level in PROBE]
-    return {f"{t.name} L{t.level}": evaluate(model, processor, [(t, list(t.stream("test", n)))], max_new_tokens=8,
-                                             batch_size=50).accuracy() for t in tasks}
+    return {
+        f"{t.name} L{t.level}": evaluate(
+            model, processor, [(t, list(t.stream("test", n)))], max_new_tokens=8, batch_size=50
+        ).accuracy()
+        for t in tasks
+    }
 
 # %% ../nbs/10_jigsaw.ipynb #jg1
-CUE_GRPO = dict(prompts_per_step=4, group_size=16, eval_every=10, steps=40, lr=3e-4)  # G = 16, as the paper (over JIGSAW_GRPO)
-CUE_ARMS = {"graded": 0.2, "exact": 0.0, "control": None, "repeat": 0.2}  # arm → γ (None: GRPO on the probe tasks; "repeat": + the −0.5 penalty)
+CUE_GRPO = dict(
+    prompts_per_step=4, group_size=16, eval_every=10, steps=40, lr=3e-4
+)  # G = 16, as the paper (over JIGSAW_GRPO)
+CUE_ARMS = {
+    "graded": 0.2,
+    "exact": 0.0,
+    "control": None,
+    "repeat": 0.2,
+}  # arm → γ (None: GRPO on the probe tasks; "repeat": + the −0.5 penalty)
 
-def cue_held_out(n: int = 50, # test jigsaws
-                 grid: int = 2, # tiles per side
-                ) -> dict:
+
+def cue_held_out(
+    n: int = 50,  # test jigsaws
+    grid: int = 2,  # tiles per side
+) -> dict:
     "The gradient test jigsaws, {'gradient 2x2': (task, samples)}, dataset seed 0."
     t = ImageJigsaw(grid=grid, seed=0, source="gradient")
     return {f"gradient {grid}x{grid}": (t, list(t.stream("test", n)))}
 
-def cue_grpo_run(warm, processor, # the warmed-up model (copied, not changed) and its processor
-                 arm: str, # a key of CUE_ARMS
-                 seed: int, # seeds the run; its prompts are dataset seed 1000 + seed
-                 out: str | Path, # the run's folder
-                 grid: int = 2, # tiles per side of the jigsaws
-                 **settings, # over CUE_GRPO
-                ) -> dict:
+
+def cue_grpo_run(
+    warm,
+    processor,  # the warmed-up model (copied, not changed) and its processor
+    arm: str,  # a key of CUE_ARMS
+    seed: int,  # seeds the run; its prompts are dataset seed 1000 + seed
+    out: str | Path,  # the run's folder
+    grid: int = 2,  # tiles per side of the jigsaws
+    **settings,  # over CUE_GRPO
+) -> dict:
     "One GRPO run from the warm-up: `grpo`'s curves (evals on the gradient test jigsaws) and the probe after it."
     import copy
     from mmlit.data import make_task
     from mmlit.grpo import accuracy_reward
-    if arm not in CUE_ARMS: raise ValueError(f"unknown arm {arm!r}; expected one of {list(CUE_ARMS)}")
+
+    if arm not in CUE_ARMS:
+        raise ValueError(f"unknown arm {arm!r}; expected one of {list(CUE_ARMS)}")
     m, ev = copy.deepcopy(warm), jigsaw_eval_fn(processor, cue_held_out(grid=grid))
-    if arm == "control": data, rf, mnt = [make_task(t, level=l, seed=1000 + seed) for t, l in PROBE], [accuracy_reward], 8
-    else: data, rf, mnt = [ImageJigsaw(grid=grid, seed=1000 + seed, source="gradient")], [jigsaw_reward_func(CUE_ARMS[arm])], 2 * grid ** 2 + 1
-    if arm == "repeat": rf.append(repetition_penalty_reward)
+    if arm == "control":
+        data, rf, mnt = [make_task(t, level=l, seed=1000 + seed) for t, l in PROBE], [accuracy_reward], 8
+    else:
+        data, rf, mnt = (
+            [ImageJigsaw(grid=grid, seed=1000 + seed, source="gradient")],
+            [jigsaw_reward_func(CUE_ARMS[arm])],
+            2 * grid**2 + 1,
+        )
+    if arm == "repeat":
+        rf.append(repetition_penalty_reward)
     res = grpo(m, processor, data, rf, seed, out, ev, max_new_tokens=mnt, **{**CUE_GRPO, **settings})
     return dict(res, probe=probe_scores(m, processor))
 
 # %% ../nbs/10_jigsaw.ipynb #j057
-def jigsaw_mixture(seed: int = 0, # the dataset seed of every task
-                  ) -> dict[str, JigsawTask]:
+def jigsaw_mixture(
+    seed: int = 0,  # the dataset seed of every task
+) -> dict[str, JigsawTask]:
     "The chapter's training mixture, kind → task: 2×2 photos and scenes, 4-clip videos, 4-point depth, 3×3 photos."
-    return {"photo 2x2": ImageJigsaw(level=0, seed=seed), "scene 2x2": ImageJigsaw(level=0, seed=seed, source="scene"),
-            "video K=4": VideoJigsaw(level=0, seed=seed), "depth K=4": DepthJigsaw(level=0, seed=seed),
-            "photo 3x3": ImageJigsaw(level=1, seed=seed)}
+    return {
+        "photo 2x2": ImageJigsaw(level=0, seed=seed),
+        "scene 2x2": ImageJigsaw(level=0, seed=seed, source="scene"),
+        "video K=4": VideoJigsaw(level=0, seed=seed),
+        "depth K=4": DepthJigsaw(level=0, seed=seed),
+        "photo 3x3": ImageJigsaw(level=1, seed=seed),
+    }
 
-def held_out(n: int = 50, # test questions per kind
-            ) -> dict:
+
+def held_out(
+    n: int = 50,  # test questions per kind
+) -> dict:
     "The jigsaw test questions of the mixture, kind → (task, samples), dataset seed 0."
     return {k: (t, list(t.stream("test", n))) for k, t in jigsaw_mixture(0).items()}
 
 # %% ../nbs/10_jigsaw.ipynb #j062
-def jigsaw_warmup_run(out: str | Path, # the run's folder (the model is saved in its last checkpoint)
-                      **settings, # over WARMUP_SETTINGS
-                     ) -> tuple:
+def jigsaw_warmup_run(
+    out: str | Path,  # the run's folder (the model is saved in its last checkpoint)
+    **settings,  # over WARMUP_SETTINGS
+) -> tuple:
     "Step 1: the warm-up from the base model; (model, {'loss', 'after': jigsaw scores, 'probe': base and warmed-up probe})."
     import copy
     from mmlit.train import load_base
+
     base, proc = load_base()
     res = dict(probe=dict(base=probe_scores(base, proc)))
     warm, res["loss"] = warmup(copy.deepcopy(base), proc, list(jigsaw_mixture(2000).values()), 0, out, **settings)
     res["after"], res["probe"]["warm-up"] = jigsaw_eval_fn(proc, held_out())(warm), probe_scores(warm, proc)
     return warm, res
 
-def jigsaw_grpo_seed(warm, # the warmed-up model (copied, not changed)
-                     seed: int, # the seed of the three runs
-                     out: str | Path, # a folder for the runs
-                     full: bool = True, # also the transfer probe and the control (False: only the two GRPO arms)
-                     **settings, # over JIGSAW_GRPO (e.g. fewer steps)
-                    ) -> dict:
+
+def jigsaw_grpo_seed(
+    warm,  # the warmed-up model (copied, not changed)
+    seed: int,  # the seed of the three runs
+    out: str | Path,  # a folder for the runs
+    full: bool = True,  # also the transfer probe and the control (False: only the two GRPO arms)
+    **settings,  # over JIGSAW_GRPO (e.g. fewer steps)
+) -> dict:
     "Steps 2–3 for one seed: GRPO graded and all-or-nothing from the warm-up, the control from the base model, the probe."
     import copy
     from mmlit.data import make_task
     from mmlit.grpo import accuracy_reward
     from mmlit.train import load_base
+
     base, proc = load_base()
     out, steps, ev = Path(out), settings.get("steps", JIGSAW_GRPO["steps"]), jigsaw_eval_fn(proc, held_out())
     res, data = dict(seed=seed, probe={}, runs={}), list(jigsaw_mixture(1000 + seed).values())
     for name, gamma in (("graded", 0.2), ("exact", 0.0)):
         m = copy.deepcopy(warm)
-        res["runs"][name] = grpo(m, proc, data, [jigsaw_reward_func(gamma), order_format_reward], seed, out / name, ev,
-                                 reward_weights=[1.0, FORMAT_WEIGHT], eval_every=max(1, steps // 2), **settings)
-        if full: res["probe"][f"jigsaw GRPO ({name})"] = probe_scores(m, proc)
-    if not full: return res
+        res["runs"][name] = grpo(
+            m,
+            proc,
+            data,
+            [jigsaw_reward_func(gamma), order_format_reward],
+            seed,
+            out / name,
+            ev,
+            reward_weights=[1.0, FORMAT_WEIGHT],
+            eval_every=max(1, steps // 2),
+            **settings,
+        )
+        if full:
+            res["probe"][f"jigsaw GRPO ({name})"] = probe_scores(m, proc)
+    if not full:
+        return res
     ctrl = [make_task(t, level=l, seed=1000 + seed) for t, l in PROBE]
-    res["runs"]["control"] = grpo(base, proc, ctrl, [accuracy_reward], seed, out / "control", max_new_tokens=8, **settings)
+    res["runs"]["control"] = grpo(
+        base, proc, ctrl, [accuracy_reward], seed, out / "control", max_new_tokens=8, **settings
+    )
     res["probe"]["probe-task GRPO"] = probe_scores(base, proc)
     return res
 
 # %% ../nbs/10_jigsaw.ipynb #j069
-def answer_position_nll(model, processor, # the model and its processor
-                        samples: list[dict], # jigsaw samples of one K
-                       ) -> list[float]:
+def answer_position_nll(
+    model,
+    processor,  # the model and its processor
+    samples: list[dict],  # jigsaw samples of one K
+) -> list[float]:
     "Mean loss (nats) of the number at each place of the answer, the right earlier numbers given (teacher forcing)."
     import torch
     from mmlit.data import media
     from mmlit.train import forward_logits
+
     b = processor.collate([processor.process(s["conversation"], **media(s)) for s in samples])
     model.eval()
-    with torch.no_grad(): logits = forward_logits(model, b)
+    with torch.no_grad():
+        logits = forward_logits(model, b)
     lp, tgt = torch.log_softmax(logits[:, :-1].float(), -1), b["labels"][:, 1:]
     nll = -lp.gather(-1, tgt.clamp(min=0)[..., None]).squeeze(-1)
-    rows = [nll[i][tgt[i] != -100][0:-1:2] for i in range(len(samples))]   # the numbers, not the commas nor the end
+    rows = [nll[i][tgt[i] != -100][0:-1:2] for i in range(len(samples))]  # the numbers, not the commas nor the end
     return torch.stack(rows).mean(0).tolist()
 
 # %% ../nbs/10_jigsaw.ipynb #j081
-def curriculum_warmup(out: str | Path, # a folder for the two runs
-                      text_steps: int = 400, # text-only steps (batches of 32)
-                      jigsaw_steps: int = 150, # then warm-up steps on the jigsaw mixture
-                     ) -> tuple:
+def curriculum_warmup(
+    out: str | Path,  # a folder for the two runs
+    text_steps: int = 400,  # text-only steps (batches of 32)
+    jigsaw_steps: int = 150,  # then warm-up steps on the jigsaw mixture
+) -> tuple:
     "Text-only random orders, then the jigsaw warm-up: (model, {'after': jigsaw scores, 'per_place': answer losses})."
     from mmlit.train import load_base
+
     base, proc = load_base()
     m, _ = warmup(base, proc, text_permutation_samples(20000), 0, Path(out) / "text", steps=text_steps, batch_size=32)
     m, loss = warmup(m, proc, list(jigsaw_mixture(2000).values()), 0, Path(out) / "jigsaw", steps=jigsaw_steps)

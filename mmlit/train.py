@@ -26,8 +26,18 @@ from transformers.masking_utils import AttentionMaskInterface
 from .core import default_dtype, seed_everything, set_torch_threads
 from .processing import IGNORE_INDEX, MMProcessor
 from .model import MMModel, add_lora, set_trainable, trainable_counts
-from .data import (LOSS_MODES, Task, collate_packed, fits_rows, loss_weights, mean_across_ranks, media, padding_fraction,
-                   take_rows, weighted_loss)
+from mmlit.data import (
+    LOSS_MODES,
+    Task,
+    collate_packed,
+    fits_rows,
+    loss_weights,
+    mean_across_ranks,
+    media,
+    padding_fraction,
+    take_rows,
+    weighted_loss,
+)
 
 # %% auto #0
 __all__ = ['STAGE_LR', 'PACKED_ATTENTION', 'MANIFEST', 'BASE_RECIPE', 'stage_model', 'TrainConfig', 'make_optimizer',
@@ -41,23 +51,30 @@ __all__ = ['STAGE_LR', 'PACKED_ATTENTION', 'MANIFEST', 'BASE_RECIPE', 'stage_mod
 # %% ../nbs/05_train.ipynb #59ffbfc5
 STAGE_LR = {"1": 2e-4, "1.5": 1e-5, "2": 4e-5}  # InternVL 2.5's learning rate of each stage
 
-def stage_model(model: MMModel, # the model; frozen/unfrozen in place
-                stage: str, # "1" (projector), "1.5" (vision + projector) or "2" (everything)
-                lora: bool = False, # stage 2 only: train LoRA adapters on the LLM (+ the projector) instead of everything
-                lora_r: int = 8, # adapter rank
-                lora_alpha: int = 16, # adapter scaling numerator
-               ) -> nn.Module:
+
+def stage_model(
+    model: MMModel,  # the model; frozen/unfrozen in place
+    stage: str,  # "1" (projector), "1.5" (vision + projector) or "2" (everything)
+    lora: bool = False,  # stage 2 only: train LoRA adapters on the LLM (+ the projector) instead of everything
+    lora_r: int = 8,  # adapter rank
+    lora_alpha: int = 16,  # adapter scaling numerator
+) -> nn.Module:
     "The model a stage trains: `set_trainable` for the stage, or a peft LoRA model for stage 2 with `lora=True`."
     stage = str(stage)
-    if stage not in STAGE_LR: raise ValueError(f"unknown stage {stage!r}; expected one of {list(STAGE_LR)}")
-    if lora and stage != "2": raise ValueError(f"lora=True is for stage 2, got stage {stage!r}")
-    if not lora: set_trainable(model, stage); return model
+    if stage not in STAGE_LR:
+        raise ValueError(f"unknown stage {stage!r}; expected one of {list(STAGE_LR)}")
+    if lora and stage != "2":
+        raise ValueError(f"lora=True is for stage 2, got stage {stage!r}")
+    if not lora:
+        set_trainable(model, stage)
+        return model
     return add_lora(model, target="llm", r=lora_r, alpha=lora_alpha, modules_to_save=["projector"])
 
 # %% ../nbs/05_train.ipynb #554a723d
 @dataclass
 class TrainConfig:
     "Every setting of a training run (saved in each checkpoint)."
+
     output_dir: str = "runs/mmlit"  # metrics.jsonl, train.log and checkpoints/ go here
     stage: str = "1"  # "1" projector, "1.5" vision + projector, "2" everything
     lr: float | None = None  # peak learning rate (None: STAGE_LR[stage])
@@ -72,7 +89,9 @@ class TrainConfig:
     packing: bool = False  # pack samples into rows (chapter 04) instead of padding
     max_tokens: int = 2048  # longest sample; with packing also the tokens of one row
     max_tiles: int | None = None  # with packing: the image tiles of one row (None: no cap)
-    pack_buffer: int = 0  # with packing: best-fit decreasing over a lookahead buffer of this many samples (0: first-fit in order)
+    pack_buffer: int = (
+        0  # with packing: best-fit decreasing over a lookahead buffer of this many samples (0: first-fit in order)
+    )
     lora: bool = False  # stage 2 with LoRA adapters on the LLM
     lora_r: int = 8  # LoRA rank
     lora_alpha: int = 16  # LoRA scaling numerator
@@ -87,97 +106,167 @@ class TrainConfig:
     progress: bool = True  # tqdm progress bar on the main process
     max_consecutive_skips: int = 100  # stop with an error after this many unusable samples in a row
 
-    resume_keys = ("stage", "lr", "steps", "batch_size", "grad_accum", "warmup_ratio", "weight_decay", "betas", "max_grad_norm",
-                   "loss_mode", "packing", "max_tokens", "max_tiles", "pack_buffer", "lora", "lora_r", "lora_alpha", "seed")
+    resume_keys = (
+        "stage",
+        "lr",
+        "steps",
+        "batch_size",
+        "grad_accum",
+        "warmup_ratio",
+        "weight_decay",
+        "betas",
+        "max_grad_norm",
+        "loss_mode",
+        "packing",
+        "max_tokens",
+        "max_tiles",
+        "pack_buffer",
+        "lora",
+        "lora_r",
+        "lora_alpha",
+        "seed",
+    )
 
     def __post_init__(self):
         self.stage, self.betas = str(self.stage), tuple(self.betas)
-        if self.stage not in STAGE_LR: raise ValueError(f"unknown stage {self.stage!r}; expected one of {list(STAGE_LR)}")
-        if self.loss_mode not in LOSS_MODES: raise ValueError(f"unknown loss_mode {self.loss_mode!r}; expected one of {LOSS_MODES}")
+        if self.stage not in STAGE_LR:
+            raise ValueError(f"unknown stage {self.stage!r}; expected one of {list(STAGE_LR)}")
+        if self.loss_mode not in LOSS_MODES:
+            raise ValueError(f"unknown loss_mode {self.loss_mode!r}; expected one of {LOSS_MODES}")
         for k in ("steps", "batch_size", "grad_accum", "max_tokens", "keep_last", "log_every", "max_consecutive_skips"):
-            if not isinstance(getattr(self, k), int) or getattr(self, k) < 1: raise ValueError(f"{k} must be a positive int, got {getattr(self, k)!r}")
-        if not isinstance(self.pack_buffer, int) or self.pack_buffer < 0: raise ValueError(f"pack_buffer must be an int >= 0, got {self.pack_buffer!r}")
-        if not 0 <= self.warmup_ratio < 1: raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        if self.mixed_precision not in ("auto", "no", "bf16", "fp16"): raise ValueError(f"mixed_precision must be auto, no, bf16 or fp16, got {self.mixed_precision!r}")
-        if self.lora and self.stage != "2": raise ValueError(f"lora=True is for stage 2, got stage {self.stage!r}")
+            if not isinstance(getattr(self, k), int) or getattr(self, k) < 1:
+                raise ValueError(f"{k} must be a positive int, got {getattr(self, k)!r}")
+        if not isinstance(self.pack_buffer, int) or self.pack_buffer < 0:
+            raise ValueError(f"pack_buffer must be an int >= 0, got {self.pack_buffer!r}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
+            raise ValueError(f"mixed_precision must be auto, no, bf16 or fp16, got {self.mixed_precision!r}")
+        if self.lora and self.stage != "2":
+            raise ValueError(f"lora=True is for stage 2, got stage {self.stage!r}")
 
     @property
-    def peak_lr(self) -> float: return STAGE_LR[self.stage] if self.lr is None else self.lr
+    def peak_lr(self) -> float:
+        return STAGE_LR[self.stage] if self.lr is None else self.lr
+
     @property
-    def warmup_steps(self) -> int: return math.ceil(self.steps * self.warmup_ratio)
+    def warmup_steps(self) -> int:
+        return math.ceil(self.steps * self.warmup_ratio)
+
     def to_dict(self) -> dict:
         "The settings as JSON-ready values (tracker objects in `log_with` by class name)."
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        lw = d["log_with"]; lw = lw if isinstance(lw, (list, tuple)) else ([] if lw is None else [lw])
-        return {**d, "betas": list(self.betas), "log_with": [t if isinstance(t, str) else type(t).__name__ for t in lw] or None}
+        lw = d["log_with"]
+        lw = lw if isinstance(lw, (list, tuple)) else ([] if lw is None else [lw])
+        return {
+            **d,
+            "betas": list(self.betas),
+            "log_with": [t if isinstance(t, str) else type(t).__name__ for t in lw] or None,
+        }
 
 # %% ../nbs/05_train.ipynb #d6a112fe
-def make_optimizer(model: nn.Module, # the model; only parameters with requires_grad are optimised
-                   cfg: TrainConfig, # learning rate, betas, weight decay
-                  ) -> torch.optim.AdamW:
+def make_optimizer(
+    model: nn.Module,  # the model; only parameters with requires_grad are optimised
+    cfg: TrainConfig,  # learning rate, betas, weight decay
+) -> torch.optim.AdamW:
     "AdamW over the trainable parameters; no weight decay on biases and norm weights (1-D tensors)."
     params = [p for p in model.parameters() if p.requires_grad]
-    if not params: raise ValueError("the model has no trainable parameters; check the stage or the LoRA settings")
-    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    if not params:
+        raise ValueError("the model has no trainable parameters; check the stage or the LoRA settings")
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.peak_lr, betas=cfg.betas)
+
 
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
     "Linear warm-up over `cfg.warmup_steps`, then cosine decay to 0 at `cfg.steps`."
     return get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.steps)
 
 # %% ../nbs/05_train.ipynb #f7463ef9
-def sample_at(source, # a Task, a list of Tasks, or a sequence of samples (list, Mixture, datasets.Dataset)
-              position: int, # the sample's position in the stream (>= 0)
-             ) -> dict:
+def sample_at(
+    source,  # a Task, a list of Tasks, or a sequence of samples (list, Mixture, datasets.Dataset)
+    position: int,  # the sample's position in the stream (>= 0)
+) -> dict:
     "The raw sample at a stream position (sequences repeat: item position mod length)."
-    if isinstance(source, Task): return source.sample(position, "train")
+    if isinstance(source, Task):
+        return source.sample(position, "train")
     if isinstance(source, (list, tuple)) and source and all(isinstance(t, Task) for t in source):
         return source[position % len(source)].sample(position // len(source), "train")
     if hasattr(source, "__getitem__") and hasattr(source, "__len__"):
-        if len(source) == 0: raise ValueError("the training data is empty")
+        if len(source) == 0:
+            raise ValueError("the training data is empty")
         return source[position % len(source)]
-    raise ValueError(f"training data must be a Task, a list of Tasks or a sequence of samples, got {type(source).__name__}")
+    raise ValueError(
+        f"training data must be a Task, a list of Tasks or a sequence of samples, got {type(source).__name__}"
+    )
+
 
 def source_size(source) -> int | None:
     "Number of distinct samples of a finite source; None for tasks (endless)."
-    if isinstance(source, Task) or (isinstance(source, (list, tuple)) and source and all(isinstance(t, Task) for t in source)): return None
+    if isinstance(source, Task) or (
+        isinstance(source, (list, tuple)) and source and all(isinstance(t, Task) for t in source)
+    ):
+        return None
     return len(source)
 
 # %% ../nbs/05_train.ipynb #659135f5
 class RunLog:
     "Append-only, line-buffered text log of a run (`train.log`); every process may write to it."
+
     def __init__(self, path: str | Path | None, rank: int = 0):
         self.path, self.rank = (Path(path) if path else None), rank
+
     def __call__(self, msg: str):
-        if self.path is None: return
+        if self.path is None:
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a") as f: f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} [rank {self.rank}] {msg}\n")
+        with open(self.path, "a") as f:
+            f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} [rank {self.rank}] {msg}\n")
 
 # %% ../nbs/05_train.ipynb #8cb11f94
 class TrainStream:
     "Processed training samples of one process, read by position; failures skipped with a reason; resumable."
-    def __init__(self, source, # see `sample_at`
-                 processor: MMProcessor, # turns a sample into input_ids, labels, pixel_values (train=True)
-                 seed: int = 0, # JPEG augmentation seed (combined with each position)
-                 max_tokens: int | None = None, # skip longer samples
-                 max_tiles: int | None = None, # skip samples with more tiles
-                 rank: int = 0, world: int = 1, # this process reads positions rank, rank+world, ...
-                 log: Callable[[str], None] | None = None, # where skip reasons are written
-                 max_consecutive_skips: int = 100, # error after this many failures in a row
-                ):
-        if not isinstance(source, Task): sample_at(source, 0)     # a wrong kind of source fails here, not as 100 skips
-        self.source, self.processor, self.seed, self.max_tokens, self.max_tiles = source, processor, seed, max_tokens, max_tiles
+
+    def __init__(
+        self,
+        source,  # see `sample_at`
+        processor: MMProcessor,  # turns a sample into input_ids, labels, pixel_values (train=True)
+        seed: int = 0,  # JPEG augmentation seed (combined with each position)
+        max_tokens: int | None = None,  # skip longer samples
+        max_tiles: int | None = None,  # skip samples with more tiles
+        rank: int = 0,
+        world: int = 1,  # this process reads positions rank, rank+world, ...
+        log: Callable[[str], None] | None = None,  # where skip reasons are written
+        max_consecutive_skips: int = 100,  # error after this many failures in a row
+    ):
+        if not isinstance(source, Task):
+            sample_at(source, 0)  # a wrong kind of source fails here, not as 100 skips
+        self.source, self.processor, self.seed, self.max_tokens, self.max_tiles = (
+            source,
+            processor,
+            seed,
+            max_tokens,
+            max_tiles,
+        )
         self.rank, self.world, self.log, self.max_skips = rank, world, log or (lambda m: None), max_consecutive_skips
         self.pos, self.skipped, self._peeked, self._run = rank, Counter(), None, Counter()
-        self.buffer = []   # (position, processed sample) held back by the lookahead packer
+        self.buffer = []  # (position, processed sample) held back by the lookahead packer
 
     def _process(self, p):
         s = sample_at(self.source, p)
-        out = self.processor.process(s["conversation"], **(media(s) if "images" in s else {}), train=True, seed=np.random.default_rng([self.seed, p]))
+        out = self.processor.process(
+            s["conversation"],
+            **(media(s) if "images" in s else {}),
+            train=True,
+            seed=np.random.default_rng([self.seed, p]),
+        )
         n, t = len(out["input_ids"]), sum(out["num_tiles"])
-        if self.max_tokens is not None and n > self.max_tokens: raise ValueError(f"{n} tokens > max_tokens={self.max_tokens}")
-        if self.max_tiles is not None and t > self.max_tiles: raise ValueError(f"{t} image tiles > max_tiles={self.max_tiles}")
+        if self.max_tokens is not None and n > self.max_tokens:
+            raise ValueError(f"{n} tokens > max_tokens={self.max_tokens}")
+        if self.max_tiles is not None and t > self.max_tiles:
+            raise ValueError(f"{t} image tiles > max_tiles={self.max_tiles}")
         return out
 
 # %% ../nbs/05_train.ipynb #1d8273a8
@@ -185,38 +274,56 @@ def _reason(e: Exception) -> str:
     "A skip reason: the exception type and its first line, digits kept (they name sizes)."
     return f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
 
+
 @patch
 def peek(self: TrainStream) -> dict:
     "The next usable processed sample, without consuming it (failures before it are skipped and logged)."
     while self._peeked is None:
         p = self.pos
-        try: self._peeked = (p, self._process(p))
-        except Exception as e:   # anything a sample can raise while loading or tokenising: counted and logged
-            r = _reason(e); self.skipped[r] += 1; self._run[r] += 1; self.log(f"skip position {p}: {r}")
+        try:
+            self._peeked = (p, self._process(p))
+        except Exception as e:  # anything a sample can raise while loading or tokenising: counted and logged
+            r = _reason(e)
+            self.skipped[r] += 1
+            self._run[r] += 1
+            self.log(f"skip position {p}: {r}")
             limit = min(self.max_skips, source_size(self.source) or self.max_skips)
             if sum(self._run.values()) >= limit:
-                raise ValueError(f"no usable samples: the last {sum(self._run.values())} samples this process read were all skipped "
-                                 f"(reasons: {dict(self._run)}); see the run's train.log") from e
+                raise ValueError(
+                    f"no usable samples: the last {sum(self._run.values())} samples this process read were all skipped "
+                    f"(reasons: {dict(self._run)}); see the run's train.log"
+                ) from e
         self.pos += self.world
     self._run.clear()
     return self._peeked[1]
 
+
 @patch
 def next(self: TrainStream) -> dict:
     "Consume and return the next usable processed sample."
-    s = self.peek(); self._peeked = None
+    s = self.peek()
+    self._peeked = None
     return s
+
 
 @patch
 def next_with_position(self: TrainStream) -> tuple[int, dict]:
     "Consume the next usable sample; (its position, the sample)."
-    s = self.peek(); p = self._peeked[0]; self._peeked = None
+    s = self.peek()
+    p = self._peeked[0]
+    self._peeked = None
     return p, s
+
 
 @patch
 def state(self: TrainStream) -> dict:
     "Position of the first unconsumed sample, the skip counts and the buffered positions (JSON-ready)."
-    return {"pos": self._peeked[0] if self._peeked else self.pos, "skipped": dict(self.skipped), "buffer": [p for p, _ in self.buffer]}
+    return {
+        "pos": self._peeked[0] if self._peeked else self.pos,
+        "skipped": dict(self.skipped),
+        "buffer": [p for p, _ in self.buffer],
+    }
+
 
 @patch
 def load_state(self: TrainStream, state: dict):
@@ -225,19 +332,28 @@ def load_state(self: TrainStream, state: dict):
     self.buffer = [(int(p), self._process(int(p))) for p in state.get("buffer", [])]
 
 # %% ../nbs/05_train.ipynb #3a8bfad1
-def next_micro_batch(stream: TrainStream, # the process's sample stream
-                     cfg: TrainConfig, # batch_size, packing, max_tokens, max_tiles
-                    ) -> BatchFeature:
+def next_micro_batch(
+    stream: TrainStream,  # the process's sample stream
+    cfg: TrainConfig,  # batch_size, packing, max_tokens, max_tiles
+) -> BatchFeature:
     "The next micro-batch: `batch_size` padded samples, or packed rows filled greedily from the stream."
-    if not cfg.packing: return stream.processor.collate([stream.next() for _ in range(cfg.batch_size)])
+    if not cfg.packing:
+        return stream.processor.collate([stream.next() for _ in range(cfg.batch_size)])
     size = lambda s: (len(s["input_ids"]), sum(s["num_tiles"]))
     if cfg.pack_buffer:
-        while len(stream.buffer) < cfg.pack_buffer: stream.buffer.append(stream.next_with_position())
+        while len(stream.buffer) < cfg.pack_buffer:
+            stream.buffer.append(stream.next_with_position())
         packs = take_rows([size(s) for _, s in stream.buffer], cfg.batch_size, cfg.max_tokens, cfg.max_tiles)
         where = {i: j for j, i in enumerate(sorted(i for p in packs for i in p))}
         batch = [stream.buffer[i][1] for i in where]
         stream.buffer = [x for i, x in enumerate(stream.buffer) if i not in where]
-        return collate_packed(batch, stream.processor.pad_token_id, cfg.max_tokens, cfg.max_tiles, packs=[[where[i] for i in p] for p in packs])
+        return collate_packed(
+            batch,
+            stream.processor.pad_token_id,
+            cfg.max_tokens,
+            cfg.max_tiles,
+            packs=[[where[i] for i in p] for p in packs],
+        )
     samples = [stream.next()]
     while fits_rows([size(s) for s in samples] + [size(stream.peek())], cfg.batch_size, cfg.max_tokens, cfg.max_tiles):
         samples.append(stream.next())
@@ -246,159 +362,247 @@ def next_micro_batch(stream: TrainStream, # the process's sample stream
 # %% ../nbs/05_train.ipynb #e2f06a70
 PACKED_ATTENTION = "mmlit_packed"  # the name `packed_attention` is registered under
 
-def packed_segments(position_ids: torch.Tensor, # (B, L) positions restarting at 0 at every packed sample
-                   ) -> list[list[tuple[int, int]]]:
+
+def packed_segments(
+    position_ids: torch.Tensor,  # (B, L) positions restarting at 0 at every packed sample
+) -> list[list[tuple[int, int]]]:
     "Per row, the (start, end) spans of its samples: a sample starts where the position is 0 (and at the row's start)."
-    starts = position_ids == 0; starts[:, 0] = True
+    starts = position_ids == 0
+    starts[:, 0] = True
     out = []
     for row in starts:
         s = row.nonzero().flatten().tolist() + [row.numel()]
         out.append(list(zip(s[:-1], s[1:])))
     return out
 
-def packed_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, # (B, H, L, D) each
-                     attention_mask: torch.Tensor | None, # ignored for packed rows (the spans replace it)
-                     dropout: float = 0.0, scaling: float | None = None,
-                     position_ids: torch.Tensor | None = None, # (B, L) the packed positions
-                     **kwargs) -> tuple[torch.Tensor, None]:
+
+def packed_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,  # (B, H, L, D) each
+    attention_mask: torch.Tensor | None,  # ignored for packed rows (the spans replace it)
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    position_ids: torch.Tensor | None = None,  # (B, L) the packed positions
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
     "Causal `sdpa` on each packed sample alone: (B, L, H, D); anything else (a mask, a cache, dropout) goes to transformers' `sdpa`."
     if position_ids is None or attention_mask is not None or query.shape[2] != key.shape[2] or dropout:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    out, gqa = query.new_empty(query.shape[0], query.shape[2], query.shape[1], query.shape[3]), query.shape[1] != key.shape[1]
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    out, gqa = (
+        query.new_empty(query.shape[0], query.shape[2], query.shape[1], query.shape[3]),
+        query.shape[1] != key.shape[1],
+    )
     for r, spans in enumerate(packed_segments(position_ids)):
         for s, e in spans:
-            o = F.scaled_dot_product_attention(query[r:r + 1, :, s:e], key[r:r + 1, :, s:e], value[r:r + 1, :, s:e],
-                                               is_causal=True, scale=scaling, enable_gqa=gqa)
+            o = F.scaled_dot_product_attention(
+                query[r : r + 1, :, s:e],
+                key[r : r + 1, :, s:e],
+                value[r : r + 1, :, s:e],
+                is_causal=True,
+                scale=scaling,
+                enable_gqa=gqa,
+            )
             out[r, s:e] = o[0].transpose(0, 1)
     return out, None
+
 
 AttentionInterface.register(PACKED_ATTENTION, packed_attention)
 AttentionMaskInterface.register(PACKED_ATTENTION, lambda *args, **kwargs: None)
 
 # %% ../nbs/05_train.ipynb #051260ca
 @contextmanager
-def llm_attention(model: nn.Module, # an MMModel (possibly wrapped by accelerate or peft)
-                  name: str, # an implementation registered in transformers' `AttentionInterface`
-                 ):
+def llm_attention(
+    model: nn.Module,  # an MMModel (possibly wrapped by accelerate or peft)
+    name: str,  # an implementation registered in transformers' `AttentionInterface`
+):
     "Run the language model (only) with attention implementation `name` inside the block, then restore it."
     m = getattr(model, "module", model)
     m = m.get_base_model() if hasattr(m, "get_base_model") else m
-    cfgs = list({id(c): c for c in [m.language_model.config] + [x.config for x in m.language_model.modules()
-                                                                   if isinstance(getattr(x, "config", None), type(m.language_model.config))]}.values())
+    cfgs = list(
+        {
+            id(c): c
+            for c in [m.language_model.config]
+            + [
+                x.config
+                for x in m.language_model.modules()
+                if isinstance(getattr(x, "config", None), type(m.language_model.config))
+            ]
+        }.values()
+    )
     old = [c._attn_implementation for c in cfgs]
-    for c in cfgs: c._attn_implementation = name
-    try: yield
+    for c in cfgs:
+        c._attn_implementation = name
+    try:
+        yield
     finally:
-        for c, o in zip(cfgs, old): c._attn_implementation = o
+        for c, o in zip(cfgs, old):
+            c._attn_implementation = o
 
 # %% ../nbs/05_train.ipynb #3a84cd60
-def batch_weights(batch: dict, # a micro-batch (padded or packed)
-                  mode: str, # "token", "sample" or "square"
-                 ) -> torch.Tensor:
+def batch_weights(
+    batch: dict,  # a micro-batch (padded or packed)
+    mode: str,  # "token", "sample" or "square"
+) -> torch.Tensor:
     "(B, T) loss weights aligned with the labels; the first label of a row (never a target) is left out."
-    labels = batch["labels"].clone(); labels[:, 0] = IGNORE_INDEX
+    labels = batch["labels"].clone()
+    labels[:, 0] = IGNORE_INDEX
     return loss_weights(labels, mode, batch.get("sample_ids"))
 
-def forward_logits(model: nn.Module, # an MMModel (possibly wrapped by accelerate or peft)
-                   batch: dict, # a micro-batch on the model's device
-                  ) -> torch.Tensor:
+
+def forward_logits(
+    model: nn.Module,  # an MMModel (possibly wrapped by accelerate or peft)
+    batch: dict,  # a micro-batch on the model's device
+) -> torch.Tensor:
     "Logits of a padded batch (with its attention mask) or a packed one (position ids, no mask, attention per sample); never a KV cache."
     kw = dict(input_ids=batch["input_ids"], use_cache=False)
-    if batch["pixel_values"].shape[0]: kw["pixel_values"] = batch["pixel_values"]
-    if "position_ids" not in batch: return model(**kw, attention_mask=batch["attention_mask"]).logits
-    with llm_attention(model, PACKED_ATTENTION): return model(**kw, position_ids=batch["position_ids"]).logits
+    if batch["pixel_values"].shape[0]:
+        kw["pixel_values"] = batch["pixel_values"]
+    if "position_ids" not in batch:
+        return model(**kw, attention_mask=batch["attention_mask"]).logits
+    with llm_attention(model, PACKED_ATTENTION):
+        return model(**kw, position_ids=batch["position_ids"]).logits
 
 # %% ../nbs/05_train.ipynb #96d13fb5
 MANIFEST = "COMPLETE"  # written last into a checkpoint: every file with its size and SHA-256
+
 
 def file_sha256(path: str | Path) -> str:
     "SHA-256 of a file, read in 1 MiB blocks."
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""): h.update(block)
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
     return h.hexdigest()
+
 
 def _fsync(path: Path):
     fd = os.open(path, os.O_RDONLY)
-    try: os.fsync(fd)
-    finally: os.close(fd)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
 
 @contextmanager
 def quiet_saving():
     "Silence transformers' per-shard progress bar while saving."
     from transformers.utils import logging as hf_logging
-    was = hf_logging.is_progress_bar_enabled(); hf_logging.disable_progress_bar()
-    try: yield
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
     finally:
-        if was: hf_logging.enable_progress_bar()
+        if was:
+            hf_logging.enable_progress_bar()
+
 
 def _manifest(d: Path) -> dict:
     files = sorted(p for p in d.rglob("*") if p.is_file())
-    for p in files: _fsync(p)
-    return {"format": "mmlit-checkpoint/1", "files": {p.relative_to(d).as_posix(): {"bytes": p.stat().st_size, "sha256": file_sha256(p)} for p in files}}
+    for p in files:
+        _fsync(p)
+    return {
+        "format": "mmlit-checkpoint/1",
+        "files": {p.relative_to(d).as_posix(): {"bytes": p.stat().st_size, "sha256": file_sha256(p)} for p in files},
+    }
 
 # %% ../nbs/05_train.ipynb #36b640c2
-def write_checkpoint(final: str | Path, # the checkpoint directory to create, e.g. .../checkpoints/step-000040
-                     write: Callable[[Path], None], # fills the directory it is given with the checkpoint's files
-                    ) -> Path:
+def write_checkpoint(
+    final: str | Path,  # the checkpoint directory to create, e.g. .../checkpoints/step-000040
+    write: Callable[[Path], None],  # fills the directory it is given with the checkpoint's files
+) -> Path:
     "Create `final` atomically: `write` fills a temp dir beside it, files are fsynced, the `COMPLETE` manifest goes last, then `os.replace`."
-    final = Path(final); final.parent.mkdir(parents=True, exist_ok=True)
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
     try:
         write(tmp)
-        (tmp / MANIFEST).write_text(json.dumps(_manifest(tmp), indent=1)); _fsync(tmp / MANIFEST); _fsync(tmp)
+        (tmp / MANIFEST).write_text(json.dumps(_manifest(tmp), indent=1))
+        _fsync(tmp / MANIFEST)
+        _fsync(tmp)
         old = final.with_name(f".old-{final.name}-{uuid.uuid4().hex[:8]}") if final.exists() else None
-        if old: os.replace(final, old)          # re-saving the same step: move the old one aside first
-        os.replace(tmp, final); _fsync(final.parent)
-        if old: shutil.rmtree(old, ignore_errors=True)
+        if old:
+            os.replace(final, old)  # re-saving the same step: move the old one aside first
+        os.replace(tmp, final)
+        _fsync(final.parent)
+        if old:
+            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True); raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return final
 
 # %% ../nbs/05_train.ipynb #aab84fc7
-def verify_checkpoint(path: str | Path, # a checkpoint directory
-                     ) -> dict:
+def verify_checkpoint(
+    path: str | Path,  # a checkpoint directory
+) -> dict:
     "The checkpoint's manifest after checking every file's size and SHA-256; ValueError naming a missing or corrupt file."
     path = Path(path)
-    if not path.is_dir(): raise ValueError(f"checkpoint {path} does not exist")
+    if not path.is_dir():
+        raise ValueError(f"checkpoint {path} does not exist")
     m = path / MANIFEST
-    if not m.is_file(): raise ValueError(f"checkpoint {path} is incomplete: its manifest {m} is missing (was the run killed while writing it?)")
-    try: manifest = json.loads(m.read_text()); files = manifest["files"]
-    except (ValueError, KeyError, TypeError) as e: raise ValueError(f"checkpoint manifest {m} is corrupt: {e}") from e
+    if not m.is_file():
+        raise ValueError(
+            f"checkpoint {path} is incomplete: its manifest {m} is missing (was the run killed while writing it?)"
+        )
+    try:
+        manifest = json.loads(m.read_text())
+        files = manifest["files"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"checkpoint manifest {m} is corrupt: {e}") from e
     for rel, info in files.items():
         f = path / rel
-        if not f.is_file(): raise ValueError(f"checkpoint file {f} listed in {m} is missing")
-        if f.stat().st_size != info["bytes"]: raise ValueError(f"checkpoint file {f} has {f.stat().st_size} bytes, the manifest says {info['bytes']} (truncated or modified)")
-        if file_sha256(f) != info["sha256"]: raise ValueError(f"checkpoint file {f} fails its SHA-256 check (corrupt or modified)")
+        if not f.is_file():
+            raise ValueError(f"checkpoint file {f} listed in {m} is missing")
+        if f.stat().st_size != info["bytes"]:
+            raise ValueError(
+                f"checkpoint file {f} has {f.stat().st_size} bytes, the manifest says {info['bytes']} (truncated or modified)"
+            )
+        if file_sha256(f) != info["sha256"]:
+            raise ValueError(f"checkpoint file {f} fails its SHA-256 check (corrupt or modified)")
     return manifest
 
 # %% ../nbs/05_train.ipynb #02b71d8e
-def list_checkpoints(output_dir: str | Path, # a run's output directory (or its checkpoints/ folder)
-                    ) -> list[Path]:
+def list_checkpoints(
+    output_dir: str | Path,  # a run's output directory (or its checkpoints/ folder)
+) -> list[Path]:
     "The run's checkpoint directories `step-NNNNNN`, oldest first (temporary and half-deleted ones are ignored)."
-    d = Path(output_dir); d = d / "checkpoints" if (d / "checkpoints").is_dir() else d
-    if not d.is_dir(): return []
+    d = Path(output_dir)
+    d = d / "checkpoints" if (d / "checkpoints").is_dir() else d
+    if not d.is_dir():
+        return []
     return sorted((p for p in d.glob("step-*") if p.is_dir() and p.name[5:].isdigit()), key=lambda p: int(p.name[5:]))
+
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
     "The newest checkpoint of a run, or None."
     cks = list_checkpoints(output_dir)
     return cks[-1] if cks else None
 
+
 def remove_stale_temps(output_dir: str | Path) -> list[Path]:
     "Delete the `.tmp-*` / `.old-*` directories a killed writer left in the run's checkpoints/ folder; returns them."
     d = Path(output_dir) / "checkpoints"
     stale = [p for p in d.glob(".tmp-*")] + [p for p in d.glob(".old-*")] if d.is_dir() else []
-    for p in stale: shutil.rmtree(p, ignore_errors=True)
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
     return stale
 
-def prune_checkpoints(output_dir: str | Path, # the run's output directory
-                      keep_last: int, # how many of the newest checkpoints to keep
-                     ) -> list[Path]:
+
+def prune_checkpoints(
+    output_dir: str | Path,  # the run's output directory
+    keep_last: int,  # how many of the newest checkpoints to keep
+) -> list[Path]:
     "Delete all but the newest `keep_last` checkpoints (renamed aside first, so a half-deleted one is never listed); returns the deleted."
     old = list_checkpoints(output_dir)[:-keep_last] if keep_last > 0 else []
     for p in old:
-        trash = p.with_name(f".old-{p.name}-{uuid.uuid4().hex[:8]}"); os.replace(p, trash); shutil.rmtree(trash, ignore_errors=True)
+        trash = p.with_name(f".old-{p.name}-{uuid.uuid4().hex[:8]}")
+        os.replace(p, trash)
+        shutil.rmtree(trash, ignore_errors=True)
     return old
 
 # %% ../nbs/05_train.ipynb #a3cb971a
@@ -406,10 +610,15 @@ def rng_state() -> dict:
     "This process's Python, NumPy and torch (CPU, CUDA) random states, JSON-ready."
     b64 = lambda t: base64.b64encode(t.numpy().tobytes()).decode()
     npst = np.random.get_state()
-    st = {"python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
-          "numpy": [npst[0], npst[1].tolist(), int(npst[2]), int(npst[3]), float(npst[4])], "torch": b64(torch.get_rng_state())}
-    if torch.cuda.is_available(): st["cuda"] = [b64(s) for s in torch.cuda.get_rng_state_all()]
+    st = {
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+        "numpy": [npst[0], npst[1].tolist(), int(npst[2]), int(npst[3]), float(npst[4])],
+        "torch": b64(torch.get_rng_state()),
+    }
+    if torch.cuda.is_available():
+        st["cuda"] = [b64(s) for s in torch.cuda.get_rng_state_all()]
     return st
+
 
 def set_rng_state(st: dict):
     "Restore the states `rng_state` returned."
@@ -417,31 +626,57 @@ def set_rng_state(st: dict):
     random.setstate((st["python"][0], tuple(st["python"][1]), st["python"][2]))
     np.random.set_state((st["numpy"][0], np.array(st["numpy"][1], dtype=np.uint32), *st["numpy"][2:]))
     torch.set_rng_state(t(st["torch"]))
-    if "cuda" in st and torch.cuda.is_available(): torch.cuda.set_rng_state_all([t(s) for s in st["cuda"]])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([t(s) for s in st["cuda"]])
 
 # %% ../nbs/05_train.ipynb #279daddd
 class Trainer:
     "The staged trainer: one loop on accelerate for stages 1, 1.5 and 2 (optionally LoRA)."
-    def __init__(self, model: MMModel, # the model to train (frozen per stage here; wrapped in LoRA for stage 2 with lora)
-                 processor: MMProcessor, # the processor matching the model
-                 data, # a Task, a list of Tasks or a sequence of samples (see `sample_at`)
-                 cfg: TrainConfig, # the settings
-                 eval_fn: Callable[[nn.Module], dict] | None = None, # called every `eval_every` steps on the main process
-                ):
-        if int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1 and (cfg.cpu or not torch.cuda.is_available()): set_torch_threads()  # share the cores
+
+    def __init__(
+        self,
+        model: MMModel,  # the model to train (frozen per stage here; wrapped in LoRA for stage 2 with lora)
+        processor: MMProcessor,  # the processor matching the model
+        data,  # a Task, a list of Tasks or a sequence of samples (see `sample_at`)
+        cfg: TrainConfig,  # the settings
+        eval_fn: Callable[[nn.Module], dict] | None = None,  # called every `eval_every` steps on the main process
+    ):
+        if int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1 and (cfg.cpu or not torch.cuda.is_available()):
+            set_torch_threads()  # share the cores
         mp = cfg.mixed_precision
-        if mp == "auto": mp = "bf16" if default_dtype("cpu" if cfg.cpu else None) == torch.bfloat16 else "no"
-        self.cfg, self.processor, self.data, self.eval_fn, self.out = cfg, processor, data, eval_fn, Path(cfg.output_dir)
-        self.accelerator = acc = Accelerator(cpu=cfg.cpu or not torch.cuda.is_available(), mixed_precision=mp, gradient_accumulation_steps=cfg.grad_accum,
-                                             log_with=cfg.log_with, project_dir=str(self.out))
-        seed_everything(cfg.seed)   # LoRA's initialisation is seeded
+        if mp == "auto":
+            mp = "bf16" if default_dtype("cpu" if cfg.cpu else None) == torch.bfloat16 else "no"
+        self.cfg, self.processor, self.data, self.eval_fn, self.out = (
+            cfg,
+            processor,
+            data,
+            eval_fn,
+            Path(cfg.output_dir),
+        )
+        self.accelerator = acc = Accelerator(
+            cpu=cfg.cpu or not torch.cuda.is_available(),
+            mixed_precision=mp,
+            gradient_accumulation_steps=cfg.grad_accum,
+            log_with=cfg.log_with,
+            project_dir=str(self.out),
+        )
+        seed_everything(cfg.seed)  # LoRA's initialisation is seeded
         model = stage_model(model, cfg.stage, cfg.lora, cfg.lora_r, cfg.lora_alpha)
         self.trainable = trainable_counts(model)
         self.model, self.optimizer = acc.prepare(model, make_optimizer(model, cfg))
         self.scheduler = make_scheduler(self.optimizer, cfg)
         self.log = RunLog(self.out / "train.log", acc.process_index)
-        self.stream = TrainStream(data, processor, cfg.seed, cfg.max_tokens, cfg.max_tiles if cfg.packing else None,
-                                  acc.process_index, acc.num_processes, self.log, cfg.max_consecutive_skips)
+        self.stream = TrainStream(
+            data,
+            processor,
+            cfg.seed,
+            cfg.max_tokens,
+            cfg.max_tiles if cfg.packing else None,
+            acc.process_index,
+            acc.num_processes,
+            self.log,
+            cfg.max_consecutive_skips,
+        )
         self.step, self.samples_seen, self.tokens_seen = 0, 0, 0
 
     @property
@@ -462,18 +697,39 @@ def _train_step(self: Trainer) -> dict:
     for b, w in zip(micro, weights):
         with acc.accumulate(self.model):
             loss = weighted_loss(forward_logits(self.model, b), b["labels"], w, global_denominator=den)
-            acc.backward(loss * cfg.grad_accum)   # accelerate divides by grad_accum; the denominator already covers the step
+            acc.backward(
+                loss * cfg.grad_accum
+            )  # accelerate divides by grad_accum; the denominator already covers the step
             num += loss.detach() * den
             if acc.sync_gradients and cfg.max_grad_norm is not None:
-                grad_norm = acc.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], cfg.max_grad_norm)
-            self.optimizer.step(); self.optimizer.zero_grad()
-    lr = self.scheduler.get_last_lr()[0]; self.scheduler.step()
-    real = sum(int((b["sample_ids"] >= 0).sum()) if "sample_ids" in b else int(b["attention_mask"].sum()) for b in micro)
+                grad_norm = acc.clip_grad_norm_(
+                    [p for p in self.model.parameters() if p.requires_grad], cfg.max_grad_norm
+                )
+            self.optimizer.step()
+            self.optimizer.zero_grad()
+    lr = self.scheduler.get_last_lr()[0]
+    self.scheduler.step()
+    real = sum(
+        int((b["sample_ids"] >= 0).sum()) if "sample_ids" in b else int(b["attention_mask"].sum()) for b in micro
+    )
     n_samples = sum(int(b["num_images"].numel()) for b in micro)
-    local = torch.tensor([num.item(), real, sum(b["input_ids"].numel() for b in micro), n_samples, sum(self.stream.skipped.values())], dtype=torch.float64, device=acc.device)
+    local = torch.tensor(
+        [num.item(), real, sum(b["input_ids"].numel() for b in micro), n_samples, sum(self.stream.skipped.values())],
+        dtype=torch.float64,
+        device=acc.device,
+    )
     tot = acc.gather(local[None]).sum(0).tolist()
-    return dict(loss=tot[0] / (float(den) * acc.num_processes), lr=lr, grad_norm=None if grad_norm is None else float(grad_norm),
-                tokens=int(tot[1]), slots=int(tot[2]), padding=1 - tot[1] / tot[2], samples=int(tot[3]), skipped=int(tot[4]), data_s=t_data)
+    return dict(
+        loss=tot[0] / (float(den) * acc.num_processes),
+        lr=lr,
+        grad_norm=None if grad_norm is None else float(grad_norm),
+        tokens=int(tot[1]),
+        slots=int(tot[2]),
+        padding=1 - tot[1] / tot[2],
+        samples=int(tot[3]),
+        skipped=int(tot[4]),
+        data_s=t_data,
+    )
 
 # %% ../nbs/05_train.ipynb #06dde831
 @patch
@@ -483,226 +739,358 @@ def save(self: Trainer) -> Path:
     per_rank = gather_object([{"rng": rng_state(), "stream": self.stream.state()}])
     final = self.out / "checkpoints" / f"step-{self.step:06d}"
     if acc.is_main_process:
-        state = dict(step=self.step, samples_seen=self.samples_seen, tokens_seen=self.tokens_seen, world_size=acc.num_processes,
-                     config=self.cfg.to_dict(), ranks=per_rank)
+        state = dict(
+            step=self.step,
+            samples_seen=self.samples_seen,
+            tokens_seen=self.tokens_seen,
+            world_size=acc.num_processes,
+            config=self.cfg.to_dict(),
+            ranks=per_rank,
+        )
+
         def files(d: Path):
-            with quiet_saving(): self.unwrapped.save_pretrained(d / "model")
-            torch.save(self.optimizer.state_dict(), d / "optimizer.pt"); torch.save(self.scheduler.state_dict(), d / "scheduler.pt")
+            with quiet_saving():
+                self.unwrapped.save_pretrained(d / "model")
+            torch.save(self.optimizer.state_dict(), d / "optimizer.pt")
+            torch.save(self.scheduler.state_dict(), d / "scheduler.pt")
             (d / "trainer_state.json").write_text(json.dumps(state))
-        write_checkpoint(final, files); prune_checkpoints(self.out, self.cfg.keep_last)
+
+        write_checkpoint(final, files)
+        prune_checkpoints(self.out, self.cfg.keep_last)
         self.log(f"checkpoint {final}")
     acc.wait_for_everyone()
     return final
 
 # %% ../nbs/05_train.ipynb #6fad1e0d
-def load_model_weights(model: nn.Module, # an MMModel or a peft model (weights replaced in place)
-                       model_dir: str | Path, # a `save_pretrained` directory (checked by `verify_checkpoint` first)
-                      ):
+def load_model_weights(
+    model: nn.Module,  # an MMModel or a peft model (weights replaced in place)
+    model_dir: str | Path,  # a `save_pretrained` directory (checked by `verify_checkpoint` first)
+):
     "Load saved weights into `model` in place: full safetensors for an MMModel, the adapters for a peft model."
-    model_dir = Path(model_dir); peft_model = hasattr(model, "peft_config")
+    model_dir = Path(model_dir)
+    peft_model = hasattr(model, "peft_config")
     f = model_dir / ("adapter_model.safetensors" if peft_model else "model.safetensors")
-    if not f.is_file(): raise ValueError(f"model weights {f} not found (LoRA run: {peft_model})")
-    try: sd = load_file(str(f))
-    except Exception as e: raise ValueError(f"cannot read the model weights {f}: {e}") from e
+    if not f.is_file():
+        raise ValueError(f"model weights {f} not found (LoRA run: {peft_model})")
+    try:
+        sd = load_file(str(f))
+    except Exception as e:
+        raise ValueError(f"cannot read the model weights {f}: {e}") from e
     if peft_model:
         from peft import set_peft_model_state_dict
+
         bad = set_peft_model_state_dict(model, sd).unexpected_keys
     else:
         missing, bad = model.load_state_dict(sd, strict=False)
         bad = bad + [k for k in missing if k not in getattr(model, "all_tied_weights_keys", {})]
-    if bad: raise ValueError(f"{f} does not match the model: {len(bad)} mismatched weights, e.g. {bad[:3]}")
+    if bad:
+        raise ValueError(f"{f} does not match the model: {len(bad)} mismatched weights, e.g. {bad[:3]}")
 
 # %% ../nbs/05_train.ipynb #3c37d649
 @patch
-def load(self: Trainer, path: str | Path, # a checkpoint directory written by `save`
-        ):
+def load(
+    self: Trainer,
+    path: str | Path,  # a checkpoint directory written by `save`
+):
     "Verify a checkpoint and restore model, optimizer, scheduler, RNG states and data position; ValueError if it does not fit."
-    path = Path(path); verify_checkpoint(path)
+    path = Path(path)
+    verify_checkpoint(path)
     state = json.loads((path / "trainer_state.json").read_text())
     check_resumable(path, state, self.cfg, self.accelerator.num_processes)
     load_model_weights(self.unwrapped, path / "model")
     self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
     self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     mine = state["ranks"][self.accelerator.process_index]
-    set_rng_state(mine["rng"]); self.stream.load_state(mine["stream"])
+    set_rng_state(mine["rng"])
+    self.stream.load_state(mine["stream"])
     self.step, self.samples_seen, self.tokens_seen = state["step"], state["samples_seen"], state["tokens_seen"]
     self.log(f"resumed from {path} at step {self.step}")
 
 # %% ../nbs/05_train.ipynb #399afcdb
-def read_metrics(path: str | Path, # a metrics.jsonl file, or the run's output directory
-                 kind: str | None = "train", # keep only lines of this kind (None: all)
-                ) -> list[dict]:
+def read_metrics(
+    path: str | Path,  # a metrics.jsonl file, or the run's output directory
+    kind: str | None = "train",  # keep only lines of this kind (None: all)
+) -> list[dict]:
     "The lines of a run's metrics file."
-    path = Path(path); path = path / "metrics.jsonl" if path.is_dir() else path
-    if not path.is_file(): raise ValueError(f"no metrics file at {path}")
+    path = Path(path)
+    path = path / "metrics.jsonl" if path.is_dir() else path
+    if not path.is_file():
+        raise ValueError(f"no metrics file at {path}")
     rows = [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
     return [r for r in rows if kind is None or r.get("kind") == kind]
 
-def summarise_run(path: str | Path, # a run directory or its metrics.jsonl
-                  skip: int = 2, # leave out the first steps (warm-up of caches and allocators)
-                 ) -> dict:
+
+def summarise_run(
+    path: str | Path,  # a run directory or its metrics.jsonl
+    skip: int = 2,  # leave out the first steps (warm-up of caches and allocators)
+) -> dict:
     "Median steps/s, samples/s and tokens/s of a run, and its mean padding share."
     rows = read_metrics(path)[skip:]
-    if not rows: raise ValueError(f"{path}: fewer than {skip + 1} training steps logged")
+    if not rows:
+        raise ValueError(f"{path}: fewer than {skip + 1} training steps logged")
     med = lambda k: float(np.median([r[k] for r in rows]))
-    return dict(steps_per_s=1 / med("step_s"), samples_per_s=med("samples_per_s"), tokens_per_s=med("tokens_per_s"),
-                padding=float(np.mean([r["padding"] for r in rows])), steps=len(rows))
+    return dict(
+        steps_per_s=1 / med("step_s"),
+        samples_per_s=med("samples_per_s"),
+        tokens_per_s=med("tokens_per_s"),
+        padding=float(np.mean([r["padding"] for r in rows])),
+        steps=len(rows),
+    )
+
 
 def _truncate_metrics(path: Path, step: int):
     "Keep only the lines up to `step` (atomically)."
-    if not path.is_file(): return
+    if not path.is_file():
+        return
     keep = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l).get("step", 0) <= step]
-    tmp = path.with_name(path.name + ".tmp"); tmp.write_text("".join(l + "\n" for l in keep)); os.replace(tmp, path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(l + "\n" for l in keep))
+    os.replace(tmp, path)
+
 
 @patch
 def _emit(self: Trainer, row: dict):
     "Append a metrics line (main process) and send it to accelerate's trackers."
-    if not self.accelerator.is_main_process: return
-    with open(self.out / "metrics.jsonl", "a") as f: f.write(json.dumps(row) + "\n")
-    if self.cfg.log_with: self.accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}, step=row["step"])
+    if not self.accelerator.is_main_process:
+        return
+    with open(self.out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+    if self.cfg.log_with:
+        self.accelerator.log(
+            {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}, step=row["step"]
+        )
 
 # %% ../nbs/05_train.ipynb #b3df6598
-def resume_checkpoint(out: Path, # the run's output directory
-                      resume, # None/False: none; True/"auto"/"latest": the newest in `out`; else a checkpoint path
-                     ) -> Path | None:
+def resume_checkpoint(
+    out: Path,  # the run's output directory
+    resume,  # None/False: none; True/"auto"/"latest": the newest in `out`; else a checkpoint path
+) -> Path | None:
     "The checkpoint `train(resume=...)` means, or None (shared by every trainer of mmlit)."
-    if resume in (None, False): return None
-    if resume in (True, "auto", "latest"): return latest_checkpoint(out)
+    if resume in (None, False):
+        return None
+    if resume in (True, "auto", "latest"):
+        return latest_checkpoint(out)
     p = Path(resume)
-    if not p.exists(): raise ValueError(f"resume checkpoint {p} does not exist")
+    if not p.exists():
+        raise ValueError(f"resume checkpoint {p} does not exist")
     return p
 
-def check_resumable(path: Path, # the checkpoint being loaded
-                    state: dict, # its trainer_state.json
-                    cfg, # the run's config (a dataclass with `resume_keys`)
-                    num_processes: int, # processes of this run
-                   ):
+
+def check_resumable(
+    path: Path,  # the checkpoint being loaded
+    state: dict,  # its trainer_state.json
+    cfg,  # the run's config (a dataclass with `resume_keys`)
+    num_processes: int,  # processes of this run
+):
     "ValueError unless the checkpoint's settings and process count match this run (keys newer than the checkpoint: defaults)."
     fields = type(cfg).__dataclass_fields__
     saved = lambda k: state["config"].get(k, fields[k].default)
-    diff = {k: (saved(k), getattr(cfg, k)) for k in type(cfg).resume_keys if json.dumps(saved(k)) != json.dumps(getattr(cfg, k))}
-    if diff: raise ValueError(f"cannot resume from {path}: settings differ (checkpoint, now): {diff}")
+    diff = {
+        k: (saved(k), getattr(cfg, k))
+        for k in type(cfg).resume_keys
+        if json.dumps(saved(k)) != json.dumps(getattr(cfg, k))
+    }
+    if diff:
+        raise ValueError(f"cannot resume from {path}: settings differ (checkpoint, now): {diff}")
     if state["world_size"] != num_processes:
-        raise ValueError(f"cannot resume from {path}: it was written by {state['world_size']} processes, this run has {num_processes}")
+        raise ValueError(
+            f"cannot resume from {path}: it was written by {state['world_size']} processes, this run has {num_processes}"
+        )
 
-def eval_on_main(accelerator, # the run's Accelerator
-                 model: nn.Module, # the unwrapped model
-                 eval_fn, # model -> {name: number}
-                ) -> dict | None:
+
+def eval_on_main(
+    accelerator,  # the run's Accelerator
+    model: nn.Module,  # the unwrapped model
+    eval_fn,  # model -> {name: number}
+) -> dict | None:
     "Run `eval_fn` on the main process in eval mode without gradients (the others wait); None on the other processes."
     res = None
     if accelerator.is_main_process:
         model.eval()
-        with torch.no_grad(): res = {k: float(v) for k, v in eval_fn(model).items()}
+        with torch.no_grad():
+            res = {k: float(v) for k, v in eval_fn(model).items()}
         model.train()
     accelerator.wait_for_everyone()
     return res
 
+
 @patch
 def evaluate(self: Trainer) -> dict | None:
     "Run eval_fn on the main process (eval mode, no gradients) and log its result."
-    if self.eval_fn is None: return None
+    if self.eval_fn is None:
+        return None
     res = eval_on_main(self.accelerator, self.unwrapped, self.eval_fn)
-    if res is not None: self._emit({"kind": "eval", "step": self.step, **res})
+    if res is not None:
+        self._emit({"kind": "eval", "step": self.step, **res})
     return res
 
 # %% ../nbs/05_train.ipynb #deb57dce
 @patch
-def train(self: Trainer, resume: bool | str | Path | None = None, # True/"auto": newest checkpoint if any; a path: that one
-          ) -> dict:
+def train(
+    self: Trainer,
+    resume: bool | str | Path | None = None,  # True/"auto": newest checkpoint if any; a path: that one
+) -> dict:
     "Train to `cfg.steps`, resuming if asked; returns the last step's metrics (and the last evaluation)."
     acc, cfg = self.accelerator, self.cfg
-    if acc.is_main_process: self.out.mkdir(parents=True, exist_ok=True)
+    if acc.is_main_process:
+        self.out.mkdir(parents=True, exist_ok=True)
     acc.wait_for_everyone()
-    if cfg.log_with: acc.init_trackers(self.out.name, config={k: v for k, v in cfg.to_dict().items() if isinstance(v, (int, float, str, bool))})
+    if cfg.log_with:
+        acc.init_trackers(
+            self.out.name, config={k: v for k, v in cfg.to_dict().items() if isinstance(v, (int, float, str, bool))}
+        )
     ck = resume_checkpoint(self.out, resume)
-    if ck is not None: self.load(ck)
-    if acc.is_main_process: _truncate_metrics(self.out / "metrics.jsonl", self.step); remove_stale_temps(self.out)
-    bar = tqdm(total=cfg.steps, initial=self.step, disable=not (cfg.progress and acc.is_main_process), desc=f"stage {cfg.stage}")
+    if ck is not None:
+        self.load(ck)
+    if acc.is_main_process:
+        _truncate_metrics(self.out / "metrics.jsonl", self.step)
+        remove_stale_temps(self.out)
+    bar = tqdm(
+        total=cfg.steps,
+        initial=self.step,
+        disable=not (cfg.progress and acc.is_main_process),
+        desc=f"stage {cfg.stage}",
+    )
     last, ev, t_start, s0 = {}, None, time.perf_counter(), self.step
     while self.step < cfg.steps:
-        t0 = time.perf_counter(); m = self._train_step(); self.step += 1; dt = time.perf_counter() - t0
-        self.samples_seen += m["samples"]; self.tokens_seen += m["tokens"]
-        last = dict(kind="train", step=self.step, **m, step_s=dt, samples_per_s=m["samples"] / dt, tokens_per_s=m["tokens"] / dt,
-                    samples_seen=self.samples_seen, elapsed_s=time.perf_counter() - t_start)
-        if self.step % cfg.log_every == 0 or self.step == cfg.steps: self._emit(last)
-        bar.update(1); bar.set_postfix(loss=f"{m['loss']:.3f}", lr=f"{m['lr']:.1e}")
-        if (cfg.eval_every and self.step % cfg.eval_every == 0) or self.step == cfg.steps: ev = self.evaluate()
-        if (cfg.save_every and self.step % cfg.save_every == 0) or self.step == cfg.steps: self.save()
+        t0 = time.perf_counter()
+        m = self._train_step()
+        self.step += 1
+        dt = time.perf_counter() - t0
+        self.samples_seen += m["samples"]
+        self.tokens_seen += m["tokens"]
+        last = dict(
+            kind="train",
+            step=self.step,
+            **m,
+            step_s=dt,
+            samples_per_s=m["samples"] / dt,
+            tokens_per_s=m["tokens"] / dt,
+            samples_seen=self.samples_seen,
+            elapsed_s=time.perf_counter() - t_start,
+        )
+        if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+            self._emit(last)
+        bar.update(1)
+        bar.set_postfix(loss=f"{m['loss']:.3f}", lr=f"{m['lr']:.1e}")
+        if (cfg.eval_every and self.step % cfg.eval_every == 0) or self.step == cfg.steps:
+            ev = self.evaluate()
+        if (cfg.save_every and self.step % cfg.save_every == 0) or self.step == cfg.steps:
+            self.save()
     bar.close()
-    if cfg.log_with: acc.end_training()
-    if self.stream.skipped: self.log(f"skipped samples by reason (this process): {dict(self.stream.skipped)}")
+    if cfg.log_with:
+        acc.end_training()
+    if self.stream.skipped:
+        self.log(f"skipped samples by reason (this process): {dict(self.stream.skipped)}")
     return {**last, **({"eval": ev} if ev else {}), "steps_this_run": self.step - s0}
 
 # %% ../nbs/05_train.ipynb #cffd7de2
-def loss_eval_fn(processor: MMProcessor, # the processor matching the model
-                 samples: list[dict], # held-out raw samples (e.g. a task's validation split)
-                 batch_size: int = 8, # samples per forward pass
-                 mode: str = "square", # loss re-weighting
-                 name: str = "val_loss", # the key of the result
-                ) -> Callable[[nn.Module], dict]:
+def loss_eval_fn(
+    processor: MMProcessor,  # the processor matching the model
+    samples: list[dict],  # held-out raw samples (e.g. a task's validation split)
+    batch_size: int = 8,  # samples per forward pass
+    mode: str = "square",  # loss re-weighting
+    name: str = "val_loss",  # the key of the result
+) -> Callable[[nn.Module], dict]:
     "An `eval_fn` giving the weighted loss of a fixed list of samples (processed once, without augmentation)."
-    if not samples: raise ValueError("loss_eval_fn needs at least one sample")
-    batches = [processor.collate([processor.process(s["conversation"], **media(s)) for s in samples[k:k + batch_size]])
-               for k in range(0, len(samples), batch_size)]
+    if not samples:
+        raise ValueError("loss_eval_fn needs at least one sample")
+    batches = [
+        processor.collate([processor.process(s["conversation"], **media(s)) for s in samples[k : k + batch_size]])
+        for k in range(0, len(samples), batch_size)
+    ]
+
     def evaluate(model) -> dict:
         num = den = 0.0
         for b in batches:
-            b = b.to(model.device); w = batch_weights(b, mode)
-            num += float(weighted_loss(forward_logits(model, b), b["labels"], w)) * float(w.sum()); den += float(w.sum())
+            b = b.to(model.device)
+            w = batch_weights(b, mode)
+            num += float(weighted_loss(forward_logits(model, b), b["labels"], w)) * float(w.sum())
+            den += float(w.sum())
         return {name: num / den}
+
     return evaluate
 
 # %% ../nbs/05_train.ipynb #2757314f
-def plot_runs(runs: dict, # label → run directory (or metrics.jsonl)
-              key: str = "loss", # the metric on the y axis
-              eval_key: str | None = "val_loss", # also plot this evaluation metric (dashed)
-              ax=None, # a matplotlib axes
-             ):
+def plot_runs(
+    runs: dict,  # label → run directory (or metrics.jsonl)
+    key: str = "loss",  # the metric on the y axis
+    eval_key: str | None = "val_loss",  # also plot this evaluation metric (dashed)
+    ax=None,  # a matplotlib axes
+):
     "Plot a metric of several runs one after another on a common step axis (each run continues the previous one's steps)."
     import matplotlib.pyplot as plt
-    if ax is None: _, ax = plt.subplots(figsize=(7, 3))
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7, 3))
     offset = 0
     for label, path in runs.items():
         tr, ev = read_metrics(path), [r for r in read_metrics(path, kind="eval") if eval_key in r] if eval_key else []
-        line, = ax.plot([offset + r["step"] for r in tr], [r[key] for r in tr], label=f"{label} ({key})")
-        if ev: ax.plot([offset + r["step"] for r in ev], [r[eval_key] for r in ev], "o--", color=line.get_color(), label=f"{label} ({eval_key})")
-        offset += tr[-1]["step"] if tr else 0; ax.axvline(offset, color="#ccc", lw=0.8)
-    ax.set_xlabel("optimizer step"); ax.set_ylabel(key); ax.legend(fontsize=7)
+        (line,) = ax.plot([offset + r["step"] for r in tr], [r[key] for r in tr], label=f"{label} ({key})")
+        if ev:
+            ax.plot(
+                [offset + r["step"] for r in ev],
+                [r[eval_key] for r in ev],
+                "o--",
+                color=line.get_color(),
+                label=f"{label} ({eval_key})",
+            )
+        offset += tr[-1]["step"] if tr else 0
+        ax.axvline(offset, color="#ccc", lw=0.8)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(key)
+    ax.legend(fontsize=7)
     return ax
 
 # %% ../nbs/05_train.ipynb #d803d643
-def scale_up(trained: MMModel, # a model whose vision encoder was trained (stage 1.5), e.g. with a small LLM
-             llm, # the new LLM: a causal LM or a local directory holding one
-             tokenizer=None, # the new LLM's tokenizer (then `fit_to_tokenizer`); None keeps the image token id
-            ) -> tuple[MMModel, list[str]]:
+def scale_up(
+    trained: MMModel,  # a model whose vision encoder was trained (stage 1.5), e.g. with a small LLM
+    llm,  # the new LLM: a causal LM or a local directory holding one
+    tokenizer=None,  # the new LLM's tokenizer (then `fit_to_tokenizer`); None keeps the image token id
+) -> tuple[MMModel, list[str]]:
     "Progressive scaling: `trained`'s vision encoder with another LLM, the projector reused where its shapes fit; returns (model, reused parts)."
-    if hasattr(trained, "peft_config"): raise ValueError("scale_up needs a plain MMModel; merge LoRA adapters first (merge_and_unload)")
+    if hasattr(trained, "peft_config"):
+        raise ValueError("scale_up needs a plain MMModel; merge LoRA adapters first (merge_and_unload)")
     c = trained.config
-    new = MMModel.from_parts(trained.vision_model, llm, tokenizer, downsample_ratio=c.downsample_ratio, ps_version=c.ps_version,
-                             select_layer=c.select_layer, projector_hidden_size=c.projector_hidden_size,
-                             projector_hidden_act=c.projector_hidden_act, image_token_id=c.image_token_id)
+    new = MMModel.from_parts(
+        trained.vision_model,
+        llm,
+        tokenizer,
+        downsample_ratio=c.downsample_ratio,
+        ps_version=c.ps_version,
+        select_layer=c.select_layer,
+        projector_hidden_size=c.projector_hidden_size,
+        projector_hidden_act=c.projector_hidden_act,
+        image_token_id=c.image_token_id,
+    )
     reused = ["vision_model"]
     for name, mod in new.projector.named_children():
-        old = getattr(trained.projector, name); shapes = lambda m: [p.shape for p in m.parameters()]
-        if shapes(mod) and shapes(mod) == shapes(old): mod.load_state_dict(old.state_dict()); reused.append(f"projector.{name}")
+        old = getattr(trained.projector, name)
+        shapes = lambda m: [p.shape for p in m.parameters()]
+        if shapes(mod) and shapes(mod) == shapes(old):
+            mod.load_state_dict(old.state_dict())
+            reused.append(f"projector.{name}")
     return new, reused
 
 # %% ../nbs/05_train.ipynb #8d077fc2
 BASE_RECIPE = "base"  # the shipped recipe that trains the base model (`mmlit run --recipe base`)
 
+
 def base_model_dir() -> Path:
     "Where the base model ships inside the package (the `model` folder of a `mmlit run --recipe base` run)."
     return Path(str(resources.files("mmlit"))) / "assets" / "base"
 
-def load_base(path: str | Path | None = None, # a `model` folder written by `mmlit run` (default: the shipped base model)
-             ) -> tuple[MMModel, MMProcessor]:
+
+def load_base(
+    path: str | Path | None = None,  # a `model` folder written by `mmlit run` (default: the shipped base model)
+) -> tuple[MMModel, MMProcessor]:
     "The base model for the post-training chapters and its processor, checked against their manifest, in eval mode."
     d = Path(path) if path is not None else base_model_dir()
     if not (d / MANIFEST).is_file():
-        raise ValueError(f"no model in {d} (its {MANIFEST} manifest is missing): train one with "
-                         f"`mmlit run --recipe {BASE_RECIPE} --out runs/base` and pass runs/base/model")
+        raise ValueError(
+            f"no model in {d} (its {MANIFEST} manifest is missing): train one with "
+            f"`mmlit run --recipe {BASE_RECIPE} --out runs/base` and pass runs/base/model"
+        )
     verify_checkpoint(d)
     model = MMModel.from_pretrained(d).eval()
     return model, MMProcessor.from_pretrained(d)
-

@@ -479,6 +479,7 @@ def test_grpo_stage_can_name_the_jigsaw_and_tag_rewards():
     r = REWARDS["jigsaw_paper"](None, ["<answer>1 0 2 3</answer>", "0 1 2 3"], answer=["0,1,2,3", "0,1,2,3"])
     assert r == [jigsaw_reward([1, 0, 2, 3], [0, 1, 2, 3]), 1.0] and s.rewards[0] == "jigsaw_paper"
     assert REWARDS["tag"](None, ["<think>\nx\n</think><answer>3</answer>", "3"], answer=["3", "3"]) == [1.0, 0.0]
+    assert REWARDS["jigsaw_repeat"](None, ["1 1 2 3", "1 0 2 3"], answer=["0,1,2,3"] * 2) == [-0.5, 0.0]
 
 # ---------------------------------------------------------------- a message, not a traceback
 
@@ -652,12 +653,25 @@ def test_posttrain_recipe_starts_from_the_base_model_and_evaluates_it_first(tmp_
     report = (out / 'report.md').read_text()
     assert 'Started from the trained model `base`' in report and '| start % | after stage grpo % |' in report
     assert (out / 'stages' / '1-stagegrpo' / 'tiers.json').is_file()
-    base, _ = load_trained(base_model_dir()); after, proc = load_trained(out / 'model')
-    assert type(proc).__name__ == 'MMProcessor'
-    changed = [k for k, v in after.state_dict().items() if not torch.equal(v, base.state_dict()[k])]
-    assert changed, 'GRPO left the weights unchanged'
+    after, proc = load_trained(out / 'model')
+    assert type(proc).__name__ == 'MMProcessor' and after.tokens_per_tile == proc.tokens_per_tile
+    rows = [json.loads(l) for l in (out / 'metrics.jsonl').read_text().splitlines()]
+    steps = load_recipe('posttrain').stages[0].steps
+    assert len([r for r in rows if r.get('kind') == 'train' and r.get('stage') == 'grpo']) == max(1, round(steps * 0.05))
 
 def test_init_must_name_a_model_folder(tmp_path, capsys):
     _fails(['run', '--recipe', 'quick', '--init', str(tmp_path / 'nope'), '--print-recipe'], capsys, 'is not a model folder')
     assert main(['run', '--recipe', 'quick', '--init', 'base', '--print-recipe']) == 0
     assert 'init: base' in capsys.readouterr().out
+
+def test_grpo_stage_can_prefill_each_question_once(tmp_path):
+    "A GRPO stage with shared_prompt runs through the recipe pipeline and its config reaches the trainer."
+    from mmlit.cli import grpo_config
+    d = load_recipe('quick').to_dict()
+    d['stages'] = [s for s in d['stages'] if s['stage'] != 'grpo'][:1] + [{**[s for s in d['stages'] if s['stage'] == 'grpo'][0], 'steps': 2, 'shared_prompt': True}]
+    d['eval']['n'] = 4
+    r = Recipe.from_dict(d)
+    assert grpo_config(r, 1, tmp_path).shared_prompt is True and grpo_config(r, 1, tmp_path).sampler == 'inverse_cdf'
+    report = run_recipe(r, tmp_path / 'shared', progress=False).read_text()
+    assert 'after stage grpo' in report
+    with pytest.raises(ValueError, match='sampler must be one of'): Recipe.from_dict({**d, 'stages': [{**d['stages'][1], 'sampler': 'greedy'}]})
