@@ -30,6 +30,7 @@ from mmlit.train import (
     set_rng_state,
     verify_checkpoint,
     write_checkpoint,
+    truncate_metrics,
 )
 from .eval import answer_tag
 from .grpo import accuracy_reward, base_model, policy_train_mode, prompt_embeddings, rollout, sample_completions
@@ -520,14 +521,6 @@ def load(self: SelfEvolver, path: str | Path):
     self.rng.bit_generator.state = st["evolve_rng"]
 
 # %% ../nbs/08_evolve.ipynb #2882444e
-def _truncate_rows(path: Path, rounds: int):
-    "Keep the metrics lines of the first `rounds` rounds (a killed run may have written one more)."
-    if not path.is_file():
-        return
-    keep = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l)["round"] <= rounds]
-    path.write_text("".join(l + "\n" for l in keep))
-
-
 @patch
 def train(
     self: SelfEvolver,
@@ -538,7 +531,7 @@ def train(
     if (ck := resume_checkpoint(self.out, resume)) is not None:
         self.load(ck)
     log = self.out / "metrics.jsonl"
-    _truncate_rows(log, self.round)
+    truncate_metrics(log, self.round, key="round")
     if self.round == 0 and self.heldout:
         with open(log, "w") as f:
             f.write(json.dumps({"round": 0, "temperature": self.temperature, **self.measure()}) + "\n")
@@ -667,7 +660,8 @@ def step_features(
     responses: list[list[int]],  # token ids of responses to it
 ) -> list[torch.Tensor]:
     "Per response, (steps, D): the frozen model's last hidden state at each step's end token."
-    from mmlit.grpo import prompt_batch, _positions
+    from mmlit.grpo import prompt_batch
+    from mmlit.model import positions_from_mask
 
     if not responses:
         return []
@@ -691,7 +685,7 @@ def step_features(
         1,
     )
     h = m.language_model.model(
-        inputs_embeds=emb, attention_mask=am, position_ids=_positions(am), use_cache=False
+        inputs_embeds=emb, attention_mask=am, position_ids=positions_from_mask(am), use_cache=False
     ).last_hidden_state
     return [h[i, [L + j for _, j in step_ends(self.processor, r)]] for i, r in enumerate(responses)]
 

@@ -24,7 +24,7 @@ from .data import Task, media
 from .eval import answer_tag, extract_answer, is_degenerate, prompt_conversation, score_answer
 from mmlit.train import (
     RunLog,
-    _truncate_metrics,
+    truncate_metrics,
     check_resumable,
     eval_on_main,
     load_model_weights,
@@ -254,7 +254,7 @@ def sample_completions(
     m = base_model(model)
     emb = prompt_embeddings(model, prompts["input_ids"], prompts.get("pixel_values")).repeat_interleave(group_size, 0)
     am = prompts["attention_mask"].repeat_interleave(group_size, 0)
-    sup = [m.config.image_token_id] if m.config.image_token_id is not None else None
+    suppressed = [m.config.image_token_id] if m.config.image_token_id is not None else None
     return m.language_model.generate(
         inputs_embeds=emb,
         attention_mask=am,
@@ -265,7 +265,7 @@ def sample_completions(
         max_new_tokens=max_new_tokens,
         eos_token_id=eos_token_id,
         pad_token_id=pad_token_id,
-        suppress_tokens=sup,
+        suppress_tokens=suppressed,
     )
 
 # %% ../nbs/07_grpo.ipynb #5f850725
@@ -540,13 +540,13 @@ def decode_completions(
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; expected one of {SAMPLERS}")
     m = base_model(model)
-    lm, sup = m.language_model, m.config.image_token_id
+    lm, suppressed = m.language_model, m.config.image_token_id
     logits, am, cache = _prefill_shared(model, prompts, group_size)
     pos, done, out = am.long().sum(-1, keepdim=True), torch.zeros(am.shape[0], dtype=torch.bool, device=am.device), []
     for t in range(max_new_tokens):
         s = logits.float() / temperature
-        if sup is not None:
-            s[:, sup] = float("-inf")  # as transformers' suppress_tokens: never sample <IMG_CONTEXT>
+        if suppressed is not None:
+            s[:, suppressed] = float("-inf")  # as transformers' suppress_tokens: never sample <IMG_CONTEXT>
         probs = top_p_filter(s, top_p).softmax(-1)
         tok = inverse_cdf_sample(probs) if sampler == "inverse_cdf" else torch.multinomial(probs, 1).squeeze(1)
         tok = tok.masked_fill(done, pad_token_id)
@@ -915,24 +915,16 @@ def _train_step(self: GRPOTrainer) -> dict:
         ls.update(loss=float(loss.detach()), entropy=float((ent.detach() * mask).sum() / mask.sum().clamp(min=1)))
         agg.append(ls)
     ls = {k: float(np.mean([a[k] for a in agg])) for k in agg[0] if k != "tokens"}
-    local = torch.tensor(
-        [
-            *[ls[k] for k in sorted(ls)],
-            float(b["lengths"].float().mean()),
-            float(b["truncated"].float().mean()),
-            st["zero_var_frac"],
-            st["refills"],
-            st["dropped_groups"],
-        ],
-        dtype=torch.float64,
-        device=dev,
+    local = dict(sorted(ls.items()))   # every value averaged over processes in one gather, then read back by name
+    local.update(
+        completion_len=float(b["lengths"].float().mean()),
+        truncated_frac=float(b["truncated"].float().mean()),
+        zero_var_frac=st["zero_var_frac"],
+        refills=st["refills"],
+        dropped_groups=st["dropped_groups"],
     )
-    tot = (acc.gather(local[None]).mean(0)).tolist()
-    out = dict(zip(sorted(ls), tot[: len(ls)]))
-    out.update(
-        completion_len=tot[-5], truncated_frac=tot[-4], zero_var_frac=tot[-3], refills=tot[-2], dropped_groups=tot[-1]
-    )
-    return dict(**rst, **out, lr=lr, grad_norm=gn, rollout_s=t_roll)
+    means = acc.gather(torch.tensor([list(local.values())], dtype=torch.float64, device=dev)).mean(0).tolist()
+    return dict(**rst, **dict(zip(local, means)), lr=lr, grad_norm=gn, rollout_s=t_roll)
 
 # %% ../nbs/07_grpo.ipynb #0c02a7e4
 @patch
@@ -1010,15 +1002,15 @@ def train(
     if ck is not None:
         self.load(ck)
     if acc.is_main_process:
-        _truncate_metrics(self.out / "metrics.jsonl", self.step)
+        truncate_metrics(self.out / "metrics.jsonl", self.step)
         remove_stale_temps(self.out)
     bar = tqdm(total=c.steps, initial=self.step, disable=not (c.progress and acc.is_main_process), desc="grpo")
     last, ev = {}, None
     while self.step < c.steps:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         m = self._train_step()
         self.step += 1
-        last = dict(kind="train", step=self.step, **m, step_s=time.perf_counter() - t0)
+        last = dict(kind="train", step=self.step, **m, step_s=time.perf_counter() - t0, step_cpu_s=time.process_time() - c0)
         if self.step % c.log_every == 0 or self.step == c.steps:
             self._emit(last)
         bar.update(1)

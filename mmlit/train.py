@@ -45,8 +45,8 @@ __all__ = ['STAGE_LR', 'PACKED_ATTENTION', 'MANIFEST', 'BASE_RECIPE', 'stage_mod
            'packed_attention', 'llm_attention', 'batch_weights', 'forward_logits', 'file_sha256', 'quiet_saving',
            'write_checkpoint', 'verify_checkpoint', 'list_checkpoints', 'latest_checkpoint', 'remove_stale_temps',
            'prune_checkpoints', 'rng_state', 'set_rng_state', 'Trainer', 'load_model_weights', 'read_metrics',
-           'summarise_run', 'resume_checkpoint', 'check_resumable', 'eval_on_main', 'loss_eval_fn', 'plot_runs',
-           'scale_up', 'base_model_dir', 'load_base']
+           'summarise_run', 'truncate_metrics', 'resume_checkpoint', 'check_resumable', 'eval_on_main', 'loss_eval_fn',
+           'plot_runs', 'scale_up', 'base_model_dir', 'load_base']
 
 # %% ../nbs/05_train.ipynb #59ffbfc5
 STAGE_LR = {"1": 2e-4, "1.5": 1e-5, "2": 4e-5}  # InternVL 2.5's learning rate of each stage
@@ -838,11 +838,15 @@ def summarise_run(
     )
 
 
-def _truncate_metrics(path: Path, step: int):
-    "Keep only the lines up to `step` (atomically)."
+def truncate_metrics(
+    path: Path,  # a metrics.jsonl file (nothing happens when it does not exist)
+    last: int,  # keep the lines whose `key` is at most this
+    key: str = "step",  # the counter the lines carry ("step"; self-evolution: "round")
+):
+    "Drop the lines a killed run wrote after its last checkpoint (atomically): keep those with `key` <= `last`."
     if not path.is_file():
         return
-    keep = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l).get("step", 0) <= step]
+    keep = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l).get(key, 0) <= last]
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(l + "\n" for l in keep))
     os.replace(tmp, path)
@@ -943,7 +947,7 @@ def train(
     if ck is not None:
         self.load(ck)
     if acc.is_main_process:
-        _truncate_metrics(self.out / "metrics.jsonl", self.step)
+        truncate_metrics(self.out / "metrics.jsonl", self.step)
         remove_stale_temps(self.out)
     bar = tqdm(
         total=cfg.steps,
