@@ -2365,8 +2365,8 @@ def ask_command(args: argparse.Namespace) -> int:
         raise ValueError('give a question ("How many circles are there?") or --chat')
     image = load_image(args.image, max_pixels=args.max_pixels)
     model, proc = load_trained(args.model)
-    for q in [args.question] if args.question else []:
-        print(ask(model, proc, image, q, args.max_new_tokens), flush=True)
+    if args.question:
+        print(ask(model, proc, image, args.question, args.max_new_tokens), flush=True)
     while args.chat:
         try:
             q = input("question> ").strip()

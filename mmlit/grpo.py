@@ -269,6 +269,16 @@ def sample_completions(
     )
 
 # %% ../nbs/07_grpo.ipynb #5f850725
+def _check_completions(prompts: dict, completion_ids: torch.Tensor, completion_mask: torch.Tensor) -> tuple[int, int]:
+    "(prompts P, completions N) after checking that N splits into groups of P and the mask matches the ids."
+    P, N = prompts["input_ids"].shape[0], completion_ids.shape[0]
+    if N % P:
+        raise ValueError(f"{N} completions do not split into groups for {P} prompts")
+    if completion_mask.shape != completion_ids.shape:
+        raise ValueError(f"completion_mask {tuple(completion_mask.shape)} != completion_ids {tuple(completion_ids.shape)}")
+    return P, N
+
+
 def completion_logps(
     model: nn.Module,  # an MMModel or a peft model around one (gradients flow when enabled)
     prompts: dict,  # `prompt_batch` output: input_ids, attention_mask (P, L), pixel_values
@@ -278,13 +288,7 @@ def completion_logps(
     with_entropy: bool = False,  # also return the per-token entropy (else None)
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     "(P·G, T) log-probs of the completion tokens under softmax(logits / T), images encoded once per prompt; and the entropies."
-    P, N = prompts["input_ids"].shape[0], completion_ids.shape[0]
-    if N % P:
-        raise ValueError(f"{N} completions do not split into groups for {P} prompts")
-    if completion_mask.shape != completion_ids.shape:
-        raise ValueError(
-            f"completion_mask {tuple(completion_mask.shape)} != completion_ids {tuple(completion_ids.shape)}"
-        )
+    P, N = _check_completions(prompts, completion_ids, completion_mask)
     G, T, m = N // P, completion_ids.shape[1], base_model(model)
     emb = prompt_embeddings(model, prompts["input_ids"], prompts.get("pixel_values")).repeat_interleave(G, 0)
     emb = torch.cat([emb, m.get_input_embeddings()(completion_ids)], 1)
@@ -589,13 +593,7 @@ def shared_prompt_logps(
     with_entropy: bool = False,  # also return the per-token entropy (else None)
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     "`completion_logps`' (P·G, T) log-probs and entropies, each prompt run once and its keys/values shared by its G completions."
-    P, N = prompts["input_ids"].shape[0], completion_ids.shape[0]
-    if N % P:
-        raise ValueError(f"{N} completions do not split into groups for {P} prompts")
-    if completion_mask.shape != completion_ids.shape:
-        raise ValueError(
-            f"completion_mask {tuple(completion_mask.shape)} != completion_ids {tuple(completion_ids.shape)}"
-        )
+    P, N = _check_completions(prompts, completion_ids, completion_mask)
     m, T = base_model(model), completion_ids.shape[1]
     logits, am, cache = _prefill_shared(model, prompts, N // P)
     logits = logits[:, None]
