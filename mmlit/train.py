@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import gather_object
+from accelerate.utils import broadcast_object_list, gather_object
 from fastcore.basics import patch
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
@@ -40,13 +40,14 @@ from mmlit.data import (
 )
 
 # %% auto #0
-__all__ = ['STAGE_LR', 'PACKED_ATTENTION', 'MANIFEST', 'BASE_RECIPE', 'stage_model', 'TrainConfig', 'make_optimizer',
-           'make_scheduler', 'sample_at', 'source_size', 'RunLog', 'TrainStream', 'next_micro_batch', 'packed_segments',
-           'packed_attention', 'llm_attention', 'batch_weights', 'forward_logits', 'file_sha256', 'quiet_saving',
-           'write_checkpoint', 'verify_checkpoint', 'list_checkpoints', 'latest_checkpoint', 'remove_stale_temps',
-           'prune_checkpoints', 'rng_state', 'set_rng_state', 'Trainer', 'load_model_weights', 'read_metrics',
-           'summarise_run', 'truncate_metrics', 'resume_checkpoint', 'check_resumable', 'eval_on_main', 'loss_eval_fn',
-           'plot_runs', 'scale_up', 'base_model_dir', 'load_base']
+__all__ = ['STAGE_LR', 'PACKED_ATTENTION', 'MANIFEST', 'CHECKPOINT_LAYOUT', 'BASE_RECIPE', 'stage_model', 'TrainConfig',
+           'make_optimizer', 'make_scheduler', 'sample_at', 'source_size', 'RunLog', 'TrainStream', 'next_micro_batch',
+           'packed_segments', 'packed_attention', 'llm_attention', 'batch_weights', 'forward_logits', 'file_sha256',
+           'quiet_saving', 'write_checkpoint', 'verify_checkpoint', 'list_checkpoints', 'latest_checkpoint',
+           'remove_stale_temps', 'prune_checkpoints', 'rng_state', 'set_rng_state', 'Trainer', 'RunState',
+           'save_checkpoint', 'load_checkpoint', 'load_model_weights', 'read_metrics', 'summarise_run',
+           'truncate_metrics', 'resume_checkpoint', 'check_resumable', 'eval_on_main', 'loss_eval_fn', 'plot_runs',
+           'scale_up', 'base_model_dir', 'load_base']
 
 # %% ../nbs/05_train.ipynb #59ffbfc5
 STAGE_LR = {"1": 2e-4, "1.5": 1e-5, "2": 4e-5}  # InternVL 2.5's learning rate of each stage
@@ -511,26 +512,36 @@ def _manifest(d: Path) -> dict:
     }
 
 # %% ../nbs/05_train.ipynb #36b640c2
+def _temp_dir(final: Path) -> Path:
+    "A fresh temporary directory beside `final` (same file system, so renaming it is atomic)."
+    final.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
+
+
+def _commit(tmp: Path, final: Path):
+    "Write the manifest into `tmp` last, fsync, and rename `tmp` to `final` (an older `final` is moved aside first)."
+    (tmp / MANIFEST).write_text(json.dumps(_manifest(tmp), indent=1))
+    _fsync(tmp / MANIFEST)
+    _fsync(tmp)
+    old = final.with_name(f".old-{final.name}-{uuid.uuid4().hex[:8]}") if final.exists() else None
+    if old:
+        os.replace(final, old)  # re-saving the same step: move the old one aside first
+    os.replace(tmp, final)
+    _fsync(final.parent)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def write_checkpoint(
     final: str | Path,  # the checkpoint directory to create, e.g. .../checkpoints/step-000040
     write: Callable[[Path], None],  # fills the directory it is given with the checkpoint's files
 ) -> Path:
     "Create `final` atomically: `write` fills a temp dir beside it, files are fsynced, the `COMPLETE` manifest goes last, then `os.replace`."
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
+    tmp = _temp_dir(final)
     try:
         write(tmp)
-        (tmp / MANIFEST).write_text(json.dumps(_manifest(tmp), indent=1))
-        _fsync(tmp / MANIFEST)
-        _fsync(tmp)
-        old = final.with_name(f".old-{final.name}-{uuid.uuid4().hex[:8]}") if final.exists() else None
-        if old:
-            os.replace(final, old)  # re-saving the same step: move the old one aside first
-        os.replace(tmp, final)
-        _fsync(final.parent)
-        if old:
-            shutil.rmtree(old, ignore_errors=True)
+        _commit(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -659,12 +670,13 @@ class Trainer:
             gradient_accumulation_steps=cfg.grad_accum,
             log_with=cfg.log_with,
             project_dir=str(self.out),
+            step_scheduler_with_optimizer=False,  # the schedule counts optimizer steps, whatever the processes
         )
         seed_everything(cfg.seed)  # LoRA's initialisation is seeded
         model = stage_model(model, cfg.stage, cfg.lora, cfg.lora_r, cfg.lora_alpha)
         self.trainable = trainable_counts(model)
-        self.model, self.optimizer = acc.prepare(model, make_optimizer(model, cfg))
-        self.scheduler = make_scheduler(self.optimizer, cfg)
+        opt = make_optimizer(model, cfg)
+        self.model, self.optimizer, self.scheduler = acc.prepare(model, opt, make_scheduler(opt, cfg))
         self.log = RunLog(self.out / "train.log", acc.process_index)
         self.stream = TrainStream(
             data,
@@ -678,6 +690,8 @@ class Trainer:
             cfg.max_consecutive_skips,
         )
         self.step, self.samples_seen, self.tokens_seen = 0, 0, 0
+        self.run_state = RunState(self._position, self._set_position, acc.process_index)
+        acc.register_for_checkpointing(self.run_state)  # saved and restored by save_state / load_state
 
     @property
     def unwrapped(self) -> nn.Module:
@@ -731,31 +745,109 @@ def _train_step(self: Trainer) -> dict:
         data_s=t_data,
     )
 
+# %% ../nbs/05_train.ipynb #fdfa1db0
+CHECKPOINT_LAYOUT = "accelerate-save-state"  # trainer_state.json's "layout": the files come from accelerator.save_state
+
+
+class RunState:
+    "A trainer's counters and every process's data position, for accelerate's `register_for_checkpointing`."
+
+    def __init__(
+        self,
+        get: Callable[[], dict],  # this process's state (picklable)
+        put: Callable[[dict], None],  # restores what `get` returned
+        rank: int,  # this process's index
+    ):
+        self.get, self.put, self.rank, self.ranks = get, put, rank, None
+
+    def gather(self):
+        "Every process: collect all processes' states (call before `save_state`, which saves on the main process)."
+        self.ranks = gather_object([self.get()])
+
+    def state_dict(self) -> dict:
+        return {"ranks": self.ranks}
+
+    def load_state_dict(self, sd: dict):
+        self.put(sd["ranks"][self.rank])
+
+# %% ../nbs/05_train.ipynb #6cc7da9c
+def save_checkpoint(
+    accelerator: Accelerator,  # the run's accelerator: model, optimizer, scheduler prepared, a `RunState` registered
+    run_state: RunState,  # the registered run state (gathered here)
+    final: str | Path,  # the checkpoint directory to create (the same path on every process)
+    info: dict,  # trainer_state.json: at least step, world_size and config
+    pretrained: nn.Module | None = None,  # also saved with `save_pretrained` under model/ (the unwrapped model)
+    prefix: str = "",  # the key prefix of `pretrained`'s weights in the prepared model's state dict
+) -> Path:
+    "Every process: accelerate's `save_state` into a temp dir beside `final`; then the main process adds trainer_state.json, model/ and the manifest, and renames it."
+    final, acc = Path(final), accelerator
+    run_state.gather()
+    sd = acc.get_state_dict(acc._models[0]) if pretrained is not None else None  # a collective under FSDP / ZeRO-3
+    tmp = [str(_temp_dir(final)) if acc.is_main_process else None]
+    broadcast_object_list(tmp)
+    tmp = Path(tmp[0])
+    try:
+        acc.save_state(str(tmp))
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            if pretrained is not None:
+                with quiet_saving():
+                    pretrained.save_pretrained(tmp / "model", state_dict={k[len(prefix) :]: v for k, v in sd.items()})
+            (tmp / "trainer_state.json").write_text(json.dumps({**info, "layout": CHECKPOINT_LAYOUT}))
+            _commit(tmp, final)
+    except BaseException:
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    acc.wait_for_everyone()
+    return final
+
+# %% ../nbs/05_train.ipynb #d92d6c52
+def load_checkpoint(
+    accelerator: Accelerator,  # the run's accelerator (the same objects prepared and registered as when saving)
+    path: str | Path,  # a checkpoint directory written by `save_checkpoint`
+    cfg,  # the run's config (a dataclass with `resume_keys`)
+) -> dict:
+    "Verify a checkpoint, check that it fits this run, restore everything with accelerate's `load_state`; its trainer_state.json."
+    path = Path(path)
+    verify_checkpoint(path)
+    f = path / "trainer_state.json"
+    info = json.loads(f.read_text()) if f.is_file() else {}
+    if info.get("layout") != CHECKPOINT_LAYOUT:
+        raise ValueError(
+            f"checkpoint {path} is in an older mmlit layout (model/ + optimizer.pt), which this version cannot resume: "
+            f"start the run without resume (or move its checkpoints/ folder aside); its weights still load with "
+            f"load_model_weights(model, '{path / 'model'}')"
+        )
+    check_resumable(path, info, cfg, accelerator.num_processes)
+    try:
+        accelerator.load_state(str(path))
+    except (RuntimeError, KeyError, ValueError, OSError) as e:
+        raise ValueError(f"checkpoint {path} does not fit this run's model or optimizer: {e}") from e
+    return info
+
 # %% ../nbs/05_train.ipynb #06dde831
 @patch
+def _position(self: Trainer) -> dict:
+    "This process's counters and data stream position (what `RunState` saves)."
+    return dict(step=self.step, samples_seen=self.samples_seen, tokens_seen=self.tokens_seen, stream=self.stream.state())
+
+
+@patch
+def _set_position(self: Trainer, st: dict):
+    self.step, self.samples_seen, self.tokens_seen = st["step"], st["samples_seen"], st["tokens_seen"]
+    self.stream.load_state(st["stream"])
+
+
+@patch
 def save(self: Trainer) -> Path:
-    "Write an atomic checkpoint `checkpoints/step-NNNNNN` (main process; the others send their RNG and data states)."
+    "Every process: write the atomic checkpoint `checkpoints/step-NNNNNN` (accelerate's `save_state` + model/)."
     acc = self.accelerator
-    per_rank = gather_object([{"rng": rng_state(), "stream": self.stream.state()}])
-    final = self.out / "checkpoints" / f"step-{self.step:06d}"
+    info = dict(step=self.step, world_size=acc.num_processes, config=self.cfg.to_dict())
+    final = save_checkpoint(
+        acc, self.run_state, self.out / "checkpoints" / f"step-{self.step:06d}", info, self.unwrapped
+    )
     if acc.is_main_process:
-        state = dict(
-            step=self.step,
-            samples_seen=self.samples_seen,
-            tokens_seen=self.tokens_seen,
-            world_size=acc.num_processes,
-            config=self.cfg.to_dict(),
-            ranks=per_rank,
-        )
-
-        def files(d: Path):
-            with quiet_saving():
-                self.unwrapped.save_pretrained(d / "model")
-            torch.save(self.optimizer.state_dict(), d / "optimizer.pt")
-            torch.save(self.scheduler.state_dict(), d / "scheduler.pt")
-            (d / "trainer_state.json").write_text(json.dumps(state))
-
-        write_checkpoint(final, files)
         prune_checkpoints(self.out, self.cfg.keep_last)
         self.log(f"checkpoint {final}")
     acc.wait_for_everyone()
@@ -793,17 +885,7 @@ def load(
     path: str | Path,  # a checkpoint directory written by `save`
 ):
     "Verify a checkpoint and restore model, optimizer, scheduler, RNG states and data position; ValueError if it does not fit."
-    path = Path(path)
-    verify_checkpoint(path)
-    state = json.loads((path / "trainer_state.json").read_text())
-    check_resumable(path, state, self.cfg, self.accelerator.num_processes)
-    load_model_weights(self.unwrapped, path / "model")
-    self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
-    self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    mine = state["ranks"][self.accelerator.process_index]
-    set_rng_state(mine["rng"])
-    self.stream.load_state(mine["stream"])
-    self.step, self.samples_seen, self.tokens_seen = state["step"], state["samples_seen"], state["tokens_seen"]
+    load_checkpoint(self.accelerator, path, self.cfg)
     self.log(f"resumed from {path} at step {self.step}")
 
 # %% ../nbs/05_train.ipynb #399afcdb

@@ -32,23 +32,34 @@ if int(os.environ.get("LOCAL_WORLD_SIZE", "1")) == 1: torch.set_num_threads(1)
 mc = tiny_config(**a["model"])
 proc = MMProcessor.from_vision_config(mc.vision_config, max_num=1)
 tasks = [make_task("count", size=64), make_task("compare_count", size=64)]
+class Stopped(Exception): pass
 out = {}
 for k, run in enumerate(a["runs"]):
-    seed_everything(a.get("init_seed", 0)); model = MMModel(mc); fit_to_tokenizer(model, proc.tokenizer)
-    calls = []
-    def eval_fn(m):
-        calls.append(1)
-        if len(calls) == a.get("hang_at"):
-            print("HANGING", flush=True); time.sleep(120)
-        return {}
-    tr = Trainer(model, proc, tasks, TrainConfig(output_dir=f"{a['out']}/run{k}", cpu=True, progress=False, **run), eval_fn)
-    grads, orig = [], tr.optimizer.step
-    def step(*x, **y):
-        if tr.accelerator.sync_gradients:
-            grads.append({n: p.grad.detach().clone() for n, p in tr.unwrapped.named_parameters() if p.grad is not None})
-        return orig(*x, **y)
-    tr.optimizer.step = step
-    tr.train(resume=a.get("resume"))
+    run = dict(run); stop = run.pop("stop_at", None)   # stop_at: leave after that step's checkpoint, then resume in a new Trainer
+    grads = []
+    for attempt in (0, 1) if stop else (0,):
+        seed_everything(a.get("init_seed", 0) + 17 * attempt); model = MMModel(mc); fit_to_tokenizer(model, proc.tokenizer)
+        calls = []
+        def eval_fn(m):
+            calls.append(1)
+            if len(calls) == a.get("hang_at"):
+                print("HANGING", flush=True); time.sleep(120)
+            return {}
+        tr = Trainer(model, proc, tasks, TrainConfig(output_dir=f"{a['out']}/run{k}", cpu=True, progress=False, **run), eval_fn)
+        orig = tr.optimizer.step
+        def step(*x, tr=tr, orig=orig, **y):
+            if tr.accelerator.sync_gradients:
+                grads.append({n: p.grad.detach().clone() for n, p in tr.unwrapped.named_parameters() if p.grad is not None})
+            return orig(*x, **y)
+        tr.optimizer.step = step
+        if stop and attempt == 0:
+            def save(tr=tr, orig_save=tr.save):
+                path = orig_save()
+                if tr.step == stop: raise Stopped
+                return path
+            tr.save = save
+        try: tr.train(resume=a.get("resume") or attempt == 1)
+        except Stopped: continue
     for i, g in enumerate(grads):
         for n, t in g.items(): out[f"run{k}/step{i}/grad/{n}"] = t
     for n, p in tr.unwrapped.state_dict().items(): out[f"run{k}/final/{n}"] = p.detach().clone().contiguous()
@@ -107,21 +118,27 @@ def test_resume_after_sigkill_is_exact(script, tmp_path):
 
 
 def test_two_processes_give_the_gradients_of_one(script, tmp_path):
-    "2 processes × batch 2 = 1 process × batch 4 (and with accumulation): the same gradients at every step, the same weights."
+    "2 processes × batch 2 = 1 process × batch 4 (and with accumulation): the same gradients at every step, the same weights; a 2-process run stopped after its step-2 checkpoint and resumed ends exactly where the uninterrupted one does."
     runs1 = [dict(stage="2", steps=3, batch_size=4, loss_mode="square"),
              dict(stage="1.5", steps=3, batch_size=2, grad_accum=2, loss_mode="sample"),
              dict(stage="2", steps=2, batch_size=4, loss_mode="token")]
+    runs1.append(dict(runs1[0], save_every=1))                           # the same run, checkpointed at every step
     runs2 = [dict(r, batch_size=r["batch_size"] // 2) for r in runs1]
-    _run(script, dict(model=MODEL_KW, runs=runs1, out=str(tmp_path), tag="w1"))
-    r = _run(script, dict(model=MODEL_KW, runs=runs2, out=str(tmp_path), tag="w2"), nproc=2)
-    a, b = load_file(str(tmp_path / "result-w1.safetensors")), load_file(str(tmp_path / "result-w2.safetensors"))
+    runs2[3]["stop_at"] = 2                                                # 2 processes: stop after step 2, resume
+    _run(script, dict(model=MODEL_KW, runs=runs1, out=str(tmp_path / "w1"), tag="w1"))
+    r = _run(script, dict(model=MODEL_KW, runs=runs2, out=str(tmp_path / "w2"), tag="w2"), nproc=2)
+    a, b = load_file(str(tmp_path / "w1" / "result-w1.safetensors")), load_file(str(tmp_path / "w2" / "result-w2.safetensors"))
     assert set(a) == set(b)
     grads = [k for k in a if "/grad/" in k]
-    assert len({k.split("/grad/")[0] for k in grads}) == 8            # 3 + 3 + 2 optimizer steps compared
+    assert len({k.split("/grad/")[0] for k in grads}) == 11           # 3 + 3 + 2 + 3 optimizer steps compared
     for k in grads: assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6), (k, (a[k] - b[k]).abs().max())
     for k in a:
         if "/final/" in k: assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-5), k
-    m2 = read_metrics(tmp_path / "run0"); assert m2[-1]["samples"] == 4      # the metrics count the global batch
+    m2 = read_metrics(tmp_path / "w2" / "run0"); assert m2[-1]["samples"] == 4      # the metrics count the global batch
+    finals = [k for k in b if k.startswith("run0/final/")]
+    assert finals and all(torch.equal(b[k], b[k.replace("run0/", "run3/")]) for k in finals)   # 2-process resume is exact
+    ck = latest_checkpoint(tmp_path / "w2" / "run3")
+    assert {"random_states_0.pkl", "random_states_1.pkl", "model.safetensors", "optimizer.bin"} <= {p.name for p in ck.iterdir()}
 
 
 @pytest.fixture(scope="module")
@@ -139,13 +156,13 @@ def test_corrupt_checkpoints_name_the_file(small, tmp_path):
     Trainer(model(), proc, tasks, TrainConfig(output_dir=str(tmp_path / "a"), **cfg)).train()
     ck = latest_checkpoint(tmp_path / "a"); verify_checkpoint(ck)
     def resume(): Trainer(model(), proc, tasks, TrainConfig(output_dir=str(tmp_path / "b"), **cfg)).train(resume=ck)
-    st = ck / "model" / "model.safetensors"; good = st.read_bytes()
+    st = ck / "model.safetensors"; good = st.read_bytes()                         # accelerate's save_state weights
     st.write_bytes(good[: len(good) // 3])                                       # truncated safetensors
     with pytest.raises(ValueError, match="model.safetensors has"): resume()
     st.write_bytes(good[:-4] + b"\x00\x00\x00\x01")                              # same size, different bytes
     with pytest.raises(ValueError, match="model.safetensors fails its SHA-256"): resume()
-    st.write_bytes(good); (ck / "scheduler.pt").unlink()
-    with pytest.raises(ValueError, match="scheduler.pt listed in .* is missing"): resume()
+    st.write_bytes(good); (ck / "scheduler.bin").unlink()
+    with pytest.raises(ValueError, match="scheduler.bin listed in .* is missing"): resume()
     (ck / MANIFEST).unlink()
     with pytest.raises(ValueError, match="manifest .*COMPLETE is missing"): resume()
     (ck / MANIFEST).write_text("{not json")
@@ -259,7 +276,7 @@ def test_pack_buffer_resumes_exactly(small, tmp_path):
     with pytest.raises(RuntimeError, match="simulated crash"):
         Trainer(model(), proc, tasks, TrainConfig(output_dir=str(tmp_path / "killed"), eval_every=1, **rc), crash).train()
     ck = latest_checkpoint(tmp_path / "killed"); assert ck.name == "step-000002"
-    waiting = json.loads((ck / "trainer_state.json").read_text())["ranks"][0]["stream"]["buffer"]
+    waiting = torch.load(ck / "custom_checkpoint_0.pkl", weights_only=False)["ranks"][0]["stream"]["buffer"]   # the RunState
     assert waiting and all(isinstance(p, int) for p in waiting)
     Trainer(model(seed=7), proc, tasks, TrainConfig(output_dir=str(tmp_path / "killed"), **rc)).train(resume=True)
     a = load_file(str(latest_checkpoint(tmp_path / "straight") / "model" / "model.safetensors"))
