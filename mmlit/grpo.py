@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import gather_object
+from accelerate.utils import DistributedDataParallelKwargs
 from fastcore.basics import patch
 from tqdm.auto import tqdm
 from .core import seed_everything, set_torch_threads
@@ -24,10 +24,12 @@ from .data import Task, media
 from .eval import answer_tag, extract_answer, is_degenerate, prompt_conversation, score_answer
 from mmlit.train import (
     RunLog,
+    RunState,
+    load_checkpoint,
+    save_checkpoint,
     truncate_metrics,
     check_resumable,
     eval_on_main,
-    load_model_weights,
     make_optimizer,
     make_scheduler,
     prune_checkpoints,
@@ -35,19 +37,16 @@ from mmlit.train import (
     read_metrics,
     remove_stale_temps,
     resume_checkpoint,
-    rng_state,
     sample_at,
-    set_rng_state,
     verify_checkpoint,
-    write_checkpoint,
 )
 
 # %% auto #0
 __all__ = ['SCALES', 'LOSS_TYPES', 'SAMPLERS', 'zero_variance_groups', 'group_advantages', 'grpo_loss', 'completion_mask',
            'base_model', 'prompt_batch', 'prompt_embeddings', 'sample_completions', 'completion_logps', 'format_reward',
            'accuracy_reward', 'score_completions', 'RolloutGroup', 'rollout', 'assemble', 'policy_train_mode',
-           'inverse_cdf_sample', 'top_p_filter', 'decode_completions', 'shared_prompt_logps', 'GRPOConfig',
-           'GRPOTrainer']
+           'inverse_cdf_sample', 'top_p_filter', 'decode_completions', 'shared_prompt_logps', 'GRPOPolicy',
+           'GRPOConfig', 'GRPOTrainer']
 
 # %% ../nbs/07_grpo.ipynb #d3b51795
 SCALES = ("group", "batch", "none")  # how `group_advantages` scales the centred rewards
@@ -611,6 +610,23 @@ def shared_prompt_logps(
     lp = logp.gather(-1, completion_ids[..., None]).squeeze(-1)
     return lp, (-(logp.exp() * logp).sum(-1) if with_entropy else None)
 
+# %% ../nbs/07_grpo.ipynb #a8f94b61
+class GRPOPolicy(nn.Module):
+    "The policy as one module whose forward gives the loss's log-probs, so `accelerator.prepare` can wrap it (DDP, FSDP, DeepSpeed)."
+
+    def __init__(
+        self,
+        model: nn.Module,  # an MMModel or a peft model around one
+        shared_prompt: bool = False,  # `shared_prompt_logps` (each prompt run once) instead of `completion_logps`
+    ):
+        super().__init__()
+        self.model, self.shared_prompt = model, shared_prompt
+
+    def forward(self, prompts, completion_ids, completion_mask, temperature=1.0, with_entropy=False):
+        "(P·G, T) log-probs of the completions (and entropies): `completion_logps`' arguments."
+        f = shared_prompt_logps if self.shared_prompt else completion_logps
+        return f(self.model, prompts, completion_ids, completion_mask, temperature, with_entropy)
+
 # %% ../nbs/07_grpo.ipynb #fce33c35
 @dataclass
 class GRPOConfig:
@@ -754,13 +770,21 @@ class GRPOTrainer:
             raise ValueError(f"{len(self.reward_funcs)} reward functions but {len(cfg.reward_weights)} reward_weights")
         base_model(model)
         sample_at(data, 0)  # a wrong model or data source fails here
-        self.accelerator = acc = Accelerator(cpu=cfg.cpu or not torch.cuda.is_available(), mixed_precision="no")
+        self.accelerator = acc = Accelerator(
+            cpu=cfg.cpu or not torch.cuda.is_available(),
+            mixed_precision="no",
+            step_scheduler_with_optimizer=False,  # the schedule counts optimizer steps, whatever the processes
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],  # e.g. text-only prompts
+        )
         seed_everything(cfg.seed)
-        self.model = model.to(acc.device)
+        self.model = model.to(acc.device)  # the unwrapped policy: sampling, old and reference log-probs, evaluation
         self.ref = self._reference(model)
-        self.optimizer = make_optimizer(self.model, cfg)
-        self.scheduler = make_scheduler(self.optimizer, _Sched(cfg.warmup_steps, cfg.optimizer_steps))
+        opt = make_optimizer(self.model, cfg)
+        sched = make_scheduler(opt, _Sched(cfg.warmup_steps, cfg.optimizer_steps))
+        self.policy, self.optimizer, self.scheduler = acc.prepare(GRPOPolicy(self.model, cfg.shared_prompt), opt, sched)
         self.step, self.pos = 0, acc.process_index
+        self.run_state = RunState(lambda: dict(step=self.step, pos=self.pos), self._set_position, acc.process_index)
+        acc.register_for_checkpointing(self.run_state)  # saved and restored by save_state / load_state
         self.log = RunLog(self.out / "train.log", acc.process_index)
 
     def _reference(self, model):
@@ -777,6 +801,10 @@ class GRPOTrainer:
             return "adapter"
         ref = copy.deepcopy(base_model(model)).eval().requires_grad_(False)
         return ref
+
+    def _set_position(self, st: dict):
+        "Restore what the `RunState` saved for this process."
+        self.step, self.pos = int(st["step"]), int(st["pos"])
 
 
 @dataclass
@@ -859,18 +887,6 @@ def _reference_context(trainer):
     else:
         yield trainer.ref
 
-
-@patch
-def _sync_gradients(self: GRPOTrainer):
-    "Average the gradients over processes (explicit all-reduce: the model is not DDP-wrapped)."
-    if self.accelerator.num_processes == 1:
-        return
-    for p in self.model.parameters():
-        if p.requires_grad:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            p.grad = self.accelerator.reduce(p.grad, reduction="mean")
-
 # %% ../nbs/07_grpo.ipynb #b33749f9
 @patch
 def _train_step(self: GRPOTrainer) -> dict:
@@ -897,16 +913,13 @@ def _train_step(self: GRPOTrainer) -> dict:
             ref = None
     agg, lr, gn = [], self.scheduler.get_last_lr()[0], None
     for _ in range(c.num_iterations):
-        lp, ent = logp(self.model)
+        lp, ent = self.policy(prompts, ids, mask, c.temperature, with_entropy=True)  # through DDP/FSDP when prepared
         loss, ls = grpo_loss(
             lp, old, adv, mask, ref, c.beta, c.eps_low, c.eps_high, c.loss_type, c.max_new_tokens, num_items
         )
-        loss.backward()
-        self._sync_gradients()
+        acc.backward(loss)  # DDP averages the gradients over processes here
         if c.max_grad_norm is not None:
-            gn = float(
-                torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], c.max_grad_norm)
-            )
+            gn = float(acc.clip_grad_norm_([p for p in self.policy.parameters() if p.requires_grad], c.max_grad_norm))
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad()
@@ -927,21 +940,13 @@ def _train_step(self: GRPOTrainer) -> dict:
 # %% ../nbs/07_grpo.ipynb #0c02a7e4
 @patch
 def save(self: GRPOTrainer) -> Path:
-    "Write an atomic checkpoint `checkpoints/step-NNNNNN`: weights, optimizer, scheduler, every process's RNG state and data position."
+    "Every process: write the atomic checkpoint `checkpoints/step-NNNNNN` (accelerate's `save_state` + model/)."
     acc = self.accelerator
-    per_rank = gather_object([{"rng": rng_state(), "pos": self.pos}])
-    final = self.out / "checkpoints" / f"step-{self.step:06d}"
+    info = dict(step=self.step, world_size=acc.num_processes, config=self.cfg.to_dict())
+    final = save_checkpoint(
+        acc, self.run_state, self.out / "checkpoints" / f"step-{self.step:06d}", info, self.model, prefix="model."
+    )
     if acc.is_main_process:
-        state = dict(step=self.step, world_size=acc.num_processes, config=self.cfg.to_dict(), ranks=per_rank)
-
-        def files(d: Path):
-            with quiet_saving():
-                self.model.save_pretrained(d / "model")
-            torch.save(self.optimizer.state_dict(), d / "optimizer.pt")
-            torch.save(self.scheduler.state_dict(), d / "scheduler.pt")
-            (d / "trainer_state.json").write_text(json.dumps(state))
-
-        write_checkpoint(final, files)
         prune_checkpoints(self.out, self.cfg.keep_last)
         self.log(f"checkpoint {final}")
     acc.wait_for_everyone()
@@ -954,16 +959,7 @@ def load(
     path: str | Path,  # a checkpoint directory written by `save`
 ):
     "Verify a checkpoint and restore weights, optimizer, scheduler, RNG states and data positions; ValueError if it does not fit."
-    path = Path(path)
-    verify_checkpoint(path)
-    state = json.loads((path / "trainer_state.json").read_text())
-    check_resumable(path, state, self.cfg, self.accelerator.num_processes)
-    load_model_weights(self.model, path / "model")
-    self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
-    self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    mine = state["ranks"][self.accelerator.process_index]
-    set_rng_state(mine["rng"])
-    self.pos, self.step = int(mine["pos"]), int(state["step"])
+    load_checkpoint(self.accelerator, path, self.cfg)
     self.log(f"resumed from {path} at step {self.step}")
 
 # %% ../nbs/07_grpo.ipynb #a83d6822

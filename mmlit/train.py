@@ -4,7 +4,7 @@
 
 # %% ../nbs/05_train.ipynb #193352f3
 from __future__ import annotations
-import base64, dataclasses, hashlib, json, math, os, random, shutil, tempfile, time, uuid
+import base64, dataclasses, hashlib, json, logging, math, os, random, shutil, tempfile, time, uuid
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -490,14 +490,17 @@ def _fsync(path: Path):
 
 @contextmanager
 def quiet_saving():
-    "Silence transformers' per-shard progress bar while saving."
+    "Silence transformers' per-shard progress bar and accelerate's note on tied weights while saving."
     from transformers.utils import logging as hf_logging
 
-    was = hf_logging.is_progress_bar_enabled()
+    was, lg = hf_logging.is_progress_bar_enabled(), logging.getLogger("accelerate.utils.other")
+    level = lg.level
     hf_logging.disable_progress_bar()
+    lg.setLevel(logging.ERROR)  # "Removed shared tensor ...": the tied output embedding, saved once
     try:
         yield
     finally:
+        lg.setLevel(level)
         if was:
             hf_logging.enable_progress_bar()
 
@@ -787,7 +790,8 @@ def save_checkpoint(
     broadcast_object_list(tmp)
     tmp = Path(tmp[0])
     try:
-        acc.save_state(str(tmp))
+        with quiet_saving():
+            acc.save_state(str(tmp))
         acc.wait_for_everyone()
         if acc.is_main_process:
             if pretrained is not None:

@@ -469,3 +469,99 @@ def test_two_processes_gather_rewards_and_stay_in_sync(tmp_path):
         assert a["reward"] == b["reward"]
     assert any(abs(x) > 0 for d in res for st in d["seen"] for x in st["adv"])   # there was something to learn
     assert res[0]["params"] == res[1]["params"]   # gradients were averaged: the ranks did not drift apart
+
+
+_DDP_SCRIPT = r'''
+import json, os, sys, zlib, torch
+from safetensors.torch import save_file
+from mmlit.core import seed_everything
+from mmlit.model import MMModel, tiny_config, fit_to_tokenizer
+from mmlit.processing import MMProcessor, tiny_tokenizer
+from mmlit.data import make_task
+from mmlit.grpo import GRPOConfig, GRPOTrainer, RolloutGroup
+if int(os.environ.get("LOCAL_WORLD_SIZE", "1")) == 1: torch.set_num_threads(1)
+a = json.loads(sys.argv[1])
+mc = tiny_config(image_size=64, patch_size=8, vision_hidden=32, vision_layers=1, text_hidden=32, text_layers=1, vision_model_type="siglip_vision_model")
+tok = tiny_tokenizer()
+proc = MMProcessor.from_vision_config(mc.vision_config, tok, max_num=1, use_thumbnail=False)
+def length_reward(prompts, completions, **kw): return [float(len(c) % 5) for c in completions]
+
+def fixed_rollout(tr):
+    "Completions drawn from each prompt's own generator: the same whatever the process count (sampling is tested elsewhere)."
+    def _rollout(n):
+        groups = []
+        for s in tr._next_samples(n):
+            g = torch.Generator().manual_seed(zlib.crc32(repr((s.get("id"), s.get("answer"))).encode()))
+            ids = [torch.randint(3, 60, (int(torch.randint(1, tr.cfg.max_new_tokens + 1, (1,), generator=g)),), generator=g).tolist()
+                   for _ in range(tr.cfg.group_size)]
+            for j in range(0, len(ids), 2): ids[j][-1] = proc.eot_token_id
+            rw = torch.tensor([[float(len(c) % 3 + c[0] % 2)] for c in ids])
+            groups.append(RolloutGroup(s, ids, proc.batch_decode([torch.tensor(c) for c in ids]), rw))
+        return groups
+    return _rollout
+
+class Stopped(Exception): pass
+out = {}
+for k, run in enumerate(a["runs"]):
+    run = dict(run); stop, fixed = run.pop("stop_at", None), run.pop("fixed", False)
+    grads = []
+    for attempt in (0, 1) if stop else (0,):
+        seed_everything(17 * attempt); m = MMModel(mc); fit_to_tokenizer(m, tok)   # another init on resume: the checkpoint decides
+        tr = GRPOTrainer(m, proc, make_task("count"), GRPOConfig(output_dir=f"{a['out']}/run{k}", cpu=True, progress=False, **run), [length_reward])
+        if fixed: tr._rollout = fixed_rollout(tr)
+        orig = tr.optimizer.step
+        def step(*x, tr=tr, orig=orig, **y):
+            grads.append({n: p.grad.detach().clone() for n, p in tr.model.named_parameters() if p.grad is not None})
+            return orig(*x, **y)
+        tr.optimizer.step = step
+        if stop and attempt == 0:
+            def save(tr=tr, orig_save=tr.save):
+                path = orig_save()
+                if tr.step == stop: raise Stopped
+                return path
+            tr.save = save
+        try: tr.train(resume=attempt == 1)
+        except Stopped: continue
+    for i, g in enumerate(grads):
+        for n, t in g.items(): out[f"run{k}/step{i}/grad/{n}"] = t
+    for n, p in tr.model.state_dict().items(): out[f"run{k}/final/{n}"] = p.detach().clone().contiguous()
+rank = int(os.environ.get("RANK", "0"))
+save_file(out, f"{a['out']}/result-{a['tag']}-rank{rank}.safetensors")
+print("DONE", flush=True)
+'''
+
+
+def _launch(script, args, nproc):
+    import json, os, subprocess, sys
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"): env.pop(k, None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)] if nproc > 1 else [sys.executable]
+    r = subprocess.run(cmd + [str(script), json.dumps(args)], capture_output=True, text=True, timeout=240, env=env)
+    assert r.returncode == 0 and "DONE" in r.stdout, r.stdout[-2000:] + r.stderr[-4000:]
+
+
+def test_two_processes_give_the_gradients_of_one_and_resume_exactly(tmp_path):
+    "accelerate's DDP path: 2 processes × 2 prompts = 1 process × 4 prompts (gradients at every optimizer step, weights); a 2-process run stopped after its step-2 checkpoint and resumed (accelerate's load_state) ends exactly where the uninterrupted one does."
+    from safetensors.torch import load_file
+    script = tmp_path / "ddp.py"; script.write_text(_DDP_SCRIPT)
+    base = dict(steps=2, group_size=4, max_new_tokens=5, lr=1e-2, seed=0, fixed=True)
+    runs1 = [dict(base, prompts_per_step=4),                                                   # dapo, μ = 1
+             dict(base, prompts_per_step=4, loss_type="grpo", num_iterations=2, beta=0.04, scale_rewards="batch")]
+    runs2 = [dict(r, prompts_per_step=2) for r in runs1]
+    real = dict(steps=3, prompts_per_step=2, group_size=4, max_new_tokens=5, lr=1e-2, seed=0, save_every=1, num_iterations=2)
+    runs2 += [real, dict(real, stop_at=2)]                                                     # sampled rollouts: stop and resume
+    _launch(script, dict(runs=runs1, out=str(tmp_path / "w1"), tag="w1"), 1)
+    _launch(script, dict(runs=runs2, out=str(tmp_path / "w2"), tag="w2"), 2)
+    a = load_file(str(tmp_path / "w1" / "result-w1-rank0.safetensors"))
+    b, b1 = (load_file(str(tmp_path / "w2" / f"result-w2-rank{r}.safetensors")) for r in (0, 1))
+    grads = [k for k in a if "/grad/" in k]
+    assert len({k.split("/grad/")[0] for k in grads}) == 2 + 4                                 # optimizer steps compared
+    for k in grads: assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6), (k, (a[k] - b[k]).abs().max())
+    for k in a:
+        if "/final/" in k: assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-4), k   # Adam (lr 1e-2) magnifies rounding on near-0 gradients
+    assert all(torch.equal(b[k], b1[k]) for k in b if "/final/" in k)                          # the ranks agree
+    finals = [k for k in b if k.startswith("run2/final/")]
+    assert finals and all(torch.equal(b[k], b[k.replace("run2/", "run3/")]) for k in finals)   # exact resume, 2 processes
+    assert any(b[k].abs().max() > 0 for k in b if k.startswith("run2/") and "/grad/" in k)     # (there was something to learn)
+    ck = tmp_path / "w2" / "run3" / "checkpoints" / "step-000003"
+    assert {"random_states_0.pkl", "random_states_1.pkl", "model.safetensors", "optimizer.bin", "custom_checkpoint_0.pkl"} <= {p.name for p in ck.iterdir()}
