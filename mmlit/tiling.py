@@ -621,14 +621,26 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
+def _affine(mean, std) -> tuple[np.ndarray, np.ndarray]:
+    "(a, b), float32 of shape (3, 1, 1), with x·a + b = (x/255 − mean)/std: folded in float64, rounded once."
+    mean, std = (np.asarray(v, np.float64).reshape(3, 1, 1) for v in (mean, std))
+    return (1.0 / (255.0 * std)).astype(np.float32), (-mean / std).astype(np.float32)
+
+
+def _normalize_into(
+    out: np.ndarray,  # float32 (..., 3, h, w), written in place
+    x: np.ndarray,  # uint8 (..., h, w, 3)
+    affine: tuple,  # (a, b) from _affine
+) -> np.ndarray:
+    "out = x·a + b: each byte read once, converted and moved channels-first on the way into `out`."
+    np.multiply(np.moveaxis(x, -1, -3), affine[0], out=out)  # uint8 × float32 lands in out as float32
+    return np.add(out, affine[1], out=out)
+
+
 def _normalize(arr: np.ndarray, mean, std) -> torch.Tensor:
     "uint8 (..., H, W, 3) → float32 (..., 3, H, W), scaled to 0–1 and normalised."
-    x = torch.from_numpy(arr if arr.flags.writeable else arr.copy()).movedim(-1, -3)
-    out = torch.empty(x.shape, dtype=torch.float32).copy_(x)  # one pass: uint8 → float, channels first
-    std = torch.tensor(std, dtype=torch.float64)
-    scale = (1.0 / (255.0 * std)).float().view(3, 1, 1)  # (x/255 − mean)/std as one multiply-subtract
-    shift = (torch.tensor(mean, dtype=torch.float64) / std).float().view(3, 1, 1)
-    return out.mul_(scale).sub_(shift)
+    out = np.empty(arr.shape[:-3] + (3,) + arr.shape[-3:-1], np.float32)
+    return torch.from_numpy(_normalize_into(out, arr, _affine(mean, std)))
 
 
 def _rgb_array(tile, k: int) -> np.ndarray:
@@ -667,21 +679,33 @@ def slices_to_tensors(
     return [_normalize(_rgb_array(t, k), mean, std) for k, t in enumerate(tiles)]
 
 # %% ../nbs/01_tiling.ipynb #43d27d18
-def _tile_uint8(image, rule, resample, max_pixels, **rule_kwargs) -> np.ndarray:
-    "The crops of `rule` as one uint8 array (N, h, w, 3), sliced from each resized canvas."
-    image = load_image(image, max_pixels)
-    plan = plan_tiles(*image.size, rule=rule, **rule_kwargs)
-    resample = DEFAULT_RESAMPLE[plan.rule] if resample is None else resample
-    w, h = plan.tile_size
-    buf, k = np.empty((len(plan.boxes), h, w, 3), np.uint8), 0
-    for layer in plan.layers:
-        canvas = np.asarray(_render_layer(image, layer, plan.fill, resample))
-        for l, t, r, b in layer.boxes:
+def _check_crops(plans: Sequence[TilePlan], rule: str) -> Size:
+    "The crop size (w, h) shared by every crop of `plans`; a ValueError when one differs (MiniCPM-V's slices)."
+    w, h = plans[0].tile_size
+    for plan in plans:
+        for l, t, r, b in plan.boxes:
             if (r - l, b - t) != (w, h):
                 raise ValueError(f"rule {rule!r} makes a {r-l}×{b-t} crop, not {w}×{h}: use slices_to_tensors")
-            buf[k] = canvas[t:b, l:r]
-            k += 1
-    return buf
+    return w, h
+
+
+def _layer_jobs(images, plans, resample) -> list[tuple]:
+    "One job (cost, image, plan, layer, first row, filter) per layer of every image; rows counted in model order."
+    jobs, first = [], 0
+    for image, plan in zip(images, plans):
+        for layer in plan.layers:
+            cost = image.size[0] * image.size[1] + layer.canvas[0] * layer.canvas[1]  # pixels the resize reads + writes
+            jobs.append((cost, image, plan, layer, first, DEFAULT_RESAMPLE[plan.rule] if resample is None else resample))
+            first += len(layer.boxes)
+    return jobs
+
+
+def _fill_layer(out: np.ndarray, image, plan: TilePlan, layer: Layer, first: int, resample, affine) -> None:
+    "Resize `image` once into `layer`'s canvas and write its tiles, normalised, into out[first:]."
+    canvas = _render_layer(image, layer, plan.fill, resample)
+    arr = np.frombuffer(canvas.tobytes(), np.uint8).reshape(canvas.size[1], canvas.size[0], 3)
+    for k, (l, t, r, b) in enumerate(layer.boxes):
+        _normalize_into(out[first + k], arr[t:b, l:r], affine)  # arr[t:b, l:r] is a view: no copy
 
 
 def tile_tensor(
@@ -693,8 +717,14 @@ def tile_tensor(
     max_pixels: int = MAX_PIXELS,  # load_image's pixel limit
     **rule_kwargs,  # the rule's knobs (max_num, image_size, ...)
 ) -> torch.Tensor:
-    "`tiles_to_tensor(tile_image(...))` in one pass: (N, 3, S, S) float32, tiles sliced from each resized canvas."
-    return _normalize(_tile_uint8(image, rule, resample, max_pixels, **rule_kwargs), mean, std)
+    "`tiles_to_tensor(tile_image(...))` in one pass: (N, 3, S, S) float32, each layer resized once, tiles normalised into place."
+    image = load_image(image, max_pixels)
+    plan = plan_tiles(*image.size, rule=rule, **rule_kwargs)
+    w, h = _check_crops([plan], rule)
+    out = torch.empty(len(plan.boxes), 3, h, w)  # allocated once: the plan knows the tile count
+    for job in _layer_jobs([image], [plan], resample):
+        _fill_layer(out.numpy(), *job[1:], _affine(mean, std))
+    return out
 
 # %% ../nbs/01_tiling.ipynb #0cb420e4
 def tile_tensors(
@@ -713,14 +743,14 @@ def tile_tensors(
 
     if len(images) == 0:
         raise ValueError("no images to tile")
-    work = lambda im: _tile_uint8(im, rule, resample, max_pixels, **rule_kwargs)
-    n = min(len(images), num_threads or cpu_cores())
-    if n <= 1:
-        arrays = [work(im) for im in images]
-    else:
-        with ThreadPoolExecutor(n) as pool:
-            arrays = list(pool.map(work, images))
-    return _normalize(np.concatenate(arrays), mean, std), [len(a) for a in arrays]
+    with ThreadPoolExecutor(min(len(images), num_threads or cpu_cores())) as pool:
+        images = list(pool.map(lambda im: load_image(im, max_pixels), images))  # decoding files runs in parallel too
+        plans = [plan_tiles(*im.size, rule=rule, **rule_kwargs) for im in images]
+        w, h = _check_crops(plans, rule)
+        out, affine = torch.empty(sum(len(p.boxes) for p in plans), 3, h, w), _affine(mean, std)
+        jobs = sorted(_layer_jobs(images, plans, resample), key=lambda j: -j[0])  # biggest first
+        list(pool.map(lambda j: _fill_layer(out.numpy(), *j[1:], affine), jobs))
+    return out, [len(p.boxes) for p in plans]
 
 # %% ../nbs/01_tiling.ipynb #64b07c96
 _LAYER_STYLE = dict(

@@ -8,7 +8,7 @@ from PIL import Image
 
 from mmlit.tiling import (RULES, CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, internvl_grid, hd_grid, minicpm_grid,
                           llava_anyres_grid, bluelm_grid, msac_grids, plan_tiles, render_tiles, tile_image, load_image,
-                          tiles_to_tensor, slices_to_tensors, fit_token_budget, multi_image_max_num, plan_video)
+                          tiles_to_tensor, slices_to_tensors, tile_tensor, tile_tensors, fit_token_budget, multi_image_max_num, plan_video)
 
 # ---------------------------------------------------------------- properties over sizes 1×1 … 10000×10000, aspect ≤ 1:100
 
@@ -150,6 +150,46 @@ def test_pixels_match_transformers(S, max_num, mean, std):
         ours = tiles_to_tensor(tile_image(im, image_size=S, max_num=max_num), image_size=S, mean=mean, std=std)
         assert ours.shape == theirs.shape, name
         assert (ours - theirs).abs().max().item() <= PIXEL_TOL, name
+
+@pytest.mark.parametrize('S,max_num,mean,std', [(448, 12, CLIP_MEAN, CLIP_STD), (64, 6, IMAGENET_MEAN, IMAGENET_STD)])
+def test_tile_tensors_match_transformers(S, max_num, mean, std):
+    "The batched fast path against transformers' Pillow processor on a batch of photos: same tiles, same pixels."
+    from transformers import GotOcr2ImageProcessorPil
+    hf = GotOcr2ImageProcessorPil(crop_to_patches=True, size={'height': S, 'width': S}, min_patches=1, max_patches=max_num,
+                                  image_mean=list(mean), image_std=list(std))
+    ims = list(photos().values())
+    ims += [ims[0].resize((1920, 1080)), ims[1].resize((300, 900)), ims[2].resize((S, S)), ims[3].resize((3000, 500))]
+    out = hf(images=ims, return_tensors='pt')
+    for threads in (1, 3):
+        ours, counts = tile_tensors(ims, max_num=max_num, image_size=S, mean=mean, std=std, num_threads=threads)
+        assert counts == out['num_patches'].tolist()
+        assert ours.shape == out['pixel_values'].shape
+        assert (ours - out['pixel_values']).abs().max().item() <= PIXEL_TOL
+
+@pytest.mark.parametrize('rule,kw', [('internvl', dict(image_size=32)), ('hd', dict(base=28)), ('llava', dict(image_size=24)),
+                                     ('bluelm', dict(image_size=24)), ('msac', dict(image_size=32))])
+def test_tile_tensors_equal_the_pil_path(rule, kw, tmp_path):
+    "tile_tensor / tile_tensors give tiles_to_tensor(tile_image(...)) bit for bit, from PIL images and from files."
+    rng = np.random.default_rng(0)
+    ims = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in [(97, 61), (40, 300), (33, 33), (500, 120)]]
+    ims.append(Image.fromarray(rng.integers(0, 256, (50, 70, 4), dtype=np.uint8), 'RGBA'))
+    paths = [save(tmp_path, f'{k}.png', im) for k, im in enumerate(ims)]
+    S = kw.get('image_size', kw.get('base'))
+    ref = [tiles_to_tensor(tile_image(im, rule, **kw), image_size=S) for im in ims]
+    for k, im in enumerate(ims):
+        assert torch.equal(tile_tensor(im, rule, **kw), ref[k])
+    for src, threads in ((ims, 2), (paths, 1), (paths, 4)):
+        x, counts = tile_tensors(src, rule, num_threads=threads, **kw)
+        assert counts == [len(r) for r in ref]
+        assert torch.equal(x, torch.cat(ref))
+
+def test_tile_tensors_errors():
+    im = Image.new('RGB', (1000, 500))
+    with pytest.raises(ValueError, match='no images'): tile_tensors([])
+    with pytest.raises(ValueError, match='slices_to_tensors'): tile_tensors([im, im], 'minicpm')
+    with pytest.raises(ValueError, match='slices_to_tensors'): tile_tensor(im, 'minicpm')
+    with pytest.raises(ValueError, match='not an image file'): tile_tensors([im, io.BytesIO(b'not an image')])
+    with pytest.raises(ValueError, match='exceeds the limit'): tile_tensors([im], max_pixels=1000)
 
 def test_clip_constants_match_transformers():
     from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
