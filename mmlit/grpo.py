@@ -919,7 +919,8 @@ def _train_step(self: GRPOTrainer) -> dict:
         )
         acc.backward(loss)  # DDP averages the gradients over processes here
         if c.max_grad_norm is not None:
-            gn = float(acc.clip_grad_norm_([p for p in self.policy.parameters() if p.requires_grad], c.max_grad_norm))
+            gn = acc.clip_grad_norm_([p for p in self.policy.parameters() if p.requires_grad], c.max_grad_norm)
+            gn = None if gn is None else float(gn)  # None: DeepSpeed clips inside its engine
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad()
