@@ -53,8 +53,11 @@ def cpu_cores() -> int:
 # %% ../nbs/00_core.ipynb #bbfdcfee
 def set_torch_threads(
     n: (
-        int | None
-    ) = None,  # threads for torch's intra-op pool (default: OMP_NUM_THREADS if set, else the cores available divided by local processes)
+        int
+        | None
+        # threads for torch's intra-op pool (default: OMP_NUM_THREADS if set, else the cores available divided by local
+        # processes)
+    ) = None,
 ) -> int:
     "Match torch's CPU threads to the cores this process owns; returns the number set."
     if n is None and os.environ.get('OMP_NUM_THREADS', '').isdigit():

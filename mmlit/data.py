@@ -115,7 +115,7 @@ def shape_polygon(
         raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
     return [(x + rr[i] * math.sin(2 * math.pi * i / n), y - rr[i] * math.cos(2 * math.pi * i / n)) for i in range(n)]
 
-
+# %% ../nbs/04_data.ipynb #6bdb7267
 def draw_scene(
     objects: list[dict],  # objects {'shape', 'colour', 'x', 'y', 'r'}
     size: int | tuple[int, int] = 224,  # image side (or (width, height)) in pixels
@@ -188,8 +188,7 @@ def check_level(
         return DEFAULT_LEVEL if levels else None
     if isinstance(level, bool) or not isinstance(level, (int, np.integer)) or int(level) not in levels:
         raise ValueError(
-            f"unknown level {level!r} for task {task!r}; "
-            f"its levels are {sorted(levels) or 'none'} (0 is the easiest)"
+            f"unknown level {level!r} for task {task!r}; its levels are {sorted(levels) or 'none'} (0 is the easiest)"
         )
     return int(level)
 
@@ -329,7 +328,7 @@ def sample_strip(
         x += im.width + 4
     return out
 
-
+# %% ../nbs/04_data.ipynb #610ca6ae
 def show_samples(
     samples: list[dict],  # samples to draw
     ncols: int = 4,  # panels per row
@@ -394,7 +393,7 @@ def _check_grid(max_count, max_distractors, cells):
     fits = isinstance(cells, int) and cells >= 1 and max_count + max_distractors <= cells * cells
     if not (fits and 1 <= max_count and 0 <= max_distractors):
         raise ValueError(
-            f"need 1 <= max_count, 0 <= max_distractors and max_count + max_distractors <= cells² "
+            "need 1 <= max_count, 0 <= max_distractors and max_count + max_distractors <= cells² "
             f"(cells an int >= 1), got max_count={max_count}, max_distractors={max_distractors}, "
             f"cells={cells}"
         )
@@ -457,7 +456,7 @@ class ShapeCount(Task):
 # %% ../nbs/04_data.ipynb #fc9c7454
 POSITIONS = ("left", "middle", "right")  # the three thirds of the image, left to right
 
-
+# %% ../nbs/04_data.ipynb #4fdb2e49
 class ColourPosition(Task):
     "What colour is the shape on the left/middle/right, or where is the <colour> <shape>? Chance ½·⅙ + ½·⅓ = 0.25."
 
@@ -487,7 +486,7 @@ class ColourPosition(Task):
         self.p_colour, self.radius, self.n_distractors = p_colour, tuple(s["radius"]), s["n_distractors"]
         if len(self.radius) != 2 or not 0 < self.radius[0] <= self.radius[1] < 0.5:
             raise ValueError(
-                f"radius must be (low, high) with 0 < low <= high < 0.5 (shares of a third of the width), "
+                "radius must be (low, high) with 0 < low <= high < 0.5 (shares of a third of the width), "
                 f"got {s['radius']}"
             )
         if not isinstance(self.n_distractors, int) or not 0 <= self.n_distractors <= 12:
@@ -578,7 +577,7 @@ def _column(o, size):
     "The third of the image (left, middle or right) that holds an object's centre."
     return POSITIONS[min(2, int(o["x"] // (size / 3)))]
 
-
+# %% ../nbs/04_data.ipynb #1e97856c
 def _answer_among_all(meta):
     "With distractors: the answer of the one shape, among all in the scene, that fits the question (None if not one)."
     every, column = meta["objects"] + meta["distractors"], lambda o: _column(o, meta["size"])
@@ -856,10 +855,11 @@ class SmallWord(Task):
         self._check_fits()
 
     def _check_fits(self):
-        "ValueError unless font_size >= 4, the counts are >= 0 and every label (and decoy, 1.6× as wide) fits the image."
+        """ValueError unless font_size >= 4, the counts are >= 0 and every label (and decoy, 1.6× as wide) fits the
+        image."""
         if self.font_size < 4 or self.n_clutter < 0 or self.n_decoys < 0:
             raise ValueError(
-                f"need font_size >= 4, n_clutter >= 0 and n_decoys >= 0, "
+                "need font_size >= 4, n_clutter >= 0 and n_decoys >= 0, "
                 f"got {self.font_size}, {self.n_clutter}, {self.n_decoys}"
             )
         labels = [word_label(w, self.font_size) for w in self.words]
@@ -1252,7 +1252,7 @@ def dataset_features():
         }
     )
 
-
+# %% ../nbs/04_data.ipynb #a78ea6a7
 def to_dataset(
     source: Task | Iterable[dict],  # a task, or any iterable of samples
     split: str = "train",  # the split to draw (tasks only)
@@ -1498,7 +1498,7 @@ def mean_across_ranks(
     torch.distributed.all_reduce(y)
     return y / torch.distributed.get_world_size()
 
-
+# %% ../nbs/04_data.ipynb #c15fa80e
 def weighted_loss(
     logits_or_ce: torch.Tensor,  # (B, T, V) logits, or (B, T) per-token cross-entropy aligned with labels
     labels: torch.Tensor,  # (B, T) labels, `ignore_index` where unsupervised
@@ -1542,7 +1542,7 @@ from transformers import BatchFeature
 
 PACK_STRATEGIES = ("first_fit", "best_fit_decreasing")  # the packers of `pack_indices`
 
-
+# %% ../nbs/04_data.ipynb #c3017cdf
 def pack_indices(
     lengths: list[int],  # tokens of each sample, in arrival order
     max_tokens: int,  # cap on the tokens of one pack
@@ -1594,7 +1594,8 @@ def collate_packed(
         list[list[int]] | None
     ) = None,  # a packing chosen beforehand (sample indices per row; checked against the caps)
 ) -> BatchFeature:
-    "Pack samples into rows: input_ids, labels, position_ids (restarting per sample), sample_ids (-1 on padding), pixel_values; no attention_mask."
+    """Pack samples into rows: input_ids, labels, position_ids (restarting per sample), sample_ids (-1 on padding),
+    pixel_values; no attention_mask."""
     if not samples:
         raise ValueError("no samples to pack")
     lens, tiles = [len(s["input_ids"]) for s in samples], [sum(s["num_tiles"]) for s in samples]
@@ -1695,7 +1696,8 @@ def pack_stream(
     max_tiles: int | None = None,  # cap on the tiles of one row
     buffer: int = 0,  # lookahead: 0 packs first-fit in order; n > 0 packs best-fit decreasing over the next n samples
 ) -> Iterator[BatchFeature]:
-    "Packed batches of `rows` rows filled greedily from a stream (first-fit in order, or best-fit over a lookahead buffer)."
+    """Packed batches of `rows` rows filled greedily from a stream (first-fit in order, or best-fit over a lookahead
+    buffer)."""
     if rows < 1 or buffer < 0:
         raise ValueError(f"need rows >= 1 and buffer >= 0, got rows={rows}, buffer={buffer}")
     size = lambda s: (len(s["input_ids"]), sum(s["num_tiles"]))
@@ -1718,7 +1720,7 @@ def pack_stream(
     if batch and not buffer:
         yield collate_packed(batch, pad_token_id, max_tokens, max_tiles)
 
-
+# %% ../nbs/04_data.ipynb #b0659348
 def _take_batch(buf, size, rows, pad_token_id, max_tokens, max_tiles):
     "One packed batch from the buffer (`take_rows`) and the samples left in it, in order."
     packs = take_rows([size(x) for x in buf], rows, max_tokens, max_tiles)

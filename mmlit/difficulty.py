@@ -92,7 +92,8 @@ def _check_cmab(a, im, tm):
         raise ValueError(f"attn must be (L, T, S): layers × generated tokens × key positions, got shape {a.shape}")
     if im.shape != (a.shape[2],) or tm.shape != (a.shape[2],):
         raise ValueError(
-            f"image_mask and text_mask must be ({a.shape[2]},) like attn's key axis, got shapes {im.shape} and {tm.shape}"
+            f"image_mask and text_mask must be ({a.shape[2]},) like attn's key axis, got shapes {im.shape} and"
+            f" {tm.shape}"
         )
     if a.shape[1] == 0:
         raise ValueError(f"attn has no generated tokens: shape {a.shape}")
@@ -110,7 +111,8 @@ def cmab_ratio(
         list[int] | None
     ) = None,  # 0-based layers to average; None: the paper's 2 … L−1 (all but the first and last)
 ) -> float:
-    "ρ̄: the mean over generated tokens of the geometric mean over layers of (attention on image) / (attention on text)."
+    """ρ̄: the mean over generated tokens of the geometric mean over layers of (attention on image) / (attention on
+    text)."""
     a, im, tm = _numbers(attn), _mask(image_mask), _mask(text_mask)
     _check_cmab(a, im, tm)
     L = a.shape[0]
@@ -141,7 +143,8 @@ def cmab_tier(
     rho,  # ρ̄ of one sample, or (N,) of several
     correct,  # the (greedy) answer was right: a bool, or (N,) bools
 ) -> str | list[str]:
-    "'unsolved' | 'hard' | 'medium' | 'easy' by ρ̄: wrong answer; [0.4, 1.6]; [0.1, 0.4) or (1.6, 1.9]; below 0.1 or above 1.9."
+    """'unsolved' | 'hard' | 'medium' | 'easy' by ρ̄: wrong answer; [0.4, 1.6]; [0.1, 0.4) or (1.6, 1.9]; below 0.1 or
+    above 1.9."""
     return _tiers(_cmab_tier, rho, correct, "rho", "correct")
 
 # %% ../nbs/09_difficulty.ipynb #755f8376
@@ -277,7 +280,8 @@ def gold_prob(
     samples: list[dict],  # task samples ending in the reference answer
     batch_size: int = 100,  # samples per forward pass
 ) -> list[float]:
-    "p(reference answer | prompt, images) of each sample from one teacher-forced forward pass (chapter 06's `answer_nll`)."
+    """p(reference answer | prompt, images) of each sample from one teacher-forced forward pass (chapter 06's
+    `answer_nll`)."""
     return np.exp(-np.array(answer_nll(model, processor, samples, batch_size))).tolist()
 
 # %% ../nbs/09_difficulty.ipynb #89c31722
@@ -359,7 +363,8 @@ def cmab_masks(
     prompt_len: int,  # positions before this are the prompt
     processor,  # the MMProcessor (its image token ids)
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    "(S,) bool masks: the prompt's image tokens, its text tokens, and the text tokens before the first image (the released code's 'text')."
+    """(S,) bool masks: the prompt's image tokens, its text tokens, and the text tokens before the first image (the
+    released code's 'text')."""
     pos = torch.arange(input_ids.shape[0], device=input_ids.device)
     prompt = (pos < prompt_len) & attention_mask.bool()
     image = prompt & (input_ids == processor.img_context_token_id)
@@ -376,7 +381,8 @@ def answer_attention(
     samples: list[dict],  # task samples (their reference answers are dropped from the prompt)
     max_new_tokens: int = 8,  # answer budget
 ) -> list[dict]:
-    "Per sample: the greedy answer, whether it is right, its (L, T, S) attention rows (heads averaged) and the key masks."
+    """Per sample: the greedy answer, whether it is right, its (L, T, S) attention rows (heads averaged) and the key
+    masks."""
     m = base_model(model)
     dev = next(m.parameters()).device
     b = {k: v.to(dev) for k, v in prompt_batch(processor, samples).items()}
@@ -485,7 +491,7 @@ def add_difficulty(
         out.append(row)
     return out
 
-
+# %% ../nbs/09_difficulty.ipynb #5e14048d
 def score_difficulty(
     model,
     processor,  # an MMModel and its MMProcessor
@@ -530,7 +536,7 @@ def tier_dataset(
     ]
     return datasets.Dataset.from_list(rows, features=feats)
 
-
+# %% ../nbs/09_difficulty.ipynb #6f5e6f02
 def select_tiers(
     samples,  # scored samples: a list, or a `datasets.Dataset` from `tier_dataset`
     tiers=("medium", "hard"),  # the tiers to keep
@@ -546,6 +552,7 @@ def select_tiers(
     kept = [s for s in rows if s[by] in tiers]
     if not kept:
         raise ValueError(
-            f"no sample is in the tiers {list(tiers)} by {by}: the {len(rows)} samples are {dict(sorted(Counter(s[by] for s in rows).items()))}"
+            f"no sample is in the tiers {list(tiers)} by {by}: the {len(rows)} samples are"
+            f" {dict(sorted(Counter(s[by] for s in rows).items()))}"
         )
     return kept

@@ -27,9 +27,8 @@ __all__ = ['MAX_ANSWER_CHARS', 'MAX_REPETITION', 'ANSWER_KINDS', 'answer_tag', '
 
 # %% ../nbs/06_eval.ipynb #856894e3
 MAX_ANSWER_CHARS = 10_000  # longer outputs are not scored (None): a huge output must never earn a reward
-MAX_REPETITION = (
-    0.4  # outputs whose share of repeated word 10-grams (or character 20-grams) exceeds this are degenerate (None)
-)
+# outputs whose share of repeated word 10-grams (or character 20-grams) exceeds this are degenerate (None)
+MAX_REPETITION = 0.4
 ANSWER_KINDS = ("auto", "number", "letter", "text", "tag", "boxed")  # what `extract_answer` can look for
 
 _TAG_PAIR = re.compile(
@@ -77,7 +76,8 @@ _SENTENCE_END = re.compile(r"\.(?=\s|$)")  # a full stop that ends a sentence (n
 def answer_phrase(
     text: str,  # a model output
 ) -> tuple[bool, str | None]:
-    "Whether the text says 'answer is …' / 'Answer: …', and what follows the last such phrase up to the end of its sentence."
+    """Whether the text says 'answer is …' / 'Answer: …', and what follows the last such phrase up to the end of its
+    sentence."""
     last = None
     for last in _PHRASE.finditer(text):
         pass
@@ -110,7 +110,8 @@ def option_letter(
     text: str,  # an explicit answer, or a whole output
     explicit: bool = False,  # `text` is an explicit answer (tag, box, 'answer is'): read its leading letter
 ) -> str | None:
-    "An option letter A–Z, upper-cased: the text alone, the leading letter of an explicit answer, or the one letter marked in free text."
+    """An option letter A–Z, upper-cased: the text alone, the leading letter of an explicit answer, or the one letter
+    marked in free text."""
     s = _strip_edges(text)
     if m := _LETTER_ALONE.fullmatch(s):
         return m.group(1).upper()
@@ -122,7 +123,7 @@ def option_letter(
 
 _EDGES = re.compile(r"^[\s*`\"'“”‘’]+|[\s*`\"'“”‘’.,;:!?]+$")
 
-
+# %% ../nbs/06_eval.ipynb #3f7fb86f
 def _strip_edges(s: str) -> str:
     "Drop surrounding spaces, quotes and markdown emphasis, and trailing punctuation."
     return _EDGES.sub("", s)
@@ -132,7 +133,8 @@ def short_text(
     text: str,  # an explicit answer or a whole output
     max_words: int = 2,  # longer texts are not a short answer
 ) -> str | None:
-    "The text without surrounding quotes, emphasis and final punctuation, if it has at most `max_words` words; else None."
+    """The text without surrounding quotes, emphasis and final punctuation, if it has at most `max_words` words; else
+    None."""
     s = _strip_edges(text)
     return s if s and len(s.split()) <= max_words else None
 
@@ -154,7 +156,8 @@ def is_degenerate(
     max_repetition: float = MAX_REPETITION,  # the largest share of repeated n-grams allowed
     min_chars: int = 100,  # shorter texts are not checked on characters
 ) -> bool:
-    "Does the text repeat itself: repeated word 10-grams, or (≥ `min_chars`) repeated character 20-grams, above `max_repetition`?"
+    """Does the text repeat itself: repeated word 10-grams, or (≥ `min_chars`) repeated character 20-grams, above
+    `max_repetition`?"""
     if repetition_score(text) > max_repetition:
         return True
     return len(text) >= min_chars and repeated_char_share(text) > max_repetition
@@ -163,7 +166,8 @@ def is_degenerate(
 def explicit_answer(
     text: str,  # a model output
 ) -> tuple[str | None, str | None]:
-    "(source, content) of the explicit answer: 'tag', 'boxed' or 'phrase' and its content (None when empty or malformed); (None, None) when there is none."
+    """(source, content) of the explicit answer: 'tag', 'boxed' or 'phrase' and its content (None when empty or
+    malformed); (None, None) when there is none."""
     if _TAG_ANY.search(text):
         t = answer_tag(text)
         return "tag", (last_boxed(t) or t) if t else None
@@ -172,7 +176,7 @@ def explicit_answer(
     found, p = answer_phrase(text)
     return ("phrase", p) if found else (None, None)
 
-
+# %% ../nbs/06_eval.ipynb #586d4d2a
 def extract_answer(
     text: str | None,  # a model output (decoded new tokens)
     kind: str = "auto",  # one of ANSWER_KINDS
@@ -317,7 +321,7 @@ def _bisect(f, lo=0.0, hi=1.0, iters=60):
         lo, hi = (mid, hi) if f(mid) < 0 else (lo, mid)
     return (lo + hi) / 2
 
-
+# %% ../nbs/06_eval.ipynb #8c9190b1
 def clopper_pearson_interval(
     successes: int,  # number right
     n: int,  # number of questions
@@ -410,8 +414,8 @@ def check_compatible(
     tid = getattr(getattr(model, "config", None), "image_token_id", None)
     if tid is not None and tid != processor.img_context_token_id:
         raise ValueError(
-            f"model.config.image_token_id is {tid} but the processor's <IMG_CONTEXT> id is {processor.img_context_token_id}: "
-            "call fit_to_tokenizer(model, processor.tokenizer)"
+            f"model.config.image_token_id is {tid} but the processor's <IMG_CONTEXT> id is"
+            f" {processor.img_context_token_id}: call fit_to_tokenizer(model, processor.tokenizer)"
         )
     tpt = getattr(model, "tokens_per_tile", None)
     if isinstance(tpt, int) and tpt != processor.tokens_per_tile:
@@ -458,7 +462,8 @@ def generate_texts(
         )
     if out.shape[0] != len(prepared) * num_samples or out.shape[1] < inputs["input_ids"].shape[1]:
         raise ValueError(
-            f"generate returned shape {tuple(out.shape)}; expected {len(prepared) * num_samples} rows of at least {inputs['input_ids'].shape[1]} tokens"
+            f"generate returned shape {tuple(out.shape)}; expected {len(prepared) * num_samples} rows of at least"
+            f" {inputs['input_ids'].shape[1]} tokens"
         )
     texts = processor.batch_decode(out[:, inputs["input_ids"].shape[1] :].cpu())
     return [texts[i * num_samples : (i + 1) * num_samples] for i in range(len(prepared))]
@@ -549,7 +554,8 @@ def _gen_kwargs(greedy, num_samples, temperature, top_p, max_new_tokens):
 
 
 def _batch_seed(seed: int, task: str, start: int) -> int:
-    "The torch seed of the batch of `task` starting at question `start`: a task's results do not depend on the other tasks."
+    """The torch seed of the batch of `task` starting at question `start`: a task's results do not depend on the other
+    tasks."""
     return int(np.random.SeedSequence([seed, zlib.crc32(task.encode()), start]).generate_state(1)[0])
 
 
@@ -590,7 +596,8 @@ def evaluate(
     suffix: str = "",  # appended to every question (e.g. a format instruction)
     task_seed: int | None = None,  # dataset seed of the tasks (default: each task's own)
 ) -> EvalResults:
-    "Generate answers for `n` samples of each task and score them: an `EvalResults` with every record and per-task summaries."
+    """Generate answers for `n` samples of each task and score them: an `EvalResults` with every record and per-task
+    summaries."""
     gen = _gen_kwargs(greedy, num_samples, temperature, top_p, max_new_tokens)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -715,7 +722,8 @@ def table(
     confidence: float = 0.95,  # two-sided level of the intervals
     method: str = "wilson",  # "wilson" or "clopper_pearson"
 ) -> str:
-    "A markdown table: task, n, accuracy and its interval, chance, ×chance, unparsed, errors (and pass@k when sampling)."
+    """A markdown table: task, n, accuracy and its interval, chance, ×chance, unparsed, errors (and pass@k when
+    sampling)."""
     ks = pass_ks(self.num_samples) if self.num_samples > 1 else []
     head = ["task", "n", "accuracy %", f"{confidence * 100:g} % CI", "chance %", "× chance", "unparsed", "errors"] + [
         f"pass@{k} %" for k in ks
@@ -752,7 +760,8 @@ def from_dict(cls: EvalResults, d: dict) -> EvalResults:
     "Results from `to_dict`'s output; ValueError for anything else."
     if not isinstance(d, dict) or d.get("format") != cls.FORMAT:
         raise ValueError(
-            f"not mmlit evaluation results: format {d.get('format') if isinstance(d, dict) else type(d).__name__!r}, expected {cls.FORMAT!r}"
+            f"not mmlit evaluation results: format {d.get('format') if isinstance(d, dict) else type(d).__name__!r},"
+            f" expected {cls.FORMAT!r}"
         )
     return cls(d["records"], d["tasks"], d["config"], d.get("timing"))
 
@@ -775,7 +784,7 @@ def save(
         raise
     return path
 
-
+# %% ../nbs/06_eval.ipynb #39ad6a13
 @patch(cls_method=True)
 def load(cls: EvalResults, path: str | Path) -> EvalResults:
     "Read results written by `save`."
@@ -796,7 +805,8 @@ def plot_accuracy(
     all_row: bool = False,  # add the pooled 'all' group
     ax=None,  # a matplotlib axes to draw on
 ):
-    "Grouped bars of accuracy per task and stage, confidence intervals as error bars, each task's chance as a dashed line."
+    """Grouped bars of accuracy per task and stage, confidence intervals as error bars, each task's chance as a dashed
+    line."""
     import matplotlib.pyplot as plt
 
     if isinstance(results_by_stage, EvalResults):
@@ -849,7 +859,8 @@ def answer_span(
     processor: MMProcessor,  # the processor that made `processed`
     processed: dict,  # `processor.process(...)` of a conversation that ends with the reference answer
 ) -> tuple[int, int]:
-    "[start, stop) of the reference answer's tokens: the last run of supervised labels, without the end-of-turn token(s) closing it."
+    """[start, stop) of the reference answer's tokens: the last run of supervised labels, without the end-of-turn
+    token(s) closing it."""
     ids, sup = processed["input_ids"], (processed["labels"] != IGNORE_INDEX).tolist()
     if not any(sup):
         raise ValueError(
@@ -898,14 +909,16 @@ def answer_nll(
     samples: Iterable[dict],  # task samples whose conversation ends with the reference assistant answer
     batch_size: int = 32,  # samples per forward pass
 ) -> list[float]:
-    "Teacher-forced −ln p(reference answer | prompt, images) in nats per sample, end of turn excluded; NaN where processing fails."
+    """Teacher-forced −ln p(reference answer | prompt, images) in nats per sample, end of turn excluded; NaN where
+    processing fails."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     samples = list(samples)
     for i, s in enumerate(samples):
         if not s["conversation"] or s["conversation"][-1]["role"] != "assistant":
             raise ValueError(
-                f"sample {s.get('id', i)!r} does not end with an assistant turn: answer_nll scores the reference answer it ends with"
+                f"sample {s.get('id', i)!r} does not end with an assistant turn: answer_nll scores the reference answer"
+                " it ends with"
             )
     was_training, out = getattr(model, "training", False), []
     if hasattr(model, "eval"):
@@ -925,7 +938,8 @@ def answer_nll(
 # %% ../nbs/06_eval.ipynb #97836ad3
 @dataclass
 class GroundingVerdict:
-    "Does a model use the image? Its accuracy interval against the image-blind one, its answer loss against the blind loss."
+    """Does a model use the image? Its accuracy interval against the image-blind one, its answer loss against the blind
+    loss."""
 
     accuracy: float  # the model's accuracy, correct / n
     interval: tuple[float, float]  # its Wilson interval
@@ -955,7 +969,10 @@ def _loss_pair(a: float, b: float) -> tuple[str, str]:
 def sentence(self: GroundingVerdict) -> str:
     "The verdict in one plain sentence, with the numbers behind it."
     f = lambda x: f"{100 * x:.1f}"
-    acc = f"{f(self.accuracy)} % ({f(self.interval[0])}–{f(self.interval[1])}) vs {f(self.blind_accuracy)} % blind ({f(self.blind_interval[0])}–{f(self.blind_interval[1])})"
+    acc = (
+        f"{f(self.accuracy)} % ({f(self.interval[0])}–{f(self.interval[1])}) vs {f(self.blind_accuracy)} % blind"
+        f" ({f(self.blind_interval[0])}–{f(self.blind_interval[1])})"
+    )
     loss, blind = _loss_pair(self.loss, self.blind_loss)
     if self.grounded:
         return f"grounded: {acc}, answer loss {loss} < {blind} blind"
@@ -982,7 +999,8 @@ def grounding_verdict(
     blind_loss: float,  # the blind predictor's mean answer loss in nats (`BlindBaseline.loss`)
     confidence: float = 0.95,  # level of both intervals
 ) -> GroundingVerdict:
-    "Grounded iff the model's Wilson interval lies entirely above the blind accuracy's and its answer loss is below the blind loss."
+    """Grounded iff the model's Wilson interval lies entirely above the blind accuracy's and its answer loss is below
+    the blind loss."""
     if not 0 <= blind_accuracy <= 1:
         raise ValueError(f"blind_accuracy must be in [0, 1], got {blind_accuracy}")
     iv = wilson_interval(correct, n, confidence)

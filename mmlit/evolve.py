@@ -257,18 +257,16 @@ class EvolveConfig:
     k: int = 8  # responses sampled per prompt
     select: str = "top"  # "top" (needs a PRM), "random" or "all": see `select_responses`
     keep: int = 2  # correct responses kept per prompt ("top", "random")
-    min_process_reward: float | None = (
-        None  # also drop correct responses whose process reward is below this (needs a PRM)
-    )
+    # also drop correct responses whose process reward is below this (needs a PRM)
+    min_process_reward: float | None = None
     temperature: float = 1.0  # sampling temperature (the starting one with `auto_temperature`)
     auto_temperature: bool = False  # every `auto_every` rounds pick the temperature maximising Reward-Pass@2
     temperatures: tuple = TEMPERATURES  # the grid searched
     auto_every: int = 2  # rounds between temperature searches
     max_new_tokens: int = 64  # response budget
     steps_per_round: int = 20  # SFT optimizer steps per round
-    explore_prompts: int | None = (
-        None  # held-out prompts (spread evenly) whose K samples give Pass@K and Reward-Pass@2 (None: all)
-    )
+    # held-out prompts (spread evenly) whose K samples give Pass@K and Reward-Pass@2 (None: all)
+    explore_prompts: int | None = None
     batch_size: int = 8  # responses per SFT step
     lr: float = 1e-4  # peak learning rate
     warmup_ratio: float = 0.05  # share of the (run's or round's) steps with a linear warm-up
@@ -415,11 +413,12 @@ def measure(
 
 @patch
 def pick_temperature(self: SelfEvolver) -> tuple[float, dict]:
-    "The grid temperature with the highest Reward-Pass@2 on the tuning prompts (ties: the lowest), and every value measured."
+    """The grid temperature with the highest Reward-Pass@2 on the tuning prompts (ties: the lowest), and every value
+    measured."""
     rp = {T: self.measure_reward_pass(T) for T in self.cfg.temperatures}
     return max(rp, key=lambda T: (rp[T], -T)), rp
 
-
+# %% ../nbs/08_evolve.ipynb #f574b929
 @patch
 def measure_reward_pass(self: SelfEvolver, temperature: float) -> float:
     "Reward-Pass@2 on the tuning prompts of K responses sampled at `temperature`."
@@ -438,7 +437,8 @@ def measure_reward_pass(self: SelfEvolver, temperature: float) -> float:
 # %% ../nbs/08_evolve.ipynb #0719f6c8
 @patch
 def run_round(self: SelfEvolver) -> dict:
-    "One round: (maybe pick a temperature,) sample with the current policy, select, start the variant's round, SFT, measure."
+    """One round: (maybe pick a temperature,) sample with the current policy, select, start the variant's round, SFT,
+    measure."""
     cfg, t0, row = self.cfg, time.perf_counter(), {"round": self.round + 1}
     if cfg.auto_temperature and self.round % cfg.auto_every == 0 and self.tune:
         self.temperature, rp = self.pick_temperature()
@@ -500,7 +500,7 @@ def save(self: SelfEvolver) -> Path:
     prune_checkpoints(self.out, self.cfg.keep_last)
     return path
 
-
+# %% ../nbs/08_evolve.ipynb #9fc43363
 @patch
 def load(self: SelfEvolver, path: str | Path):
     "Restore a checkpoint written by `save` (verified first)."
@@ -571,7 +571,8 @@ def prefix_prompts(
     prefixes: list[list[int]],  # per row, the response tokens the assistant turn already starts with
     suffix: str = THINK_SUFFIX,  # appended to the questions
 ) -> dict:
-    "Left-padded generation prompts whose assistant turn starts with the given tokens: input_ids, attention_mask, pixel_values."
+    """Left-padded generation prompts whose assistant turn starts with the given tokens: input_ids, attention_mask,
+    pixel_values."""
     from mmlit.grpo import prompt_batch
 
     if len(samples) != len(prefixes):
@@ -770,9 +771,10 @@ def prm_dataset(
         truth=torch.tensor([v for t in truth for v in t]),
     )
 
-
+# %% ../nbs/08_evolve.ipynb #7268991a
 def train_prm(
-    model: nn.Module,  # the policy: it writes the responses, finishes the prefixes, and a frozen copy gives the features
+    # the policy: it writes the responses, finishes the prefixes, and a frozen copy gives the features
+    model: nn.Module,
     processor,  # its processor
     prompts: list[dict],  # labelled prompts
     tasks: dict[str, Task],  # task name → the task object the prompts came from
@@ -781,7 +783,8 @@ def train_prm(
     max_new_tokens: int = 64,  # response budget
     seed: int = 0,  # seeds the sampling and the head
 ) -> tuple[ProcessRewardModel, dict, list[float]]:
-    "Sample k responses per prompt at T = 1, label every step by Monte-Carlo finishes, fit a value head: (prm, its data, the fit's losses)."
+    """Sample k responses per prompt at T = 1, label every step by Monte-Carlo finishes, fit a value head: (prm, its
+    data, the fit's losses)."""
     seed_everything(seed)
     groups, _ = sample_groups(model, processor, prompts, k, 1.0, max_new_tokens)
     if not any(step_ends(processor, c) for g in groups for c in g.completions):

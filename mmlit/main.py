@@ -55,8 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser(
         'run',
         help="train through stages 1, 1.5, 2 (and GRPO) and evaluate, as a recipe says (the main job)",
-        description="Train a multimodal model through InternVL 2.5's stages (and GRPO) and evaluate it after each; writes report.md, "
-        "metrics.jsonl, plots and the final model into the run folder.",
+        description=(
+            "Train a multimodal model through InternVL 2.5's stages (and GRPO) and evaluate it after each; writes"
+            " report.md, metrics.jsonl, plots and the final model into the run folder."
+        ),
     )
     r.add_argument(
         '--recipe', help=f"a shipped recipe ({', '.join(shipped_recipes())}) or a YAML file (default: default)"
@@ -86,7 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser(
         'ask',
         help="ask a trained model a question about an image",
-        description="Load a model folder written by `mmlit run` (its model/) and print its answer to a question about an image.",
+        description=(
+            "Load a model folder written by `mmlit run` (its model/) and print its answer to a question about an image."
+        ),
     )
     a.add_argument('model', help='the model folder, e.g. runs/default/model')
     a.add_argument('image', help='an image file')

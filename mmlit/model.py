@@ -102,7 +102,7 @@ def patch_grid(
         if tuple(feats.shape[-2:]) != (gh, gw):
             raise ValueError(
                 f"the vision encoder gave a {feats.shape[-2]}×{feats.shape[-1]} feature map for a {gh}×{gw} grid: "
-                f"set its config's patch_size to its total stride (feature_stride measures it)"
+                "set its config's patch_size to its total stride (feature_stride measures it)"
             )
         return feats.permute(0, 2, 3, 1)
     n, t, c = feats.shape
@@ -110,11 +110,12 @@ def patch_grid(
         feats = feats[:, 1:]
     elif t != gh * gw:
         raise ValueError(
-            f"the vision encoder gave {t} tokens for a {gh}×{gw} patch grid (expected {gh * gw}, or {gh * gw + 1} with a CLS token)"
+            f"the vision encoder gave {t} tokens for a {gh}×{gw} patch grid (expected {gh * gw}, or {gh * gw + 1} with"
+            " a CLS token)"
         )
     return feats.reshape(n, gh, gw, c)
 
-
+# %% ../nbs/03_model.ipynb #e2692c6f
 def feature_stride(
     vision_model: nn.Module,  # a transformers vision model
     image_size: int,  # the tile side in pixels
@@ -138,7 +139,8 @@ def vision_channels(vision_config) -> int:
     if getattr(vision_config, "hidden_sizes", None):
         return vision_config.hidden_sizes[-1]
     raise ValueError(
-        f"cannot tell the output channels of a {type(vision_config).__name__}: it has neither hidden_size nor hidden_sizes"
+        f"cannot tell the output channels of a {type(vision_config).__name__}: it has neither hidden_size nor"
+        " hidden_sizes"
     )
 
 # %% ../nbs/03_model.ipynb #9881a9e2
@@ -148,7 +150,8 @@ def scatter_image_features(
     image_features: torch.Tensor,  # projected visual tokens (tiles, tokens per tile, D)
     image_token_id: int,  # the id of `<IMG_CONTEXT>`
 ) -> torch.Tensor:
-    "Replace the embeddings of the image-context tokens, in order, by the image features; ValueError if the counts differ."
+    """Replace the embeddings of the image-context tokens, in order, by the image features; ValueError if the counts
+    differ."""
     mask = input_ids == image_token_id
     n_tok, (n_tiles, per_tile) = int(mask.sum()), image_features.shape[:2]
     if n_tok != n_tiles * per_tile:
@@ -198,12 +201,10 @@ class MMConfig(PreTrainedConfig):
         "vision_config": SubConfigSpec(config_class=AutoConfig, model_type="internvl_vision"),
         "text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama"),
     }
-    vision_config: dict | PreTrainedConfig | None = (
-        None  # any transformers vision config (SigLIP, CLIP, InternViT, ...)
-    )
-    text_config: dict | PreTrainedConfig | None = (
-        None  # any config `AutoModelForCausalLM` can build (Llama, Qwen2, ...)
-    )
+    # any transformers vision config (SigLIP, CLIP, InternViT, ...)
+    vision_config: dict | PreTrainedConfig | None = None
+    # any config `AutoModelForCausalLM` can build (Llama, Qwen2, ...)
+    text_config: dict | PreTrainedConfig | None = None
     image_token_id: int | None = None  # id of `<IMG_CONTEXT>` in the tokenizer
     downsample_ratio: float = 0.5  # pixel-unshuffle scale: 0.5 merges 2×2 tokens
     ps_version: str = "v2"  # pixel-unshuffle token order: "v2" row-major, "v1" transposed (old InternVL checkpoints)
@@ -234,8 +235,8 @@ class MMModel(PreTrainedModel, GenerationMixin):
         for k in ("image_size", "patch_size"):
             if getattr(config.vision_config, k, None) is None:
                 raise ValueError(
-                    f"the vision config ({config.vision_config.model_type}) has no {k}: set image_size to the tile side and "
-                    "patch_size to the encoder's total stride (mmlit.model.feature_stride measures it)"
+                    f"the vision config ({config.vision_config.model_type}) has no {k}: set image_size to the tile side"
+                    " and patch_size to the encoder's total stride (mmlit.model.feature_stride measures it)"
                 )
         self.vision_model = AutoModel.from_config(config.vision_config)
         self.language_model = AutoModelForCausalLM.from_config(config.text_config)
@@ -285,7 +286,8 @@ class MMModel(PreTrainedModel, GenerationMixin):
 def positions_from_mask(
     attention_mask: torch.Tensor,  # (B, L) 1 for real tokens, 0 for padding
 ) -> torch.Tensor:
-    "Position ids that start at 0 at each row's first real token (left padding gets 0 too), as `generate` computes them."
+    """Position ids that start at 0 at each row's first real token (left padding gets 0 too), as `generate` computes
+    them."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
@@ -295,7 +297,8 @@ def embed(
     input_ids: torch.Tensor,  # (B, L) token ids with the `<IMG_CONTEXT>` runs
     pixel_values: torch.Tensor | None = None,  # all tiles of the batch in prompt order (None: text only)
 ) -> torch.Tensor:
-    "(B, L, D) input embeddings with every tile's visual tokens scattered into its `<IMG_CONTEXT>` places (counts checked)."
+    """(B, L, D) input embeddings with every tile's visual tokens scattered into its `<IMG_CONTEXT>` places (counts
+    checked)."""
     emb = self.get_input_embeddings()(input_ids)
     if pixel_values is None:
         return emb
@@ -308,7 +311,43 @@ def embed(
     )
     return scatter_image_features(input_ids, emb, feats, self.config.image_token_id)
 
+# %% ../nbs/03_model.ipynb #0a6d8ea9
+@patch
+def check_inputs(
+    self: MMModel,
+    input_ids: torch.Tensor | None,  # (B, L) token ids, or None when `inputs_embeds` are given
+    inputs_embeds: torch.Tensor | None,  # (B, L, D) instead of `input_ids`
+    pixel_values: torch.Tensor | None,  # all tiles of the batch (tiles, 3, H, W)
+    num_tiles: torch.Tensor | None = None,  # the processor's tiles per image
+    cache=None,  # the KV cache of a generation step
+    kwargs: dict | None = None,  # the rest of `forward`'s keyword arguments
+):
+    """ValueError naming the problem when `forward`'s inputs do not fit together: tiles vs counts, image tokens vs
+    pixels."""
+    kwargs = kwargs or {}
+    if "past_key_values" in kwargs:  # renamed in transformers 5; passed on, the LLM would ignore it
+        raise ValueError("pass the KV cache as cache=, not past_key_values= (renamed in transformers 5)")
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("pass exactly one of input_ids and inputs_embeds")
+    if pixel_values is not None:
+        if num_tiles is not None and int(num_tiles.sum()) != pixel_values.shape[0]:
+            raise ValueError(
+                f"num_tiles says {int(num_tiles.sum())} tiles but pixel_values holds {pixel_values.shape[0]}"
+            )
+        if input_ids is None:
+            raise ValueError("pixel_values need input_ids, to find the image tokens")
+    elif (
+        input_ids is not None
+        and self.config.image_token_id is not None
+        and (cache is None or cache.get_seq_length() == 0)
+    ):
+        if n := int((input_ids == self.config.image_token_id).sum()):
+            raise ValueError(
+                f"image tokens and image features do not match: the input holds {n} {IMG_CONTEXT} tokens but no"
+                " pixel_values were given"
+            )
 
+# %% ../nbs/03_model.ipynb #ee738687
 @patch
 def forward(
     self: MMModel,
@@ -330,26 +369,7 @@ def forward(
     **kwargs,  # passed to the language model
 ) -> CausalLMOutputWithPast:
     "Logits (and the weighted loss when labels are given) for a batch of prompts with images."
-    if "past_key_values" in kwargs:  # renamed in transformers 5; passed on, the LLM would ignore it
-        raise ValueError("pass the KV cache as cache=, not past_key_values= (renamed in transformers 5)")
-    if (input_ids is None) == (inputs_embeds is None):
-        raise ValueError("pass exactly one of input_ids and inputs_embeds")
-    if pixel_values is not None:
-        if num_tiles is not None and int(num_tiles.sum()) != pixel_values.shape[0]:
-            raise ValueError(
-                f"num_tiles says {int(num_tiles.sum())} tiles but pixel_values holds {pixel_values.shape[0]}"
-            )
-        if input_ids is None:
-            raise ValueError("pixel_values need input_ids, to find the image tokens")
-    elif (
-        input_ids is not None
-        and self.config.image_token_id is not None
-        and (cache is None or cache.get_seq_length() == 0)
-    ):
-        if n := int((input_ids == self.config.image_token_id).sum()):
-            raise ValueError(
-                f"image tokens and image features do not match: the input holds {n} {IMG_CONTEXT} tokens but no pixel_values were given"
-            )
+    self.check_inputs(input_ids, inputs_embeds, pixel_values, num_tiles, cache, kwargs)
     if inputs_embeds is None:
         inputs_embeds = self.embed(input_ids, pixel_values)
     if position_ids is None and attention_mask is not None and attention_mask.ndim == 2:
@@ -385,7 +405,8 @@ def _expand_inputs_for_generation(
             (per_sample % self.tokens_per_tile).any()
         ):
             raise ValueError(
-                f"image tokens per sample {per_sample.tolist()} do not split into {px.shape[0]} tiles of {self.tokens_per_tile} tokens"
+                f"image tokens per sample {per_sample.tolist()} do not split into {px.shape[0]} tiles of"
+                f" {self.tokens_per_tile} tokens"
             )
         groups = px.split((per_sample // self.tokens_per_tile).tolist())
         px = torch.cat([g for g in groups for _ in range(expand_size)])
@@ -428,7 +449,8 @@ def missing_local_folder(path) -> str | None:
 
 @patch(cls_method=True)
 def from_pretrained(cls: MMModel, pretrained_model_name_or_path, *args, **kwargs):
-    "transformers' `from_pretrained`, but a mistyped local folder is reported at once instead of being looked up on the Hub."
+    """transformers' `from_pretrained`, but a mistyped local folder is reported at once instead of being looked up on
+    the Hub."""
     if why := missing_local_folder(pretrained_model_name_or_path):
         raise FileNotFoundError(why)
     return PreTrainedModel.from_pretrained.__func__(cls, pretrained_model_name_or_path, *args, **kwargs)
@@ -444,12 +466,14 @@ def conv_vision_config(
     image_size: int,  # the tile side in pixels
     stride: int = 8,  # total stride asked for; must be the one the two stages give
 ) -> PreTrainedConfig:
-    "A two-stage ResNet config (basic blocks, BatchNorm) with stride 8, carrying image_size and patch_size (= its stride)."
+    """A two-stage ResNet config (basic blocks, BatchNorm) with stride 8, carrying image_size and patch_size (= its
+    stride)."""
     if model_type not in CONV_VISION:
         raise ValueError(f"model_type must be one of {CONV_VISION}, got {model_type!r}")
     if stride != 8:
         raise ValueError(
-            f"the tiny {model_type} has a total stride of 8 (4 in its stem, 2 in its second stage), got patch_size {stride}"
+            f"the tiny {model_type} has a total stride of 8 (4 in its stem, 2 in its second stage), got patch_size"
+            f" {stride}"
         )
     depths, sizes = [max(1, blocks // 2), max(1, blocks - blocks // 2)], [channels // 2, channels]
     v = AutoConfig.for_model(
@@ -458,7 +482,7 @@ def conv_vision_config(
     v.image_size, v.patch_size = image_size, stride
     return v
 
-
+# %% ../nbs/03_model.ipynb #2e4f6ece
 def tiny_config(
     vocab_size: int = 1536,  # LLM vocabulary (the tiny tokenizer's)
     image_token_id: int | None = None,  # id of `<IMG_CONTEXT>` (default: vocab_size - 1)
@@ -468,7 +492,8 @@ def tiny_config(
     vision_layers: int = 4,  # ViT depth (a conv encoder: blocks, over 2 stages)
     text_hidden: int = 256,  # LLM width
     text_layers: int = 4,  # LLM depth
-    vision_model_type: str = "internvl_vision",  # any vision model type: "siglip_vision_model", "clip_vision_model", "resnet", ...
+    # any vision model type: "siglip_vision_model", "clip_vision_model", "resnet", ...
+    vision_model_type: str = "internvl_vision",
     text_model_type: str = "llama",  # any causal LM type: "qwen2", ...
     **kwargs,  # other `MMConfig` fields
 ) -> MMConfig:
@@ -544,7 +569,8 @@ def init_sincos_positions(
     vision_model: nn.Module,  # a transformers ViT-style encoder (SigLIP, CLIP, InternViT)
     scale: float = 1.0,  # amplitude of the codes
 ) -> torch.Tensor:
-    "Overwrite a from-scratch encoder's learned position table with 2-D sine-cosine codes (a CLS row, if any, gets zeros)."
+    """Overwrite a from-scratch encoder's learned position table with 2-D sine-cosine codes (a CLS row, if any, gets
+    zeros)."""
     w = _position_table(vision_model)
     n, c = w.shape[-2], w.shape[-1]
     (ih, iw), (ph, pw) = hw_pair(vision_model.config.image_size), hw_pair(vision_model.config.patch_size)
@@ -720,7 +746,7 @@ def _check_internvl_compatible(model: MMModel):
     if problems:
         raise ValueError("cannot convert to InternVL: " + "; ".join(problems))
 
-
+# %% ../nbs/03_model.ipynb #45aeef88
 def to_internvl(
     model: MMModel,  # an MMModel with an InternVL vision encoder
 ):
@@ -753,7 +779,8 @@ def from_internvl(
     cfg = hf_model.config
     if cfg.vision_feature_select_strategy != "default":
         raise ValueError(
-            f"only vision_feature_select_strategy='default' (CLS dropped) is supported, got {cfg.vision_feature_select_strategy!r}"
+            "only vision_feature_select_strategy='default' (CLS dropped) is supported, got"
+            f" {cfg.vision_feature_select_strategy!r}"
         )
     if not isinstance(cfg.vision_feature_layer, int):
         raise ValueError(f"vision_feature_layer must be a single layer, got {cfg.vision_feature_layer}")

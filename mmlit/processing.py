@@ -66,7 +66,9 @@ def tokens_per_tile(
             raise ValueError(f"image_size {image_size} must be a positive multiple of patch_size {patch_size}")
         tokens = side // patch * downsample_ratio
         if tokens < 1 or tokens != int(tokens):
-            raise ValueError(f"{side // patch} patches per side times downsample_ratio {downsample_ratio} is not a whole number")
+            raise ValueError(
+                f"{side // patch} patches per side times downsample_ratio {downsample_ratio} is not a whole number"
+            )
         n *= int(tokens)
     return n
 
@@ -89,7 +91,8 @@ def random_jpeg(
     rng: np.random.Generator,  # where the qualities come from (seed it for reproducible epochs)
     quality_range: tuple[int, int] = (75, 100),  # inclusive range the quality is drawn from, uniformly
 ) -> tuple[list[Image.Image], list[int]]:
-    "Compress every tile with its own JPEG quality drawn uniformly from `quality_range`; returns the tiles and the qualities."
+    """Compress every tile with its own JPEG quality drawn uniformly from `quality_range`; returns the tiles and the
+    qualities."""
     lo, hi = quality_range
     if not 1 <= lo <= hi <= 100:
         raise ValueError(f"quality_range must satisfy 1 <= low <= high <= 100, got {quality_range}")
@@ -268,7 +271,8 @@ CHAT_TEMPLATE = (
 def add_mm_tokens(
     tokenizer: PreTrainedTokenizerFast,  # a fast (Rust-backed) transformers tokenizer; modified in place
 ) -> int:
-    "Make `tokenizer` ready for mmlit: ChatML and image special tokens, a pad token, the chat template; returns the number of new tokens."
+    """Make `tokenizer` ready for mmlit: ChatML and image special tokens, a pad token, the chat template; returns the
+    number of new tokens."""
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError(f"mmlit needs a fast tokenizer (offsets are used for labels), got {type(tokenizer).__name__}")
     before = len(tokenizer)
@@ -285,7 +289,8 @@ def add_mm_tokens(
 def tiny_tokenizer(
     path: str | Path | None = None,  # a tokenizer file built by `build_tiny_tokenizer` (default: the shipped one)
 ) -> PreTrainedTokenizerFast:
-    "The tiny shipped tokenizer as a transformers tokenizer: pad `<|pad|>`, bos `<|endoftext|>`, eos `<|im_end|>`, ChatML template."
+    """The tiny shipped tokenizer as a transformers tokenizer: pad `<|pad|>`, bos `<|endoftext|>`, eos `<|im_end|>`,
+    ChatML template."""
     path = Path(path) if path is not None else tiny_tokenizer_path()
     if not path.exists():
         raise ValueError(f"tokenizer file not found: {path}")
@@ -321,7 +326,8 @@ def _check_part(part, where):
 # %% ../nbs/02_processing.ipynb #512be42d
 def check_conversation(
     conversation: list[dict],  # messages: {"role": "system"|"user"|"assistant", "content": str | list of parts}
-    add_generation_prompt: bool = False,  # whether a generation prompt will follow (then the last turn must be the user's)
+    # whether a generation prompt will follow (then the last turn must be the user's)
+    add_generation_prompt: bool = False,
 ) -> list[dict]:
     "Validate a conversation and return a normalised copy; raises ValueError naming the problem."
     if not isinstance(conversation, (list, tuple)) or not conversation:
@@ -343,7 +349,7 @@ def check_conversation(
     _check_turn_order([m["role"] for m in out], add_generation_prompt)
     return out
 
-
+# %% ../nbs/02_processing.ipynb #16152ec7
 def _check_turn_order(roles, add_generation_prompt):
     body = roles[1:] if roles[0] == "system" else roles
     if "system" in body:
@@ -353,7 +359,8 @@ def _check_turn_order(roles, add_generation_prompt):
     for k, r in enumerate(body):
         if r != ("user", "assistant")[k % 2]:
             raise ValueError(
-                f"turns must alternate user, assistant starting with user; message {k + len(roles) - len(body)} is {r!r}"
+                f"turns must alternate user, assistant starting with user; message {k + len(roles) - len(body)} is"
+                f" {r!r}"
             )
     if add_generation_prompt and body[-1] == "assistant":
         raise ValueError(
@@ -365,7 +372,8 @@ def image_line(
     i: int,  # the image's number, from 1
     n_images: int,  # images in the conversation
 ) -> str:
-    "The prompt line of image `i`: `<image>` alone, or `Image-i: <image>` when there are several (InternVL's multi-image format)."
+    """The prompt line of image `i`: `<image>` alone, or `Image-i: <image>` when there are several (InternVL's
+    multi-image format)."""
     return (f"Image-{i}: " if n_images > 1 else "") + IMAGE_PLACEHOLDER + "\n"
 
 
@@ -384,13 +392,14 @@ def _render_content(content, n_images, i):
             text += image_line(i, n_images)
     return text, i
 
-
+# %% ../nbs/02_processing.ipynb #9b513e9e
 def render_chat(
     messages: list[dict],  # a conversation checked by `check_conversation`
     add_generation_prompt: bool = False,  # end with `<|im_start|>assistant\n` for the model to continue
     system_prompt: str | None = None,  # a system turn to prepend when the conversation has none
 ) -> tuple[str, list[tuple[int, int]]]:
-    "The ChatML text of a conversation (placeholders not yet expanded) and the character spans of the assistant replies."
+    """The ChatML text of a conversation (placeholders not yet expanded) and the character spans of the assistant
+    replies."""
     if system_prompt and messages[0]["role"] != "system":
         messages = [{"role": "system", "content": system_prompt}, *messages]
     n_images = sum(p["type"] == "image" for m in messages if not isinstance(m["content"], str) for p in m["content"])
@@ -451,7 +460,8 @@ def tokenize_with_labels(
     text: str,  # the expanded chat text
     spans: list[tuple[int, int]],  # character spans to supervise
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    "Token ids of `text` and labels: the id where a token overlaps a supervised span (image tokens excluded), -100 elsewhere."
+    """Token ids of `text` and labels: the id where a token overlaps a supervised span (image tokens excluded), -100
+    elsewhere."""
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = torch.tensor(enc["input_ids"], dtype=torch.long)
     offs = torch.tensor(enc["offset_mapping"], dtype=torch.long).reshape(-1, 2)
@@ -488,7 +498,8 @@ def _fill_slots(slots, images, videos):
         want = sum(k == kind and o is None for k, o in slots)
         if want != len(given[kind]):
             raise ValueError(
-                f"the conversation has {want} <{kind}> placeholder(s) without an inline {kind} but {len(given[kind])} {kind}(s) were given"
+                f"the conversation has {want} <{kind}> placeholder(s) without an inline {kind} but {len(given[kind])}"
+                f" {kind}(s) were given"
             )
     it = {k: iter(v) for k, v in given.items()}
     return [(k, o if o is not None else next(it[k])) for k, o in slots]
@@ -510,7 +521,8 @@ class MMProcessor:
         tile_rule: str = "internvl",  # tiling rule, one of SQUARE_TILE_RULES (see `mmlit.tiling`)
         max_num: int = 12,  # tile budget of one image (shared by the images of a multi-image sample)
         min_num: int = 1,  # fewest tiles per image (InternVL rule only)
-        use_thumbnail: bool = True,  # append a whole-image thumbnail when an image has several tiles (InternVL rule only)
+        # append a whole-image thumbnail when an image has several tiles (InternVL rule only)
+        use_thumbnail: bool = True,
         tile_kwargs: dict | None = None,  # other settings of the tiling rule (e.g. adaptive_max for msac)
         image_mean: tuple = IMAGENET_MEAN,  # per-channel mean of the vision encoder
         image_std: tuple = IMAGENET_STD,  # per-channel std of the vision encoder
@@ -566,8 +578,9 @@ class MMProcessor:
 
     def __repr__(self):
         return (
-            f"MMProcessor(tokenizer={type(self.tokenizer).__name__}[{len(self.tokenizer)}], image_size={self.image_size}, "
-            f"tokens_per_tile={self.tokens_per_tile}, tile_rule={self.tile_rule!r}, max_num={self.max_num})"
+            f"MMProcessor(tokenizer={type(self.tokenizer).__name__}[{len(self.tokenizer)}],"
+            f" image_size={self.image_size}, tokens_per_tile={self.tokens_per_tile}, tile_rule={self.tile_rule!r},"
+            f" max_num={self.max_num})"
         )
 
 # %% ../nbs/02_processing.ipynb #5e6a0184
@@ -636,7 +649,7 @@ def batch_decode(self: MMProcessor, ids, skip_special_tokens: bool = True) -> li
     "Texts of a batch of token ids."
     return self.tokenizer.batch_decode(ids, skip_special_tokens=skip_special_tokens)
 
-
+# %% ../nbs/02_processing.ipynb #5aecdca5
 @patch
 def tile_settings(self: MMProcessor, n_images: int = 1) -> dict:
     "Keyword arguments of the tiling rule for one image of a sample with `n_images` images (they share `max_num`)."
@@ -686,7 +699,7 @@ def _video_frames(self: MMProcessor, video) -> list:
         return list(video)
     return [video[i] for i in video_frame_indices(len(video), self.video_segments)]
 
-
+# %% ../nbs/02_processing.ipynb #70510913
 @patch
 def _pixels(self: MMProcessor, slots, rng):
     "Tiles of every slot: (tile tensors, tiles per image span, the text each placeholder becomes)."
@@ -747,7 +760,8 @@ def _fit_length(self: MMProcessor, sample, max_length, truncation, add_generatio
         return sample
     if truncation == "error":
         raise ValueError(
-            f"sample has {n} tokens, more than max_length={max_length}; raise max_length, lower max_num, or use truncation='right'"
+            f"sample has {n} tokens, more than max_length={max_length}; raise max_length, lower max_num, or use"
+            " truncation='right'"
         )
     if add_generation_prompt:
         raise ValueError(
@@ -776,7 +790,8 @@ def collate(
     padding_side: str = "right",  # "right" for training, "left" for generation
     pad_to_multiple_of: int | None = None,  # round the padded length up to a multiple of this
 ) -> BatchFeature:
-    "Pad samples into a batch: input_ids, attention_mask, labels (B, L); pixel_values, image_flags, num_tiles, num_images."
+    """Pad samples into a batch: input_ids, attention_mask, labels (B, L); pixel_values, image_flags, num_tiles,
+    num_images."""
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
     if not samples:
@@ -812,7 +827,7 @@ def _is_batch(conversations) -> bool:
         and isinstance(conversations[0], (list, tuple))
     )
 
-
+# %% ../nbs/02_processing.ipynb #54717e65
 @patch
 def __call__(
     self: MMProcessor,
@@ -835,7 +850,8 @@ def __call__(
     )
     if len(imgs) != len(convs) or len(vids) != len(convs):
         raise ValueError(
-            f"a batch of {len(convs)} conversations needs one entry per conversation in images/videos, got {len(imgs)} and {len(vids)}"
+            f"a batch of {len(convs)} conversations needs one entry per conversation in images/videos, got {len(imgs)}"
+            f" and {len(vids)}"
         )
     rng = np.random.default_rng(seed) if seed is not None else None
     samples = []
@@ -966,7 +982,7 @@ def save_pretrained(self: MMProcessor, save_directory: str | Path) -> Path:
     os.replace(tmp, d / self.config_name)
     return d
 
-
+# %% ../nbs/02_processing.ipynb #e5040cd6
 _LOADING_KWARGS = (
     "trust_remote_code",
     "cache_dir",

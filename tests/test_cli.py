@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from mmlit.cli import main, load_recipe, run_recipe, Recipe, shipped_recipes
+from mmlit.main import main, shipped_recipes
+from mmlit.pipeline import load_recipe, run_recipe, Recipe
 
 MMLIT = [str(Path(sys.executable).parent / 'mmlit')]
 ENV = {**os.environ, 'OMP_NUM_THREADS': '1'}
@@ -76,7 +77,7 @@ def test_run_folder_contents(quick_run):
     assert not list(out.glob('stages/*/checkpoints')) and not list(out.glob('stages/*/final'))
 
 def test_report_judges_grounding_against_the_blind_baseline(quick_run):
-    from mmlit.cli import grounding, blind_baselines
+    from mmlit.pipeline import grounding, blind_baselines
     out, r = quick_run
     rec = _recipe()
     blind = json.loads((out / 'blind.json').read_text())
@@ -99,7 +100,7 @@ def test_a_stage_with_its_own_data(tmp_path):
     d['stages'].insert(0, {'stage': '2', 'steps': 3, 'lr': 1e-3, 'batch_size': 4,
                            'data': [{'name': 'colour_position', 'captions': True, 'size': 64}, {'name': 'count', 'size': 64}]})
     rec = Recipe.from_dict(d)
-    from mmlit.cli import run_recipe, stage_dir
+    from mmlit.pipeline import run_recipe, stage_dir
     run_recipe(rec, tmp_path / 'cap', progress=False)
     log = (stage_dir(tmp_path / 'cap', rec, 0) / 'metrics.jsonl').read_text()
     assert len([l for l in log.splitlines() if '"train"' in l]) == 3
@@ -216,7 +217,7 @@ def test_killed_in_grpo_stage_resumes_to_identical_weights(quick_run, tmp_path):
     assert evals(a) == evals(b)
 
 def test_default_recipe_ends_with_grpo_on_a_resnet_encoder():
-    from mmlit.cli import GRPOStageRecipe, build_model
+    from mmlit.pipeline import GRPOStageRecipe, build_model
     r = load_recipe('default')
     assert [s.stage for s in r.stages] == ['1', '1.5', '2', '2', 'grpo'] and isinstance(r.stages[4], GRPOStageRecipe)
     assert r.stages[4].rewards == ['accuracy'] and r.stages[4].num_generations >= 2
@@ -232,7 +233,7 @@ def test_default_recipe_ends_with_grpo_on_a_resnet_encoder():
     assert proc.jpeg_min_tile > r.model.image_size               # no per-tile JPEG on its 64-px tiles
 
 def test_sincos_positions_change_only_the_position_table():
-    from mmlit.cli import build_model
+    from mmlit.pipeline import build_model
     from mmlit.model import init_sincos_positions
     q = load_recipe('quick')
     with_codes, _ = build_model(q)
@@ -311,7 +312,7 @@ def _evolve_error(base: dict | None = None, **change) -> str:
     return str(e.value)
 
 def test_evolve_stage_parses_and_rejects_bad_values(monkeypatch):
-    from mmlit.cli import EvolveStageRecipe, apply_overrides
+    from mmlit.pipeline import EvolveStageRecipe, apply_overrides
     r = _evolve_recipe()
     s = r.stages[2]
     assert isinstance(s, EvolveStageRecipe) and s.stage == 'evolve' and Recipe.from_yaml(r.to_yaml()) == r
@@ -346,7 +347,7 @@ def test_evolve_stage_parses_and_rejects_bad_values(monkeypatch):
     assert (scaled.rounds, scaled.warmup_steps, scaled.steps_per_round) == (4, 4, 1)
 
 def test_evolve_stage_reads_questions_no_other_stage_read():
-    from mmlit.cli import evolve_data, evolve_heldout, grpo_prompts, train_mixture, eval_settings
+    from mmlit.pipeline import evolve_data, evolve_heldout, grpo_prompts, train_mixture, eval_settings
     from mmlit.evolve import THINK_SUFFIX
     d = _evolve_recipe(prm_prompts=6).to_dict()
     d['stages'].append({'stage': 'grpo', 'steps': 2, 'prompts_per_step': 3})
@@ -438,7 +439,7 @@ def test_evolve_run_resumed_when_finished_redoes_nothing(evolve_run):
 
 # ---------------------------------------------------------------- GRPO on chosen difficulty tiers (chapter 09)
 def test_grpo_stage_tiers_are_checked_and_widen_the_pool():
-    from mmlit.cli import _grpo_share
+    from mmlit.pipeline import _grpo_share
     base = load_recipe("quick").to_dict()
     g = {"stage": "grpo", "steps": 2, "prompts_per_step": 2, "num_generations": 2}
     plain = Recipe.from_dict({**base, "stages": base["stages"] + [g]})
@@ -452,7 +453,7 @@ def test_grpo_stage_tiers_are_checked_and_widen_the_pool():
 
 
 def test_tiered_prompts_scores_and_keeps_the_chosen_tiers(tmp_path):
-    from mmlit.cli import GRPOStageRecipe, tiered_prompts
+    from mmlit.pipeline import GRPOStageRecipe, tiered_prompts
     from mmlit.data import make_task
     from mmlit.model import MMModel, fit_to_tokenizer, tiny_config
     from mmlit.processing import MMProcessor, tiny_tokenizer
@@ -473,7 +474,7 @@ def test_tiered_prompts_scores_and_keeps_the_chosen_tiers(tmp_path):
 
 
 def test_grpo_stage_can_name_the_jigsaw_and_tag_rewards():
-    from mmlit.cli import REWARDS, GRPOStageRecipe
+    from mmlit.pipeline import REWARDS, GRPOStageRecipe
     from mmlit.jigsaw import jigsaw_reward
     s = GRPOStageRecipe(rewards=["jigsaw_paper", "order_format", "tag"], reward_weights=[1.0, 0.1, 0.5])
     r = REWARDS["jigsaw_paper"](None, ["<answer>1 0 2 3</answer>", "0 1 2 3"], answer=["0,1,2,3", "0,1,2,3"])
@@ -531,15 +532,15 @@ def test_a_text_model_is_not_a_vision_encoder():
         d['model']['vision_model_type'] = ok; Recipe.from_dict(d)
 
 def test_a_run_that_fails_to_start_leaves_no_folder(tmp_path, monkeypatch, capsys):
-    import mmlit.cli as cli
+    import mmlit.pipeline as pipeline
     def broken(recipe): raise ValueError('cannot build this model')
-    monkeypatch.setattr(cli, 'build_model', broken)
+    monkeypatch.setattr(pipeline, 'build_model', broken)
     out = tmp_path / 'never'
     _fails(['run', '--recipe', 'quick', '--out', str(out), '--quiet'], capsys, 'cannot build this model')
     assert not out.exists()
 
 def test_two_runs_on_one_folder_the_second_is_refused(tmp_path, capsys):
-    from mmlit.cli import run_lock
+    from mmlit.pipeline import run_lock
     out = tmp_path / 'busy'
     with run_lock(out):
         _fails(['run', '--recipe', 'quick', '--out', str(out), '--quiet'], capsys, 'another mmlit run', str(os.getpid()), str(out))
@@ -587,7 +588,8 @@ def count_question(tmp_path_factory):
 
 def test_ask_answers_like_evaluate(count_question):
     "`mmlit ask` on the shipped base model gives the answer the Python route (processor → generate) gives."
-    from mmlit.cli import ask, load_trained
+    from mmlit.cli import ask
+    from mmlit.pipeline import load_trained
     from mmlit.train import base_model_dir
     img, q, s = count_question
     r = run('ask', str(base_model_dir()), str(img), q)
@@ -644,7 +646,7 @@ def test_damaged_stage_evaluation_is_reported_before_anything_runs(quick_run, tm
 
 def test_posttrain_recipe_starts_from_the_base_model_and_evaluates_it_first(tmp_path):
     "`init: base`: no model is built; the start is evaluated, GRPO runs on the tiered questions, the report compares."
-    from mmlit.cli import load_trained
+    from mmlit.pipeline import load_trained
     from mmlit.train import base_model_dir
     out = tmp_path / 'pt'
     r = run('run', '--recipe', 'posttrain', '--out', str(out), '--steps-scale', '0.05', '--eval-n', '12', '--quiet')
@@ -666,7 +668,7 @@ def test_init_must_name_a_model_folder(tmp_path, capsys):
 
 def test_grpo_stage_can_prefill_each_question_once(tmp_path):
     "A GRPO stage with shared_prompt runs through the recipe pipeline and its config reaches the trainer."
-    from mmlit.cli import grpo_config
+    from mmlit.pipeline import grpo_config
     d = load_recipe('quick').to_dict()
     d['stages'] = [s for s in d['stages'] if s['stage'] != 'grpo'][:1] + [{**[s for s in d['stages'] if s['stage'] == 'grpo'][0], 'steps': 2, 'shared_prompt': True}]
     d['eval']['n'] = 4

@@ -140,4 +140,4 @@ def test_readme_links_work_off_the_site():
     readme = (ROOT / 'README.md').read_text()
     relative = re.findall(r'\]\((?!https?://|#)([^)]+\.html[^)]*)\)', readme)
     assert not relative, f"relative page links in README.md: {relative}"
-    assert '](https://mmlit.github.io/mmlit/cli.html)' in readme
+    assert '](https://mmlit.github.io/mmlit/pipeline.html)' in readme
