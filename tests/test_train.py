@@ -186,6 +186,10 @@ def test_interrupted_write_leaves_no_checkpoint(tmp_path):
 def test_resume_refuses_other_settings(small, tmp_path):
     proc, model, tasks = small
     Trainer(model(), proc, tasks, TrainConfig(output_dir=str(tmp_path), stage="1", steps=2, batch_size=2, progress=False)).train()
+    old = write_checkpoint(tmp_path / "old" / "checkpoints" / "step-000001",   # the layout before accelerate's save_state
+                           lambda d: (d / "trainer_state.json").write_text(json.dumps(dict(step=1, world_size=1, config={}))))
+    with pytest.raises(ValueError, match="older mmlit layout .*start the run without resume"):
+        Trainer(model(), proc, tasks, TrainConfig(output_dir=str(tmp_path / "old"), stage="1", steps=2, batch_size=2, progress=False)).train(resume=old)
     with pytest.raises(ValueError, match="settings differ.*loss_mode"):
         Trainer(model(), proc, tasks, TrainConfig(output_dir=str(tmp_path), stage="1", steps=2, batch_size=2, loss_mode="token",
                                                   progress=False)).train(resume=True)
