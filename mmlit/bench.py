@@ -8,16 +8,16 @@ import argparse, importlib.util, os, statistics, sys, time
 from dataclasses import dataclass, field
 import torch
 from PIL import Image
-from .core import set_torch_threads
-from .tiling import load_image, tile_tensors, CLIP_MEAN, CLIP_STD
+from .core import cpu_cores, set_torch_threads
+from .tiling import load_image, plan_tiles, tile_tensors, CLIP_MEAN, CLIP_STD
 
 # %% auto #0
-__all__ = ['BENCH_SIZES', 'GRPO_PROMPTS', 'GRPO_SIDES', 'timeit', 'bench_images', 'mmlit_internvl', 'hf_internvl_processor',
-           'hf_internvl', 'BenchResult', 'bench_tiling', 'tiny_bench_model', 'smollm2_bench_model', 'synthetic_batch',
-           'bench_generation', 'peak_memory_rise', 'bench_train_step', 'run_isolated', 'copy_rate', 'gemv_rate',
-           'decode_weight_bytes', 'bench_decode', 'packing_pool', 'bench_packing', 'grpo_bench_model', 'grpo_id_reward',
-           'hf_internvl_grpo_processor', 'StepClock', 'bench_grpo_mmlit', 'bench_grpo_trl', 'bench_grpo', 'format_grpo',
-           'bench_grpo_phases', 'main']
+__all__ = ['BENCH_SIZES', 'RESIZES', 'GRPO_PROMPTS', 'GRPO_SIDES', 'timeit', 'bench_images', 'mmlit_internvl',
+           'hf_internvl_processor', 'hf_internvl', 'pillow_resizes', 'BenchResult', 'bench_tiling', 'tiny_bench_model',
+           'smollm2_bench_model', 'synthetic_batch', 'bench_generation', 'peak_memory_rise', 'bench_train_step',
+           'run_isolated', 'copy_rate', 'gemv_rate', 'decode_weight_bytes', 'bench_decode', 'packing_pool',
+           'bench_packing', 'grpo_bench_model', 'grpo_id_reward', 'hf_internvl_grpo_processor', 'StepClock',
+           'bench_grpo_mmlit', 'bench_grpo_trl', 'bench_grpo', 'format_grpo', 'bench_grpo_phases', 'main']
 
 # %% ../nbs/12_bench.ipynb #6f0b7fd1
 def timeit(
@@ -64,9 +64,17 @@ def bench_images(
     return [photo.resize(s, Image.BICUBIC) for s in sizes]
 
 # %% ../nbs/12_bench.ipynb #514e4460
-def mmlit_internvl(images, max_num=12, image_size=448):
+def mmlit_internvl(images, max_num=12, image_size=448, num_threads=None):
     "mmlit's InternVL path (`tile_tensors`, a thread per core): tiles (thumbnail last) → one normalised tensor, plus tiles per image."
-    return tile_tensors(images, rule='internvl', max_num=max_num, image_size=image_size, mean=CLIP_MEAN, std=CLIP_STD)
+    return tile_tensors(
+        images,
+        rule='internvl',
+        max_num=max_num,
+        image_size=image_size,
+        mean=CLIP_MEAN,
+        std=CLIP_STD,
+        num_threads=num_threads,
+    )
 
 # %% ../nbs/12_bench.ipynb #cf76cc9a
 def hf_internvl_processor(fast: bool = False, max_num: int = 12, image_size: int = 448):
@@ -91,58 +99,86 @@ def hf_internvl(proc, images):
     out = proc(images=images, return_tensors='pt')
     return out['pixel_values'], out['num_patches'].tolist()
 
+
+RESIZES = 'Pillow resizes alone'  # the floor under every contender
+
+
+def pillow_resizes(images, max_num: int = 12, image_size: int = 448) -> None:
+    "Only the Pillow resizes that InternVL's tiling of `images` needs (each canvas, each thumbnail), on one thread."
+    for im in images:
+        for layer in plan_tiles(*im.size, rule='internvl', max_num=max_num, image_size=image_size).layers:
+            if layer.canvas != im.size:
+                im.resize(layer.canvas, Image.Resampling.BICUBIC)
+
 # %% ../nbs/12_bench.ipynb #b15e4e40
 @dataclass
 class BenchResult:
-    "Images per second of each contender and how far their outputs are from mmlit's."
+    "Images per second (wall clock and per CPU second) of each contender, and how far their outputs are from mmlit's."
 
     name: str
     images_per_s: dict = field(default_factory=dict)
+    images_per_cpu_s: dict = field(default_factory=dict)
     max_abs_diff: dict = field(default_factory=dict)
     same_tiles: dict = field(default_factory=dict)
+    load_avg: tuple = ()  # the 1-minute load average before and after
 
-    def ratio(self, peer: str, ours: str = 'mmlit') -> float:
-        return self.images_per_s[ours] / self.images_per_s[peer]
+    def ratio(self, peer: str, ours: str = 'mmlit', cpu: bool = False) -> float:
+        per = self.images_per_cpu_s if cpu else self.images_per_s
+        return per[ours] / per[peer]
+
+    def _extra(self, k: str) -> str:
+        "What follows contender k's speed on its line: its ratio and agreement, or the bound the resizes set."
+        if k in self.same_tiles:
+            return (
+                f"  ratio mmlit/{k} = {self.ratio(k):.2f}x ({self.ratio(k, cpu=True):.2f}x per CPU s)"
+                f"  same tiles: {self.same_tiles[k]}  max |diff| = {self.max_abs_diff[k]:.1e}"
+            )
+        if k == RESIZES and 'transformers (slow)' in self.same_tiles:
+            return f"  bound per CPU s on mmlit/transformers (slow) = {self.ratio('transformers (slow)', k, cpu=True):.2f}x"
+        return ''
 
     def __str__(self):
-        lines = [f"== {self.name}"]
+        lines = [f"== {self.name}; load average {' -> '.join(f'{v:.2f}' for v in self.load_avg)}"]
         for k, v in self.images_per_s.items():
-            extra = (
-                ''
-                if k == 'mmlit'
-                else (
-                    f"  ratio mmlit/{k} = {self.ratio(k):.2f}x  same tiles: {self.same_tiles[k]}"
-                    f"  max |diff| = {self.max_abs_diff[k]:.4f}"
-                )
-            )
-            lines.append(f"{k:<22}{v:8.1f} images/s{extra}")
+            lines.append(f"{k:<22}{v:8.1f} images/s {self.images_per_cpu_s[k]:6.1f}/CPU s{self._extra(k)}")
         return '\n'.join(lines)
 
 # %% ../nbs/12_bench.ipynb #5fbf612b
 def bench_tiling(
-    repeats: int = 5,  # timed runs per contender
+    repeats: int = 5,  # timed rounds (the median is kept); the contenders alternate within a round
     sizes=BENCH_SIZES,  # the image sizes
     fast: bool | None = None,  # include the torchvision processor (None: when torchvision imports)
+    num_threads: int | None = None,  # mmlit's worker threads (default: the cores available)
 ) -> BenchResult:
-    "Images/s of mmlit's InternVL tiling + normalisation against transformers' slow and fast processors."
+    "Images/s of mmlit's InternVL tiling + normalisation against transformers' processors and the bare resizes, interleaved."
     images = bench_images(sizes)
     if fast is None:
         fast = importlib.util.find_spec('torchvision') is not None
-    contenders = {'mmlit': lambda: mmlit_internvl(images)}
+    threads = num_threads or cpu_cores()
+    contenders = {'mmlit': lambda: mmlit_internvl(images, num_threads=threads)}
     slow = hf_internvl_processor(fast=False)
     contenders['transformers (slow)'] = lambda: hf_internvl(slow, images)
     if fast:
         fproc = hf_internvl_processor(fast=True)
         contenders['transformers (fast)'] = lambda: hf_internvl(fproc, images)
-    res = BenchResult(f"InternVL tiling + normalise, {len(images)} images, {torch.get_num_threads()} threads")
+    res = BenchResult(f"InternVL tiling + normalise, {len(images)} images, mmlit on {threads} threads")
     ref, ref_n = contenders['mmlit']()
-    for name, fn in contenders.items():
-        res.images_per_s[name] = len(images) / timeit(fn, repeats)
-        if name == 'mmlit':
-            continue
+    for name, fn in list(contenders.items())[1:]:  # also their warm-up
         out, n = fn()
         res.same_tiles[name] = n == ref_n
         res.max_abs_diff[name] = (out - ref).abs().max().item() if out.shape == ref.shape else float('inf')
+    contenders[RESIZES] = lambda: pillow_resizes(images)
+    wall, cpu, load = {k: [] for k in contenders}, {k: [] for k in contenders}, os.getloadavg()[0]
+    for _ in range(repeats):
+        for name, fn in contenders.items():
+            t, c = time.perf_counter(), time.process_time()
+            fn()
+            wall[name].append(time.perf_counter() - t)
+            cpu[name].append(time.process_time() - c)
+    for name in contenders:
+        res.images_per_s[name] = len(images) / statistics.median(wall[name])
+        res.images_per_cpu_s[name] = len(images) / statistics.median(cpu[name])
+    res.load_avg = (load, os.getloadavg()[0])
     return res
 
 # %% ../nbs/12_bench.ipynb #94b38a24
