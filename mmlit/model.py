@@ -255,32 +255,40 @@ class MMModel(PreTrainedModel, GenerationMixin):
         if self.config.image_token_id is not None:
             self.generation_config.suppress_tokens = [self.config.image_token_id]
 
-    def get_input_embeddings(self):
-        return self.language_model.get_input_embeddings()
 
-    def set_input_embeddings(self, value):
-        self.language_model.set_input_embeddings(value)
+# %% ../nbs/03_model.ipynb #08eb7e5f
+@patch
+def get_input_embeddings(self: MMModel):
+    return self.language_model.get_input_embeddings()
 
-    def get_output_embeddings(self):
-        return self.language_model.get_output_embeddings()
+@patch
+def set_input_embeddings(self: MMModel, value):
+    self.language_model.set_input_embeddings(value)
 
-    def set_output_embeddings(self, value):
-        self.language_model.set_output_embeddings(value)
+@patch
+def get_output_embeddings(self: MMModel):
+    return self.language_model.get_output_embeddings()
 
-    @property
-    def tokens_per_tile(self) -> int:
-        "Visual tokens one tile becomes (`mmlit.processing.tokens_per_tile` of the vision config)."
-        vc = self.config.vision_config
-        return tokens_per_tile(hw_pair(vc.image_size), hw_pair(vc.patch_size), self.config.downsample_ratio)
+@patch
+def set_output_embeddings(self: MMModel, value):
+    self.language_model.set_output_embeddings(value)
 
-    def get_image_features(
-        self,
-        pixel_values: torch.Tensor,  # tiles (N, 3, H, W)
-    ) -> torch.Tensor:
-        "Projected visual tokens (N, tokens per tile, D): encoder → pixel unshuffle → projector."
-        g = patch_grid(self.vision_model, pixel_values, self.config.select_layer)
-        g = pixel_unshuffle(g, self.config.downsample_ratio, self.config.ps_version)
-        return self.projector(g.reshape(g.shape[0], -1, g.shape[-1]))
+@patch(as_prop=True)
+def tokens_per_tile(self: MMModel) -> int:
+    "Visual tokens one tile becomes (`mmlit.processing.tokens_per_tile` of the vision config)."
+    vc = self.config.vision_config
+    return tokens_per_tile(hw_pair(vc.image_size), hw_pair(vc.patch_size), self.config.downsample_ratio)
+
+@patch
+def get_image_features(
+    self: MMModel,
+    pixel_values: torch.Tensor,  # tiles (N, 3, H, W)
+) -> torch.Tensor:
+    "Projected visual tokens (N, tokens per tile, D): encoder → pixel unshuffle → projector."
+    g = patch_grid(self.vision_model, pixel_values, self.config.select_layer)
+    g = pixel_unshuffle(g, self.config.downsample_ratio, self.config.ps_version)
+    return self.projector(g.reshape(g.shape[0], -1, g.shape[-1]))
+
 
 # %% ../nbs/03_model.ipynb #70bfd266
 def positions_from_mask(
