@@ -246,65 +246,74 @@ class Task:
         overrides = "".join(f", {k}={v!r}" for k, v in shown.items())
         return f"{type(self).__name__}(size={self.size}, seed={self.seed}{level}{overrides}, chance={self.chance:.3f})"
 
-    def sample(
-        self,
-        index: int,  # index within the split (>= 0)
-        split: str = "train",  # 'train', 'validation' or 'test'
-        seed: int | None = None,  # dataset seed (default: the task's)
-    ) -> dict:
-        "One sample: images, conversation, answer, task, split, id and the scene `meta` (+ `level` when one was given)."
-        seed = self.seed if seed is None else seed
-        images, question, answer, meta = self.make(sample_rng(self.name, split, index, seed), split)
-        if self.level_given:
-            meta = dict(meta, level=self.level)
-        if self.captions:
-            meta = dict(meta, captioned=True)
-            question, answer = CAPTION_PROMPT, self.describe(meta)
-        conv = [
-            {"role": "user", "content": user_prompt(question, len(images), self.video)},
-            {"role": "assistant", "content": answer},
-        ]
-        sid = f"{self.name}/{split}/{seed}/{index}" + ("/caption" if self.captions else "")
-        return dict(
-            images=images,
-            video=self.video,
-            conversation=conv,
-            answer=answer,
-            task=self.name,
-            split=split,
-            id=sid,
-            meta=meta,
-        )
 
-    def stream(
-        self,
-        split: str = "train",  # the split to draw from
-        n: int | None = None,  # number of samples (None: endless)
-        seed: int | None = None,  # dataset seed (default: the task's)
-        start: int = 0,  # first index
-    ) -> Iterator[dict]:
-        "Samples `start, start+1, …` of a split, generated lazily."
-        check_split(split)
-        if n is not None and n < 0:
-            raise ValueError(f"n must be >= 0 or None, got {n}")
-        if start < 0:
-            raise ValueError(f"start must be >= 0, got {start}")
-        return (self.sample(i, split, seed) for i in (itertools.count(start) if n is None else range(start, start + n)))
+# %% ../nbs/04_data.ipynb #118893e5
+@patch
+def sample(
+    self: Task,
+    index: int,  # index within the split (>= 0)
+    split: str = "train",  # 'train', 'validation' or 'test'
+    seed: int | None = None,  # dataset seed (default: the task's)
+) -> dict:
+    "One sample: images, conversation, answer, task, split, id and the scene `meta` (+ `level` when one was given)."
+    seed = self.seed if seed is None else seed
+    images, question, answer, meta = self.make(sample_rng(self.name, split, index, seed), split)
+    if self.level_given:
+        meta = dict(meta, level=self.level)
+    if self.captions:
+        meta = dict(meta, captioned=True)
+        question, answer = CAPTION_PROMPT, self.describe(meta)
+    conv = [
+        {"role": "user", "content": user_prompt(question, len(images), self.video)},
+        {"role": "assistant", "content": answer},
+    ]
+    sid = f"{self.name}/{split}/{seed}/{index}" + ("/caption" if self.captions else "")
+    return dict(
+        images=images,
+        video=self.video,
+        conversation=conv,
+        answer=answer,
+        task=self.name,
+        split=split,
+        id=sid,
+        meta=meta,
+    )
 
-    def check(self, pred: str, answer: str) -> bool:
-        "Is `pred` the answer? Case, spaces, quotes and a final full stop are ignored; numbers compare as numbers."
-        p, a = normalise_answer(pred), normalise_answer(answer)
-        if p == a:
-            return True
-        pn, an = _number(p), _number(a)
-        return pn is not None and an is not None and pn == an
+@patch
+def stream(
+    self: Task,
+    split: str = "train",  # the split to draw from
+    n: int | None = None,  # number of samples (None: endless)
+    seed: int | None = None,  # dataset seed (default: the task's)
+    start: int = 0,  # first index
+) -> Iterator[dict]:
+    "Samples `start, start+1, …` of a split, generated lazily."
+    check_split(split)
+    if n is not None and n < 0:
+        raise ValueError(f"n must be >= 0 or None, got {n}")
+    if start < 0:
+        raise ValueError(f"start must be >= 0, got {start}")
+    return (self.sample(i, split, seed) for i in (itertools.count(start) if n is None else range(start, start + n)))
 
-    def verify(self, sample: dict) -> bool:
-        "Does the sample's answer (or caption) follow from its scene (re-derived independently of `make`)?"
-        meta = sample_meta(sample)
-        if meta.get("captioned"):
-            return self.describe(meta) == sample["answer"]
-        return self.answer_from_meta(meta) == sample["answer"] and sample["answer"] in meta["options"]
+
+# %% ../nbs/04_data.ipynb #750b6206
+@patch
+def check(self: Task, pred: str, answer: str) -> bool:
+    "Is `pred` the answer? Case, spaces, quotes and a final full stop are ignored; numbers compare as numbers."
+    p, a = normalise_answer(pred), normalise_answer(answer)
+    if p == a:
+        return True
+    pn, an = _number(p), _number(a)
+    return pn is not None and an is not None and pn == an
+
+@patch
+def verify(self: Task, sample: dict) -> bool:
+    "Does the sample's answer (or caption) follow from its scene (re-derived independently of `make`)?"
+    meta = sample_meta(sample)
+    if meta.get("captioned"):
+        return self.describe(meta) == sample["answer"]
+    return self.answer_from_meta(meta) == sample["answer"] and sample["answer"] in meta["options"]
+
 
 # %% ../nbs/04_data.ipynb #4a9d86dd
 def question_text(
