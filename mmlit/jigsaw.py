@@ -11,16 +11,17 @@ from PIL import Image, ImageDraw
 from .data import COLOURS, SHAPES, TASKS, Task, draw_scene, sample_meta, shape_polygon
 
 # %% auto #0
-__all__ = ['REWARD_VARIANTS', 'PHOTO_SPLITS', 'PICTURES', 'JIGSAW_SOURCES', 'CAMERA', 'SKY', 'GROUND', 'OBJECT_COLOURS',
-           'MARKERS', 'JIGSAW_TASKS', 'WARMUP_SETTINGS', 'JIGSAW_GRPO', 'SFT_PROBE', 'PROBE_TRAIN', 'PROBE',
-           'FORMAT_WEIGHT', 'CUE_GRPO', 'CUE_ARMS', 'is_permutation', 'jigsaw_reward', 'parse_order', 'format_order',
-           'jigsaw_reward_func', 'order_format_reward', 'repetition_penalty_reward', 'order_from_keys', 'JigsawTask',
-           'load_photo', 'photo_crop', 'procedural_picture', 'gradient_picture', 'ImageJigsaw', 'show_jigsaw',
-           'clip_times', 'moving_shapes', 'video_frame', 'VideoJigsaw', 'project', 'ground_depth', 'place_objects',
-           'render_depth_scene', 'pick_points', 'draw_markers', 'DepthJigsaw', 'order_scores', 'jigsaw_eval_fn',
-           'warmup', 'grpo', 'sft_probe', 'text_permutation_samples', 'uninformed', 'warmup_data', 'cue_warmup',
-           'probe_scores', 'cue_held_out', 'cue_grpo_run', 'jigsaw_mixture', 'held_out', 'jigsaw_warmup_run',
-           'jigsaw_grpo_seed', 'answer_position_nll', 'curriculum_warmup']
+__all__ = ['REWARD_VARIANTS', 'PHOTO_SPLITS', 'PICTURES', 'JIGSAW_SOURCES', 'VIDEO_CUES', 'CAMERA', 'SKY', 'GROUND',
+           'OBJECT_COLOURS', 'MARKERS', 'JIGSAW_TASKS', 'WARMUP_SETTINGS', 'JIGSAW_GRPO', 'SFT_PROBE', 'PROBE_TRAIN',
+           'PROBE', 'FORMAT_WEIGHT', 'CUE_GRPO', 'CUE_ARMS', 'GRADIENT_WARMUP', 'WARM_GRPO', 'is_permutation',
+           'jigsaw_reward', 'parse_order', 'format_order', 'jigsaw_reward_func', 'order_format_reward',
+           'repetition_penalty_reward', 'order_from_keys', 'JigsawTask', 'load_photo', 'photo_crop',
+           'procedural_picture', 'gradient_picture', 'ImageJigsaw', 'show_jigsaw', 'clip_times', 'moving_shapes',
+           'video_frame', 'dimmed', 'VideoJigsaw', 'project', 'ground_depth', 'place_objects', 'render_depth_scene',
+           'pick_points', 'draw_markers', 'DepthJigsaw', 'order_scores', 'jigsaw_eval_fn', 'warmup', 'grpo',
+           'sft_probe', 'text_permutation_samples', 'uninformed', 'warmup_data', 'cue_warmup', 'probe_scores',
+           'cue_held_out', 'cue_grpo_run', 'gradient_warmup', 'warm_grpo_run', 'jigsaw_mixture', 'held_out',
+           'jigsaw_warmup_run', 'jigsaw_grpo_seed', 'answer_position_nll', 'curriculum_warmup']
 
 # %% ../nbs/10_jigsaw.ipynb #j006
 REWARD_VARIANTS = ("paper", "code")  # the paper's rule; the released code's (partial credit only for K > 4)
@@ -402,6 +403,17 @@ def video_frame(
     return draw_scene([dict(o, x=at(o, 0), y=at(o, 1)) for o in objects], size)
 
 # %% ../nbs/10_jigsaw.ipynb #j040
+VIDEO_CUES = ("none", "light")  # what tells time in a video jigsaw: the motion only, or also a steady brightening
+
+
+def dimmed(
+    frame: Image.Image,  # a frame
+    level: float,  # brightness: 0 black … 1 as drawn
+) -> Image.Image:
+    "The frame with every pixel scaled by `level`."
+    return Image.fromarray((np.asarray(frame).astype(float) * level).round().astype(np.uint8))
+
+
 class VideoJigsaw(JigsawTask):
     "Put the shuffled clips of a procedural video back in time order. Chance 1/K!."
 
@@ -423,9 +435,13 @@ class VideoJigsaw(JigsawTask):
         trim: float = 0.05,  # share of each clip trimmed at each end
         level: int | None = None,  # difficulty 0..3 (None: the defaults, which are level 1)
         captions: bool = False,  # jigsaws have no captions (True raises)
+        cue: str = "none",  # one of VIDEO_CUES: "light" also brightens the scene steadily over time
     ):
         super().__init__(size, seed, level, captions)
         self.clips, self.frames_per_clip, self.trim = self.settings(clips=clips)["clips"], frames_per_clip, trim
+        if cue not in VIDEO_CUES:
+            raise ValueError(f"unknown cue {cue!r}; expected one of {VIDEO_CUES}")
+        self.cue = cue
         if not isinstance(self.clips, int) or not 2 <= self.clips <= 12:
             raise ValueError(f"clips must be an int in 2..12, got {self.clips!r}")
         clip_times(self.clips, frames_per_clip, trim)  # checks frames_per_clip and trim
@@ -439,6 +455,10 @@ class VideoJigsaw(JigsawTask):
         objs, times = moving_shapes(rng, S), clip_times(K, F, self.trim)
         keys = [int(i) for i in rng.permutation(K)]  # shown clip j is the video's clip keys[j]
         frames = [video_frame(objs, t, S) for k in keys for t in times[k]]
+        light = rng.uniform(0.15, 0.35), rng.uniform(0.85, 1.0)  # the "light" cue: brightness at t = 0 and t = 1
+        if self.cue == "light":
+            lit = [light[0] + (light[1] - light[0]) * t for k in keys for t in times[k]]
+            frames = [dimmed(f, b) for f, b in zip(frames, lit)]
         q = f"{K} shuffled clips of {F} frames each (clip 0 = frames 1-{F}, clip 1 = frames {F + 1}-{2 * F}, ...). Clips in time order?"
         meta = dict(
             question_type="jigsaw_video",
@@ -447,6 +467,8 @@ class VideoJigsaw(JigsawTask):
             keys=keys,
             objects=objs,
             times=[times[k] for k in keys],
+            cue=self.cue,
+            **({"light": [float(x) for x in light]} if self.cue == "light" else {}),
         )
         return frames, q, self.answer_from_meta(meta), meta
 
@@ -921,6 +943,60 @@ def cue_grpo_run(
         rf.append(repetition_penalty_reward)
     res = grpo(m, processor, data, rf, seed, out, ev, max_new_tokens=mnt, **{**CUE_GRPO, **settings})
     return dict(res, probe=probe_scores(m, processor))
+
+# %% ../nbs/10_jigsaw.ipynb #jq1
+GRADIENT_WARMUP = {
+    2: dict(text_steps=0, steps=40),
+    3: dict(text_steps=0, steps=60),
+}  # grid → text-only random orders (batches of 32), then answer-given gradient jigsaws (batches of 16, lr 1e-3)
+WARM_GRPO = dict(steps=30, eval_every=10)  # over CUE_GRPO: 4 prompts × G = 16, lr 3e-4, T = 1, no KL
+
+
+def gradient_warmup(
+    grid: int,  # tiles per side (a key of GRADIENT_WARMUP unless `steps` is given)
+    out: str | Path,  # the run's folder
+    steps: int | None = None,  # answer-given steps (None: GRADIENT_WARMUP[grid])
+    text_steps: int | None = None,  # text-only steps before them (None: GRADIENT_WARMUP[grid])
+    eval_every: int = 0,  # score the held-out jigsaws every this many answer-given steps (0: at the end only)
+) -> tuple:
+    "An early-stopped answer-given warm-up on gradient jigsaws from the base model: (model, processor, {'text_loss', 'loss', 'evals'})."
+    from mmlit.train import Trainer, TrainConfig, load_base, read_metrics
+
+    if grid not in GRADIENT_WARMUP and (steps is None or text_steps is None):
+        raise ValueError(f"no warm-up length for grid {grid!r}; pass steps and text_steps or use one of {list(GRADIENT_WARMUP)}")
+    st = {**GRADIENT_WARMUP.get(grid, {}), **{k: v for k, v in dict(steps=steps, text_steps=text_steps).items() if v is not None}}
+    m, proc = load_base()
+    tl = []
+    if st["text_steps"]:
+        text = text_permutation_samples(20000, k=grid**2)
+        m, tl = warmup(m, proc, text, 0, Path(out) / "text", steps=st["text_steps"], batch_size=32)
+    cfg = TrainConfig(output_dir=str(Path(out) / "jigsaw"), seed=0, mixed_precision="no", cpu=True, progress=False,
+                      eval_every=eval_every, **{**WARMUP_SETTINGS, **SFT_PROBE, "steps": st["steps"]})
+    data, ev = ImageJigsaw(grid=grid, seed=2000, source="gradient"), jigsaw_eval_fn(proc, cue_held_out(grid=grid))
+    tr = Trainer(m, proc, data, cfg, eval_fn=ev)
+    tr.train()
+    evals = [{k: v for k, v in e.items() if k != "kind"} for e in read_metrics(cfg.output_dir, "eval")]
+    return tr.unwrapped, proc, dict(text_loss=tl, loss=[r["loss"] for r in read_metrics(cfg.output_dir)], evals=evals)
+
+# %% ../nbs/10_jigsaw.ipynb #jq2
+def warm_grpo_run(
+    warm,
+    processor,  # the warmed-up model (copied, not changed) and its processor
+    gamma: float,  # the weight of partial credit (0: all-or-nothing)
+    seed: int,  # seeds the run; its prompts are dataset seed 1000 + seed
+    out: str | Path,  # the run's folder
+    grid: int = 2,  # tiles per side of the gradient jigsaws
+    **settings,  # over CUE_GRPO and WARM_GRPO
+) -> dict:
+    "One GRPO run on gradient jigsaws with the jigsaw reward only: `grpo`'s curves, evals on the held-out jigsaws."
+    import copy
+
+    if not 0 <= gamma <= 1:
+        raise ValueError(f"gamma must be in [0, 1], got {gamma!r}")
+    data = [ImageJigsaw(grid=grid, seed=1000 + seed, source="gradient")]
+    ev = jigsaw_eval_fn(processor, cue_held_out(grid=grid))
+    return grpo(copy.deepcopy(warm), processor, data, [jigsaw_reward_func(gamma)], seed, out, ev,
+                max_new_tokens=2 * grid**2 + 1, **{**CUE_GRPO, **WARM_GRPO, **settings})
 
 # %% ../nbs/10_jigsaw.ipynb #j057
 def jigsaw_mixture(

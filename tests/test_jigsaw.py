@@ -213,3 +213,47 @@ def test_warmup_data_mixes_format_and_old_tasks():
 def test_cue_grpo_run_rejects_unknown_arm():
     from mmlit.jigsaw import cue_grpo_run
     with pytest.raises(ValueError, match="unknown arm"): cue_grpo_run(None, None, "both", 0, "/tmp/x")
+
+
+# ---------------------------------------------------------------- the early-stopped warm-up and GRPO from it (2 x 2 and 3 x 3)
+def test_gradient_3x3_tiles_say_where_they_go():
+    t = ImageJigsaw(level=1, source="gradient")
+    for i in range(3):
+        s = t.sample(i, "test"); assert t.verify(s) and t.pieces == 9
+        placed = [np.asarray(s["images"][j]).astype(float) for j in parse_order(s["answer"])]   # raster places 0..8
+        red = np.array([p[..., 0].mean() for p in placed]).reshape(3, 3); green = np.array([p[..., 1].mean() for p in placed]).reshape(3, 3)
+        assert (np.diff(red, axis=1) > 0).all() and (np.diff(green, axis=0) > 0).all()
+
+
+def test_warm_grpo_run_bad_input():
+    from mmlit.jigsaw import gradient_warmup, warm_grpo_run
+    with pytest.raises(ValueError, match="grid 5"): gradient_warmup(5, "/tmp/x")
+    with pytest.raises(ValueError, match="gamma"): warm_grpo_run(None, None, -0.1, 0, "/tmp/x")
+
+
+def test_warm_grpo_run_scores_the_held_out_jigsaws(tmp_path):
+    from mmlit.jigsaw import warm_grpo_run
+    from mmlit.model import MMModel, fit_to_tokenizer, tiny_config
+    from mmlit.processing import MMProcessor, tiny_tokenizer
+    tok = tiny_tokenizer()
+    cfg = tiny_config(image_size=32, patch_size=8, vision_hidden=32, vision_layers=1, text_hidden=32, text_layers=1,
+                      vision_model_type="siglip_vision_model")
+    torch.manual_seed(0); m = MMModel(cfg); fit_to_tokenizer(m, tok)
+    proc = MMProcessor.from_vision_config(cfg.vision_config, tok, max_num=1, use_thumbnail=False)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    res = warm_grpo_run(m, proc, 0.0, 0, tmp_path, grid=3, steps=2, eval_every=1, prompts_per_step=2, group_size=2)
+    assert [e["step"] for e in res["evals"]] == [1, 2] and len(res["reward"]) == 2
+    assert set(res["evals"][0]) == {"step", "gradient 3x3/exact", "gradient 3x3/positions", "gradient 3x3/valid"}
+    assert all(torch.equal(v, m.state_dict()[k]) for k, v in before.items())   # the warm model itself is not trained
+
+
+def test_video_light_cue_tells_time():
+    for level in (0, 1):
+        t, plain = VideoJigsaw(level=level, cue="light"), VideoJigsaw(level=level)
+        for i in range(5):
+            s = t.sample(i, "test"); assert t.verify(s) and s["meta"]["cue"] == "light"
+            F = t.frames_per_clip
+            light = [np.asarray(s["images"][F * j + f]).mean() for j in parse_order(s["answer"]) for f in range(F)]
+            assert all(b > a for a, b in zip(light, light[1:]))   # every frame brighter than the one before it in time
+            assert s["meta"]["keys"] == plain.sample(i, "test")["meta"]["keys"]   # the same clips and order as without the cue
+    with pytest.raises(ValueError, match="unknown cue"): VideoJigsaw(cue="sound")
