@@ -690,6 +690,7 @@ def _summarise(res: EvalResults, name: str | None, confidence: float, method: st
     return out
 
 
+# %% ../nbs/06_eval.ipynb #810a1178
 @patch
 def summary(
     self: EvalResults,
@@ -712,6 +713,7 @@ def accuracy(
     return _summarise(self, task, 0.95, "wilson")["accuracy"]
 
 
+# %% ../nbs/06_eval.ipynb #9c5621de
 def _pct(x):
     return "–" if x is None or x != x else f"{100 * x:.1f}"
 
@@ -747,6 +749,7 @@ def table(
 @patch
 def _repr_markdown_(self: EvalResults) -> str:
     return self.table()
+
 
 # %% ../nbs/06_eval.ipynb #19ac36f7
 @patch
