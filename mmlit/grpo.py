@@ -83,14 +83,15 @@ def zero_variance_groups(
     hi = torch.where(g.isnan(), -torch.inf, g).amax(1)
     return ~(hi > lo)
 
-
+# %% ../nbs/07_grpo.ipynb #f5a89705
 def group_advantages(
     rewards: torch.Tensor,  # (N,) rewards (NaN: not scored), groups of `group_size` consecutive completions
     group_size: int,  # completions per prompt, G
     scale: str = "group",  # "group": divide by the group's std; "batch": by the batch's std; "none": centre only
     eps: float = 1e-4,  # added to the std
 ) -> torch.Tensor:
-    "(N,) advantages (r − mean of its group) / (std + eps), std with n − 1; zero-variance groups and NaN rewards give 0."
+    """(N,) advantages (r − mean of its group) / (std + eps), std with n − 1; zero-variance groups and NaN rewards give
+    0."""
     _check_groups(rewards, group_size)
     if scale not in SCALES:
         raise ValueError(f"unknown scale {scale!r}; expected one of {SCALES}")
@@ -118,14 +119,15 @@ def _check_loss_inputs(logps, old_logps, advantages, mask, ref_logps, beta, loss
             raise ValueError(f"{name} has shape {tuple(t.shape)}, logps has {tuple(logps.shape)}")
     if advantages.shape not in ((logps.shape[0],), (logps.shape[0], 1), tuple(logps.shape)):
         raise ValueError(
-            f"advantages must be ({logps.shape[0]},) — one per sequence — or {tuple(logps.shape)}, got {tuple(advantages.shape)}"
+            f"advantages must be ({logps.shape[0]},) — one per sequence — or {tuple(logps.shape)}, got"
+            f" {tuple(advantages.shape)}"
         )
     if beta != 0 and ref_logps is None:
         raise ValueError(f"beta={beta} needs ref_logps (log-probs of the reference model)")
     if loss_type == "dr_grpo" and not max_completion_length:
         raise ValueError("loss_type='dr_grpo' needs max_completion_length (the generation budget)")
 
-
+# %% ../nbs/07_grpo.ipynb #f660987f
 def grpo_loss(
     logps: torch.Tensor,  # (B, T) log-probs of the sampled tokens under the policy being trained (with gradient)
     old_logps: torch.Tensor | None,  # (B, T) log-probs under the policy that sampled them; None: logps.detach() (μ = 1)
@@ -141,7 +143,8 @@ def grpo_loss(
         float | torch.Tensor | None
     ) = None,  # dapo's denominator: active tokens of the whole generation batch (None: mask.sum())
 ) -> tuple[torch.Tensor, dict]:
-    "The GRPO loss of one batch as TRL computes it, and stats: (loss, {clip_low, clip_high, clip_region, kl, ratio_mean, tokens})."
+    """The GRPO loss of one batch as TRL computes it, and stats: (loss, {clip_low, clip_high, clip_region, kl,
+    ratio_mean, tokens})."""
     _check_loss_inputs(logps, old_logps, advantages, mask, ref_logps, beta, loss_type, max_completion_length)
     eps_high = eps_low if eps_high is None else eps_high
     m, adv = mask.to(logps.dtype), (advantages if advantages.ndim == 2 else advantages[:, None]).to(logps.dtype)
@@ -156,7 +159,7 @@ def grpo_loss(
     loss = _normalise(tok * m, m, loss_type, max_completion_length, num_items)
     return loss, _loss_stats(ratio, adv, m, kl, eps_low, eps_high)
 
-
+# %% ../nbs/07_grpo.ipynb #b3e5570a
 def _normalise(lm, m, loss_type, max_completion_length, num_items):
     "Sum the masked token losses `lm` into one number as `loss_type` says."
     if loss_type == "grpo":
@@ -189,7 +192,8 @@ def completion_mask(
     eos_token_id: int | list[int],  # the end-of-turn token id(s)
     mask_truncated: bool = False,  # zero the whole mask of completions without an EOS
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    "(mask, truncated): mask (N, T) is 1 up to and including the first EOS; truncated (N,) is True where no EOS was produced."
+    """(mask, truncated): mask (N, T) is 1 up to and including the first EOS; truncated (N,) is True where no EOS was
+    produced."""
     if completion_ids.ndim != 2:
         raise ValueError(f"completion_ids must be (completions, tokens), got shape {tuple(completion_ids.shape)}")
     is_eos = torch.isin(completion_ids, torch.as_tensor(eos_token_id, device=completion_ids.device).reshape(-1))
@@ -245,7 +249,8 @@ def sample_completions(
     temperature: float = 1.0,  # sampling temperature (> 0)
     top_p: float = 1.0,  # nucleus threshold
 ) -> torch.Tensor:
-    "(P·G, T ≤ max_new_tokens) sampled completion ids, each prompt's G completions consecutive; images encoded once per prompt."
+    """(P·G, T ≤ max_new_tokens) sampled completion ids, each prompt's G completions consecutive; images encoded once
+    per prompt."""
     if not temperature > 0:
         raise ValueError(f"sampling needs temperature > 0, got {temperature}")
     if group_size < 1 or max_new_tokens < 1:
@@ -274,7 +279,9 @@ def _check_completions(prompts: dict, completion_ids: torch.Tensor, completion_m
     if N % P:
         raise ValueError(f"{N} completions do not split into groups for {P} prompts")
     if completion_mask.shape != completion_ids.shape:
-        raise ValueError(f"completion_mask {tuple(completion_mask.shape)} != completion_ids {tuple(completion_ids.shape)}")
+        raise ValueError(
+            f"completion_mask {tuple(completion_mask.shape)} != completion_ids {tuple(completion_ids.shape)}"
+        )
     return P, N
 
 
@@ -286,7 +293,8 @@ def completion_logps(
     temperature: float = 1.0,  # the sampling temperature
     with_entropy: bool = False,  # also return the per-token entropy (else None)
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    "(P·G, T) log-probs of the completion tokens under softmax(logits / T), images encoded once per prompt; and the entropies."
+    """(P·G, T) log-probs of the completion tokens under softmax(logits / T), images encoded once per prompt; and the
+    entropies."""
     P, N = _check_completions(prompts, completion_ids, completion_mask)
     G, T, m = N // P, completion_ids.shape[1], base_model(model)
     emb = prompt_embeddings(model, prompts["input_ids"], prompts.get("pixel_values")).repeat_interleave(G, 0)
@@ -407,7 +415,7 @@ def _columns(samples, G):
         sample=rep(samples),
     )
 
-
+# %% ../nbs/07_grpo.ipynb #f9916e42
 def rollout(
     model: nn.Module,  # the policy (MMModel or peft model around one)
     processor: MMProcessor,  # the processor matching the model
@@ -453,7 +461,7 @@ def rollout(
         for i, s in enumerate(samples)
     ]
 
-
+# %% ../nbs/07_grpo.ipynb #45a22f98
 def assemble(
     groups: list[RolloutGroup],  # the groups of one generation batch
     processor: MMProcessor,  # the processor matching the model
@@ -461,7 +469,8 @@ def assemble(
     mask_truncated: bool = False,  # drop completions without EOS from the loss
     suffix: str = "",  # the suffix the prompts were generated with
 ) -> dict:
-    "Tensors for the loss: prompts (`prompt_batch`), completion_ids / completion_mask (N, T) right-padded, truncated (N,), rewards (N, F)."
+    """Tensors for the loss: prompts (`prompt_batch`), completion_ids / completion_mask (N, T) right-padded, truncated
+    (N,), rewards (N, F)."""
     ids = [c for g in groups for c in g.completions]
     T = max(1, max(len(c) for c in ids))
     comp = torch.full((len(ids), T), processor.pad_token_id, dtype=torch.long)
@@ -514,7 +523,8 @@ def top_p_filter(
     scores: torch.Tensor,  # (N, V) logits already divided by the temperature
     top_p: float,  # keep the smallest set of most likely tokens whose probability reaches top_p
 ) -> torch.Tensor:
-    "Scores with the tokens outside the nucleus set to −inf (transformers' `TopPLogitsWarper` rule); top_p ≥ 1 leaves them as they are."
+    """Scores with the tokens outside the nucleus set to −inf (transformers' `TopPLogitsWarper` rule); top_p ≥ 1 leaves
+    them as they are."""
     if top_p >= 1.0:
         return scores
     s, i = scores.sort(-1)
@@ -535,7 +545,8 @@ def decode_completions(
     top_p: float = 1.0,  # nucleus threshold
     sampler: str = "inverse_cdf",  # "inverse_cdf" (one uniform per row) or "multinomial" (transformers' draws)
 ) -> torch.Tensor:
-    "(P·G, T ≤ max_new_tokens) completions as `sample_completions` samples them, each prompt prefilled once and its KV cache repeated G×."
+    """(P·G, T ≤ max_new_tokens) completions as `sample_completions` samples them, each prompt prefilled once and its
+    KV cache repeated G×."""
     if not temperature > 0:
         raise ValueError(f"sampling needs temperature > 0, got {temperature}")
     if group_size < 1 or max_new_tokens < 1:
@@ -563,7 +574,7 @@ def decode_completions(
         ).logits[:, -1]
     return torch.stack(out, 1)
 
-
+# %% ../nbs/07_grpo.ipynb #fa7dd81a
 def _prefill_shared(model, prompts, group_size):
     "Run the P prompts once; (last logits, attention mask, cache), each repeated G× along the batch."
     from transformers import DynamicCache
@@ -591,7 +602,8 @@ def shared_prompt_logps(
     temperature: float = 1.0,  # the sampling temperature
     with_entropy: bool = False,  # also return the per-token entropy (else None)
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    "`completion_logps`' (P·G, T) log-probs and entropies, each prompt run once and its keys/values shared by its G completions."
+    """`completion_logps`' (P·G, T) log-probs and entropies, each prompt run once and its keys/values shared by its G
+    completions."""
     P, N = _check_completions(prompts, completion_ids, completion_mask)
     m, T = base_model(model), completion_ids.shape[1]
     logits, am, cache = _prefill_shared(model, prompts, N // P)
@@ -612,7 +624,8 @@ def shared_prompt_logps(
 
 # %% ../nbs/07_grpo.ipynb #a8f94b61
 class GRPOPolicy(nn.Module):
-    "The policy as one module whose forward gives the loss's log-probs, so `accelerator.prepare` can wrap it (DDP, FSDP, DeepSpeed)."
+    """The policy as one module whose forward gives the loss's log-probs, so `accelerator.prepare` can wrap it (DDP,
+    FSDP, DeepSpeed)."""
 
     def __init__(
         self,
@@ -650,22 +663,19 @@ class GRPOConfig:
     eps_low: float = 0.2  # lower clip ε
     eps_high: float | None = None  # upper clip ε (None: eps_low; DAPO: 0.28)
     beta: float = 0.0  # KL weight (0: no reference model)
-    ref_model: str = (
-        "auto"  # with beta > 0: "copy" (frozen copy), "adapter" (peft disable_adapter), "auto" (adapter if peft)
-    )
+    # with beta > 0: "copy" (frozen copy), "adapter" (peft disable_adapter), "auto" (adapter if peft)
+    ref_model: str = "auto"
     mask_truncated: bool = False  # completions without EOS get no loss
     dynamic_sampling: bool = False  # drop zero-variance groups and refill with new prompts
-    shared_prompt: bool = (
-        False  # prefill each prompt once for its G completions, in sampling and in the loss (`decode_completions`)
-    )
+    # prefill each prompt once for its G completions, in sampling and in the loss (`decode_completions`)
+    shared_prompt: bool = False
     sampler: str = "inverse_cdf"  # with shared_prompt: "inverse_cdf" or "multinomial" (transformers' draws)
     max_refills: int = 4  # dynamic sampling: extra rollout rounds per step at most
     reward_weights: list | None = None  # one weight per reward function (None: 1 each)
     suffix: str = ""  # appended to every question (e.g. a format instruction)
     seed: int = 0  # seeds all RNGs
-    cpu: bool = (
-        False  # force the CPU (always used when no GPU is present, so that torchrun / accelerate launch join the processes)
-    )
+    # force the CPU (always used when no GPU is present, so that torchrun / accelerate launch join the processes)
+    cpu: bool = False
     save_every: int = 0  # checkpoint every this many steps (0: only at the end)
     keep_last: int = 2  # checkpoints kept
     log_every: int = 1  # a metrics line every this many steps
@@ -745,7 +755,8 @@ class GRPOConfig:
 
 # %% ../nbs/07_grpo.ipynb #194ab0e1
 class GRPOTrainer:
-    "GRPO on accelerate: rollouts (images encoded once per prompt), rewards gathered across processes, μ clipped updates, exact resume."
+    """GRPO on accelerate: rollouts (images encoded once per prompt), rewards gathered across processes, μ clipped
+    updates, exact resume."""
 
     def __init__(
         self,
@@ -806,7 +817,7 @@ class GRPOTrainer:
         "Restore what the `RunState` saved for this process."
         self.step, self.pos = int(st["step"]), int(st["pos"])
 
-
+# %% ../nbs/07_grpo.ipynb #645591bb
 @dataclass
 class _Sched:
     warmup_steps: int
@@ -841,10 +852,11 @@ def _rollout(self: GRPOTrainer, n: int) -> list[RolloutGroup]:
         c.sampler,
     )
 
-
+# %% ../nbs/07_grpo.ipynb #9d84db70
 @patch
 def collect(self: GRPOTrainer) -> tuple[list[RolloutGroup], dict]:
-    "This process's groups for one step (dynamic sampling: zero-variance groups replaced by new prompts) and sampling stats."
+    """This process's groups for one step (dynamic sampling: zero-variance groups replaced by new prompts) and sampling
+    stats."""
     c = self.cfg
     groups = self._rollout(c.prompts_per_step)
     st = dict(zero_var_frac=float(np.mean([g.zero_variance for g in groups])), refills=0, dropped_groups=0)
@@ -863,7 +875,8 @@ def collect(self: GRPOTrainer) -> tuple[list[RolloutGroup], dict]:
 # %% ../nbs/07_grpo.ipynb #ab5275f8
 @patch
 def _advantages(self: GRPOTrainer, rewards: torch.Tensor) -> tuple[torch.Tensor, dict]:
-    "Gather every process's (N, F) rewards, weight and nansum them, compute group advantages, keep this process's slice."
+    """Gather every process's (N, F) rewards, weight and nansum them, compute group advantages, keep this process's
+    slice."""
     acc, c = self.accelerator, self.cfg
     allr = acc.gather(rewards.to(acc.device)).cpu()
     w = torch.tensor(c.reward_weights if c.reward_weights is not None else [1.0] * allr.shape[1])
@@ -927,7 +940,7 @@ def _train_step(self: GRPOTrainer) -> dict:
         ls.update(loss=float(loss.detach()), entropy=float((ent.detach() * mask).sum() / mask.sum().clamp(min=1)))
         agg.append(ls)
     ls = {k: float(np.mean([a[k] for a in agg])) for k in agg[0] if k != "tokens"}
-    local = dict(sorted(ls.items()))   # every value averaged over processes in one gather, then read back by name
+    local = dict(sorted(ls.items()))  # every value averaged over processes in one gather, then read back by name
     local.update(
         completion_len=float(b["lengths"].float().mean()),
         truncated_frac=float(b["truncated"].float().mean()),
@@ -959,7 +972,8 @@ def load(
     self: GRPOTrainer,
     path: str | Path,  # a checkpoint directory written by `save`
 ):
-    "Verify a checkpoint and restore weights, optimizer, scheduler, RNG states and data positions; ValueError if it does not fit."
+    """Verify a checkpoint and restore weights, optimizer, scheduler, RNG states and data positions; ValueError if it
+    does not fit."""
     load_checkpoint(self.accelerator, path, self.cfg)
     self.log(f"resumed from {path} at step {self.step}")
 
@@ -982,7 +996,7 @@ def evaluate(self: GRPOTrainer) -> dict | None:
         self._emit({"kind": "eval", "step": self.step, **res})
     return res
 
-
+# %% ../nbs/07_grpo.ipynb #424116c6
 @patch
 def train(
     self: GRPOTrainer,
@@ -1005,7 +1019,9 @@ def train(
         t0, c0 = time.perf_counter(), time.process_time()
         m = self._train_step()
         self.step += 1
-        last = dict(kind="train", step=self.step, **m, step_s=time.perf_counter() - t0, step_cpu_s=time.process_time() - c0)
+        last = dict(
+            kind="train", step=self.step, **m, step_s=time.perf_counter() - t0, step_cpu_s=time.process_time() - c0
+        )
         if self.step % c.log_every == 0 or self.step == c.steps:
             self._emit(last)
         bar.update(1)

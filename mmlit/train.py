@@ -90,9 +90,8 @@ class TrainConfig:
     packing: bool = False  # pack samples into rows (chapter 04) instead of padding
     max_tokens: int = 2048  # longest sample; with packing also the tokens of one row
     max_tiles: int | None = None  # with packing: the image tiles of one row (None: no cap)
-    pack_buffer: int = (
-        0  # with packing: best-fit decreasing over a lookahead buffer of this many samples (0: first-fit in order)
-    )
+    # with packing: best-fit decreasing over a lookahead buffer of this many samples (0: first-fit in order)
+    pack_buffer: int = 0
     lora: bool = False  # stage 2 with LoRA adapters on the LLM
     lora_r: int = 8  # LoRA rank
     lora_alpha: int = 16  # LoRA scaling numerator
@@ -306,7 +305,7 @@ def next(self: TrainStream) -> dict:
     self._peeked = None
     return s
 
-
+# %% ../nbs/05_train.ipynb #3e5ad796
 @patch
 def next_with_position(self: TrainStream) -> tuple[int, dict]:
     "Consume the next usable sample; (its position, the sample)."
@@ -376,7 +375,7 @@ def packed_segments(
         out.append(list(zip(s[:-1], s[1:])))
     return out
 
-
+# %% ../nbs/05_train.ipynb #c4e3cc55
 def packed_attention(
     module: nn.Module,
     query: torch.Tensor,
@@ -388,7 +387,8 @@ def packed_attention(
     position_ids: torch.Tensor | None = None,  # (B, L) the packed positions
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    "Causal `sdpa` on each packed sample alone: (B, L, H, D); anything else (a mask, a cache, dropout) goes to transformers' `sdpa`."
+    """Causal `sdpa` on each packed sample alone: (B, L, H, D); anything else (a mask, a cache, dropout) goes to
+    transformers' `sdpa`."""
     if position_ids is None or attention_mask is not None or query.shape[2] != key.shape[2] or dropout:
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
@@ -426,8 +426,7 @@ def llm_attention(
     cfgs = list(
         {
             id(c): c
-            for c in [m.language_model.config]
-            + [
+            for c in [m.language_model.config] + [
                 x.config
                 for x in m.language_model.modules()
                 if isinstance(getattr(x, "config", None), type(m.language_model.config))
@@ -458,7 +457,8 @@ def forward_logits(
     model: nn.Module,  # an MMModel (possibly wrapped by accelerate or peft)
     batch: dict,  # a micro-batch on the model's device
 ) -> torch.Tensor:
-    "Logits of a padded batch (with its attention mask) or a packed one (position ids, no mask, attention per sample); never a KV cache."
+    """Logits of a padded batch (with its attention mask) or a packed one (position ids, no mask, attention per
+    sample); never a KV cache."""
     kw = dict(input_ids=batch["input_ids"], use_cache=False)
     if batch["pixel_values"].shape[0]:
         kw["pixel_values"] = batch["pixel_values"]
@@ -504,7 +504,7 @@ def quiet_saving():
         if was:
             hf_logging.enable_progress_bar()
 
-
+# %% ../nbs/05_train.ipynb #76841ca2
 def _manifest(d: Path) -> dict:
     files = sorted(p for p in d.rglob("*") if p.is_file())
     for p in files:
@@ -539,7 +539,8 @@ def write_checkpoint(
     final: str | Path,  # the checkpoint directory to create, e.g. .../checkpoints/step-000040
     write: Callable[[Path], None],  # fills the directory it is given with the checkpoint's files
 ) -> Path:
-    "Create `final` atomically: `write` fills a temp dir beside it, files are fsynced, the `COMPLETE` manifest goes last, then `os.replace`."
+    """Create `final` atomically: `write` fills a temp dir beside it, files are fsynced, the `COMPLETE` manifest goes
+    last, then `os.replace`."""
     final = Path(final)
     tmp = _temp_dir(final)
     try:
@@ -554,7 +555,8 @@ def write_checkpoint(
 def verify_checkpoint(
     path: str | Path,  # a checkpoint directory
 ) -> dict:
-    "The checkpoint's manifest after checking every file's size and SHA-256; ValueError naming a missing or corrupt file."
+    """The checkpoint's manifest after checking every file's size and SHA-256; ValueError naming a missing or corrupt
+    file."""
     path = Path(path)
     if not path.is_dir():
         raise ValueError(f"checkpoint {path} does not exist")
@@ -574,7 +576,8 @@ def verify_checkpoint(
             raise ValueError(f"checkpoint file {f} listed in {m} is missing")
         if f.stat().st_size != info["bytes"]:
             raise ValueError(
-                f"checkpoint file {f} has {f.stat().st_size} bytes, the manifest says {info['bytes']} (truncated or modified)"
+                f"checkpoint file {f} has {f.stat().st_size} bytes, the manifest says {info['bytes']} (truncated or"
+                " modified)"
             )
         if file_sha256(f) != info["sha256"]:
             raise ValueError(f"checkpoint file {f} fails its SHA-256 check (corrupt or modified)")
@@ -611,7 +614,8 @@ def prune_checkpoints(
     output_dir: str | Path,  # the run's output directory
     keep_last: int,  # how many of the newest checkpoints to keep
 ) -> list[Path]:
-    "Delete all but the newest `keep_last` checkpoints (renamed aside first, so a half-deleted one is never listed); returns the deleted."
+    """Delete all but the newest `keep_last` checkpoints (renamed aside first, so a half-deleted one is never listed);
+    returns the deleted."""
     old = list_checkpoints(output_dir)[:-keep_last] if keep_last > 0 else []
     for p in old:
         trash = p.with_name(f".old-{p.name}-{uuid.uuid4().hex[:8]}")
@@ -782,7 +786,8 @@ def save_checkpoint(
     pretrained: nn.Module | None = None,  # also saved with `save_pretrained` under model/ (the unwrapped model)
     prefix: str = "",  # the key prefix of `pretrained`'s weights in the prepared model's state dict
 ) -> Path:
-    "Every process: accelerate's `save_state` into a temp dir beside `final`; then the main process adds trainer_state.json, model/ and the manifest, and renames it."
+    """Every process: accelerate's `save_state` into a temp dir beside `final`; then the main process adds
+    trainer_state.json, model/ and the manifest, and renames it."""
     final, acc = Path(final), accelerator
     run_state.gather()
     sd = acc.get_state_dict(acc._models[0]) if pretrained is not None else None  # a collective under FSDP / ZeRO-3
@@ -812,7 +817,8 @@ def load_checkpoint(
     path: str | Path,  # a checkpoint directory written by `save_checkpoint`
     cfg,  # the run's config (a dataclass with `resume_keys`)
 ) -> dict:
-    "Verify a checkpoint, check that it fits this run, restore everything with accelerate's `load_state`; its trainer_state.json."
+    """Verify a checkpoint, check that it fits this run, restore everything with accelerate's `load_state`; its
+    trainer_state.json."""
     path = Path(path)
     verify_checkpoint(path)
     f = path / "trainer_state.json"
@@ -820,7 +826,7 @@ def load_checkpoint(
     if info.get("layout") != CHECKPOINT_LAYOUT:
         raise ValueError(
             f"checkpoint {path} is in an older mmlit layout (model/ + optimizer.pt), which this version cannot resume: "
-            f"start the run without resume (or move its checkpoints/ folder aside); its weights still load with "
+            "start the run without resume (or move its checkpoints/ folder aside); its weights still load with "
             f"load_model_weights(model, '{path / 'model'}')"
         )
     check_resumable(path, info, cfg, accelerator.num_processes)
@@ -834,7 +840,9 @@ def load_checkpoint(
 @patch
 def _position(self: Trainer) -> dict:
     "This process's counters and data stream position (what `RunState` saves)."
-    return dict(step=self.step, samples_seen=self.samples_seen, tokens_seen=self.tokens_seen, stream=self.stream.state())
+    return dict(
+        step=self.step, samples_seen=self.samples_seen, tokens_seen=self.tokens_seen, stream=self.stream.state()
+    )
 
 
 @patch
@@ -888,7 +896,8 @@ def load(
     self: Trainer,
     path: str | Path,  # a checkpoint directory written by `save`
 ):
-    "Verify a checkpoint and restore model, optimizer, scheduler, RNG states and data position; ValueError if it does not fit."
+    """Verify a checkpoint and restore model, optimizer, scheduler, RNG states and data position; ValueError if it does
+    not fit."""
     load_checkpoint(self.accelerator, path, self.cfg)
     self.log(f"resumed from {path} at step {self.step}")
 
@@ -923,7 +932,7 @@ def summarise_run(
         steps=len(rows),
     )
 
-
+# %% ../nbs/05_train.ipynb #274b7c65
 def truncate_metrics(
     path: Path,  # a metrics.jsonl file (nothing happens when it does not exist)
     last: int,  # keep the lines whose `key` is at most this
@@ -972,7 +981,8 @@ def check_resumable(
     cfg,  # the run's config (a dataclass with `resume_keys`)
     num_processes: int,  # processes of this run
 ):
-    "ValueError unless the checkpoint's settings and process count match this run (keys newer than the checkpoint: defaults)."
+    """ValueError unless the checkpoint's settings and process count match this run (keys newer than the checkpoint:
+    defaults)."""
     fields = type(cfg).__dataclass_fields__
     saved = lambda k: state["config"].get(k, fields[k].default)
     diff = {
@@ -984,10 +994,11 @@ def check_resumable(
         raise ValueError(f"cannot resume from {path}: settings differ (checkpoint, now): {diff}")
     if state["world_size"] != num_processes:
         raise ValueError(
-            f"cannot resume from {path}: it was written by {state['world_size']} processes, this run has {num_processes}"
+            f"cannot resume from {path}: it was written by {state['world_size']} processes, this run has"
+            f" {num_processes}"
         )
 
-
+# %% ../nbs/05_train.ipynb #b779030c
 def eval_on_main(
     accelerator,  # the run's Accelerator
     model: nn.Module,  # the unwrapped model
@@ -1108,7 +1119,8 @@ def plot_runs(
     eval_key: str | None = "val_loss",  # also plot this evaluation metric (dashed)
     ax=None,  # a matplotlib axes
 ):
-    "Plot a metric of several runs one after another on a common step axis (each run continues the previous one's steps)."
+    """Plot a metric of several runs one after another on a common step axis (each run continues the previous one's
+    steps)."""
     import matplotlib.pyplot as plt
 
     if ax is None:
@@ -1138,7 +1150,8 @@ def scale_up(
     llm,  # the new LLM: a causal LM or a local directory holding one
     tokenizer=None,  # the new LLM's tokenizer (then `fit_to_tokenizer`); None keeps the image token id
 ) -> tuple[MMModel, list[str]]:
-    "Progressive scaling: `trained`'s vision encoder with another LLM, the projector reused where its shapes fit; returns (model, reused parts)."
+    """Progressive scaling: `trained`'s vision encoder with another LLM, the projector reused where its shapes fit;
+    returns (model, reused parts)."""
     if hasattr(trained, "peft_config"):
         raise ValueError("scale_up needs a plain MMModel; merge LoRA adapters first (merge_and_unload)")
     c = trained.config
