@@ -165,8 +165,8 @@ def run_command(args: argparse.Namespace) -> int:
         )
         return 130
     except ValueError as e:
-        if not str(e).startswith("checkpoint"):
-            raise
+        if not str(e).startswith("checkpoint") or "older mmlit layout" in str(e):
+            raise  # not a damaged checkpoint: its own message says what to do
         raise ValueError(
             f"{e}\nTo go on, delete that checkpoint's folder and run `mmlit run --out {out} --resume`: "
             "training continues from the checkpoint before it (or starts the stage again)"

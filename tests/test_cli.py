@@ -677,3 +677,13 @@ def test_grpo_stage_can_prefill_each_question_once(tmp_path):
     report = run_recipe(r, tmp_path / 'shared', progress=False).read_text()
     assert 'after stage grpo' in report
     with pytest.raises(ValueError, match='sampler must be one of'): Recipe.from_dict({**d, 'stages': [{**d['stages'][1], 'sampler': 'greedy'}]})
+
+def test_old_checkpoint_layout_message_is_not_the_damaged_advice(tmp_path, monkeypatch, capsys):
+    "A checkpoint written before the save_state layout: its own message, not 'delete that checkpoint's folder'."
+    import mmlit.cli as cli
+    msg = f"checkpoint {tmp_path}/x is in an older mmlit layout (model/ + optimizer.pt), which this version cannot resume"
+    def old(*a, **k): raise ValueError(msg)
+    monkeypatch.setattr(cli, 'run_recipe', old)
+    assert main(['run', '--recipe', 'quick', '--out', str(tmp_path / 'r'), '--resume']) == 2
+    err = capsys.readouterr().err
+    assert 'older mmlit layout' in err and "delete that checkpoint's folder" not in err
