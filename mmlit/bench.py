@@ -65,7 +65,8 @@ def bench_images(
 
 # %% ../nbs/12_bench.ipynb #514e4460
 def mmlit_internvl(images, max_num=12, image_size=448, num_threads=None):
-    "mmlit's InternVL path (`tile_tensors`, a thread per core): tiles (thumbnail last) → one normalised tensor, plus tiles per image."
+    """mmlit's InternVL path (`tile_tensors`, a thread per core): tiles (thumbnail last) → one normalised tensor, plus
+    tiles per image."""
     return tile_tensors(
         images,
         rule='internvl',
@@ -134,7 +135,10 @@ class BenchResult:
                 f"  same tiles: {self.same_tiles[k]}  max |diff| = {self.max_abs_diff[k]:.1e}"
             )
         if k == RESIZES and 'transformers (slow)' in self.same_tiles:
-            return f"  bound per CPU s on mmlit/transformers (slow) = {self.ratio('transformers (slow)', k, cpu=True):.2f}x"
+            return (
+                "  bound per CPU s on mmlit/transformers (slow) ="
+                f" {self.ratio('transformers (slow)', k, cpu=True):.2f}x"
+            )
         return ''
 
     def __str__(self):
@@ -150,7 +154,8 @@ def bench_tiling(
     fast: bool | None = None,  # include the torchvision processor (None: when torchvision imports)
     num_threads: int | None = None,  # mmlit's worker threads (default: the cores available)
 ) -> BenchResult:
-    "Images/s of mmlit's InternVL tiling + normalisation against transformers' processors and the bare resizes, interleaved."
+    """Images/s of mmlit's InternVL tiling + normalisation against transformers' processors and the bare resizes,
+    interleaved."""
     images = bench_images(sizes)
     if fast is None:
         fast = importlib.util.find_spec('torchvision') is not None
@@ -183,7 +188,8 @@ def bench_tiling(
 
 # %% ../nbs/12_bench.ipynb #94b38a24
 def tiny_bench_model(seed: int = 0):
-    "The tiny MLLM of `tiny_config()`, its LLM initialised with std 0.2 so greedy decoding neither stops nor repeats one token."
+    """The tiny MLLM of `tiny_config()`, its LLM initialised with std 0.2 so greedy decoding neither stops nor repeats
+    one token."""
     from mmlit.model import MMModel, tiny_config
 
     torch.manual_seed(seed)
@@ -265,7 +271,8 @@ def _rss_bytes() -> int:
 
 
 def peak_memory_rise(fn, interval: float = 0.002) -> tuple:
-    "Run `fn()`; returns its result and the peak rise of resident memory (MiB) while it ran, sampled every `interval` s."
+    """Run `fn()`; returns its result and the peak rise of resident memory (MiB) while it ran, sampled every `interval`
+    s."""
     import threading
 
     base = peak = _rss_bytes()
@@ -288,7 +295,8 @@ def peak_memory_rise(fn, interval: float = 0.002) -> tuple:
 
 # %% ../nbs/12_bench.ipynb #57254276
 def bench_train_step(model, batch: int = 8, text: int = 48, steps: int = 3, warmup: int = 1, lr: float = 1e-5) -> dict:
-    "Full AdamW training steps: samples/s and the peak rise of memory over the model's own (activations, gradients, optimizer state)."
+    """Full AdamW training steps: samples/s and the peak rise of memory over the model's own (activations, gradients,
+    optimizer state)."""
     model.train()
     b = synthetic_batch(model, batch=batch, text=text)
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
@@ -323,7 +331,8 @@ def run_isolated(
     model_kwargs: dict | None = None,  # arguments of the model builder
     **kwargs,
 ) -> dict:
-    "Run `bench_fn(model_fn(**model_kwargs), **kwargs)` in a fresh Python process (so peak memory is its own); returns the result."
+    """Run `bench_fn(model_fn(**model_kwargs), **kwargs)` in a fresh Python process (so peak memory is its own);
+    returns the result."""
     import json, subprocess
 
     code = (
@@ -351,7 +360,8 @@ def gemv_rate(mib: int = 512, repeats: int = 5) -> float:
 
 
 def decode_weight_bytes(model) -> int:
-    "Bytes of language-model weights read per decoded token: every parameter once (tied ones once), but only one row of an untied input embedding."
+    """Bytes of language-model weights read per decoded token: every parameter once (tied ones once), but only one row
+    of an untied input embedding."""
     lm = model.language_model if hasattr(model, "language_model") else model
     seen, total = set(), 0
     emb, head = lm.get_input_embeddings().weight, (
@@ -368,7 +378,8 @@ def decode_weight_bytes(model) -> int:
 def bench_decode(
     model, batches=(1, 16), new_tokens: int = 48, prompt_text: int = 16, repeats: int = 3  # rows decoded together
 ) -> dict:
-    "Greedy cached decoding of `new_tokens` tokens at each batch size (one-tile image prompts): tokens/s, against the memory-bandwidth bound."
+    """Greedy cached decoding of `new_tokens` tokens at each batch size (one-tile image prompts): tokens/s, against the
+    memory-bandwidth bound."""
     model.eval()
     kws, rates, times = {}, {"copy": [], "gemv": []}, {B: [] for B in batches}
     for B in batches:
@@ -405,7 +416,8 @@ def bench_decode(
 
 # %% ../nbs/12_bench.ipynb #a9cfd2cb
 def packing_pool(n: int = 48, max_num: int = 4):
-    "(tiny SigLIP-encoder model, processor, `n` processed samples of chapter 05's mix: compare_count, count, video_motion)."
+    """(tiny SigLIP-encoder model, processor, `n` processed samples of chapter 05's mix: compare_count, count,
+    video_motion)."""
     from mmlit.core import seed_everything
     from mmlit.data import make_task, media
     from mmlit.model import MMModel, fit_to_tokenizer, tiny_config
@@ -458,9 +470,10 @@ def _packing_pass(model, batches, per_sample: bool, llm_only: bool) -> float:
         model.zero_grad(set_to_none=True)
     return time.process_time() - t0
 
-
+# %% ../nbs/12_bench.ipynb #da7df38b
 def bench_packing(n: int = 48, repeats: int = 3, rows: int = 2, max_tokens: int = 512) -> dict:
-    "Real tokens per CPU second of padded batches, packed rows with the block mask, packed rows with per-sample attention."
+    """Real tokens per CPU second of padded batches, packed rows with the block mask, packed rows with per-sample
+    attention."""
     from mmlit.data import pack_stream, padding_fraction
     from mmlit.train import stage_model
 
@@ -493,7 +506,7 @@ def bench_packing(n: int = 48, repeats: int = 3, rows: int = 2, max_tokens: int 
         ratio={k: {p: round(v[p] / base[p], 2) for p in v} for k, v in tok.items()},
     )
 
-
+# %% ../nbs/12_bench.ipynb #34bdf174
 def _embed(model, b):
     "Input embeddings with the image features scattered in (what the language model receives)."
     from mmlit.model import scatter_image_features
@@ -508,7 +521,8 @@ GRPO_PROMPTS = ["blue", "red", "cat", "sun", "tree", "two", "dog", "one", "box",
 
 
 def grpo_bench_model(seed: int = 0, tiles: int = 0):
-    "`tiny_bench_model()` fitted to the tiny tokenizer, and its processor (`max_num=tiles`, thumbnail on): (model, processor)."
+    """`tiny_bench_model()` fitted to the tiny tokenizer, and its processor (`max_num=tiles`, thumbnail on): (model,
+    processor)."""
     from mmlit.model import fit_to_tokenizer
     from mmlit.processing import MMProcessor, tiny_tokenizer
 
@@ -548,7 +562,7 @@ def _grpo_samples(n: int, tiles: int = 0, side: int = 64) -> list[dict]:
         )
     return out
 
-
+# %% ../nbs/12_bench.ipynb #e5f57db6
 def hf_internvl_grpo_processor(proc, tiles: int):  # the `MMProcessor` whose tokenizer, tiling and normalisation to copy
     "transformers' `InternVLProcessor` producing the same prompt ids and pixels as `proc` (for TRL's VLM path)."
     from transformers import GotOcr2ImageProcessorPil, InternVLProcessor
@@ -586,7 +600,8 @@ def hf_internvl_grpo_processor(proc, tiles: int):  # the `MMProcessor` whose tok
 
 # %% ../nbs/12_bench.ipynb #fdbb4590
 class StepClock:
-    "Wall-clock and CPU seconds (this process, `time.process_time`) of each timed step; `start()` … `stop()` or `with clock:`."
+    """Wall-clock and CPU seconds (this process, `time.process_time`) of each timed step; `start()` … `stop()` or `with
+    clock:`."""
 
     def __init__(self):
         self.wall, self.cpu = [], []
@@ -618,7 +633,7 @@ def _step_result(side, clock, lengths, P, G, warmup):
         threads=torch.get_num_threads(),
     )
 
-
+# %% ../nbs/12_bench.ipynb #0be2ea19
 def bench_grpo_mmlit(
     setup,  # (model, processor) from `grpo_bench_model`
     prompts_per_step: int = 4,
@@ -653,7 +668,7 @@ def bench_grpo_mmlit(
             model, proc, _grpo_samples(steps * prompts_per_step, tiles, proc.image_size), cfg, [grpo_id_reward]
         )
         tr.train()
-        rows = read_metrics(d)   # each train row times its whole step (sample, score, advantages, update)
+        rows = read_metrics(d)  # each train row times its whole step (sample, score, advantages, update)
     clock.wall, clock.cpu = [r["step_s"] for r in rows], [r["step_cpu_s"] for r in rows]
     return _step_result(
         "mmlit" if shared_prompt else "mmlit (generate)",
@@ -664,7 +679,7 @@ def bench_grpo_mmlit(
         warmup,
     )
 
-
+# %% ../nbs/12_bench.ipynb #85fba159
 def bench_grpo_trl(
     setup,  # (model, processor) from `grpo_bench_model`
     prompts_per_step: int = 4,
@@ -674,7 +689,8 @@ def bench_grpo_trl(
     warmup: int = 1,
     tiles: int = 0,  # 0: text prompts (TRL trains `model.language_model`); k: images, TRL trains `to_internvl(model)`
 ) -> dict:
-    "Full GRPO steps of TRL's `GRPOTrainer` (no vLLM) on the same weights, prompts and reward: wall and CPU seconds per step, mean completion length."
+    """Full GRPO steps of TRL's `GRPOTrainer` (no vLLM) on the same weights, prompts and reward: wall and CPU seconds
+    per step, mean completion length."""
     import tempfile, warnings
 
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
@@ -761,14 +777,15 @@ def _run_grpo_side(side: str, threads: int, **kwargs) -> dict:
         **extra,
     )
 
-
+# %% ../nbs/12_bench.ipynb #b91e12b3
 def bench_grpo(
     rounds: int = 2,  # fresh-process runs per side (the sides alternate within a round)
     threads: int = 1,  # torch threads in each child process
     sides=tuple(GRPO_SIDES),  # which of `GRPO_SIDES` to run ("trl" is needed for the ratios)
     **kwargs,  # prompts_per_step, group_size, max_new_tokens, steps, warmup, tiles
 ) -> dict:
-    "Completions/s of a full GRPO step (rollout + update), mmlit (shared prompt, and through `generate`) against TRL, each in fresh processes."
+    """Completions/s of a full GRPO step (rollout + update), mmlit (shared prompt, and through `generate`) against TRL,
+    each in fresh processes."""
     if importlib.util.find_spec("trl") is None:
         raise ImportError("the GRPO benchmark needs TRL: pip install 'trl>=1.0'")
     runs = {s: [] for s in sides}
@@ -799,7 +816,7 @@ def bench_grpo(
     )
     return out
 
-
+# %% ../nbs/12_bench.ipynb #66fe6e02
 def format_grpo(res: dict) -> str:
     "The `bench_grpo` result as a few lines."
     lines = [f"== GRPO step (rollout + update), {res['setup']}"]
@@ -825,7 +842,8 @@ def bench_grpo_phases(
     tiles: int = 0,
     repeats: int = 5,
 ) -> dict:
-    "Median CPU seconds of sampling (generate vs prefill-once decoding) and of the log-prob forward + backward (G copies vs shared prompt)."
+    """Median CPU seconds of sampling (generate vs prefill-once decoding) and of the log-prob forward + backward (G
+    copies vs shared prompt)."""
     from mmlit.grpo import (
         completion_logps,
         completion_mask,

@@ -66,7 +66,8 @@ def closest_aspect_grid(
     candidates: Sequence[Size],  # grids (cols, rows) in walking order
     image_size: int = 448,  # tile side S in pixels
 ) -> Size:
-    "InternVL's walk: the grid with the closest cols/rows to W/H; on an exact tie the later wins only if W·H > 0.5·S²·cols·rows."
+    """InternVL's walk: the grid with the closest cols/rows to W/H; on an exact tie the later wins only if W·H >
+    0.5·S²·cols·rows."""
     width, height = _check_size(width, height)
     if not candidates:
         raise ValueError(f"no candidate grids for a {width}×{height} image")
@@ -184,7 +185,7 @@ def _anyres_candidates(max_num: int, grids: Sequence[Size] | None) -> list[Size]
         raise ValueError("grids must hold at least one (cols, rows)")
     return sorted(grids, key=lambda g: g[0] * g[1])
 
-
+# %% ../nbs/01_tiling.ipynb #e41f54bc
 def llava_anyres_grid(
     width: int,  # image width in pixels
     height: int,  # image height in pixels
@@ -244,7 +245,8 @@ def msac_grids(
     allowed = [(i, j) for i, j in internvl_candidates(adaptive_min, adaptive_max) if not (dc % i == 0 and dr % j == 0)]
     if not allowed:
         raise ValueError(
-            f"no adaptive grid with {adaptive_min}..{adaptive_max} tiles avoids the detailed grid {detailed} of a {width}×{height} image"
+            f"no adaptive grid with {adaptive_min}..{adaptive_max} tiles avoids the detailed grid {detailed} of a"
+            f" {width}×{height} image"
         )
     return detailed, closest_aspect_grid(width, height, allowed, image_size)
 
@@ -297,7 +299,7 @@ class TilePlan:
         "(layer, box) pairs in model order."
         return [(self.layers[i], b) for i, b in zip(self.box_layers, self.boxes)]
 
-
+# %% ../nbs/01_tiling.ipynb #4b709dea
 def _plan(rule, size, layers, main, tokens_per_tile, num_tokens=None, thumbnail=True, **kw) -> TilePlan:
     "Assemble a TilePlan from its layers (model order)."
     boxes = tuple(b for l in layers for b in l.boxes)
@@ -413,7 +415,7 @@ def _plan_llava(w, h, tokens_per_tile, max_num=9, image_size=336, grids=None):
         llava_anyres_grid(w, h, max_num, image_size, grids),
     )
 
-
+# %% ../nbs/01_tiling.ipynb #ef6769cc
 def _plan_bluelm(w, h, tokens_per_tile, max_num=9, image_size=384, alpha=BLUELM_ALPHA, grids=None):
     return _plan_anyres(
         'bluelm',
@@ -471,7 +473,8 @@ def _check_pixels(size: Size, max_pixels: int, name: str):
         raise ValueError(f"{name}: zero-size image ({w}×{h})")
     if w * h > max_pixels:
         raise ValueError(
-            f"{name}: {w}×{h} = {w * h:,} pixels exceeds the limit of {max_pixels:,} (max_pixels); not decoded (possible decompression bomb)"
+            f"{name}: {w}×{h} = {w * h:,} pixels exceeds the limit of {max_pixels:,} (max_pixels); not decoded"
+            " (possible decompression bomb)"
         )
 
 # %% ../nbs/01_tiling.ipynb #0cd61d51
@@ -695,7 +698,9 @@ def _layer_jobs(images, plans, resample) -> list[tuple]:
     for image, plan in zip(images, plans):
         for layer in plan.layers:
             cost = image.size[0] * image.size[1] + layer.canvas[0] * layer.canvas[1]  # pixels the resize reads + writes
-            jobs.append((cost, image, plan, layer, first, DEFAULT_RESAMPLE[plan.rule] if resample is None else resample))
+            jobs.append(
+                (cost, image, plan, layer, first, DEFAULT_RESAMPLE[plan.rule] if resample is None else resample)
+            )
             first += len(layer.boxes)
     return jobs
 
@@ -707,7 +712,7 @@ def _fill_layer(out: np.ndarray, image, plan: TilePlan, layer: Layer, first: int
     for k, (l, t, r, b) in enumerate(layer.boxes):
         _normalize_into(out[first + k], arr[t:b, l:r], affine)  # arr[t:b, l:r] is a view: no copy
 
-
+# %% ../nbs/01_tiling.ipynb #6e514b36
 def tile_tensor(
     image,  # a path, file object or PIL image (anything load_image takes)
     rule: str = 'internvl',  # one of RULES whose crops are all S×S (not minicpm)
@@ -717,7 +722,8 @@ def tile_tensor(
     max_pixels: int = MAX_PIXELS,  # load_image's pixel limit
     **rule_kwargs,  # the rule's knobs (max_num, image_size, ...)
 ) -> torch.Tensor:
-    "`tiles_to_tensor(tile_image(...))` in one pass: (N, 3, S, S) float32, each layer resized once, tiles normalised into place."
+    """`tiles_to_tensor(tile_image(...))` in one pass: (N, 3, S, S) float32, each layer resized once, tiles normalised
+    into place."""
     image = load_image(image, max_pixels)
     plan = plan_tiles(*image.size, rule=rule, **rule_kwargs)
     w, h = _check_crops([plan], rule)
@@ -768,7 +774,7 @@ def _to_image_box(box: Box, layer: Layer, size: Size) -> tuple[float, float, flo
     sx, sy = size[0] / (r - l), size[1] / (b - t)
     return ((box[0] - l) * sx, (box[1] - t) * sy, (box[2] - l) * sx, (box[3] - t) * sy)
 
-
+# %% ../nbs/01_tiling.ipynb #5038593f
 def draw_plan(
     image,  # the image the plan was made for (PIL image or array)
     plan: TilePlan,  # the layout to draw
