@@ -947,7 +947,7 @@ def cue_grpo_run(
 # %% ../nbs/10_jigsaw.ipynb #jq1
 GRADIENT_WARMUP = {
     2: dict(text_steps=0, steps=40),
-    3: dict(text_steps=0, steps=60),
+    3: dict(text_steps=600, steps=100),
 }  # grid → text-only random orders (batches of 32), then answer-given gradient jigsaws (batches of 16, lr 1e-3)
 WARM_GRPO = dict(steps=30, eval_every=10)  # over CUE_GRPO: 4 prompts × G = 16, lr 3e-4, T = 1, no KL
 
