@@ -204,7 +204,7 @@ PHOTO_SPLITS = {
     "test": ("chelsea", "coffee", "flower"),
 }  # split → the photos its samples are cut from
 
-
+# %% ../nbs/10_jigsaw.ipynb #92e8ea65
 @functools.lru_cache(maxsize=None)
 def load_photo(
     name: str,  # a name in `PHOTO_SPLITS`
@@ -283,7 +283,8 @@ def gradient_picture(
     rng: np.random.Generator,  # the sample's generator
     side: int,  # the picture's side in pixels
 ) -> tuple[Image.Image, dict]:
-    "Red rises left → right and green top → bottom (random ranges, random blue): every piece's colour says where it goes."
+    """Red rises left → right and green top → bottom (random ranges, random blue): every piece's colour says where it
+    goes."""
     lo, hi = rng.uniform(0, 50, 2), rng.uniform(205, 255, 2)
     yy, xx = np.mgrid[0:side, 0:side] / (side - 1)
     b = rng.uniform(40, 200)
@@ -297,7 +298,7 @@ PICTURES = {
 }  # procedural sources: name → (rng, side) → picture
 JIGSAW_SOURCES = ("photo", *PICTURES)  # what an image jigsaw cuts up: photos the packages ship, or procedural pictures
 
-
+# %% ../nbs/10_jigsaw.ipynb #0f05038b
 class ImageJigsaw(JigsawTask):
     "Put the shuffled tiles of a g × g grid back in raster order. Chance 1/(g²)!."
 
@@ -413,7 +414,7 @@ def dimmed(
     "The frame with every pixel scaled by `level`."
     return Image.fromarray((np.asarray(frame).astype(float) * level).round().astype(np.uint8))
 
-
+# %% ../nbs/10_jigsaw.ipynb #447f1f9d
 class VideoJigsaw(JigsawTask):
     "Put the shuffled clips of a procedural video back in time order. Chance 1/K!."
 
@@ -459,7 +460,10 @@ class VideoJigsaw(JigsawTask):
         if self.cue == "light":
             lit = [light[0] + (light[1] - light[0]) * t for k in keys for t in times[k]]
             frames = [dimmed(f, b) for f, b in zip(frames, lit)]
-        q = f"{K} shuffled clips of {F} frames each (clip 0 = frames 1-{F}, clip 1 = frames {F + 1}-{2 * F}, ...). Clips in time order?"
+        q = (
+            f"{K} shuffled clips of {F} frames each (clip 0 = frames 1-{F}, clip 1 = frames {F + 1}-{2 * F}, ...)."
+            " Clips in time order?"
+        )
         meta = dict(
             question_type="jigsaw_video",
             clips=K,
@@ -563,7 +567,7 @@ def _object_pixels(o, size, camera):
     inside = (u >= u0) & (u <= u1) & (v >= vt) & (v <= vb)
     return inside, np.full((size, size), o["z"] - o["r"]), 0.7 + 0.3 * (u1 - u) / max(u1 - u0, 1e-6)
 
-
+# %% ../nbs/10_jigsaw.ipynb #d7adfb32
 def render_depth_scene(
     objects: list[dict],  # `place_objects` output
     size: int = 128,  # the image side in pixels
@@ -615,7 +619,7 @@ def pick_points(
             return pts
     return None
 
-
+# %% ../nbs/10_jigsaw.ipynb #2e4b6cfe
 def draw_markers(
     img: Image.Image,  # the rendered scene
     points: list[tuple],  # (u, v, …) per point
@@ -711,7 +715,8 @@ def jigsaw_eval_fn(
     processor,  # the processor
     held: dict,  # kind → (task, samples)
 ):
-    "An `eval_fn` for the trainers: every kind's `order_scores`, as flat keys `kind/exact`, `kind/positions`, `kind/valid`."
+    """An `eval_fn` for the trainers: every kind's `order_scores`, as flat keys `kind/exact`, `kind/positions`,
+    `kind/valid`."""
 
     def eval_fn(model) -> dict:
         return {f"{k}/{m}": v for k, (t, s) in held.items() for m, v in order_scores(model, processor, t, s).items()}
@@ -756,7 +761,7 @@ def warmup(
     tr.train()
     return tr.unwrapped, [r["loss"] for r in read_metrics(out)]
 
-
+# %% ../nbs/10_jigsaw.ipynb #142810fc
 def grpo(
     model,
     processor,  # the policy (trained in place) and its processor
@@ -792,7 +797,8 @@ def sft_probe(
     n_test: int = 50,  # held-out test jigsaws (dataset seed 0)
     **settings,  # over SFT_PROBE
 ) -> dict:
-    "Answer-given training on one image-jigsaw source from the base model: {'loss': per step, 'scores': held-out order scores}."
+    """Answer-given training on one image-jigsaw source from the base model: {'loss': per step, 'scores': held-out
+    order scores}."""
     from mmlit.train import load_base
 
     base, proc = load_base()
@@ -847,7 +853,8 @@ def warmup_data(
     n: int = 1000,  # samples per source
     seed: int = 2000,  # the dataset seed
 ):
-    "Stage 2: 2×2 photo and scene jigsaws, gradient jigsaws with random answers, and the old tasks with their own answers."
+    """Stage 2: 2×2 photo and scene jigsaws, gradient jigsaws with random answers, and the old tasks with their own
+    answers."""
     from mmlit.data import Mixture, make_task
 
     srcs = [
@@ -887,9 +894,9 @@ def probe_scores(
 
     tasks = [make_task(name, level=level) for name, level in PROBE]
     return {
-        f"{t.name} L{t.level}": evaluate(
-            model, processor, [(t, list(t.stream("test", n)))], max_new_tokens=8, batch_size=50
-        ).accuracy()
+        f"{t.name} L{t.level}": (
+            evaluate(model, processor, [(t, list(t.stream("test", n)))], max_new_tokens=8, batch_size=50).accuracy()
+        )
         for t in tasks
     }
 
@@ -913,7 +920,7 @@ def cue_held_out(
     t = ImageJigsaw(grid=grid, seed=0, source="gradient")
     return {f"gradient {grid}x{grid}": (t, list(t.stream("test", n)))}
 
-
+# %% ../nbs/10_jigsaw.ipynb #9df00a1b
 def cue_grpo_run(
     warm,
     processor,  # the warmed-up model (copied, not changed) and its processor
@@ -951,7 +958,7 @@ GRADIENT_WARMUP = {
 }  # grid → text-only random orders (batches of 32), then answer-given gradient jigsaws (batches of 16, lr 1e-3)
 WARM_GRPO = dict(steps=30, eval_every=10)  # over CUE_GRPO: 4 prompts × G = 16, lr 3e-4, T = 1, no KL
 
-
+# %% ../nbs/10_jigsaw.ipynb #7567ec0e
 def gradient_warmup(
     grid: int,  # tiles per side (a key of GRADIENT_WARMUP unless `steps` is given)
     out: str | Path,  # the run's folder
@@ -959,19 +966,32 @@ def gradient_warmup(
     text_steps: int | None = None,  # text-only steps before them (None: GRADIENT_WARMUP[grid])
     eval_every: int = 0,  # score the held-out jigsaws every this many answer-given steps (0: at the end only)
 ) -> tuple:
-    "An early-stopped answer-given warm-up on gradient jigsaws from the base model: (model, processor, {'text_loss', 'loss', 'evals'})."
+    """An early-stopped answer-given warm-up on gradient jigsaws from the base model: (model, processor, {'text_loss',
+    'loss', 'evals'})."""
     from mmlit.train import Trainer, TrainConfig, load_base, read_metrics
 
     if grid not in GRADIENT_WARMUP and (steps is None or text_steps is None):
-        raise ValueError(f"no warm-up length for grid {grid!r}; pass steps and text_steps or use one of {list(GRADIENT_WARMUP)}")
-    st = {**GRADIENT_WARMUP.get(grid, {}), **{k: v for k, v in dict(steps=steps, text_steps=text_steps).items() if v is not None}}
+        raise ValueError(
+            f"no warm-up length for grid {grid!r}; pass steps and text_steps or use one of {list(GRADIENT_WARMUP)}"
+        )
+    st = {
+        **GRADIENT_WARMUP.get(grid, {}),
+        **{k: v for k, v in dict(steps=steps, text_steps=text_steps).items() if v is not None},
+    }
     m, proc = load_base()
     tl = []
     if st["text_steps"]:
         text = text_permutation_samples(20000, k=grid**2)
         m, tl = warmup(m, proc, text, 0, Path(out) / "text", steps=st["text_steps"], batch_size=32)
-    cfg = TrainConfig(output_dir=str(Path(out) / "jigsaw"), seed=0, mixed_precision="no", cpu=True, progress=False,
-                      eval_every=eval_every, **{**WARMUP_SETTINGS, **SFT_PROBE, "steps": st["steps"]})
+    cfg = TrainConfig(
+        output_dir=str(Path(out) / "jigsaw"),
+        seed=0,
+        mixed_precision="no",
+        cpu=True,
+        progress=False,
+        eval_every=eval_every,
+        **{**WARMUP_SETTINGS, **SFT_PROBE, "steps": st["steps"]},
+    )
     data, ev = ImageJigsaw(grid=grid, seed=2000, source="gradient"), jigsaw_eval_fn(proc, cue_held_out(grid=grid))
     tr = Trainer(m, proc, data, cfg, eval_fn=ev)
     tr.train()
@@ -995,8 +1015,17 @@ def warm_grpo_run(
         raise ValueError(f"gamma must be in [0, 1], got {gamma!r}")
     data = [ImageJigsaw(grid=grid, seed=1000 + seed, source="gradient")]
     ev = jigsaw_eval_fn(processor, cue_held_out(grid=grid))
-    return grpo(copy.deepcopy(warm), processor, data, [jigsaw_reward_func(gamma)], seed, out, ev,
-                max_new_tokens=2 * grid**2 + 1, **{**CUE_GRPO, **WARM_GRPO, **settings})
+    return grpo(
+        copy.deepcopy(warm),
+        processor,
+        data,
+        [jigsaw_reward_func(gamma)],
+        seed,
+        out,
+        ev,
+        max_new_tokens=2 * grid**2 + 1,
+        **{**CUE_GRPO, **WARM_GRPO, **settings},
+    )
 
 # %% ../nbs/10_jigsaw.ipynb #j057
 def jigsaw_mixture(
@@ -1023,7 +1052,8 @@ def jigsaw_warmup_run(
     out: str | Path,  # the run's folder (the model is saved in its last checkpoint)
     **settings,  # over WARMUP_SETTINGS
 ) -> tuple:
-    "Step 1: the warm-up from the base model; (model, {'loss', 'after': jigsaw scores, 'probe': base and warmed-up probe})."
+    """Step 1: the warm-up from the base model; (model, {'loss', 'after': jigsaw scores, 'probe': base and warmed-up
+    probe})."""
     import copy
     from mmlit.train import load_base
 
@@ -1033,7 +1063,7 @@ def jigsaw_warmup_run(
     res["after"], res["probe"]["warm-up"] = jigsaw_eval_fn(proc, held_out())(warm), probe_scores(warm, proc)
     return warm, res
 
-
+# %% ../nbs/10_jigsaw.ipynb #009c1a85
 def jigsaw_grpo_seed(
     warm,  # the warmed-up model (copied, not changed)
     seed: int,  # the seed of the three runs
@@ -1041,7 +1071,8 @@ def jigsaw_grpo_seed(
     full: bool = True,  # also the transfer probe and the control (False: only the two GRPO arms)
     **settings,  # over JIGSAW_GRPO (e.g. fewer steps)
 ) -> dict:
-    "Steps 2–3 for one seed: GRPO graded and all-or-nothing from the warm-up, the control from the base model, the probe."
+    """Steps 2–3 for one seed: GRPO graded and all-or-nothing from the warm-up, the control from the base model, the
+    probe."""
     import copy
     from mmlit.data import make_task
     from mmlit.grpo import accuracy_reward
