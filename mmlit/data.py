@@ -246,7 +246,6 @@ class Task:
         overrides = "".join(f", {k}={v!r}" for k, v in shown.items())
         return f"{type(self).__name__}(size={self.size}, seed={self.seed}{level}{overrides}, chance={self.chance:.3f})"
 
-
 # %% ../nbs/04_data.ipynb #118893e5
 @patch
 def sample(
@@ -279,6 +278,7 @@ def sample(
         meta=meta,
     )
 
+
 @patch
 def stream(
     self: Task,
@@ -295,7 +295,6 @@ def stream(
         raise ValueError(f"start must be >= 0, got {start}")
     return (self.sample(i, split, seed) for i in (itertools.count(start) if n is None else range(start, start + n)))
 
-
 # %% ../nbs/04_data.ipynb #750b6206
 @patch
 def check(self: Task, pred: str, answer: str) -> bool:
@@ -306,6 +305,7 @@ def check(self: Task, pred: str, answer: str) -> bool:
     pn, an = _number(p), _number(a)
     return pn is not None and an is not None and pn == an
 
+
 @patch
 def verify(self: Task, sample: dict) -> bool:
     "Does the sample's answer (or caption) follow from its scene (re-derived independently of `make`)?"
@@ -313,7 +313,6 @@ def verify(self: Task, sample: dict) -> bool:
     if meta.get("captioned"):
         return self.describe(meta) == sample["answer"]
     return self.answer_from_meta(meta) == sample["answer"] and sample["answer"] in meta["options"]
-
 
 # %% ../nbs/04_data.ipynb #4a9d86dd
 def question_text(
@@ -1181,7 +1180,8 @@ def blind_baseline(
     test: Iterable[dict],  # samples they are scored on
     key: Callable[[dict], str] = question_text,  # what counts as the same question (default: its text)
 ) -> BlindBaseline:
-    "Accuracy and loss (nats) of the best image-blind predictor: per question, add-one smoothed answer frequencies."
+    """Accuracy and loss (nats) of the best image-blind predictor: per question, add-one smoothed answer frequencies.
+    A scene lists its answers (`options`) or, when they are too many to list, only their number (`n_options`)."""
     by_key, by_type, n_train = _answer_counts(train, key)
     if not n_train:
         raise ValueError("blind_baseline needs train samples, got none")
@@ -1189,9 +1189,18 @@ def blind_baseline(
     for s in test:
         m, k = sample_meta(s), key(s)
         counts, unseen = by_key.get(k) or by_type.get(m["question_type"], Counter()), unseen + (k not in by_key)
-        opts = list(m["options"])
         if m.get("captioned"):
             raise ValueError(f"sample {s.get('id', n)} is a caption: free text for training, no options to guess among")
+        if "options" not in m:  # too many answers to list (a jigsaw's K! orders): only their number
+            if not isinstance(m.get("n_options"), int) or m["n_options"] < 1:
+                raise ValueError(f"sample {s.get('id', n)}: its scene lists no answers ('options' or 'n_options')")
+            k = m["n_options"]
+            hits += bool(counts) and _most_probable(counts, list(counts)) == s["answer"]
+            nll -= math.log((counts[s["answer"]] + 1) / (sum(counts.values()) + k))
+            uniform += math.log(k)
+            n += 1
+            continue
+        opts = list(m["options"])
         if s["answer"] not in opts:
             raise ValueError(f"sample {s.get('id', n)}: answer {s['answer']!r} is not one of its options {opts}")
         c = [counts[o] + 1 for o in opts]

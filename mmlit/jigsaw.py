@@ -337,7 +337,14 @@ class ImageJigsaw(JigsawTask):
         tiles = [pic.crop((c * t, r * t, (c + 1) * t, (r + 1) * t)) for r in range(g) for c in range(g)]
         keys = [int(i) for i in rng.permutation(g * g)]  # shown tile j is the picture's tile keys[j]
         q = f"The tiles of a {g}x{g} picture, shuffled. Tile numbers in reading order?"
-        meta = dict(question_type="jigsaw_image", source=self.source, grid=g, keys=keys, **where)
+        meta = dict(
+            question_type="jigsaw_image",
+            source=self.source,
+            grid=g,
+            keys=keys,
+            n_options=math.factorial(g * g),
+            **where,
+        )
         return [tiles[k] for k in keys], q, self.answer_from_meta(meta), meta
 
 # %% ../nbs/10_jigsaw.ipynb #j030
@@ -467,6 +474,7 @@ class VideoJigsaw(JigsawTask):
         meta = dict(
             question_type="jigsaw_video",
             clips=K,
+            n_options=math.factorial(K),
             frames_per_clip=F,
             keys=keys,
             objects=objs,
@@ -682,7 +690,11 @@ class DepthJigsaw(JigsawTask):
         names = ", ".join(f"{i} {MARKERS[i]}" for i in range(self.points))
         q = f"Points {names}. Order near to far?"
         meta = dict(
-            question_type="jigsaw_depth", objects=objs, points=[[u, v] for u, v, _ in pts], keys=[d for *_, d in pts]
+            question_type="jigsaw_depth",
+            n_options=math.factorial(len(pts)),
+            objects=objs,
+            points=[[u, v] for u, v, _ in pts],
+            keys=[d for *_, d in pts],
         )
         return [draw_markers(img, pts)], q, self.answer_from_meta(meta), meta
 

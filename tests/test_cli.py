@@ -687,3 +687,20 @@ def test_old_checkpoint_layout_message_is_not_the_damaged_advice(tmp_path, monke
     assert main(['run', '--recipe', 'quick', '--out', str(tmp_path / 'r'), '--resume']) == 2
     err = capsys.readouterr().err
     assert 'older mmlit layout' in err and "delete that checkpoint's folder" not in err
+
+def test_grpo_on_video_jigsaws_through_a_recipe(tmp_path):
+    "`mmlit run` end to end on video prompts: a supervised stage, then GRPO with the jigsaw rewards, evaluated and reported."
+    d = load_recipe('quick').to_dict()
+    d['tasks'] = [{'name': 'jigsaw_video', 'weight': 1.0, 'size': 64, 'level': 0}]
+    grpo = [s for s in d['stages'] if s['stage'] == 'grpo'][0]
+    d['stages'] = [{'stage': '2', 'steps': 2, 'lr': 1e-3, 'batch_size': 4},
+                   {**grpo, 'steps': 2, 'prompts_per_step': 2, 'num_generations': 2, 'max_new_tokens': 8,
+                    'rewards': ['jigsaw_paper', 'order_format'], 'reward_weights': [1.0, 0.1]}]
+    d['eval']['n'] = 4
+    d['eval']['max_new_tokens'] = 8
+    out = tmp_path / 'video'
+    report = run_recipe(Recipe.from_dict(d), out, progress=False).read_text()
+    assert 'jigsaw_video' in report and 'after stage grpo' in report
+    rows = [json.loads(l) for l in (out / 'metrics.jsonl').read_text().splitlines()]
+    grpo_rows = [r for r in rows if r.get('kind') == 'train' and r.get('stage') == 'grpo']
+    assert len(grpo_rows) == 2 and all('rewards/jigsaw_paper/mean' in r or any('jigsaw' in k for k in r) for r in grpo_rows)

@@ -257,3 +257,16 @@ def test_video_light_cue_tells_time():
             assert all(b > a for a, b in zip(light, light[1:]))   # every frame brighter than the one before it in time
             assert s["meta"]["keys"] == plain.sample(i, "test")["meta"]["keys"]   # the same clips and order as without the cue
     with pytest.raises(ValueError, match="unknown cue"): VideoJigsaw(cue="sound")
+
+
+def test_blind_baseline_of_orders_too_many_to_list():
+    "A jigsaw scene gives only the number of its answers (K!): the blind baseline is about chance, its uniform loss ln K!."
+    import math
+    from mmlit.data import blind_baseline
+    t = ImageJigsaw(level=0, size=64)
+    assert t.sample(0)["meta"]["n_options"] == math.factorial(4)
+    b = blind_baseline(t.stream("train", 40), t.stream("test", 30))
+    assert b.uniform_loss == pytest.approx(math.log(24)) and b.accuracy <= 0.2 and b.loss > 0
+    bad = dict(t.sample(1), meta={k: v for k, v in t.sample(1)["meta"].items() if k != "n_options"})
+    with pytest.raises(ValueError, match="lists no answers"):
+        blind_baseline(t.stream("train", 5), [bad])
