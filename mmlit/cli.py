@@ -12,6 +12,7 @@ from .tiling import load_image, plan_tiles, draw_plan, RULES
 from .main import shipped_recipes  # the thin command layer (no torch)
 from .processing import MMProcessor
 from .model import MMModel
+from .train import DamagedCheckpoint
 from mmlit.pipeline import (
     RECIPE_FILE,
     Recipe,
@@ -164,9 +165,7 @@ def run_command(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 130
-    except ValueError as e:
-        if not str(e).startswith("checkpoint") or "older mmlit layout" in str(e):
-            raise  # not a damaged checkpoint: its own message says what to do
+    except DamagedCheckpoint as e:
         raise ValueError(
             f"{e}\nTo go on, delete that checkpoint's folder and run `mmlit run --out {out} --resume`: "
             "training continues from the checkpoint before it (or starts the stage again)"

@@ -38,6 +38,7 @@ from mmlit.train import (
     remove_stale_temps,
     resume_checkpoint,
     sample_at,
+    step_end,
     verify_checkpoint,
 )
 
@@ -1022,13 +1023,8 @@ def train(
         last = dict(
             kind="train", step=self.step, **m, step_s=time.perf_counter() - t0, step_cpu_s=time.process_time() - c0
         )
-        if self.step % c.log_every == 0 or self.step == c.steps:
-            self._emit(last)
         bar.update(1)
         bar.set_postfix(reward=f"{m['reward']:.2f}", kl=f"{m['kl']:.3f}")
-        if (c.eval_every and self.step % c.eval_every == 0) or self.step == c.steps:
-            ev = self.evaluate()
-        if (c.save_every and self.step % c.save_every == 0) or self.step == c.steps:
-            self.save()
+        ev = step_end(self, c, last, ev)
     bar.close()
     return {**last, **({"eval": ev} if ev else {})}

@@ -43,11 +43,11 @@ from mmlit.data import (
 __all__ = ['STAGE_LR', 'PACKED_ATTENTION', 'MANIFEST', 'CHECKPOINT_LAYOUT', 'BASE_RECIPE', 'stage_model', 'TrainConfig',
            'make_optimizer', 'make_scheduler', 'sample_at', 'source_size', 'RunLog', 'TrainStream', 'next_micro_batch',
            'packed_segments', 'packed_attention', 'llm_attention', 'batch_weights', 'forward_logits', 'file_sha256',
-           'quiet_saving', 'write_checkpoint', 'verify_checkpoint', 'list_checkpoints', 'latest_checkpoint',
-           'remove_stale_temps', 'prune_checkpoints', 'rng_state', 'set_rng_state', 'Trainer', 'RunState',
-           'save_checkpoint', 'load_checkpoint', 'load_model_weights', 'read_metrics', 'summarise_run',
-           'truncate_metrics', 'resume_checkpoint', 'check_resumable', 'eval_on_main', 'loss_eval_fn', 'plot_runs',
-           'scale_up', 'base_model_dir', 'load_base']
+           'quiet_saving', 'write_checkpoint', 'DamagedCheckpoint', 'verify_checkpoint', 'list_checkpoints',
+           'latest_checkpoint', 'remove_stale_temps', 'prune_checkpoints', 'rng_state', 'set_rng_state', 'Trainer',
+           'RunState', 'save_checkpoint', 'load_checkpoint', 'load_model_weights', 'read_metrics', 'summarise_run',
+           'truncate_metrics', 'resume_checkpoint', 'check_resumable', 'eval_on_main', 'step_end', 'loss_eval_fn',
+           'plot_runs', 'scale_up', 'base_model_dir', 'load_base']
 
 # %% ../nbs/05_train.ipynb #59ffbfc5
 STAGE_LR = {"1": 2e-4, "1.5": 1e-5, "2": 4e-5}  # InternVL 2.5's learning rate of each stage
@@ -552,35 +552,39 @@ def write_checkpoint(
     return final
 
 # %% ../nbs/05_train.ipynb #aab84fc7
+class DamagedCheckpoint(ValueError):
+    "A checkpoint that is incomplete or corrupt: its manifest missing or unreadable, a file missing, truncated or changed."
+
+
 def verify_checkpoint(
     path: str | Path,  # a checkpoint directory
 ) -> dict:
-    """The checkpoint's manifest after checking every file's size and SHA-256; ValueError naming a missing or corrupt
-    file."""
+    """The checkpoint's manifest after checking every file's size and SHA-256; `DamagedCheckpoint` (a ValueError) naming a
+    missing or corrupt file."""
     path = Path(path)
     if not path.is_dir():
         raise ValueError(f"checkpoint {path} does not exist")
     m = path / MANIFEST
     if not m.is_file():
-        raise ValueError(
+        raise DamagedCheckpoint(
             f"checkpoint {path} is incomplete: its manifest {m} is missing (was the run killed while writing it?)"
         )
     try:
         manifest = json.loads(m.read_text())
         files = manifest["files"]
     except (ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"checkpoint manifest {m} is corrupt: {e}") from e
+        raise DamagedCheckpoint(f"checkpoint manifest {m} is corrupt: {e}") from e
     for rel, info in files.items():
         f = path / rel
         if not f.is_file():
-            raise ValueError(f"checkpoint file {f} listed in {m} is missing")
+            raise DamagedCheckpoint(f"checkpoint file {f} listed in {m} is missing")
         if f.stat().st_size != info["bytes"]:
-            raise ValueError(
+            raise DamagedCheckpoint(
                 f"checkpoint file {f} has {f.stat().st_size} bytes, the manifest says {info['bytes']} (truncated or"
                 " modified)"
             )
         if file_sha256(f) != info["sha256"]:
-            raise ValueError(f"checkpoint file {f} fails its SHA-256 check (corrupt or modified)")
+            raise DamagedCheckpoint(f"checkpoint file {f} fails its SHA-256 check (corrupt or modified)")
     return manifest
 
 # %% ../nbs/05_train.ipynb #02b71d8e
@@ -1025,6 +1029,24 @@ def evaluate(self: Trainer) -> dict | None:
         self._emit({"kind": "eval", "step": self.step, **res})
     return res
 
+# %% ../nbs/05_train.ipynb #6f0d125c
+def step_end(
+    trainer,  # a `Trainer` or `GRPOTrainer`: its `step`, `_emit`, `evaluate` and `save`
+    cfg,  # its config: `steps`, `log_every`, `eval_every`, `save_every`
+    row: dict,  # the metrics row of the step just done
+    ev: dict | None,  # the latest evaluation so far
+) -> dict | None:
+    "Log the step's row, evaluate and save when the config's intervals (or the last step) say so; the latest evaluation."
+    s = trainer.step
+    if s % cfg.log_every == 0 or s == cfg.steps:
+        trainer._emit(row)
+    if (cfg.eval_every and s % cfg.eval_every == 0) or s == cfg.steps:
+        ev = trainer.evaluate()
+    if (cfg.save_every and s % cfg.save_every == 0) or s == cfg.steps:
+        trainer.save()
+    return ev
+
+
 # %% ../nbs/05_train.ipynb #deb57dce
 @patch
 def train(
@@ -1070,14 +1092,9 @@ def train(
             samples_seen=self.samples_seen,
             elapsed_s=time.perf_counter() - t_start,
         )
-        if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-            self._emit(last)
         bar.update(1)
         bar.set_postfix(loss=f"{m['loss']:.3f}", lr=f"{m['lr']:.1e}")
-        if (cfg.eval_every and self.step % cfg.eval_every == 0) or self.step == cfg.steps:
-            ev = self.evaluate()
-        if (cfg.save_every and self.step % cfg.save_every == 0) or self.step == cfg.steps:
-            self.save()
+        ev = step_end(self, cfg, last, ev)
     bar.close()
     if cfg.log_with:
         acc.end_training()

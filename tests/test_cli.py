@@ -560,7 +560,8 @@ def test_two_run_processes_one_is_refused(tmp_path):
 
 def test_damaged_checkpoint_says_what_to_do(tmp_path, monkeypatch, capsys):
     import mmlit.cli as cli
-    def damaged(*a, **k): raise ValueError(f"checkpoint file {tmp_path}/x/model.safetensors fails its SHA-256 check (corrupt or modified)")
+    from mmlit.train import DamagedCheckpoint
+    def damaged(*a, **k): raise DamagedCheckpoint(f"checkpoint file {tmp_path}/x/model.safetensors fails its SHA-256 check (corrupt or modified)")
     monkeypatch.setattr(cli, 'run_recipe', damaged)
     _fails(['run', '--recipe', 'quick', '--out', str(tmp_path / 'r')], capsys, 'SHA-256', "delete that checkpoint's folder",
            f"mmlit run --out {tmp_path / 'r'} --resume")

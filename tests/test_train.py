@@ -163,6 +163,8 @@ def test_corrupt_checkpoints_name_the_file(small, tmp_path):
     with pytest.raises(ValueError, match="model.safetensors fails its SHA-256"): resume()
     st.write_bytes(good); (ck / "scheduler.bin").unlink()
     with pytest.raises(ValueError, match="scheduler.bin listed in .* is missing"): resume()
+    from mmlit.train import DamagedCheckpoint
+    with pytest.raises(DamagedCheckpoint): resume()                              # the kind `mmlit run` adds its advice to
     (ck / MANIFEST).unlink()
     with pytest.raises(ValueError, match="manifest .*COMPLETE is missing"): resume()
     (ck / MANIFEST).write_text("{not json")
