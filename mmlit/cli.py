@@ -8,6 +8,7 @@ import argparse, math, os, sys, time
 from importlib.resources import files
 from pathlib import Path
 import torch
+from transformers.utils import logging as hf_logging
 from .tiling import load_image, plan_tiles, draw_plan, RULES
 from .main import shipped_recipes  # the thin command layer (no torch)
 from .processing import MMProcessor
@@ -203,6 +204,7 @@ def ask_command(args: argparse.Namespace) -> int:
     if not args.question and not args.chat:
         raise ValueError('give a question ("How many circles are there?") or --chat')
     image = load_image(args.image, max_pixels=args.max_pixels)
+    hf_logging.disable_progress_bar()  # the answer alone, no weight-loading bar
     model, proc = load_trained(args.model)
     if args.question:
         print(ask(model, proc, image, args.question, args.max_new_tokens), flush=True)

@@ -598,6 +598,7 @@ def test_ask_answers_like_evaluate(count_question):
     model, proc = load_trained(base_model_dir())
     assert r.stdout.strip() == ask(model, proc, Image.open(img).convert('RGB'), q)
     assert r.stdout.strip().isdigit()
+    assert 'Loading weights' not in r.stderr, r.stderr   # the answer alone: no progress bar
 
 def test_ask_chat_reads_questions_until_an_empty_line(count_question, monkeypatch, capsys):
     from mmlit.train import base_model_dir
